@@ -1,0 +1,100 @@
+"""Which modules a persona masks, what kind and layer each one is, and the model fingerprint."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import xxhash
+from torch import nn
+
+from .errors import MaskstoreError
+
+_ATTN_LEAF = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value",
+              "out_proj", "c_attn", "query_key_value", "wqkv", "wo", "wq", "wk", "wv", "dense"}
+_MLP_LEAF = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
+             "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h", "fc_in", "fc_out"}
+_ATTN_PART = re.compile(r"attn|attention", re.I)
+_MLP_PART = re.compile(r"mlp|feed_forward|ffn|experts", re.I)
+_NEVER = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)($|\.)")
+
+
+def module_kind(name: str) -> str:
+    """``"attn"``, ``"mlp"`` or ``"other"`` from a module name of a common architecture."""
+    parts = name.split(".")
+    for part in reversed(parts[:-1]):
+        if _ATTN_PART.search(part):
+            return "attn"
+        if _MLP_PART.search(part):
+            return "mlp"
+    leaf = parts[-1].lower()
+    if leaf in _MLP_LEAF:
+        return "mlp"
+    if leaf in _ATTN_LEAF:
+        return "attn"
+    return "other"
+
+
+def module_layer(name: str) -> int | None:
+    """The first integer path component (``model.layers.12.mlp.up_proj`` -> 12), if any."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def maskable_modules(
+    model: nn.Module, only: str | None = None, pattern: str | None = None
+) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules to mask: never the LM head or embeddings.
+
+    Args:
+        model: any torch module.
+        only: ``"attn"`` or ``"mlp"`` to keep one kind.
+        pattern: a regex that module names must match (``re.search``).
+    Returns:
+        name -> module, in model order.
+    """
+    if only not in (None, "attn", "mlp"):
+        raise MaskstoreError(f"--only must be 'attn' or 'mlp', got {only!r}")
+    try:
+        rx = re.compile(pattern) if pattern else None
+    except re.error as e:
+        raise MaskstoreError(f"invalid --modules regex {pattern!r}: {e}") from None
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or _NEVER.search(name):
+            continue
+        if only and module_kind(name) != only:
+            continue
+        if rx and not rx.search(name):
+            continue
+        out[name] = mod
+    if not out:
+        what = f"regex {pattern!r}" if pattern else "the selection"
+        raise MaskstoreError(f"{what} matches no maskable nn.Linear module: check --modules/--only")
+    return out
+
+
+def weights_hash(modules: dict[str, nn.Linear]) -> str:
+    """xxh3-128 over the masked weights (names, shapes, raw bytes in model order)."""
+    x = xxhash.xxh3_128()
+    for name, mod in modules.items():
+        w = mod.weight.detach().to("cpu").contiguous()
+        x.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
+        x.update(w.view(torch.uint8).numpy().data)
+    return x.hexdigest()
+
+
+def model_fingerprint(
+    model: nn.Module, modules: dict[str, nn.Linear] | None = None, hash_weights: bool = False
+) -> dict:
+    """The fingerprint stored in a bundle: architecture, masked module names and shapes."""
+    modules = modules if modules is not None else maskable_modules(model)
+    fp = {
+        "architecture": type(model).__name__,
+        "modules": {n: [m.out_features, m.in_features] for n, m in modules.items()},
+    }
+    if hash_weights:
+        fp["weights_xxh3"] = weights_hash(modules)
+    return fp
