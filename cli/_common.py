@@ -1,0 +1,37 @@
+"""Console, progress bars and formatting shared by the commands."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def progress() -> Progress:
+    """A transient progress bar on stderr (hidden when stderr is not a terminal)."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def heat(value: float, metric: str) -> str:
+    """A number coloured on a red-yellow-green scale (fractions; higher is greener)."""
+    if metric in ("intersection", "hamming"):
+        return f"{value:,}"
+    v = max(0.0, min(1.0, float(value)))
+    if metric == "diff_ratio":
+        v = 1.0 - v
+    r = int(255 * min(1.0, 2 * (1 - v)))
+    g = int(255 * min(1.0, 2 * v))
+    return f"[rgb({r},{g},60)]{value:.4f}[/]"

@@ -1,0 +1,1 @@
+"""``maskstore build``: filled in by the scoring pipeline."""

@@ -1,0 +1,276 @@
+"""The ``maskstore`` command line: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maskstore import algebra
+from maskstore.errors import MaskstoreError
+from maskstore.format import open_bundle, pack_zip
+from maskstore.importers import import_pt
+
+from ._common import console, err_console, fmt_bytes, heat, progress
+
+app = typer.Typer(
+    name="maskstore",
+    help="Store, compare, version and serve persona masks over LLM weights.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _emit_json(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
+    """Persona arguments: ``NAME`` (in BUNDLE) or ``OTHER_BUNDLE#NAME``."""
+    base = open_bundle(bundle_path)
+    others: dict[str, object] = {}
+    names = personas or base.personas
+    refs = []
+    for p in names:
+        if "#" in p:
+            path, name = p.rsplit("#", 1)
+            b = others.setdefault(path, open_bundle(path))
+            refs.append(algebra.Ref(b, name))  # type: ignore[arg-type]
+        else:
+            refs.append(algebra.Ref(base, p))
+    for r in refs:
+        r.bundle.persona(r.name)  # unknown names fail here, listing the known ones
+    return refs
+
+
+@app.command()
+def info(bundle: Path, json_out: JsonOpt = False) -> None:
+    """Personas, modules, sizes on disk, bits per weight and digests."""
+    b = open_bundle(bundle)
+    doc = {
+        "path": str(bundle),
+        "digest": b.digest,
+        "format_version": b.meta["format_version"],
+        "architecture": b.fingerprint["architecture"],
+        "modules": len(b.modules),
+        "weights": sum(m.numel for m in b.modules.values()),
+        "personas": [],
+    }
+    for p in b.personas:
+        meta = b.persona(p)
+        numel = sum(b.modules[m].numel for m in meta["modules"])
+        kept = sum(e["kept"] for e in meta["modules"].values())
+        size = b.nbytes_on_disk(p)
+        doc["personas"].append(
+            {
+                "name": p,
+                "method": meta["method"],
+                "sparsity": meta["sparsity"],
+                "realised_sparsity": 1 - kept / numel if numel else None,
+                "modules": len(meta["modules"]),
+                "weights": numel,
+                "bytes_on_disk": size,
+                "bits_per_weight": 8 * size / numel if numel else None,
+                "has_stats": b.has_stats(p),
+                "op": meta["provenance"]["op"],
+                "digest": meta["digest"],
+            }
+        )
+    if json_out:
+        _emit_json(doc)
+        return
+    console.print(
+        f"[bold]{bundle}[/]  {doc['architecture']}, {doc['modules']} modules, "
+        f"{doc['weights']:,} weights\ndigest {doc['digest']}"
+    )
+    t = Table("persona", "method", "sparsity", "modules", "on disk", "bits/weight", "stats", "digest")
+    for p in doc["personas"]:
+        t.add_row(
+            p["name"], p["method"], f"{p['realised_sparsity']:.3f}", str(p["modules"]),
+            fmt_bytes(p["bytes_on_disk"]), f"{p['bits_per_weight']:.3f}",
+            "yes" if p["has_stats"] else "no", p["digest"][:16],
+        )
+    console.print(t)
+
+
+@app.command()
+def verify(bundle: Path, json_out: JsonOpt = False) -> None:
+    """Recompute every digest; exit 1 naming each damaged chunk."""
+    b = open_bundle(bundle)
+    problems = b.verify()
+    if json_out:
+        _emit_json({"path": str(bundle), "ok": not problems, "problems": problems})
+    elif problems:
+        for line in problems:
+            err_console.print(f"[red]damaged:[/] {line}", highlight=False)
+    else:
+        console.print(f"[green]ok[/] {bundle}: every digest matches ({len(b.personas)} personas)")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _count(refs: list[algebra.Ref]) -> list[algebra.ModuleCounts]:
+    modules = algebra.check_compatible(refs)
+    with progress() as bar:
+        task = bar.add_task("comparing", total=len(modules))
+        return algebra.count_all(refs, modules, progress=lambda n: bar.advance(task, n))
+
+
+@app.command()
+def overlap(
+    bundle: Path,
+    personas: Annotated[list[str] | None, typer.Argument(help="NAME or OTHER_BUNDLE#NAME")] = None,
+    by: Annotated[str, typer.Option(help="model, kind, layer or module")] = "model",
+    metric: Annotated[str, typer.Option(help=", ".join(algebra.METRICS))] = "jaccard",
+    json_out: JsonOpt = False,
+) -> None:
+    """All-pairs overlap matrix of personas, as a heatmap table."""
+    if by not in algebra.GROUPINGS:
+        raise MaskstoreError(f"unknown --by {by!r}: use one of {', '.join(algebra.GROUPINGS)}")
+    if metric not in algebra.METRICS:
+        raise MaskstoreError(f"unknown --metric {metric!r}: use one of {', '.join(algebra.METRICS)}")
+    refs = _refs(bundle, personas)
+    if len(refs) < 2:
+        raise MaskstoreError("overlap needs at least two personas")
+    counts = _count(refs)
+    pairs = algebra.pairs_report(refs, counts, by=by)
+    if json_out:
+        _emit_json({"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs})
+        return
+    key = algebra.metric_name(metric)
+    groups = ["model"] if by == "model" else list(algebra.aggregate(counts, by))
+    for g in groups:
+        t = Table(title=f"{key} ({by}: {g})" if by != "model" else key, show_lines=False)
+        t.add_column("")
+        for r in refs:
+            t.add_column(r.label, justify="right")
+        lookup = {}
+        for p in pairs:
+            rec = p if by == "model" else p["groups"][g]
+            lookup[(p["a"], p["b"])] = lookup[(p["b"], p["a"])] = rec[key]
+        for r in refs:
+            cells = []
+            for c in refs:
+                if r.label == c.label:
+                    cells.append("[dim]-[/]")
+                else:
+                    cells.append(heat(lookup[(r.label, c.label)], key))
+            t.add_row(r.label, *cells)
+        console.print(t)
+
+
+@app.command()
+def diff(
+    bundle: Path,
+    a: Annotated[str, typer.Argument(help="persona A (NAME or OTHER_BUNDLE#NAME)")],
+    b: Annotated[str, typer.Argument(help="persona B")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Differential ratio of two personas: overall, attention, MLP and per layer (Table 2)."""
+    refs = _refs(bundle, [a, b])
+    counts = _count(refs)
+    rec = algebra.pairs_report(refs, counts, by="kind")[0]
+    layers = algebra.pairs_report(refs, counts, by="layer")[0]["groups"]
+    rec["layers"] = layers
+    if json_out:
+        _emit_json(rec)
+        return
+    t = Table(title=f"{a} vs {b}: differential ratio (share of positions where the masks differ)")
+    t.add_column("part")
+    t.add_column("diff ratio", justify="right")
+    t.add_column("jaccard", justify="right")
+    t.add_column("positions", justify="right")
+    t.add_row("[bold]overall[/]", heat(rec["diff_ratio"], "diff_ratio"), f"{rec['jaccard']:.4f}", f"{rec['total']:,}")
+    for k in ("attn", "mlp", "other"):
+        if k in rec["groups"]:
+            g = rec["groups"][k]
+            t.add_row(k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}", f"{g['total']:,}")
+    console.print(t)
+    lt = Table(title="per layer")
+    lt.add_column("layer", justify="right")
+    lt.add_column("diff ratio", justify="right")
+    lt.add_column("jaccard", justify="right")
+    for k, g in layers.items():
+        lt.add_row(k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}")
+    console.print(lt)
+
+
+def _op_command(op: str, doc: str, nargs: int):
+    def cmd(
+        bundle: Path,
+        operands: Annotated[list[str], typer.Argument(help="persona name(s)")],
+        as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
+        force: Annotated[bool, typer.Option(help="replace an existing persona of that name")] = False,
+        json_out: JsonOpt = False,
+    ) -> None:
+        if len(operands) != nargs:
+            raise MaskstoreError(f"{op} takes {nargs} persona(s), got {len(operands)}")
+        b = open_bundle(bundle, writable=True)
+        meta = algebra.apply_op(b, op, operands, as_, overwrite=force)
+        kept = sum(e["kept"] for e in meta["modules"].values())
+        numel = sum(b.modules[m].numel for m in meta["modules"])
+        if json_out:
+            _emit_json({"name": as_, "op": op, "operands": operands, "kept": kept, "total": numel, "digest": meta["digest"]})
+        else:
+            console.print(f"wrote persona [bold]{as_}[/] = {op}({', '.join(operands)}): kept {kept / numel:.4f} of {numel:,} weights")
+
+    cmd.__doc__ = doc
+    app.command(op)(cmd)
+
+
+_op_command("union", "Write A or B as a new persona.", 2)
+_op_command("intersect", "Write A and B as a new persona.", 2)
+_op_command("subtract", "Write A minus B as a new persona.", 2)
+_op_command("xor", "Write A xor B as a new persona.", 2)
+_op_command("complement", "Write not A as a new persona.", 1)
+
+
+@app.command("import-pt")
+def import_pt_cmd(
+    src: Annotated[Path, typer.Argument(help="folder of M_{persona}_{module}.pt files")],
+    out: Annotated[Path, typer.Option("--out", help="bundle to create")],
+    architecture: Annotated[str, typer.Option(help="architecture recorded in the fingerprint")] = "imported",
+    force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+) -> None:
+    """Convert the research code's pickled bool tensors into a bundle (weights_only loading)."""
+    names = import_pt(src, out, architecture=architecture, force=force)
+    console.print(f"imported {len(names)} persona(s) into {out}: {', '.join(names)}")
+
+
+@app.command()
+def pack(
+    bundle: Path,
+    out: Annotated[Path, typer.Argument(help="the .zip to write")],
+    force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Copy a directory bundle into one read-only .zip bundle."""
+    pack_zip(bundle, out, force=force)
+    console.print(f"wrote {out} ({fmt_bytes(out.stat().st_size)})")
+
+
+def _register_optional() -> None:
+    from . import build_cmd, runtime_cmd  # noqa: F401 - registers commands on ``app``
+
+
+def main() -> None:
+    """Console entry point: one-line errors, never a traceback."""
+    _register_optional()
+    try:
+        app()
+    except MaskstoreError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - last resort: still one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err_console.print(f"[red]error:[/] {type(e).__name__}: {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)

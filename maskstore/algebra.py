@@ -1,0 +1,301 @@
+"""Set algebra across personas, on packed bits, streaming chunk by chunk.
+
+A mask is the set of kept weights. For every module, one pass over its chunks reads each chunk of
+each persona once and accumulates |A| per persona and |A and B| for every pair; everything else
+follows from those and the number of positions ``total`` (out * in, padding excluded):
+
+    |A or B| = |A| + |B| - |A and B|      |A minus B| = |A| - |A and B|
+    Hamming  = |A| + |B| - 2 |A and B|    differential ratio = Hamming / total
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bits import pad_mask, popcount
+from .errors import MaskstoreError
+from .format import Bundle, PersonaWriter
+from .modules import module_kind, module_layer
+
+GROUPINGS = ("model", "kind", "layer", "module")
+METRICS = ("jaccard", "diff", "pruned_jaccard", "overlap", "intersection", "hamming")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A persona in a bundle."""
+
+    bundle: Bundle
+    name: str
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+def check_compatible(refs: list[Ref]) -> list[str]:
+    """Modules all personas mask, after checking their bundles describe the same model.
+
+    Raises:
+        MaskstoreError: naming the first architecture, shape or weights mismatch.
+    """
+    base = refs[0].bundle.fingerprint
+    for r in refs[1:]:
+        fp = r.bundle.fingerprint
+        if fp is base:
+            continue
+        if fp["architecture"] != base["architecture"]:
+            raise MaskstoreError(
+                f"{r.name!r} is for {fp['architecture']}, {refs[0].name!r} for "
+                f"{base['architecture']}: compare masks of one model"
+            )
+        for m, shape in fp["modules"].items():
+            if m in base["modules"] and list(base["modules"][m]) != list(shape):
+                raise MaskstoreError(
+                    f"module {m} is {tuple(shape)} for {r.name!r} but "
+                    f"{tuple(base['modules'][m])} for {refs[0].name!r}: different models"
+                )
+        wa, wb = base.get("weights_xxh3"), fp.get("weights_xxh3")
+        if wa and wb and wa != wb:
+            raise MaskstoreError(
+                f"{r.name!r} and {refs[0].name!r} were built on different weights: compare one model"
+            )
+    common = None
+    for r in refs:
+        mods = r.bundle.persona_modules(r.name)
+        common = mods if common is None else [m for m in common if m in set(mods)]
+    if not common:
+        raise MaskstoreError("the personas share no masked module: nothing to compare")
+    return common
+
+
+def _lockstep(refs: list[Ref], module: str) -> Iterator[list[np.ndarray]]:
+    """Blocks of one module, aligned across personas; each chunk of each persona read once."""
+    gens = [r.bundle.iter_chunks(r.name, module) for r in refs]
+    for items in zip(*gens, strict=True):
+        starts = {r0 for r0, _ in items}
+        if len(starts) == 1 and len({b.shape[0] for _, b in items}) == 1:
+            yield [b for _, b in items]
+            continue
+        # chunkings differ: finish each persona's module whole (rare; only after re-encoding)
+        full = []
+        for (r0, b), g in zip(items, gens, strict=True):
+            rest = [b] + [blk for _, blk in g]
+            full.append(np.concatenate(rest))
+        if any(r0 != 0 for r0, _ in items):
+            raise MaskstoreError(f"{module}: chunk grids of the personas are misaligned")
+        yield full
+        return
+
+
+def _words(block: np.ndarray) -> np.ndarray:
+    """A packed block as a flat uint64 view (a zero-padded copy only if its size needs it)."""
+    flat = np.ascontiguousarray(block).reshape(-1)
+    if flat.size % 8:
+        flat = np.concatenate([flat, np.zeros(8 - flat.size % 8, dtype=np.uint8)])
+    return flat.view(np.uint64)
+
+
+@dataclass
+class ModuleCounts:
+    """Counts for one module: kept[i] = |P_i|, inter[i, j] = |P_i and P_j| (diagonal = kept)."""
+
+    name: str
+    total: int
+    inter: np.ndarray  # (N, N) int64
+
+    @property
+    def kind(self) -> str:
+        return module_kind(self.name)
+
+    @property
+    def layer(self) -> int | None:
+        return module_layer(self.name)
+
+
+def count_module(refs: list[Ref], module: str) -> ModuleCounts:
+    """Pairwise intersection counts of one module over all personas, streaming."""
+    n = len(refs)
+    out_f, in_f = refs[0].bundle.modules[module].out_features, refs[0].bundle.modules[module].in_features
+    inter = np.zeros((n, n), dtype=np.int64)
+    tmp = cnt = None
+    for blocks in _lockstep(refs, module):
+        words = [_words(b) for b in blocks]
+        if tmp is None or tmp.shape != words[0].shape:
+            tmp = np.empty_like(words[0])
+            cnt = np.empty(words[0].shape, dtype=np.uint8)
+        for i in range(n):
+            np.bitwise_count(words[i], out=cnt)
+            inter[i, i] += int(cnt.sum(dtype=np.uint64))
+            for j in range(i + 1, n):
+                np.bitwise_and(words[i], words[j], out=tmp)
+                np.bitwise_count(tmp, out=cnt)
+                inter[i, j] += int(cnt.sum(dtype=np.uint64))
+    iu = np.triu_indices(n, 1)
+    inter[(iu[1], iu[0])] = inter[iu]
+    return ModuleCounts(module, out_f * in_f, inter)
+
+
+def count_all(
+    refs: list[Ref], modules: list[str] | None = None, progress: Callable[[int], None] | None = None
+) -> list[ModuleCounts]:
+    """Counts for every module the personas share (or ``modules``), one module at a time."""
+    common = check_compatible(refs)
+    if modules is not None:
+        missing = [m for m in modules if m not in common]
+        if missing:
+            raise MaskstoreError(f"module {missing[0]!r} is not masked by every persona")
+        common = modules
+    out = []
+    for m in common:
+        out.append(count_module(refs, m))
+        if progress:
+            progress(1)
+    return out
+
+
+def group_key(mc: ModuleCounts, by: str) -> str:
+    if by == "model":
+        return "model"
+    if by == "kind":
+        return mc.kind
+    if by == "layer":
+        return "none" if mc.layer is None else str(mc.layer)
+    if by == "module":
+        return mc.name
+    raise MaskstoreError(f"unknown grouping {by!r}: use one of {', '.join(GROUPINGS)}")
+
+
+def aggregate(counts: Iterable[ModuleCounts], by: str) -> dict[str, tuple[int, np.ndarray]]:
+    """Sum counts per group: ``{group: (total, inter)}`` in first-seen order."""
+    groups: dict[str, tuple[int, np.ndarray]] = {}
+    for mc in counts:
+        k = group_key(mc, by)
+        if k in groups:
+            t, m = groups[k]
+            groups[k] = (t + mc.total, m + mc.inter)
+        else:
+            groups[k] = (mc.total, mc.inter.copy())
+    if by == "layer":
+        groups = dict(sorted(groups.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
+    return groups
+
+
+def pair_metrics(a: int, b: int, inter: int, total: int) -> dict[str, float | int]:
+    """Every count and metric of one pair from |A|, |B|, |A and B| and the positions compared."""
+    union = a + b - inter
+    hamming = a + b - 2 * inter
+    pruned_union = total - inter
+    return {
+        "total": total,
+        "kept_a": a,
+        "kept_b": b,
+        "intersection": inter,
+        "union": union,
+        "a_minus_b": a - inter,
+        "b_minus_a": b - inter,
+        "hamming": hamming,
+        "jaccard": inter / union if union else 1.0,
+        "pruned_jaccard": (total - union) / pruned_union if pruned_union else 1.0,
+        "overlap": inter / min(a, b) if min(a, b) else 1.0,
+        "diff_ratio": hamming / total if total else 0.0,
+        "kept_share_a": a / total if total else 0.0,
+        "kept_share_b": b / total if total else 0.0,
+    }
+
+
+def metric_name(metric: str) -> str:
+    return {"diff": "diff_ratio"}.get(metric, metric)
+
+
+def pairs_report(refs: list[Ref], counts: list[ModuleCounts], by: str = "kind") -> list[dict]:
+    """One JSON-ready dict per pair (i < j): overall metrics plus the same under ``groups``."""
+    overall = aggregate(counts, "model")["model"]
+    groups = aggregate(counts, by) if by != "model" else {}
+    out = []
+    n = len(refs)
+    for i in range(n):
+        for j in range(i + 1, n):
+            total, m = overall
+            rec = {"a": refs[i].label, "b": refs[j].label}
+            rec.update(pair_metrics(int(m[i, i]), int(m[j, j]), int(m[i, j]), total))
+            rec["groups"] = {
+                k: pair_metrics(int(g[i, i]), int(g[j, j]), int(g[i, j]), t) for k, (t, g) in groups.items()
+            }
+            out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# New masks from old
+
+_BINARY: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+    "union": lambda a, b, out: np.bitwise_or(a, b, out=out),
+    "intersect": lambda a, b, out: np.bitwise_and(a, b, out=out),
+    "subtract": lambda a, b, out: np.bitwise_and(a, np.invert(b, out=out), out=out),
+    "xor": lambda a, b, out: np.bitwise_xor(a, b, out=out),
+}
+OPS = (*_BINARY, "complement")
+
+
+def apply_op(bundle: Bundle, op: str, operands: list[str], name: str, overwrite: bool = False) -> dict:
+    """Write ``op(operands)`` as a new persona ``name`` of the same (directory) bundle.
+
+    Args:
+        op: union, intersect, subtract (A minus B), xor or complement (one operand).
+        operands: persona names in ``bundle``.
+        name: the new persona's name; its provenance records ``op`` and the operand digests.
+    Returns:
+        The new persona's metadata.
+    """
+    if op not in OPS:
+        raise MaskstoreError(f"unknown operation {op!r}: use one of {', '.join(OPS)}")
+    want = 1 if op == "complement" else 2
+    if len(operands) != want:
+        raise MaskstoreError(f"{op} takes {want} persona(s), got {len(operands)}")
+    refs = [Ref(bundle, p) for p in operands]
+    modules = check_compatible(refs)
+    metas = [bundle.persona(p) for p in operands]
+    provenance = {"op": op, "operands": [{"name": p, "digest": m["digest"]} for p, m in zip(operands, metas, strict=True)]}
+    sp = [m["sparsity"] for m in metas]
+    params = {"operands": operands}
+    with bundle.persona_writer(
+        name, method=op, params=params, sparsity=None if op != "complement" or sp[0] is None else 1 - sp[0],
+        provenance=provenance, overwrite=overwrite,
+    ) as w:
+        for module in modules:
+            w.write_packed_blocks(module, _op_blocks(refs, module, op))
+        return w.meta
+
+
+def _op_blocks(refs: list[Ref], module: str, op: str) -> Iterator[np.ndarray]:
+    pad = pad_mask(refs[0].bundle.modules[module].in_features)
+    for blocks in _lockstep(refs, module):
+        out = np.empty_like(blocks[0])
+        if op == "complement":
+            np.invert(blocks[0], out=out)
+        else:
+            _BINARY[op](blocks[0], blocks[1], out)
+        np.bitwise_and(out, pad, out=out)  # padding bits stay zero
+        yield out
+
+
+def kept_count(bundle: Bundle, persona: str, module: str) -> int:
+    """|P| of one module from stored bits (independent of the recorded ``kept``)."""
+    return sum(popcount(b) for _, b in bundle.iter_chunks(persona, module))
+
+
+__all__ = [
+    "OPS",
+    "ModuleCounts",
+    "PersonaWriter",
+    "Ref",
+    "aggregate",
+    "apply_op",
+    "count_all",
+    "pair_metrics",
+    "pairs_report",
+]
