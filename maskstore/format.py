@@ -496,7 +496,7 @@ class PersonaWriter:
         if r0 != shape[0]:
             raise MaskstoreError(f"{module}: wrote {r0} rows, expected {shape[0]}")
         digest = hasher.hexdigest()
-        ameta = {"kind": kind.rstrip("s"), "digest": digest, "chunk_digests": chunk_digests, **extra}
+        ameta = {"kind": "mask" if kind == "masks" else "stats", "digest": digest, "chunk_digests": chunk_digests, **extra}
         arr.attrs["maskstore"] = ameta
         return digest
 

