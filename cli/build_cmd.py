@@ -1,1 +1,240 @@
-"""``maskstore build``: filled in by the scoring pipeline."""
+"""``maskstore build``: persona masks from a model and calibration files."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maskstore import calibration as cal
+from maskstore.build import BuildConfig, PersonaStats, collect_stats, write_personas
+from maskstore.errors import MaskstoreError
+from maskstore.format import check_persona_name, create_bundle, open_bundle
+from maskstore.modules import maskable_modules, model_fingerprint
+
+from ._common import console, fmt_bytes, progress
+from .main import app
+
+
+def _parse_personas(
+    specs: list[str],
+) -> tuple[dict[str, list[cal.Sample]], list[tuple[str, str]], list[str]]:
+    """``NAME=FILE`` (one persona) or ``POS:NEG=FILE.csv`` (a question,matching,not_matching pair).
+    A bare ``NAME`` selects a persona of ``--from-stats``."""
+    data: dict[str, list[cal.Sample]] = {}
+    pairs: list[tuple[str, str]] = []
+    names: list[str] = []
+    for spec in specs:
+        if "=" not in spec:
+            names.append(check_persona_name(spec))
+            continue
+        name, file = spec.split("=", 1)
+        if ":" in name:
+            a, b = name.split(":", 1)
+            check_persona_name(a), check_persona_name(b)
+            if a == b:
+                raise MaskstoreError(
+                    f"--persona {name}=... names one persona twice: pair two opposites"
+                )
+            data[a], data[b] = cal.read_pair_csv(file)
+            pairs.append((a, b))
+        else:
+            data[check_persona_name(name)] = cal.read_samples(file)
+    return data, pairs, names
+
+
+def _parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for p in pairs:
+        if p.count(":") != 1:
+            raise MaskstoreError(f"--pair {p!r}: write it as POSITIVE:NEGATIVE")
+        a, b = p.split(":")
+        if a == b:
+            raise MaskstoreError(f"--pair {p} names one persona twice: pair two opposites")
+        out.append((a, b))
+    return out
+
+
+@app.command()
+def build(
+    persona: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=FILE (.txt/.jsonl/.csv), POS:NEG=PAIRS.csv, or NAME with --from-stats"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="bundle to create")] = Path("personas.zarr"),
+    method: Annotated[
+        str, typer.Option(help="wanda, sparsegpt, contrastive-wanda, contrastive-sparse")
+    ] = "wanda",
+    sparsity: Annotated[float, typer.Option(help="share of each row pruned, in [0, 1)")] = 0.5,
+    pair: Annotated[list[str] | None, typer.Option(help="opposing personas POS:NEG")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="local HF model folder (default: embedded SmolLM2-135M)")
+    ] = None,
+    from_stats: Annotated[
+        Path | None, typer.Option(help="reuse statistics stored in this bundle")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="samples per persona (default: all)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="max tokens per sample")] = 512,
+    seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
+    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+    chat_template: Annotated[
+        bool, typer.Option(help="render samples with the tokenizer's chat template")
+    ] = False,
+    selection: Annotated[str, typer.Option(help="row, nm or layer")] = "row",
+    nm: Annotated[str, typer.Option(help="N:M for --selection nm")] = "2:4",
+    phi: Annotated[str, typer.Option(help="contrastive-wanda: relu or softplus")] = "relu",
+    eps: Annotated[float, typer.Option()] = 1e-6,
+    tau: Annotated[float, typer.Option(help="softplus temperature")] = 1.0,
+    damp: Annotated[float, typer.Option(help="sparsegpt dampening (share of mean diag H)")] = 0.01,
+    only: Annotated[str | None, typer.Option(help="mask only attn or mlp modules")] = None,
+    modules: Annotated[str | None, typer.Option(help="regex over module names to mask")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
+    codec: Annotated[str, typer.Option(help="zstd, blosc, gzip, none")] = "zstd",
+    chunk_mib: Annotated[float, typer.Option(help="packed MiB per chunk")] = 2.0,
+    force: Annotated[bool, typer.Option(help="replace an existing --out bundle")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Build persona masks from a model and calibration data (or from stored statistics)."""
+    t0 = time.perf_counter()
+    try:
+        n_, m_ = (int(x) for x in nm.split(":"))
+    except ValueError:
+        raise MaskstoreError(f"--nm {nm!r}: write it as N:M, e.g. 2:4") from None
+    config = BuildConfig(method, sparsity, selection, n_, m_, phi, eps, tau, damp)
+    config.check()
+    if out.exists() and not force:
+        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+    data, pairs, names = _parse_personas(persona or [])
+    pairs += _parse_pairs(pair or [])
+    source = None
+    if from_stats is not None:
+        if data:
+            raise MaskstoreError(
+                "--from-stats reuses stored statistics: give --persona NAME without =FILE"
+            )
+        source = open_bundle(from_stats)
+        names = names or source.personas
+        for n in names:
+            if not source.has_stats(n):
+                raise MaskstoreError(
+                    f"persona {n!r} in {from_stats} stores no statistics: rebuild it"
+                )
+    elif names:
+        raise MaskstoreError(f"--persona {names[0]} needs =FILE (or use --from-stats)")
+    elif not data:
+        raise MaskstoreError("give at least one --persona NAME=FILE")
+    all_names = names if source else list(data)
+    from maskstore.build import check_pairs
+
+    check_pairs(all_names, pairs, config)
+    times: dict[str, float] = {}
+
+    from maskstore.models import load_model
+
+    with console.status("loading model"):
+        mdl, tok = load_model(model, dtype=dtype, device=device)
+    times["load model"] = time.perf_counter() - t0
+    mods = maskable_modules(mdl, only=only, pattern=modules)
+    fp = model_fingerprint(mdl, mods, hash_weights=True)
+
+    t1 = time.perf_counter()
+    stats: list[PersonaStats] = []
+    if source is not None:
+        for mname, shape in fp["modules"].items():
+            have = source.fingerprint["modules"].get(mname)
+            if have is None or list(have) != shape:
+                raise MaskstoreError(
+                    f"{from_stats} does not match the model at {mname}: build from the model"
+                )
+        for n in names:
+            meta = source.persona(n)
+            stats.append(
+                PersonaStats(n, {m: source.read_stats(n, m) for m in mods}, meta["calibration"])
+            )
+    else:
+        with progress() as bar:
+            for n, smp in data.items():
+                chosen = cal.choose(smp, samples, seed)
+                task = bar.add_task(f"calibrating {n}", total=len(chosen))
+                st = collect_stats(
+                    mdl,
+                    mods,
+                    cal.batches(tok, chosen, max_tokens, batch_size, chat_template),
+                    config,
+                    progress=lambda k, t=task: bar.advance(t, k),
+                )
+                calib = {
+                    "digest": cal.samples_digest(chosen),
+                    "samples": len(chosen),
+                    "tokens": next(iter(st.values())).tokens,
+                    "source": f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}",
+                }
+                stats.append(PersonaStats(n, st, calib))
+    times["calibration"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    chunk_bytes = max(1024, int(chunk_mib * (1 << 20)))
+    with create_bundle(out, fp, force=force) as bundle, progress() as bar:
+        task = bar.add_task("scoring and writing", total=len(mods))
+        metas = write_personas(
+            bundle,
+            mods,
+            stats,
+            pairs,
+            config,
+            progress=lambda k: bar.advance(task, k),
+            chunk_bytes=chunk_bytes,
+            codec=codec,
+        )
+    times["scoring + write"] = time.perf_counter() - t2
+    times["total"] = time.perf_counter() - t0
+
+    b = open_bundle(out)
+    numel = sum(b.modules[m].numel for m in mods)
+    rows = []
+    for n, meta in metas.items():
+        kept = sum(e["kept"] for e in meta["modules"].values())
+        size = b.nbytes_on_disk(n)
+        rows.append(
+            {
+                "persona": n,
+                "method": method,
+                "sparsity": sparsity,
+                "realised_sparsity": 1 - kept / numel,
+                "modules": len(meta["modules"]),
+                "weights": numel,
+                "bytes_on_disk": size,
+                "bits_per_weight": 8 * size / numel,
+                "digest": meta["digest"],
+            }
+        )
+    if json_out:
+        sys.stdout.write(
+            json.dumps(
+                {"out": str(out), "digest": b.digest, "personas": rows, "seconds": times}, indent=2
+            )
+            + "\n"
+        )
+        return
+    t = Table(title=f"{out}  ({len(mods)} modules, {numel:,} weights each)")
+    for c in ("persona", "method", "target", "realised", "on disk", "bits/weight"):
+        t.add_column(c, justify="left" if c in ("persona", "method") else "right")
+    for r in rows:
+        t.add_row(
+            r["persona"],
+            r["method"],
+            f"{r['sparsity']:.3f}",
+            f"{r['realised_sparsity']:.4f}",
+            fmt_bytes(r["bytes_on_disk"]),
+            f"{r['bits_per_weight']:.3f}",
+        )
+    console.print(t)
+    console.print("  ".join(f"{k}: {v:.1f}s" for k, v in times.items()))

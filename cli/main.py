@@ -90,12 +90,19 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
         f"[bold]{bundle}[/]  {doc['architecture']}, {doc['modules']} modules, "
         f"{doc['weights']:,} weights\ndigest {doc['digest']}"
     )
-    t = Table("persona", "method", "sparsity", "modules", "on disk", "bits/weight", "stats", "digest")
+    t = Table(
+        "persona", "method", "sparsity", "modules", "on disk", "bits/weight", "stats", "digest"
+    )
     for p in doc["personas"]:
         t.add_row(
-            p["name"], p["method"], f"{p['realised_sparsity']:.3f}", str(p["modules"]),
-            fmt_bytes(p["bytes_on_disk"]), f"{p['bits_per_weight']:.3f}",
-            "yes" if p["has_stats"] else "no", p["digest"][:16],
+            p["name"],
+            p["method"],
+            f"{p['realised_sparsity']:.3f}",
+            str(p["modules"]),
+            fmt_bytes(p["bytes_on_disk"]),
+            f"{p['bits_per_weight']:.3f}",
+            "yes" if p["has_stats"] else "no",
+            p["digest"][:16],
         )
     console.print(t)
 
@@ -135,14 +142,18 @@ def overlap(
     if by not in algebra.GROUPINGS:
         raise MaskstoreError(f"unknown --by {by!r}: use one of {', '.join(algebra.GROUPINGS)}")
     if metric not in algebra.METRICS:
-        raise MaskstoreError(f"unknown --metric {metric!r}: use one of {', '.join(algebra.METRICS)}")
+        raise MaskstoreError(
+            f"unknown --metric {metric!r}: use one of {', '.join(algebra.METRICS)}"
+        )
     refs = _refs(bundle, personas)
     if len(refs) < 2:
         raise MaskstoreError("overlap needs at least two personas")
     counts = _count(refs)
     pairs = algebra.pairs_report(refs, counts, by=by)
     if json_out:
-        _emit_json({"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs})
+        _emit_json(
+            {"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs}
+        )
         return
     key = algebra.metric_name(metric)
     groups = ["model"] if by == "model" else list(algebra.aggregate(counts, by))
@@ -187,11 +198,18 @@ def diff(
     t.add_column("diff ratio", justify="right")
     t.add_column("jaccard", justify="right")
     t.add_column("positions", justify="right")
-    t.add_row("[bold]overall[/]", heat(rec["diff_ratio"], "diff_ratio"), f"{rec['jaccard']:.4f}", f"{rec['total']:,}")
+    t.add_row(
+        "[bold]overall[/]",
+        heat(rec["diff_ratio"], "diff_ratio"),
+        f"{rec['jaccard']:.4f}",
+        f"{rec['total']:,}",
+    )
     for k in ("attn", "mlp", "other"):
         if k in rec["groups"]:
             g = rec["groups"][k]
-            t.add_row(k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}", f"{g['total']:,}")
+            t.add_row(
+                k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}", f"{g['total']:,}"
+            )
     console.print(t)
     lt = Table(title="per layer")
     lt.add_column("layer", justify="right")
@@ -207,7 +225,9 @@ def _op_command(op: str, doc: str, nargs: int):
         bundle: Path,
         operands: Annotated[list[str], typer.Argument(help="persona name(s)")],
         as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
-        force: Annotated[bool, typer.Option(help="replace an existing persona of that name")] = False,
+        force: Annotated[
+            bool, typer.Option(help="replace an existing persona of that name")
+        ] = False,
         json_out: JsonOpt = False,
     ) -> None:
         if len(operands) != nargs:
@@ -217,9 +237,20 @@ def _op_command(op: str, doc: str, nargs: int):
         kept = sum(e["kept"] for e in meta["modules"].values())
         numel = sum(b.modules[m].numel for m in meta["modules"])
         if json_out:
-            _emit_json({"name": as_, "op": op, "operands": operands, "kept": kept, "total": numel, "digest": meta["digest"]})
+            _emit_json(
+                {
+                    "name": as_,
+                    "op": op,
+                    "operands": operands,
+                    "kept": kept,
+                    "total": numel,
+                    "digest": meta["digest"],
+                }
+            )
         else:
-            console.print(f"wrote persona [bold]{as_}[/] = {op}({', '.join(operands)}): kept {kept / numel:.4f} of {numel:,} weights")
+            console.print(
+                f"wrote persona [bold]{as_}[/] = {op}({', '.join(operands)}): kept {kept / numel:.4f} of {numel:,} weights"
+            )
 
     cmd.__doc__ = doc
     app.command(op)(cmd)
@@ -236,7 +267,9 @@ _op_command("complement", "Write not A as a new persona.", 1)
 def import_pt_cmd(
     src: Annotated[Path, typer.Argument(help="folder of M_{persona}_{module}.pt files")],
     out: Annotated[Path, typer.Option("--out", help="bundle to create")],
-    architecture: Annotated[str, typer.Option(help="architecture recorded in the fingerprint")] = "imported",
+    architecture: Annotated[
+        str, typer.Option(help="architecture recorded in the fingerprint")
+    ] = "imported",
     force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
 ) -> None:
     """Convert the research code's pickled bool tensors into a bundle (weights_only loading)."""
@@ -272,5 +305,7 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        err_console.print(f"[red]error:[/] {type(e).__name__}: {msg}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[red]error:[/] {type(e).__name__}: {msg}", highlight=False, soft_wrap=True
+        )
         sys.exit(1)

@@ -44,7 +44,9 @@ class BuildConfig:
 
     def check(self) -> None:
         if self.method not in scoring.METHODS:
-            raise MaskstoreError(f"unknown method {self.method!r}: use one of {', '.join(scoring.METHODS)}")
+            raise MaskstoreError(
+                f"unknown method {self.method!r}: use one of {', '.join(scoring.METHODS)}"
+            )
         if not 0.0 <= self.sparsity < 1.0:
             raise MaskstoreError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.selection not in scoring.SELECTIONS:
@@ -84,8 +86,11 @@ class PersonaStats:
 
 
 def collect_stats(
-    model: nn.Module, modules: Mapping[str, nn.Linear], batches: Iterable[Batch],
-    config: BuildConfig | None = None, progress: Progress = None,
+    model: nn.Module,
+    modules: Mapping[str, nn.Linear],
+    batches: Iterable[Batch],
+    config: BuildConfig | None = None,
+    progress: Progress = None,
 ) -> dict[str, ChannelStats]:
     """One calibration pass: :class:`ChannelStats` per module (plus SparseGPT's ``[H^-1]_jj``
     when ``config.method == "sparsegpt"``; the Gram matrices are dropped after use)."""
@@ -100,7 +105,9 @@ def collect_stats(
                 done[group] = scoring.hinv_diag(coll.grams[group], st.tokens, config.damp)
             st.extra[config.hinv_row] = done[group]
     if any(st.tokens == 0 for st in stats.values()):
-        raise MaskstoreError("the calibration data reached no masked module: are the samples empty?")
+        raise MaskstoreError(
+            "the calibration data reached no masked module: are the samples empty?"
+        )
     return stats
 
 
@@ -113,14 +120,20 @@ def check_pairs(names: list[str], pairs: list[tuple[str, str]], config: BuildCon
             if p not in names:
                 raise MaskstoreError(f"--pair names {p!r}, which has no calibration data")
             if p in seen:
-                raise MaskstoreError(f"persona {p!r} is in two pairs: each persona has one opposite")
+                raise MaskstoreError(
+                    f"persona {p!r} is in two pairs: each persona has one opposite"
+                )
             seen.add(p)
     if config.contrastive:
         lone = [n for n in names if n not in seen]
         if lone:
-            raise MaskstoreError(f"{config.method} needs every persona in a --pair; {lone[0]!r} has none")
+            raise MaskstoreError(
+                f"{config.method} needs every persona in a --pair; {lone[0]!r} has none"
+            )
     elif pairs:
-        raise MaskstoreError(f"--pair is for contrastive methods; {config.method} scores each persona alone")
+        raise MaskstoreError(
+            f"--pair is for contrastive methods; {config.method} scores each persona alone"
+        )
 
 
 def _stat(p: PersonaStats, module: str, config: BuildConfig) -> ChannelStats:
@@ -137,8 +150,11 @@ def _stat(p: PersonaStats, module: str, config: BuildConfig) -> ChannelStats:
 
 
 def masks_for_module(
-    weight: torch.Tensor, personas: list[PersonaStats], pairs: list[tuple[str, str]],
-    module: str, config: BuildConfig,
+    weight: torch.Tensor,
+    personas: list[PersonaStats],
+    pairs: list[tuple[str, str]],
+    module: str,
+    config: BuildConfig,
 ) -> dict[str, torch.Tensor]:
     """Bool masks ``(out, in)`` of one module for every persona."""
     sel = dict(sparsity=config.sparsity, mode=config.selection, n=config.n, m=config.m)
@@ -156,7 +172,9 @@ def masks_for_module(
     for a, b in pairs:
         sa, sb = _stat(by[a], module, config), _stat(by[b], module, config)
         if config.method == "contrastive-wanda":
-            pos, neg = scoring.contrastive_wanda_scores(weight, sa, sb, config.phi, config.eps, config.tau)
+            pos, neg = scoring.contrastive_wanda_scores(
+                weight, sa, sb, config.phi, config.eps, config.tau
+            )
             out[a], out[b] = scoring.select(pos, **sel), scoring.select(neg, **sel)
         else:
             out[a], out[b] = scoring.contrastive_sparse_masks(
@@ -166,9 +184,14 @@ def masks_for_module(
 
 
 def write_personas(
-    bundle: Bundle, modules: Mapping[str, nn.Linear], personas: list[PersonaStats],
-    pairs: list[tuple[str, str]], config: BuildConfig, progress: Progress = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, codec: str = "zstd",
+    bundle: Bundle,
+    modules: Mapping[str, nn.Linear],
+    personas: list[PersonaStats],
+    pairs: list[tuple[str, str]],
+    config: BuildConfig,
+    progress: Progress = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    codec: str = "zstd",
 ) -> dict[str, dict]:
     """Score, select and write every persona, one module at a time.
 
@@ -183,11 +206,19 @@ def write_personas(
         for p in personas:
             params = config.params() | p.extra_params
             if p.name in opposite:
-                params |= {"opposite": opposite[p.name], "role": "+" if p.name in dict(pairs) else "-"}
+                params |= {
+                    "opposite": opposite[p.name],
+                    "role": "+" if p.name in dict(pairs) else "-",
+                }
             writers[p.name] = bundle.persona_writer(
-                p.name, method=config.method, params=params, sparsity=config.sparsity,
-                calibration=p.calibration, provenance={"op": "build", "operands": []},
-                chunk_bytes=chunk_bytes, codec=codec,
+                p.name,
+                method=config.method,
+                params=params,
+                sparsity=config.sparsity,
+                calibration=p.calibration,
+                provenance={"op": "build", "operands": []},
+                chunk_bytes=chunk_bytes,
+                codec=codec,
             )
         for name, mod in modules.items():
             masks = masks_for_module(mod.weight, personas, pairs, name, config)

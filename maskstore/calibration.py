@@ -58,7 +58,9 @@ def read_samples(path: str | Path) -> list[Sample]:
                 key = next(k for k in _TEXT_KEYS if k in obj)
                 out.append(Sample(str(obj[key])))
             else:
-                raise MaskstoreError(f"{path}:{i}: expected a string or an object with a 'text' field")
+                raise MaskstoreError(
+                    f"{path}:{i}: expected a string or an object with a 'text' field"
+                )
     elif suffix == ".csv":
         rows = list(csv.DictReader(raw.splitlines()))
         if rows and rows[0]:
@@ -84,7 +86,11 @@ def read_pair_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
             f"found {','.join(sorted(have)) or 'none'}"
         )
     pos = [Sample(r["matching"], r["question"]) for r in rows if r["question"] and r["matching"]]
-    neg = [Sample(r["not_matching"], r["question"]) for r in rows if r["question"] and r["not_matching"]]
+    neg = [
+        Sample(r["not_matching"], r["question"])
+        for r in rows
+        if r["question"] and r["not_matching"]
+    ]
     if not pos or not neg:
         raise MaskstoreError(f"{path} holds no complete rows")
     return pos, neg
@@ -118,7 +124,10 @@ def render(tokenizer, sample: Sample, chat_template: bool) -> str:
 
 
 def batches(
-    tokenizer, samples: list[Sample], max_tokens: int = 512, batch_size: int = 8,
+    tokenizer,
+    samples: list[Sample],
+    max_tokens: int = 512,
+    batch_size: int = 8,
     chat_template: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded token batches ``{"input_ids", "attention_mask"}`` of ``batch_size`` samples."""
@@ -127,7 +136,11 @@ def batches(
     for i in range(0, len(samples), batch_size):
         texts = [render(tokenizer, s, chat_template) for s in samples[i : i + batch_size]]
         enc = tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_tokens,
             padding_side="right",
         )
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

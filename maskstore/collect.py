@@ -83,7 +83,10 @@ class StatsCollector:
         return self.grams[self.group_of[name]]
 
     def run(
-        self, model: nn.Module, batches: Iterable[Batch], progress: Callable[[int], None] | None = None
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, ChannelStats]:
         """Run ``model`` over ``batches`` (dicts with ``input_ids``/``attention_mask``, or tensors
         of token ids) and return the statistics per module."""

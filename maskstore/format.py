@@ -53,7 +53,9 @@ _VOLATILE = ("name", "created", "tool_version", "digest")
 
 
 def _schema(name: str) -> dict:
-    return json.loads(resources.files("maskstore.schemas").joinpath(f"{name}.schema.json").read_text())
+    return json.loads(
+        resources.files("maskstore.schemas").joinpath(f"{name}.schema.json").read_text()
+    )
 
 
 _VALIDATORS: dict[str, jsonschema.Validator] = {}
@@ -130,7 +132,9 @@ class Bundle:
             raise MaskstoreError(f"no bundle at {self.path}: check the path")
         self.is_zip = self.path.is_file()
         if self.is_zip and writable:
-            raise MaskstoreError(f"{self.path} is a zip bundle and read-only: unzip it to modify it")
+            raise MaskstoreError(
+                f"{self.path} is a zip bundle and read-only: unzip it to modify it"
+            )
         try:
             if self.is_zip:
                 self._store = zarr.storage.ZipStore(self.path, mode="r")
@@ -274,7 +278,9 @@ class Bundle:
             out[r0 : r0 + block.shape[0]] = block
         return out
 
-    def read_mask(self, persona: str, module: str, as_torch: bool = False) -> np.ndarray | torch.Tensor:
+    def read_mask(
+        self, persona: str, module: str, as_torch: bool = False
+    ) -> np.ndarray | torch.Tensor:
         """One module's mask unpacked to bool ``(out, in)`` (numpy, or torch with ``as_torch``)."""
         m = unpack(self.read_packed(persona, module), self.modules[module].in_features)
         return torch.from_numpy(m) if as_torch else m
@@ -324,7 +330,9 @@ class Bundle:
                         for _, block in self.iter_chunks(p, module, kind):
                             h.update(block)
                         if h.hexdigest() != ameta["digest"] or ameta["digest"] != want:
-                            problems.append(f"{self.path}: personas/{p}/{kind}/{module} array digest mismatch")
+                            problems.append(
+                                f"{self.path}: personas/{p}/{kind}/{module} array digest mismatch"
+                            )
                     except MaskstoreError as e:
                         problems.append(str(e))
         return problems
@@ -381,7 +389,9 @@ class create_bundle:  # noqa: N801 - used as a function / context manager
     def __init__(self, path: str | os.PathLike, fingerprint: dict, force: bool = False) -> None:
         self.path = Path(path)
         if self.path.exists() and not force:
-            raise MaskstoreError(f"{self.path} already exists: choose another --out or pass --force")
+            raise MaskstoreError(
+                f"{self.path} already exists: choose another --out or pass --force"
+            )
         if self.path.exists() and not (self.path / "zarr.json").exists():
             raise MaskstoreError(f"{self.path} exists and is not a bundle: refusing to replace it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,7 +467,9 @@ class PersonaWriter:
         self._root.create_group("masks")
         self._root.create_group("stats")
 
-    def _write_array(self, kind: str, module: str, blocks: Iterator[np.ndarray], shape, dtype, extra):
+    def _write_array(
+        self, kind: str, module: str, blocks: Iterator[np.ndarray], shape, dtype, extra
+    ):
         row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize)
         rows = max(1, min(shape[0], self.chunk_bytes // row_bytes)) if shape[0] else 1
         arr = self._root.create_array(
@@ -496,11 +508,18 @@ class PersonaWriter:
         if r0 != shape[0]:
             raise MaskstoreError(f"{module}: wrote {r0} rows, expected {shape[0]}")
         digest = hasher.hexdigest()
-        ameta = {"kind": "mask" if kind == "masks" else "stats", "digest": digest, "chunk_digests": chunk_digests, **extra}
+        ameta = {
+            "kind": "mask" if kind == "masks" else "stats",
+            "digest": digest,
+            "chunk_digests": chunk_digests,
+            **extra,
+        }
         arr.attrs["maskstore"] = ameta
         return digest
 
-    def write_mask(self, module: str, mask: np.ndarray | torch.Tensor, packed: bool = False) -> None:
+    def write_mask(
+        self, module: str, mask: np.ndarray | torch.Tensor, packed: bool = False
+    ) -> None:
         """Write one module's mask: bool ``(out, in)``, or packed rows with ``packed=True``."""
         info = self.bundle.modules.get(module)
         if info is None:
@@ -516,7 +535,9 @@ class PersonaWriter:
             mask = pack(mask)
         shape = (info.out_features, packed_width(info.in_features))
         if mask.shape != shape or mask.dtype != np.uint8:
-            raise MaskstoreError(f"{module}: packed mask must be uint8 {shape}, got {mask.dtype} {mask.shape}")
+            raise MaskstoreError(
+                f"{module}: packed mask must be uint8 {shape}, got {mask.dtype} {mask.shape}"
+            )
         tail = info.in_features % 8
         if tail and np.any(mask[:, -1] >> tail):
             raise MaskstoreError(f"{module}: packed mask has non-zero padding bits")

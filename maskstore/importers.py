@@ -44,7 +44,9 @@ def _load_tensor(path: Path) -> torch.Tensor:
             "torch.save files of bool tensors are imported"
         ) from None
     if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
-        raise MaskstoreError(f"{path.name}: holds {type(obj).__name__}, expected one 2-D bool tensor")
+        raise MaskstoreError(
+            f"{path.name}: holds {type(obj).__name__}, expected one 2-D bool tensor"
+        )
     if obj.dtype != torch.bool:
         if obj.dtype.is_floating_point or not bool(((obj == 0) | (obj == 1)).all()):
             raise MaskstoreError(f"{path.name}: dtype {obj.dtype} is not a 0/1 mask")
@@ -53,7 +55,10 @@ def _load_tensor(path: Path) -> torch.Tensor:
 
 
 def import_pt(
-    src: str | os.PathLike, out: str | os.PathLike, architecture: str = "imported", force: bool = False
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    architecture: str = "imported",
+    force: bool = False,
 ) -> list[str]:
     """Convert a folder of ``M_{persona}_{module}.pt`` files into a bundle at ``out``.
 
@@ -77,13 +82,17 @@ def import_pt(
         for module, f in mods.items():
             t = _load_tensor(f)
             if module in shapes and shapes[module] != list(t.shape):
-                raise MaskstoreError(f"{module}: shape {tuple(t.shape)} in {f.name} differs from other personas")
+                raise MaskstoreError(
+                    f"{module}: shape {tuple(t.shape)} in {f.name} differs from other personas"
+                )
             shapes[module] = list(t.shape)
     fingerprint = {"architecture": architecture, "modules": dict(sorted(shapes.items()))}
     with create_bundle(out, fingerprint, force=force) as bundle:
         for persona, mods in files.items():
             with bundle.persona_writer(
-                persona, method="imported", params={"source": "research-pt"},
+                persona,
+                method="imported",
+                params={"source": "research-pt"},
                 provenance={"op": "import-pt", "operands": []},
             ) as w:
                 for module, f in mods.items():

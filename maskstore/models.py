@@ -50,8 +50,16 @@ def embedded_model_dir() -> Path:
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantization bar ignores transformers' switch
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = old
     model.hf_quantizer = None  # weights are de-quantized to float32; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -108,9 +116,17 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=260, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+        vocab_size=260,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
     )
     return LlamaForCausalLM(cfg).eval()
 

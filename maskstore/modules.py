@@ -10,10 +10,41 @@ from torch import nn
 
 from .errors import MaskstoreError
 
-_ATTN_LEAF = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value",
-              "out_proj", "c_attn", "query_key_value", "wqkv", "wo", "wq", "wk", "wv", "dense"}
-_MLP_LEAF = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
-             "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h", "fc_in", "fc_out"}
+_ATTN_LEAF = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "query",
+    "key",
+    "value",
+    "out_proj",
+    "c_attn",
+    "query_key_value",
+    "wqkv",
+    "wo",
+    "wq",
+    "wk",
+    "wv",
+    "dense",
+}
+_MLP_LEAF = {
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "w1",
+    "w2",
+    "w3",
+    "gate_up_proj",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "fc_in",
+    "fc_out",
+}
 _ATTN_PART = re.compile(r"attn|attention", re.I)
 _MLP_PART = re.compile(r"mlp|feed_forward|ffn|experts", re.I)
 _NEVER = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)($|\.)")

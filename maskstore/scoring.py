@@ -57,8 +57,12 @@ def phi(z: np.ndarray, kind: str = "relu", tau: float = 1.0) -> np.ndarray:
 
 
 def contrastive_wanda_scores(
-    weight: torch.Tensor, pos: ChannelStats, neg: ChannelStats, kind: str = "relu",
-    eps: float = 1e-6, tau: float = 1.0,
+    weight: torch.Tensor,
+    pos: ChannelStats,
+    neg: ChannelStats,
+    kind: str = "relu",
+    eps: float = 1e-6,
+    tau: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contrastive Wanda: ``S+ = |W| * phi(z)``, ``S- = |W| * phi(-z)`` (arXiv 2602.07164).
 
@@ -147,13 +151,20 @@ def select(
         return topk_mask(scores.reshape(1, -1), keep_count(out * inp, sparsity)).reshape(out, inp)
     if mode == "nm":
         if not 0 < n <= m or inp % m:
-            raise MaskstoreError(f"N:M = {n}:{m} needs 0 < N <= M and in_features ({inp}) divisible by M")
+            raise MaskstoreError(
+                f"N:M = {n}:{m} needs 0 < N <= M and in_features ({inp}) divisible by M"
+            )
         return topk_mask(scores.reshape(-1, m), n).reshape(out, inp)
     raise MaskstoreError(f"unknown selection {mode!r}: use row, nm or layer")
 
 
 def contrastive_sparse_masks(
-    s_pos: torch.Tensor, s_neg: torch.Tensor, sparsity: float, mode: str = "row", n: int = 2, m: int = 4
+    s_pos: torch.Tensor,
+    s_neg: torch.Tensor,
+    sparsity: float,
+    mode: str = "row",
+    n: int = 2,
+    m: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contrastive Sparse (arXiv 2602.07164): disjoint masks for an opposing pair.
 

@@ -64,7 +64,9 @@ class ChannelStats:
         ``extra`` rows are not mergeable and are dropped.
         """
         if other.in_features != self.in_features:
-            raise ValueError(f"cannot merge stats of {self.in_features} and {other.in_features} channels")
+            raise ValueError(
+                f"cannot merge stats of {self.in_features} and {other.in_features} channels"
+            )
         na, nb = self.samples, other.samples
         n = na + nb
         if n == 0:
@@ -77,7 +79,9 @@ class ChannelStats:
             self.tokens + other.tokens, n, self.sum + other.sum, self.sumsq + other.sumsq, mean, m2
         )
 
-    def add_batch(self, sum_: np.ndarray, sumsq: np.ndarray, norms: np.ndarray, tokens: int) -> None:
+    def add_batch(
+        self, sum_: np.ndarray, sumsq: np.ndarray, norms: np.ndarray, tokens: int
+    ) -> None:
         """Fold one batch in place: ``norms`` is (samples, in) per-sample channel L2 norms."""
         self.tokens += tokens
         self.sum += sum_
@@ -100,7 +104,9 @@ class ChannelStats:
         return np.stack(rows).astype(np.float64), names
 
     @classmethod
-    def from_array(cls, arr: np.ndarray, names: list[str], tokens: int, samples: int) -> ChannelStats:
+    def from_array(
+        cls, arr: np.ndarray, names: list[str], tokens: int, samples: int
+    ) -> ChannelStats:
         by = dict(zip(names, arr, strict=True))
         extra = {k: v for k, v in by.items() if k not in ROWS}
         return cls(tokens, samples, *(by[r].copy() for r in ROWS), extra=extra)
