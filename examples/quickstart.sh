@@ -8,8 +8,9 @@ export HF_HUB_OFFLINE=1
 maskstore build \
   --persona introvert=examples/data/introvert.txt \
   --persona extrovert=examples/data/extrovert.txt \
-  --pair introvert:extrovert --method contrastive-wanda --sparsity 0.5 \
+  --pair introvert:extrovert --method contrastive-wanda --phi softplus --sparsity 0.2 \
   --out out/personas.zarr --force
 maskstore info out/personas.zarr
 maskstore overlap out/personas.zarr --by kind
 maskstore diff out/personas.zarr introvert extrovert
+maskstore run out/personas.zarr --compare --prompt "How do you like to spend your weekend?"

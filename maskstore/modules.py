@@ -108,11 +108,12 @@ def maskable_modules(
 
 
 def weights_hash(modules: dict[str, nn.Linear]) -> str:
-    """xxh3-128 over the masked weights (names, shapes, raw bytes in model order)."""
+    """xxh3-128 over the masked weights: names, shapes and float32 values, in model order
+    (the same value for a model in any dtype that holds the same float32 numbers)."""
     x = xxhash.xxh3_128()
     for name, mod in modules.items():
-        w = mod.weight.detach().to("cpu").contiguous()
-        x.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
+        w = mod.weight.detach().to("cpu", torch.float32).contiguous()
+        x.update(f"{name}:{tuple(w.shape)}".encode())
         x.update(w.view(torch.uint8).numpy().data)
     return x.hexdigest()
 
