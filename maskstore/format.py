@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,7 +78,7 @@ def validate(kind: str, meta: Any, where: str) -> None:
 
 def check_persona_name(name: str) -> str:
     """Return ``name`` if it is a valid persona name, else raise a clear error."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise MaskstoreError(
             f"invalid persona name {name!r}: use 1-128 letters, digits and _ . + = - "
             "(starting with a letter or digit, no '..', no '/')"
@@ -137,10 +138,11 @@ class Bundle:
             )
         try:
             if self.is_zip:
+                self._zip = zipfile.ZipFile(self.path)  # central directory only: names, sizes
                 self._store = zarr.storage.ZipStore(self.path, mode="r")
             else:
                 self._store = zarr.storage.LocalStore(self.path, read_only=True)
-            root = zarr.open_group(self._store, mode="r")
+            root = zarr.open_group(self._store, mode="r", zarr_format=3)
             attrs = root.attrs.asdict()
         except MaskstoreError:
             raise
@@ -179,7 +181,7 @@ class Bundle:
         if self.is_zip:
             names = {
                 k.split("/")[1]
-                for k in self._store._get_zf().namelist()  # noqa: SLF001
+                for k in self._zip.namelist()
                 if k.startswith("personas/") and k.count("/") == 2 and k.endswith("/zarr.json")
             }
             return sorted(names)
@@ -195,7 +197,7 @@ class Bundle:
                 known = ", ".join(self.personas) or "none"
                 raise MaskstoreError(f"unknown persona {name!r} in {self.path}; known: {known}")
             try:
-                g = zarr.open_group(self._store, path=f"personas/{name}", mode="r")
+                g = zarr.open_group(self._store, path=f"personas/{name}", mode="r", zarr_format=3)
                 meta = g.attrs.asdict().get("maskstore")
             except Exception as e:  # noqa: BLE001
                 raise MaskstoreError(
@@ -231,7 +233,7 @@ class Bundle:
             raise MaskstoreError(f"persona {persona!r} has no module {module!r}")
         path = f"personas/{persona}/{kind}/{module}"
         try:
-            arr = zarr.open_array(self._store, path=path, mode="r")
+            arr = zarr.open_array(self._store, path=path, mode="r", zarr_format=3)
             ameta = arr.attrs.asdict().get("maskstore")
         except Exception as e:  # noqa: BLE001
             raise IntegrityError(
@@ -303,9 +305,8 @@ class Bundle:
     def nbytes_on_disk(self, persona: str | None = None) -> int:
         """Bytes stored for one persona (or the whole bundle)."""
         if self.is_zip:
-            zf = self._store._get_zf()  # noqa: SLF001
             pre = f"personas/{persona}/" if persona else ""
-            return sum(i.compress_size for i in zf.infolist() if i.filename.startswith(pre))
+            return sum(i.compress_size for i in self._zip.infolist() if i.filename.startswith(pre))
         root = self.path / "personas" / persona if persona else self.path
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
@@ -347,6 +348,7 @@ class Bundle:
     def close(self) -> None:
         if self.is_zip:
             self._store.close()
+            self._zip.close()
 
     def __enter__(self) -> Bundle:
         return self
@@ -609,8 +611,6 @@ class PersonaWriter:
 
 def pack_zip(src: str | os.PathLike, dest: str | os.PathLike, force: bool = False) -> Path:
     """Copy a directory bundle into a single ``.zip`` (stored, not recompressed), atomically."""
-    import zipfile
-
     src, dest = Path(src), Path(dest)
     Bundle(src)  # validates
     if dest.exists() and not force:

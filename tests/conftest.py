@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from maskstore.format import create_bundle  # noqa: E402
+
+
+def random_fingerprint(rng: np.random.Generator, n_layers: int = 2) -> dict:
+    mods = {}
+    for layer in range(n_layers):
+        for leaf, kind in (("q_proj", "self_attn"), ("o_proj", "self_attn"), ("up_proj", "mlp"), ("down_proj", "mlp")):
+            mods[f"model.layers.{layer}.{kind}.{leaf}"] = [int(rng.integers(1, 40)), int(rng.integers(1, 50))]
+    return {"architecture": "TestArch", "modules": mods}
+
+
+def write_bundle(path: Path, fp: dict, masks: dict[str, dict[str, np.ndarray]], **kw) -> Path:
+    """Write bool masks {persona: {module: (out, in)}} into a new bundle."""
+    with create_bundle(path, fp, force=kw.pop("force", False)) as b:
+        for name, mods in masks.items():
+            with b.persona_writer(name, method="test", **kw) as w:
+                for m, arr in mods.items():
+                    w.write_mask(m, arr)
+    return path
+
+
+def random_masks(rng, fp: dict, names: list[str], p: float = 0.5) -> dict[str, dict[str, np.ndarray]]:
+    return {n: {m: rng.random(tuple(s)) < p for m, s in fp["modules"].items()} for n in names}
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
+    from maskstore.cli.main import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["maskstore", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "200")
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from maskstore.models import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def calib_files(tmp_path_factory) -> dict[str, Path]:
+    root = Path(__file__).resolve().parents[1] / "examples" / "data"
+    return {
+        "introvert": root / "introvert.txt",
+        "extrovert": root / "extrovert.txt",
+        "pairs": root / "introvert_extrovert.csv",
+        "mc": root / "introvert_mc.csv",
+    }
