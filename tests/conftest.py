@@ -15,8 +15,16 @@ from maskstore.format import create_bundle  # noqa: E402
 def random_fingerprint(rng: np.random.Generator, n_layers: int = 2) -> dict:
     mods = {}
     for layer in range(n_layers):
-        for leaf, kind in (("q_proj", "self_attn"), ("o_proj", "self_attn"), ("up_proj", "mlp"), ("down_proj", "mlp")):
-            mods[f"model.layers.{layer}.{kind}.{leaf}"] = [int(rng.integers(1, 40)), int(rng.integers(1, 50))]
+        for leaf, kind in (
+            ("q_proj", "self_attn"),
+            ("o_proj", "self_attn"),
+            ("up_proj", "mlp"),
+            ("down_proj", "mlp"),
+        ):
+            mods[f"model.layers.{layer}.{kind}.{leaf}"] = [
+                int(rng.integers(1, 40)),
+                int(rng.integers(1, 50)),
+            ]
     return {"architecture": "TestArch", "modules": mods}
 
 
@@ -30,7 +38,9 @@ def write_bundle(path: Path, fp: dict, masks: dict[str, dict[str, np.ndarray]], 
     return path
 
 
-def random_masks(rng, fp: dict, names: list[str], p: float = 0.5) -> dict[str, dict[str, np.ndarray]]:
+def random_masks(
+    rng, fp: dict, names: list[str], p: float = 0.5
+) -> dict[str, dict[str, np.ndarray]]:
     return {n: {m: rng.random(tuple(s)) < p for m, s in fp["modules"].items()} for n in names}
 
 

@@ -19,7 +19,11 @@ from maskstore.stats import ChannelStats
 
 
 def _chunk_files(bundle: Path, persona: str, module: str) -> list[Path]:
-    return sorted(f for f in (bundle / "personas" / persona / "masks" / module / "c").rglob("*") if f.is_file())
+    return sorted(
+        f
+        for f in (bundle / "personas" / persona / "masks" / module / "c").rglob("*")
+        if f.is_file()
+    )
 
 
 def test_roundtrip_random_shapes_empty_and_full(tmp_path, rng):
@@ -57,7 +61,10 @@ def test_write_packed_equals_unpacked(tmp_path, rng):
 
 
 def test_digests_survive_reencoding(tmp_path, rng):
-    fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [300, 77], "l.0.attn.q_proj": [64, 64]}}
+    fp = {
+        "architecture": "T",
+        "modules": {"l.0.mlp.up_proj": [300, 77], "l.0.attn.q_proj": [64, 64]},
+    }
     masks = random_masks(rng, fp, ["a"])
     write_bundle(tmp_path / "zstd", fp, masks)
     write_bundle(tmp_path / "gzip", fp, masks, codec="gzip", chunk_bytes=100)
@@ -68,7 +75,9 @@ def test_digests_survive_reencoding(tmp_path, rng):
     # the chunking really differs
     assert len(_chunk_files(tmp_path / "gzip", "a", "l.0.mlp.up_proj")) > 1
     assert len(_chunk_files(tmp_path / "zstd", "a", "l.0.mlp.up_proj")) == 1
-    codecs = json.loads((tmp_path / "gzip/personas/a/masks/l.0.mlp.up_proj/zarr.json").read_text())["codecs"]
+    codecs = json.loads((tmp_path / "gzip/personas/a/masks/l.0.mlp.up_proj/zarr.json").read_text())[
+        "codecs"
+    ]
     assert codecs[-1]["name"] == "gzip"
 
 
@@ -79,7 +88,9 @@ def test_plain_zarr_reads_bundle_arrays(tmp_path, rng):
     g = zarr.open_group(str(tmp_path / "b"), mode="r")
     for m, arr in masks["a"].items():
         raw = g["personas"]["a"]["masks"][m][:]
-        assert np.array_equal(np.unpackbits(raw, axis=1, count=arr.shape[1], bitorder="little").astype(bool), arr)
+        assert np.array_equal(
+            np.unpackbits(raw, axis=1, count=arr.shape[1], bitorder="little").astype(bool), arr
+        )
 
 
 def test_zip_bundle_reads_lazily_and_matches(tmp_path, rng):
@@ -163,7 +174,10 @@ def test_failed_write_leaves_nothing_visible(tmp_path, rng):
     with pytest.raises(RuntimeError):
         with create_bundle(tmp_path / "b", fp) as b:
             with b.persona_writer("a", method="t") as w:
-                w.write_mask(next(iter(fp["modules"])), np.ones(fp["modules"][next(iter(fp["modules"]))], bool))
+                w.write_mask(
+                    next(iter(fp["modules"])),
+                    np.ones(fp["modules"][next(iter(fp["modules"]))], bool),
+                )
                 raise RuntimeError("boom")
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
     write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
@@ -180,7 +194,7 @@ def test_killed_writer_leaves_bundle_valid(tmp_path, rng):
     script = textwrap.dedent(f"""
         import numpy as np, sys
         from maskstore.format import open_bundle
-        b = open_bundle({str(tmp_path / 'b')!r}, writable=True)
+        b = open_bundle({str(tmp_path / "b")!r}, writable=True)
         with b.persona_writer("victim", method="t") as w:
             for i in range(200):
                 w.write_mask(f"l.{{i}}.mlp.up_proj", np.ones((256, 256), bool))
@@ -226,7 +240,9 @@ def test_edited_persona_metadata_is_detected(tmp_path, rng):
         open_bundle(tmp_path / "b").persona("a")
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "..", "a..b", ".hidden", "x\n", "x\x00y", "é", "a" * 129])
+@pytest.mark.parametrize(
+    "name", ["", "a/b", "..", "a..b", ".hidden", "x\n", "x\x00y", "é", "a" * 129]
+)
 def test_invalid_persona_names(tmp_path, rng, name):
     fp = random_fingerprint(rng)
     with create_bundle(tmp_path / "b", fp) as b:

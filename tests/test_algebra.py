@@ -1,0 +1,241 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_fingerprint, random_masks, write_bundle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from maskstore import algebra
+from maskstore.errors import MaskstoreError
+from maskstore.format import open_bundle
+from maskstore.importers import import_pt
+
+
+def _expected(masks, names, modules=None):
+    """Reference counts straight from unpacked numpy arrays."""
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            mods = modules or list(masks[a])
+            A = np.concatenate([masks[a][m].ravel() for m in mods])
+            B = np.concatenate([masks[b][m].ravel() for m in mods])
+            out[(a, b)] = dict(
+                total=A.size,
+                kept_a=int(A.sum()),
+                kept_b=int(B.sum()),
+                intersection=int((A & B).sum()),
+                union=int((A | B).sum()),
+                a_minus_b=int((A & ~B).sum()),
+                b_minus_a=int((B & ~A).sum()),
+                hamming=int((A ^ B).sum()),
+            )
+    return out
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.integers(0, 2**31), st.floats(0.0, 1.0), st.integers(2, 4), st.integers(64, 5000))
+def test_counts_match_numpy(tmp_path_factory, seed, p, n, chunk):
+    rng = np.random.default_rng(seed)
+    fp = random_fingerprint(rng)
+    names = [f"p{i}" for i in range(n)]
+    masks = random_masks(rng, fp, names, p)
+    path = tmp_path_factory.mktemp("alg") / "b"
+    write_bundle(path, fp, masks, chunk_bytes=chunk)
+    b = open_bundle(path)
+    refs = [algebra.Ref(b, x) for x in names]
+    counts = algebra.count_all(refs)
+    rep = {(r["a"], r["b"]): r for r in algebra.pairs_report(refs, counts, by="layer")}
+    exp = _expected(masks, names)
+    for key, want in exp.items():
+        got = rep[key]
+        for k, v in want.items():
+            assert got[k] == v, (key, k)
+        assert got["diff_ratio"] == pytest.approx(want["hamming"] / want["total"])
+        u = want["union"]
+        assert got["jaccard"] == pytest.approx(want["intersection"] / u if u else 1.0)
+        pruned_i = want["total"] - u
+        pruned_u = want["total"] - want["intersection"]
+        assert got["pruned_jaccard"] == pytest.approx(pruned_i / pruned_u if pruned_u else 1.0)
+        # layer groups add up to the whole
+        assert sum(g["hamming"] for g in got["groups"].values()) == want["hamming"]
+    layer0 = [m for m in fp["modules"] if m.startswith("model.layers.0.")]
+    exp0 = _expected(masks, names, layer0)
+    for key, want in exp0.items():
+        assert rep[key]["groups"]["0"]["intersection"] == want["intersection"]
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.integers(0, 2**31), st.sampled_from(algebra.OPS))
+def test_ops_match_numpy(tmp_path_factory, seed, op):
+    rng = np.random.default_rng(seed)
+    fp = random_fingerprint(rng)
+    masks = random_masks(rng, fp, ["a", "b"], rng.random())
+    path = tmp_path_factory.mktemp("ops") / "b"
+    write_bundle(path, fp, masks, chunk_bytes=int(rng.integers(16, 400)))
+    b = open_bundle(path, writable=True)
+    operands = ["a"] if op == "complement" else ["a", "b"]
+    meta = algebra.apply_op(b, op, operands, "out")
+    ref = {
+        "union": np.logical_or,
+        "intersect": np.logical_and,
+        "xor": np.logical_xor,
+        "subtract": lambda x, y: x & ~y,
+        "complement": lambda x: ~x,
+    }[op]
+    b = open_bundle(path)
+    for m in fp["modules"]:
+        want = ref(*(masks[o][m] for o in operands))
+        assert np.array_equal(b.read_mask("out", m), want)
+    prov = meta["provenance"]
+    assert prov["op"] == op and [o["digest"] for o in prov["operands"]] == [
+        b.persona(o)["digest"] for o in operands
+    ]
+    assert b.verify() == []
+
+
+def test_kind_and_layer_grouping(tmp_path, rng):
+    fp = random_fingerprint(rng, n_layers=3)
+    masks = random_masks(rng, fp, ["a", "b"])
+    write_bundle(tmp_path / "b", fp, masks)
+    b = open_bundle(tmp_path / "b")
+    refs = [algebra.Ref(b, "a"), algebra.Ref(b, "b")]
+    rec = algebra.pairs_report(refs, algebra.count_all(refs), by="kind")[0]
+    attn = [m for m in fp["modules"] if "self_attn" in m]
+    want = _expected(masks, ["a", "b"], attn)[("a", "b")]
+    assert set(rec["groups"]) == {"attn", "mlp"}
+    assert rec["groups"]["attn"]["hamming"] == want["hamming"]
+
+
+def test_each_chunk_read_once_for_all_pairs(tmp_path, rng, monkeypatch):
+    fp = random_fingerprint(rng)
+    names = ["a", "b", "c", "d"]
+    write_bundle(tmp_path / "b", fp, random_masks(rng, fp, names), chunk_bytes=64)
+    b = open_bundle(tmp_path / "b")
+    calls = []
+    orig = b.iter_chunks
+
+    def spy(persona, module, kind="masks"):
+        for r0, blk in orig(persona, module, kind):
+            calls.append((persona, module, r0))
+            yield r0, blk
+
+    monkeypatch.setattr(b, "iter_chunks", spy)
+    algebra.count_all([algebra.Ref(b, n) for n in names])
+    assert len(calls) == len(set(calls)) > len(names) * len(fp["modules"])
+
+
+def test_mismatched_models_refused(tmp_path, rng):
+    fp = random_fingerprint(rng)
+    write_bundle(tmp_path / "x", fp, random_masks(rng, fp, ["a"]))
+    fp2 = json.loads(json.dumps(fp))
+    m = next(iter(fp2["modules"]))
+    fp2["modules"][m] = [fp2["modules"][m][0] + 1, fp2["modules"][m][1]]
+    write_bundle(tmp_path / "y", fp2, random_masks(rng, fp2, ["b"]))
+    refs = [
+        algebra.Ref(open_bundle(tmp_path / "x"), "a"),
+        algebra.Ref(open_bundle(tmp_path / "y"), "b"),
+    ]
+    with pytest.raises(MaskstoreError, match="different models"):
+        algebra.count_all(refs)
+    fp3 = dict(fp, architecture="Other")
+    write_bundle(tmp_path / "z", fp3, random_masks(rng, fp3, ["c"]))
+    with pytest.raises(MaskstoreError, match="compare masks of one model"):
+        algebra.count_all([refs[0], algebra.Ref(open_bundle(tmp_path / "z"), "c")])
+
+
+def test_cli_overlap_and_diff_json(tmp_path, rng, cli):
+    fp = random_fingerprint(rng)
+    names = ["a", "b", "c"]
+    masks = random_masks(rng, fp, names)
+    write_bundle(tmp_path / "b", fp, masks)
+    code, out, err = cli("overlap", tmp_path / "b", "--json", "--by", "kind")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert len(doc["pairs"]) == 3
+    exp = _expected(masks, names)
+    for p in doc["pairs"]:
+        for k in ("a", "b", "total", "intersection", "union", "jaccard", "diff_ratio"):
+            assert k in p and all(
+                k in g for g in p["groups"].values() for k in ("total", "diff_ratio")
+            )
+        assert p["intersection"] == exp[(p["a"], p["b"])]["intersection"]
+        assert 0.0 <= p["diff_ratio"] <= 1.0
+    code, out, err = cli("diff", tmp_path / "b", "a", "c", "--json")
+    d = json.loads(out)
+    assert (
+        code == 0
+        and d["hamming"] == exp[("a", "c")]["hamming"]
+        and {"attn", "mlp"} <= set(d["groups"])
+    )
+    assert set(d["layers"]) == {"0", "1"}
+    code, out, err = cli("overlap", tmp_path / "b", "--metric", "diff")
+    assert code == 0 and "a" in out
+    code, out, err = cli("xor", tmp_path / "b", "a", "b", "--as", "ab")
+    assert code == 0 and "ab" in open_bundle(tmp_path / "b").personas
+    code, out, err = cli("xor", tmp_path / "b", "a", "b", "--as", "ab")
+    assert code == 2 and "already exists" in err and "Traceback" not in err
+    code, out, err = cli("diff", tmp_path / "b", "a", "nobody")
+    assert code == 2 and err.count("\n") == 1 and "known: a, ab, b, c" in err
+    code, out, err = cli("info", tmp_path / "b", "--json")
+    assert code == 0 and len(json.loads(out)["personas"]) == 4
+    code, out, err = cli("verify", tmp_path / "b")
+    assert code == 0
+
+
+def test_cli_verify_names_damage(tmp_path, rng, cli):
+    fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [64, 64]}}
+    write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]), codec="none")
+    f = next(
+        p for p in (tmp_path / "b/personas/a/masks/l.0.mlp.up_proj/c").rglob("*") if p.is_file()
+    )
+    f.write_bytes(bytes(len(f.read_bytes())))
+    code, out, err = cli("verify", tmp_path / "b")
+    assert code == 1 and "chunk 0 of" in err and "l.0.mlp.up_proj" in err
+
+
+def test_import_pt_roundtrip_and_cli(tmp_path, rng, cli):
+    src = tmp_path / "pt"
+    src.mkdir()
+    masks = {}
+    for persona in ("intro_vert", "extro"):
+        for mod, shape in (
+            ("model.layers.0.mlp.up_proj", (12, 19)),
+            ("model.layers.0.self_attn.q_proj", (8, 8)),
+        ):
+            m = torch.from_numpy(rng.random(shape) < 0.5)
+            torch.save(m, src / f"M_{persona}_{mod}.pt")
+            masks[(persona, mod)] = m.numpy()
+    names = import_pt(src, tmp_path / "b")
+    assert sorted(names) == ["extro", "intro_vert"]
+    b = open_bundle(tmp_path / "b")
+    for (p, m), arr in masks.items():
+        assert np.array_equal(b.read_mask(p, m), arr)
+    assert b.persona("extro")["provenance"]["op"] == "import-pt"
+    code, out, err = cli("import-pt", src, "--out", tmp_path / "b")
+    assert code == 2 and "already exists" in err
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_MARKER",))
+
+
+def test_import_pt_refuses_pickle_payload(tmp_path, cli, monkeypatch):
+    src = tmp_path / "pt"
+    src.mkdir()
+    torch.save({"x": _Evil()}, src / "M_a_model.layers.0.mlp.up_proj.pt")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("import-pt", src, "--out", tmp_path / "b")
+    assert code == 2 and "refused" in err and "Traceback" not in err
+    assert not (tmp_path / "PWNED_MARKER").exists() and not (tmp_path / "b").exists()
+    torch.save(torch.zeros(3, 3), src / "M_a_model.layers.0.mlp.up_proj.pt")
+    code, out, err = cli("import-pt", src, "--out", tmp_path / "b")
+    assert code == 2 and "not a 0/1 mask" in err

@@ -1,0 +1,263 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maskstore import calibration as cal
+from maskstore.build import BuildConfig, build, collect_stats
+from maskstore.collect import StatsCollector
+from maskstore.format import open_bundle
+from maskstore.models import byte_tokenizer, tiny_llama
+from maskstore.modules import maskable_modules, module_kind
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def _samples(path, n=12):
+    return cal.read_samples(path)[:n]
+
+
+def test_masked_modules_exclude_head_and_embeddings(model):
+    mods = maskable_modules(model)
+    assert len(mods) == 14 and "lm_head" not in mods
+    assert {module_kind(m) for m in mods} == {"attn", "mlp"}
+    assert all(module_kind(m) == "mlp" for m in maskable_modules(model, only="mlp"))
+    assert list(maskable_modules(model, pattern=r"layers\.1\.mlp\.up")) == [
+        "model.layers.1.mlp.up_proj"
+    ]
+
+
+def test_stats_match_captured_activations_without_padding(model, tok, calib_files):
+    samples = _samples(calib_files["introvert"], 10)
+    batches = list(cal.batches(tok, samples, max_tokens=200, batch_size=4))
+    assert any((b["attention_mask"] == 0).any() for b in batches)  # padding really present
+    mods = maskable_modules(model)
+    captured = {n: [] for n in mods}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args, n=n: captured[n].append(args[0].detach().clone())
+        )
+        for n, m in mods.items()
+    ]
+    with torch.inference_mode():
+        for b in batches:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    stats = collect_stats(model, mods, batches)
+    for name in mods:
+        rows, per_sample = [], []
+        for x, b in zip(captured[name], batches, strict=True):
+            for s in range(x.shape[0]):
+                keep = b["attention_mask"][s].bool()
+                xs = x[s][keep].double().numpy()
+                rows.append(xs)
+                per_sample.append(np.linalg.norm(xs, axis=0))
+        allx = np.concatenate(rows)
+        st = stats[name]
+        assert st.tokens == allx.shape[0] == int(sum(b["attention_mask"].sum() for b in batches))
+        assert st.samples == 10
+        np.testing.assert_allclose(st.sum, allx.sum(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(st.sumsq, (allx**2).sum(0), rtol=1e-5)
+        ps = np.stack(per_sample)
+        np.testing.assert_allclose(st.norm_mean, ps.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(st.norm_var, ps.var(0), rtol=1e-4, atol=1e-8)
+
+
+def test_shared_inputs_reduced_once(model, tok, calib_files, monkeypatch):
+    import maskstore.collect as collect
+
+    calls = []
+    orig = collect._reduce
+    monkeypatch.setattr(collect, "_reduce", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    batches = list(cal.batches(tok, _samples(calib_files["introvert"], 4), batch_size=4))
+    StatsCollector(maskable_modules(model)).run(model, batches)
+    # per layer: q/k/v share one input, o one, gate/up one, down one -> 4 reductions, 2 layers
+    assert len(calls) == 8
+
+
+def test_stats_from_halves_merge_to_whole(model, tok, calib_files):
+    samples = _samples(calib_files["extrovert"], 12)
+    mods = maskable_modules(model)
+    whole = collect_stats(model, mods, cal.batches(tok, samples, batch_size=4))
+    a = collect_stats(model, mods, cal.batches(tok, samples[:5], batch_size=4))
+    b = collect_stats(model, mods, cal.batches(tok, samples[5:], batch_size=4))
+    for n in mods:
+        m = a[n].merge(b[n])
+        assert (m.tokens, m.samples) == (whole[n].tokens, whole[n].samples)
+        for k in ("sum", "sumsq", "norm_mean", "norm_m2"):
+            np.testing.assert_allclose(getattr(m, k), getattr(whole[n], k), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "method", ["wanda", "sparsegpt", "contrastive-wanda", "contrastive-sparse"]
+)
+def test_build_twice_gives_identical_digests(tmp_path, model, tok, calib_files, method):
+    calib = {
+        "introvert": list(cal.batches(tok, _samples(calib_files["introvert"]), batch_size=4)),
+        "extrovert": list(cal.batches(tok, _samples(calib_files["extrovert"]), batch_size=4)),
+    }
+    pairs = [("introvert", "extrovert")] if method.startswith("contrastive") else []
+    cfg = BuildConfig(method=method, sparsity=0.5)
+    build(model, calib, tmp_path / "a", pairs=pairs, config=cfg)
+    build(model, calib, tmp_path / "b", pairs=pairs, config=cfg)
+    a, b = open_bundle(tmp_path / "a"), open_bundle(tmp_path / "b")
+    assert a.digest == b.digest and a.verify() == []
+    for p in a.personas:
+        meta = a.persona(p)
+        numel = sum(a.modules[m].numel for m in meta["modules"])
+        kept = sum(e["kept"] for e in meta["modules"].values())
+        if method == "contrastive-sparse":
+            assert kept <= numel // 2 + len(meta["modules"]) * 200
+        else:
+            assert kept == sum(
+                a.modules[m].out_features * (a.modules[m].in_features // 2) for m in meta["modules"]
+            )
+        assert meta["params"].get("role") in (None, "+", "-")
+    if method == "contrastive-sparse":
+        for m in a.persona_modules("introvert"):
+            assert not (a.read_mask("introvert", m) & a.read_mask("extrovert", m)).any()
+
+
+def _cli_build(cli, model_dir, out, *extra):
+    return cli(
+        "build", "--model", model_dir, "--out", out, "--samples", "8", "--max-tokens", "48", *extra
+    )
+
+
+def test_cli_build_from_files_and_from_stats(tmp_path, tiny_dir, calib_files, cli):
+    code, out, err = _cli_build(
+        cli,
+        tiny_dir,
+        tmp_path / "b",
+        "--persona",
+        f"introvert={calib_files['introvert']}",
+        "--persona",
+        f"extrovert={calib_files['extrovert']}",
+        "--pair",
+        "introvert:extrovert",
+        "--method",
+        "contrastive-wanda",
+        "--sparsity",
+        "0.3",
+        "--json",
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {r["persona"] for r in doc["personas"]} == {"introvert", "extrovert"}
+    assert all(abs(r["realised_sparsity"] - 0.3) < 0.02 for r in doc["personas"])
+    # thresholds again from stored statistics (no calibration): same as a fresh build at 0.6
+    code, out, err = cli(
+        "build",
+        "--model",
+        tiny_dir,
+        "--from-stats",
+        tmp_path / "b",
+        "--out",
+        tmp_path / "c",
+        "--pair",
+        "introvert:extrovert",
+        "--method",
+        "contrastive-wanda",
+        "--sparsity",
+        "0.6",
+    )
+    assert code == 0, err
+    code, out, err = _cli_build(
+        cli,
+        tiny_dir,
+        tmp_path / "d",
+        "--persona",
+        f"introvert={calib_files['introvert']}",
+        "--persona",
+        f"extrovert={calib_files['extrovert']}",
+        "--pair",
+        "introvert:extrovert",
+        "--method",
+        "contrastive-wanda",
+        "--sparsity",
+        "0.6",
+    )
+    assert code == 0, err
+    c, d = open_bundle(tmp_path / "c"), open_bundle(tmp_path / "d")
+    for p in ("introvert", "extrovert"):
+        assert c.persona(p)["modules"] == d.persona(p)["modules"]
+        assert c.persona(p)["calibration"] == d.persona(p)["calibration"]
+    # a pair CSV defines both personas
+    code, out, err = _cli_build(
+        cli,
+        tiny_dir,
+        tmp_path / "e",
+        "--persona",
+        f"intro:extro={calib_files['pairs']}",
+        "--method",
+        "contrastive-sparse",
+        "--sparsity",
+        "0.5",
+        "--only",
+        "mlp",
+    )
+    assert code == 0, err
+    e = open_bundle(tmp_path / "e")
+    assert e.personas == ["extro", "intro"] and all(module_kind(m) == "mlp" for m in e.modules)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "magic"], "unknown method"),
+        (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+        (["--modules", "nomatch_xyz"], "matches no maskable"),
+        (
+            ["--pair", "introvert:introvert", "--method", "contrastive-wanda"],
+            "names one persona twice",
+        ),
+        (["--method", "contrastive-wanda"], "needs every persona in a --pair"),
+        (["--persona", "bad=/nonexistent/file.txt"], "does not exist"),
+    ],
+)
+def test_cli_build_bad_input(tmp_path, tiny_dir, calib_files, cli, args, message):
+    base = ["--persona", f"introvert={calib_files['introvert']}"]
+    code, out, err = _cli_build(cli, tiny_dir, tmp_path / "b", *base, *args)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_build_bad_files_and_existing_output(tmp_path, tiny_dir, calib_files, cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("q,a\nx,y\n")
+    code, _, err = _cli_build(cli, tiny_dir, tmp_path / "o", "--persona", f"a={empty}")
+    assert code == 2 and "holds no samples" in err
+    code, _, err = _cli_build(cli, tiny_dir, tmp_path / "o", "--persona", f"a:b={bad_csv}")
+    assert code == 2 and "question,matching,not_matching" in err
+    code, _, err = _cli_build(
+        cli, tmp_path, tmp_path / "o", "--persona", f"a={calib_files['introvert']}"
+    )
+    assert code == 2 and "not a Hugging Face model folder" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    code, _, err = _cli_build(
+        cli, broken, tmp_path / "o", "--persona", f"a={calib_files['introvert']}"
+    )
+    assert code == 2 and "cannot load model" in err
+    assert not (tmp_path / "o").exists()
+    ok = ["--persona", f"a={calib_files['introvert']}"]
+    assert _cli_build(cli, tiny_dir, tmp_path / "o", *ok)[0] == 0
+    digest = open_bundle(tmp_path / "o").digest
+    code, _, err = _cli_build(cli, tiny_dir, tmp_path / "o", *ok, "--sparsity", "0.9")
+    assert code == 2 and "already exists" in err and open_bundle(tmp_path / "o").digest == digest
+    code, _, err = _cli_build(cli, tiny_dir, tmp_path / "o", *ok, "--sparsity", "0.9", "--force")
+    assert code == 0 and open_bundle(tmp_path / "o").digest != digest
