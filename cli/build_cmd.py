@@ -202,7 +202,7 @@ def build(
     rows = []
     for n, meta in metas.items():
         kept = sum(e["kept"] for e in meta["modules"].values())
-        size = b.nbytes_on_disk(n)
+        size = b.nbytes_on_disk(n, "masks")
         rows.append(
             {
                 "persona": n,
@@ -211,7 +211,8 @@ def build(
                 "realised_sparsity": 1 - kept / numel,
                 "modules": len(meta["modules"]),
                 "weights": numel,
-                "bytes_on_disk": size,
+                "mask_bytes": size,
+                "stats_bytes": b.nbytes_on_disk(n, "stats"),
                 "bits_per_weight": 8 * size / numel,
                 "digest": meta["digest"],
             }
@@ -225,7 +226,7 @@ def build(
         )
         return
     t = Table(title=f"{out}  ({len(mods)} modules, {numel:,} weights each)")
-    for c in ("persona", "method", "target", "realised", "on disk", "bits/weight"):
+    for c in ("persona", "method", "target", "realised", "masks", "bits/weight", "stats"):
         t.add_column(c, justify="left" if c in ("persona", "method") else "right")
     for r in rows:
         t.add_row(
@@ -233,8 +234,9 @@ def build(
             r["method"],
             f"{r['sparsity']:.3f}",
             f"{r['realised_sparsity']:.4f}",
-            fmt_bytes(r["bytes_on_disk"]),
+            fmt_bytes(r["mask_bytes"]),
             f"{r['bits_per_weight']:.3f}",
+            fmt_bytes(r["stats_bytes"]),
         )
     console.print(t)
     console.print("  ".join(f"{k}: {v:.1f}s" for k, v in times.items()))

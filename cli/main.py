@@ -67,7 +67,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
         meta = b.persona(p)
         numel = sum(b.modules[m].numel for m in meta["modules"])
         kept = sum(e["kept"] for e in meta["modules"].values())
-        size = b.nbytes_on_disk(p)
+        size = b.nbytes_on_disk(p, "masks")
         doc["personas"].append(
             {
                 "name": p,
@@ -76,7 +76,8 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
                 "realised_sparsity": 1 - kept / numel if numel else None,
                 "modules": len(meta["modules"]),
                 "weights": numel,
-                "bytes_on_disk": size,
+                "mask_bytes": size,
+                "stats_bytes": b.nbytes_on_disk(p, "stats"),
                 "bits_per_weight": 8 * size / numel if numel else None,
                 "has_stats": b.has_stats(p),
                 "op": meta["provenance"]["op"],
@@ -99,9 +100,9 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
             p["method"],
             f"{p['realised_sparsity']:.3f}",
             str(p["modules"]),
-            fmt_bytes(p["bytes_on_disk"]),
+            fmt_bytes(p["mask_bytes"]),
             f"{p['bits_per_weight']:.3f}",
-            "yes" if p["has_stats"] else "no",
+            fmt_bytes(p["stats_bytes"]) if p["has_stats"] else "-",
             p["digest"][:16],
         )
     console.print(t)

@@ -302,13 +302,18 @@ class Bundle:
         mods = self.persona(persona)["modules"].values()
         return bool(mods) and all(m.get("stats") for m in mods)
 
-    def nbytes_on_disk(self, persona: str | None = None) -> int:
-        """Bytes stored for one persona (or the whole bundle)."""
+    def nbytes_on_disk(self, persona: str | None = None, kind: str | None = None) -> int:
+        """Bytes stored for one persona (or the whole bundle); ``kind`` = masks or stats only."""
+        pre = "personas/" + (f"{persona}/" if persona else "") if persona or kind else ""
         if self.is_zip:
-            pre = f"personas/{persona}/" if persona else ""
-            return sum(i.compress_size for i in self._zip.infolist() if i.filename.startswith(pre))
-        root = self.path / "personas" / persona if persona else self.path
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            return sum(
+                i.compress_size
+                for i in self._zip.infolist()
+                if i.filename.startswith(pre) and (kind is None or f"/{kind}/" in i.filename)
+            )
+        root = self.path / pre if pre else self.path
+        files = (f for f in root.rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in files if kind is None or f"/{kind}/" in f.as_posix())
 
     # ---- verification
     def verify(self) -> list[str]:

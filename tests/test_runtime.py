@@ -1,0 +1,265 @@
+import json
+
+import pytest
+import torch
+
+import maskstore
+from maskstore import evaluate
+from maskstore.errors import MaskstoreError
+from maskstore.format import create_bundle
+from maskstore.models import byte_tokenizer, tiny_llama
+from maskstore.modules import maskable_modules, model_fingerprint
+
+
+@pytest.fixture
+def setup(tmp_path, rng):
+    model = tiny_llama(seed=5)
+    mods = maskable_modules(model)
+    fp = model_fingerprint(model, mods, hash_weights=True)
+    masks = {
+        p: {n: rng.random((m.out_features, m.in_features)) < 0.5 for n, m in mods.items()}
+        for p in ("a", "b")
+    }
+    masks["half"] = {
+        n: rng.random((m.out_features, m.in_features)) < 0.3 for n, m in list(mods.items())[:3]
+    }
+    with create_bundle(tmp_path / "b", fp) as b:
+        for p, mm in masks.items():
+            with b.persona_writer(p, method="t") as w:
+                for n, arr in mm.items():
+                    w.write_mask(n, arr)
+    base = {n: m.weight.detach().clone() for n, m in mods.items()}
+    return model, mods, masks, base, tmp_path / "b"
+
+
+def test_switching_is_exact_and_keeps_tensors(setup):
+    model, mods, masks, base, path = setup
+    ids = {n: (id(m.weight), m.weight.data_ptr()) for n, m in mods.items()}
+    h = maskstore.attach(model, path)
+    assert h.active is None
+    for p in ("a", "b", "a", None, "half", "b", None):
+        h.use(p)
+        assert h.active == p
+        for n, m in mods.items():
+            want = (
+                base[n]
+                if p is None or n not in masks[p]
+                else base[n] * torch.from_numpy(masks[p][n])
+            )
+            assert torch.equal(m.weight, want), (p, n)
+            assert (id(m.weight), m.weight.data_ptr()) == ids[n]
+
+
+def test_soft_gate_and_context_manager(setup):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    h.use("a", gamma=0.25)
+    n, m = next(iter(mods.items()))
+    g = torch.where(torch.from_numpy(masks["a"][n]), 1.0, 0.25)
+    assert torch.equal(m.weight, base[n] * g)
+    with h.persona("b"):
+        assert h.active == "b" and torch.equal(m.weight, base[n] * torch.from_numpy(masks["b"][n]))
+    assert h.active == "a" and h.gamma == 0.25 and torch.equal(m.weight, base[n] * g)
+    with h.disable_adapter():
+        assert torch.equal(m.weight, base[n])
+    h.detach()
+    assert h.active is None and all(torch.equal(mm.weight, base[k]) for k, mm in mods.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(setup, dtype):
+    model, mods, masks, base, path = setup
+    model.to(dtype)
+    h = maskstore.attach(model, path)
+    h.use("a")
+    for n, m in mods.items():
+        assert m.weight.dtype == dtype
+        assert torch.equal(m.weight, base[n].to(dtype) * torch.from_numpy(masks["a"][n]).to(dtype))
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n].to(dtype)) for n, m in mods.items())
+
+
+def test_cache_is_packed_and_bounded(setup):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path, cache_bytes=2000)
+    h.use("a")
+    info = h.cache_info()
+    assert info.bytes <= 2000 + max(m.weight.numel() // 8 + m.out_features for m in mods.values())
+    big = maskstore.attach(model, path)
+    big.use("a")
+    big.use("b")
+    packed = sum(((m.in_features + 7) // 8) * m.out_features for m in mods.values())
+    assert big.cache_info().bytes == 2 * packed  # 1 bit a weight (+ row padding), two personas
+    big.use("a")
+    assert big.cache_info().hits >= len(mods)
+
+
+def test_bad_persona_gamma_and_model(setup, tmp_path):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    with pytest.raises(MaskstoreError, match="known: a, b, half"):
+        h.use("zzz")
+    for g in (-0.1, 1.5):
+        with pytest.raises(MaskstoreError, match="gamma"):
+            h.use("a", gamma=g)
+    other = tiny_llama(seed=5, intermediate=96)
+    with pytest.raises(MaskstoreError, match="mlp.gate_proj is .* wrong model"):
+        maskstore.attach(other, path)
+    with pytest.raises(MaskstoreError, match="weights differ"):
+        maskstore.attach(tiny_llama(seed=9), path, check_weights=True)
+    maskstore.attach(tiny_llama(seed=5), path, check_weights=True)
+
+
+def test_damaged_module_leaves_model_untouched(setup):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    h.use("a")
+    before = {n: m.weight.clone() for n, m in mods.items()}
+    last = list(mods)[-1]
+    chunk = next(p for p in (path / "personas/b/masks" / last / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(b"garbage")
+    with pytest.raises(MaskstoreError, match="chunk 0"):
+        h.use("b")
+    assert h.active == "a"
+    assert all(torch.equal(m.weight, before[n]) for n, m in mods.items())
+
+
+def test_forward_uses_masked_weights(setup):
+    model, mods, masks, base, path = setup
+    ids = torch.randint(0, 256, (2, 12))
+    h = maskstore.attach(model, path)
+    with torch.no_grad():
+        base_out = model(ids).logits
+        h.use("a")
+        a_out = model(ids).logits
+        h.use(None)
+        again = model(ids).logits
+    assert not torch.allclose(base_out, a_out) and torch.equal(base_out, again)
+
+
+def test_mc_loglik_matches_direct_computation(setup, tmp_path):
+    model, mods, masks, base, path = setup
+    tok = byte_tokenizer()
+    f = tmp_path / "mc.csv"
+    f.write_text(
+        "question,A,B,matching\nWhat do you like?,quiet books,loud parties,A\nAnd you?,yes,no,B\n"
+    )
+    items = evaluate.read_mc(f)
+    ll = evaluate.answer_logliks(model, tok, items, chat=False)
+    for i, it in enumerate(items):
+        for j, ans in enumerate((it.a, it.b)):
+            ctx = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
+            a_ids = tok(" " + ans, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx + a_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            want = sum(logp[len(ctx) + t - 1, a_ids[t]].item() for t in range(len(a_ids)))
+            assert ll[i, j].item() == pytest.approx(want, rel=1e-4)
+    assert evaluate.accuracy(torch.tensor([[0.0, -1.0], [0.0, -1.0]]), ["A", "B"]) == 0.5
+
+
+def test_mc_csv_errors(tmp_path):
+    f = tmp_path / "mc.csv"
+    f.write_text("question,A,B\nx,y,z\n")
+    with pytest.raises(MaskstoreError, match="needs columns question,A,B,matching"):
+        evaluate.read_mc(f)
+    f.write_text("question,A,B,matching\nx,,z,A\n")
+    with pytest.raises(MaskstoreError, match=":2: empty field"):
+        evaluate.read_mc(f)
+
+
+def test_layer_cosine(setup):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    tok = byte_tokenizer()
+    same = evaluate.layer_cosine(h, tok, ["hello there", "a quiet evening"], "a", "a")
+    assert all(abs(c - 1.0) < 1e-5 for c in same)
+    diff = evaluate.layer_cosine(h, tok, ["hello there", "a quiet evening"], "a", "b")
+    assert len(diff) == 3 and abs(diff[0] - 1.0) < 1e-6 and diff[-1] < 0.999
+    assert h.active is None
+
+
+def test_cli_run_eval_similarity(tmp_path, tiny_dir, calib_files, cli):
+    code, out, err = cli(
+        "build",
+        "--model",
+        tiny_dir,
+        "--out",
+        tmp_path / "b",
+        "--samples",
+        "8",
+        "--max-tokens",
+        "48",
+        "--persona",
+        f"introvert={calib_files['introvert']}",
+        "--persona",
+        f"extrovert={calib_files['extrovert']}",
+        "--pair",
+        "introvert:extrovert",
+        "--method",
+        "contrastive-wanda",
+        "--sparsity",
+        "0.3",
+    )
+    assert code == 0, err
+    code, out, err = cli(
+        "run",
+        tmp_path / "b",
+        "--model",
+        tiny_dir,
+        "--prompt",
+        "hi",
+        "--compare",
+        "--max-new-tokens",
+        "5",
+        "--no-chat",
+        "--json",
+    )
+    assert code == 0, err
+    assert set(json.loads(out)["outputs"]) == {"base", "introvert", "extrovert"}
+    code, out, err = cli(
+        "eval",
+        tmp_path / "b",
+        "--model",
+        tiny_dir,
+        "--mc",
+        calib_files["mc"],
+        "--no-chat",
+        "--json",
+    )
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["setting"] for r in rows] == [
+        "base model",
+        "prompt only",
+        "prompt only",
+        "mask",
+        "mask",
+    ]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    png = tmp_path / "sim.png"
+    code, out, err = cli(
+        "similarity",
+        tmp_path / "b",
+        "introvert",
+        "extrovert",
+        "--model",
+        tiny_dir,
+        "--texts",
+        calib_files["introvert"],
+        "--limit",
+        "4",
+        "--png",
+        png,
+        "--json",
+    )
+    assert code == 0, err
+    assert len(json.loads(out)["layers"]) == 3 and png.read_bytes()[:4] == b"\x89PNG"
+    code, out, err = cli(
+        "run", tmp_path / "b", "--model", tiny_dir, "--prompt", "hi", "--persona", "nobody"
+    )
+    assert code == 2 and "known: extrovert, introvert" in err
+    code, out, err = cli(
+        "run", tmp_path / "b", "--model", tiny_dir, "--prompt", "hi", "--gamma", "2"
+    )
+    assert code == 2 and "gamma" in err
