@@ -14,6 +14,7 @@ a new bundle is written next to its destination and renamed into place: a reader
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -91,10 +92,19 @@ def persona_digest(meta: dict) -> str:
     return metadata_digest({k: v for k, v in meta.items() if k not in _VOLATILE})
 
 
-def compressor(name: str = "zstd", level: int | None = None):
-    """A stock zarr v3 codec by name: zstd (default), blosc, gzip or none."""
+def compressor(name: str = "zstd", level: int | None = None, kept_share: float | None = None):
+    """A stock zarr v3 codec by name: zstd (default), blosc, gzip or none.
+
+    With zstd and no explicit level, the level follows the mask's kept share: near 50% the bits
+    are incompressible and level 3 is as good as any; a skewed mask (kept share below 0.35 or
+    above 0.65) gets level 16, whose entropy coder lands within 5% of H(p) where level 3 is 17%
+    off (benchmarks/bench_storage.py). Decoding speed is the same at every level.
+    """
     if name == "zstd":
-        return ZstdCodec(level=3 if level is None else level)
+        if level is None:
+            skewed = kept_share is not None and abs(kept_share - 0.5) > 0.15
+            level = 16 if skewed else 3
+        return ZstdCodec(level=level)
     if name == "blosc":
         return BloscCodec(cname="zstd", clevel=5 if level is None else level, shuffle="bitshuffle")
     if name == "gzip":
@@ -466,7 +476,8 @@ class PersonaWriter:
             "modules": {},
         }
         self.chunk_bytes = chunk_bytes
-        self.codec = compressor(codec, level)
+        self.codec_name, self.level = codec, level
+        compressor(codec, level)  # fail early on an unknown codec
         self._dir = bundle.path / _STAGING / uuid.uuid4().hex
         self._dir.mkdir(parents=True)
         self._store = zarr.storage.LocalStore(self._dir)
@@ -475,8 +486,15 @@ class PersonaWriter:
         self._root.create_group("stats")
 
     def _write_array(
-        self, kind: str, module: str, blocks: Iterator[np.ndarray], shape, dtype, extra
-    ):
+        self,
+        kind: str,
+        module: str,
+        blocks: Iterator[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: type,
+        extra: dict,
+        kept_share: float | None = None,
+    ) -> str:
         row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize)
         rows = max(1, min(shape[0], self.chunk_bytes // row_bytes)) if shape[0] else 1
         arr = self._root.create_array(
@@ -484,7 +502,7 @@ class PersonaWriter:
             shape=shape,
             chunks=(rows, *shape[1:]),
             dtype=dtype,
-            compressors=[self.codec] if self.codec is not None else None,
+            compressors=[c] if (c := compressor(self.codec_name, self.level, kept_share)) else None,
             fill_value=0,
         )
         hasher = ArrayHasher(np.dtype(dtype), shape)
@@ -548,25 +566,43 @@ class PersonaWriter:
         tail = info.in_features % 8
         if tail and np.any(mask[:, -1] >> tail):
             raise MaskstoreError(f"{module}: packed mask has non-zero padding bits")
+        kept = popcount(mask)
         digest = self._write_array(
-            "masks", module, iter([mask]), shape, np.uint8, {"in_features": info.in_features}
+            "masks",
+            module,
+            iter([mask]),
+            shape,
+            np.uint8,
+            {"in_features": info.in_features},
+            kept_share=kept / max(info.numel, 1),
         )
-        self.meta["modules"][module] = {"mask": digest, "kept": popcount(mask), "stats": None}
+        self.meta["modules"][module] = {"mask": digest, "kept": kept, "stats": None}
 
     def write_packed_blocks(self, module: str, blocks: Iterator[np.ndarray]) -> None:
         """Stream packed row blocks of one module (rows in order) without holding the whole mask."""
         info = self.bundle.modules[module]
         shape = (info.out_features, packed_width(info.in_features))
         kept = 0
+        blocks = iter(blocks)
+        first = next(blocks, None)
+        share = None  # the codec level follows the first block's kept share
+        if first is not None and first.size:
+            share = popcount(first) / (first.shape[0] * info.in_features)
 
         def counted():
             nonlocal kept
-            for b in blocks:
+            for b in itertools.chain([] if first is None else [first], blocks):
                 kept += popcount(b)
                 yield b
 
         digest = self._write_array(
-            "masks", module, counted(), shape, np.uint8, {"in_features": info.in_features}
+            "masks",
+            module,
+            counted(),
+            shape,
+            np.uint8,
+            {"in_features": info.in_features},
+            kept_share=share,
         )
         self.meta["modules"][module] = {"mask": digest, "kept": kept, "stats": None}
 

@@ -1,0 +1,38 @@
+"""Shared helpers: timing (median of repeats) and peak memory of a child process."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def timeit(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Median wall seconds of ``repeat`` calls."""
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def child_peak_rss(code: str) -> tuple[float, dict]:
+    """Run ``code`` in a fresh interpreter; return (peak RSS in MiB, the JSON it printed last)."""
+    wrapped = (
+        code
+        + "\nimport resource, json as _j\nprint(_j.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapped], check=True, capture_output=True, text=True
+    ).stdout
+    lines = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+    return lines[-1]["rss"] / 1024, (lines[-2] if len(lines) > 1 else {})
+
+
+def self_peak_rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
