@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bits import pad_mask, popcount
+from .bits import pad_mask
 from .errors import MaskstoreError
 from .format import Bundle, PersonaWriter
 from .modules import module_kind, module_layer
@@ -128,13 +128,16 @@ def count_module(refs: list[Ref], module: str) -> ModuleCounts:
         if tmp is None or tmp.shape != words[0].shape:
             tmp = np.empty_like(words[0])
             cnt = np.empty(words[0].shape, dtype=np.uint8)
+        # per-word counts are <= 64, so a uint32 sum cannot overflow below 2**26 words, and
+        # summing into uint32 runs twice as fast as into uint64
+        acc = np.uint32 if words[0].size < 1 << 26 else np.uint64
         for i in range(n):
             np.bitwise_count(words[i], out=cnt)
-            inter[i, i] += int(cnt.sum(dtype=np.uint64))
+            inter[i, i] += int(np.add.reduce(cnt, dtype=acc))
             for j in range(i + 1, n):
                 np.bitwise_and(words[i], words[j], out=tmp)
                 np.bitwise_count(tmp, out=cnt)
-                inter[i, j] += int(cnt.sum(dtype=np.uint64))
+                inter[i, j] += int(np.add.reduce(cnt, dtype=acc))
     iu = np.triu_indices(n, 1)
     inter[(iu[1], iu[0])] = inter[iu]
     return ModuleCounts(module, out_f * in_f, inter)
@@ -299,11 +302,6 @@ def _op_blocks(refs: list[Ref], module: str, op: str) -> Iterator[np.ndarray]:
             _BINARY[op](blocks[0], blocks[1], out)
         np.bitwise_and(out, pad, out=out)  # padding bits stay zero
         yield out
-
-
-def kept_count(bundle: Bundle, persona: str, module: str) -> int:
-    """|P| of one module from stored bits (independent of the recorded ``kept``)."""
-    return sum(popcount(b) for _, b in bundle.iter_chunks(persona, module))
 
 
 __all__ = [

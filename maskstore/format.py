@@ -21,7 +21,7 @@ import re
 import shutil
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import fastjsonschema
 import numpy as np
 import torch
 import zarr
@@ -38,6 +38,7 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from . import __version__
 from .bits import pack, packed_width, popcount, unpack
+from .chunks import ArrayReader, parse_meta
 from .errors import IntegrityError, MaskstoreError
 from .hashing import ArrayHasher, metadata_digest, xxh3
 from .stats import ChannelStats
@@ -60,21 +61,20 @@ def _schema(name: str) -> dict:
     )
 
 
-_VALIDATORS: dict[str, jsonschema.Validator] = {}
+_VALIDATORS: dict[str, Callable[[Any], Any]] = {}
 
 
 def validate(kind: str, meta: Any, where: str) -> None:
     """Validate ``meta`` against ``schemas/<kind>.schema.json``; raise a one-line error."""
     if kind not in _VALIDATORS:
-        schema = _schema(kind)
-        _VALIDATORS[kind] = jsonschema.Draft202012Validator(schema)
-    err = jsonschema.exceptions.best_match(_VALIDATORS[kind].iter_errors(meta))
-    if err is not None:
-        path = "/".join(str(p) for p in err.absolute_path) or "(top)"
+        _VALIDATORS[kind] = fastjsonschema.compile(_schema(kind))
+    try:
+        _VALIDATORS[kind](meta)
+    except fastjsonschema.JsonSchemaException as err:
         raise MaskstoreError(
-            f"{where}: metadata fails {kind}.schema.json at {path}: {err.message}; "
+            f"{where}: metadata fails {kind}.schema.json: {err.message}; "
             "the bundle is damaged or was written by another tool"
-        )
+        ) from None
 
 
 def check_persona_name(name: str) -> str:
@@ -237,50 +237,78 @@ class Bundle:
         )
 
     # ---- arrays
-    def _array(self, persona: str, kind: str, module: str) -> tuple[zarr.Array, dict]:
+    def _get(self, key: str) -> bytes | None:
+        """Raw bytes stored under ``key`` (None when absent)."""
+        try:
+            return self._zip.read(key) if self.is_zip else (self.path / key).read_bytes()
+        except (FileNotFoundError, KeyError, IsADirectoryError):
+            return None
+
+    def _read_into(self, key: str, buf: bytearray) -> int | bytes | None:
+        """Read the object under ``key`` into ``buf`` and return its size (bytes if it does not
+        fit or the bundle is a zip; None when absent)."""
+        if self.is_zip:
+            return self._get(key)
+        try:
+            with open(self.path / key, "rb", buffering=0) as f:
+                n = f.readinto(buf)
+                if n < len(buf):
+                    return n
+                return bytes(buf) + f.read()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def _array(self, persona: str, kind: str, module: str) -> tuple[ArrayReader, dict]:
         meta = self.persona(persona)
         if module not in meta["modules"]:
             raise MaskstoreError(f"persona {persona!r} has no module {module!r}")
         path = f"personas/{persona}/{kind}/{module}"
         try:
-            arr = zarr.open_array(self._store, path=path, mode="r", zarr_format=3)
-            ameta = arr.attrs.asdict().get("maskstore")
+            reader = ArrayReader(
+                parse_meta(self._get(f"{path}/zarr.json")),
+                read_into=lambda key, buf: self._read_into(f"{path}/{key}", buf),
+                fallback=lambda: zarr.open_array(self._store, path=path, mode="r", zarr_format=3),
+            )
+            ameta = reader.attrs.get("maskstore")
         except Exception as e:  # noqa: BLE001
             raise IntegrityError(
                 f"{path} in {self.path} is missing or unreadable ({type(e).__name__}): "
                 "the bundle is truncated; restore it"
             ) from None
         validate("array", ameta, f"{self.path} {path}")
-        return arr, ameta
+        return reader, ameta
 
     def iter_chunks(
         self, persona: str, module: str, kind: str = "masks"
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, block)`` chunk by chunk, each verified against its xxh3 digest.
 
+        A block is a view into a reused buffer, valid until the next step: copy it to keep it.
+
         Raises:
             IntegrityError: naming the chunk, when its bytes do not match.
         """
         arr, ameta = self._array(persona, kind, module)
-        rows = arr.chunks[0]
+        where = f"personas/{persona}/{kind}/{module}"
         digests = ameta["chunk_digests"]
-        n = arr.shape[0]
-        if len(digests) != -(-n // rows):
-            raise IntegrityError(f"{arr.path}: chunk digest list does not match the array shape")
-        for i, r0 in enumerate(range(0, n, rows)):
+        if len(digests) != arr.nchunks:
+            raise IntegrityError(f"{where}: chunk digest list does not match the array shape")
+        rows = arr.chunk_shape[0]
+        blocks = arr.chunks()
+        for i in range(arr.nchunks):
             try:
-                block = arr[r0 : r0 + rows]
+                block = next(blocks)
             except Exception as e:  # noqa: BLE001
                 raise IntegrityError(
-                    f"{self.path}: chunk {i} of {arr.path} cannot be decoded ({type(e).__name__}); "
+                    f"{self.path}: chunk {i} of {where} cannot be decoded ({type(e).__name__}); "
                     "the bundle is damaged: restore it"
                 ) from None
             if xxh3(block) != digests[i]:
                 raise IntegrityError(
-                    f"{self.path}: chunk {i} of {arr.path} fails its xxh3 digest; "
+                    f"{self.path}: chunk {i} of {where} fails its xxh3 digest; "
                     "the bundle is damaged: restore it"
                 )
-            yield r0, block
+            yield i * rows, block
 
     def read_packed(self, persona: str, module: str) -> np.ndarray:
         """One module's mask as packed ``uint8`` rows ``(out, ceil(in/8))``, verified."""
@@ -304,7 +332,7 @@ class Bundle:
             raise MaskstoreError(
                 f"persona {persona!r} stores no statistics for {module!r}: rebuild it from a model"
             )
-        blocks = [b for _, b in self.iter_chunks(persona, module, kind="stats")]
+        blocks = [b.copy() for _, b in self.iter_chunks(persona, module, kind="stats")]
         arr = np.concatenate(blocks) if blocks else np.empty((0, 0))
         return ChannelStats.from_array(arr, entry["rows"], entry["tokens"], entry["samples"])
 
