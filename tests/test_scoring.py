@@ -81,9 +81,7 @@ def test_contrastive_wanda_matches_loop(rng, kind):
         )
         f = (lambda t: max(t, 0.0)) if kind == "relu" else (lambda t: math.log1p(math.exp(t / tau)))
         for i in range(4):
-            assert sp[i, j].item() == pytest.approx(
-                abs(w[i, j].item()) * f(z), rel=1e-6, abs=1e-30
-            )
+            assert sp[i, j].item() == pytest.approx(abs(w[i, j].item()) * f(z), rel=1e-6, abs=1e-30)
             assert sn[i, j].item() == pytest.approx(
                 abs(w[i, j].item()) * f(-z), rel=1e-6, abs=1e-30
             )
