@@ -404,7 +404,23 @@ class Bundle:
 
 
 def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
-    """Open a bundle directory or ``.zip`` lazily. See :class:`Bundle`."""
+    """Open a bundle directory, a ``.zip`` of one, or a repository version ``REPO@REF``, lazily.
+
+    See :class:`Bundle` (and :class:`maskstore.repo.Snapshot` for versions).
+    """
+    s = str(path)
+    if (
+        "@" in s
+        and not Path(s).exists()
+        and (Path(s.rsplit("@", 1)[0]) / "maskstore-repo.json").exists()
+    ):
+        if writable:
+            raise MaskstoreError(
+                f"{s} is a stored version and read-only: check it out to modify it"
+            )
+        from .repo import open_version
+
+        return open_version(s)
     return Bundle(path, writable=writable)
 
 
