@@ -110,16 +110,24 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
 
 @app.command()
 def verify(bundle: Path, json_out: JsonOpt = False) -> None:
-    """Recompute every digest; exit 1 naming each damaged chunk."""
-    b = open_bundle(bundle)
-    problems = b.verify()
+    """Recompute every digest of a bundle (or of every reachable object of a repository); exit 1
+    naming each damaged chunk."""
+    if (bundle / "maskstore-repo.json").is_file():
+        from maskstore.repo import open_repo
+
+        problems = open_repo(bundle).verify()
+        what = "every reachable object verifies"
+    else:
+        b = open_bundle(bundle)
+        problems = b.verify()
+        what = f"every digest matches ({len(b.personas)} personas)"
     if json_out:
         _emit_json({"path": str(bundle), "ok": not problems, "problems": problems})
     elif problems:
         for line in problems:
             err_console.print(f"[red]damaged:[/] {line}", highlight=False)
     else:
-        console.print(f"[green]ok[/] {bundle}: every digest matches ({len(b.personas)} personas)")
+        console.print(f"[green]ok[/] {bundle}: {what}")
     if problems:
         raise typer.Exit(1)
 
@@ -180,12 +188,32 @@ def overlap(
 
 @app.command()
 def diff(
-    bundle: Path,
-    a: Annotated[str, typer.Argument(help="persona A (NAME or OTHER_BUNDLE#NAME)")],
-    b: Annotated[str, typer.Argument(help="persona B")],
+    bundle: Annotated[str, typer.Argument(help="bundle (or REPO@REF); with --versions, version A")],
+    a: Annotated[
+        str,
+        typer.Argument(help="persona A (NAME or OTHER_BUNDLE#NAME); with --versions, version B"),
+    ],
+    b: Annotated[str | None, typer.Argument(help="persona B")] = None,
+    versions: Annotated[
+        bool, typer.Option("--versions", help="compare two versions of a repository")
+    ] = False,
+    repo: Annotated[
+        Path, typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository for --versions")
+    ] = Path(".maskstore"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Differential ratio of two personas: overall, attention, MLP and per layer (Table 2)."""
+    """Differential ratio of two personas: overall, attention, MLP and per layer (Table 2); or,
+    with --versions, which personas and modules changed between two versions and by how much."""
+    if versions:
+        from maskstore.repo import open_repo
+
+        if b is not None:
+            raise MaskstoreError("diff --versions takes two versions: diff --versions V1 V2")
+        _version_diff(open_repo(repo).diff(bundle, a), json_out)
+        return
+    if b is None:
+        raise MaskstoreError("diff needs a bundle and two personas: diff BUNDLE A B")
+    bundle = Path(bundle)
     refs = _refs(bundle, [a, b])
     counts = _count(refs)
     rec = algebra.pairs_report(refs, counts, by="kind")[0]
@@ -219,6 +247,25 @@ def diff(
     for k, g in layers.items():
         lt.add_row(k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}")
     console.print(lt)
+
+
+def _version_diff(d: dict, json_out: bool) -> None:
+    if json_out:
+        _emit_json(d)
+        return
+    console.print(f"{d['a'][:12]} -> {d['b'][:12]}")
+    for p in d["added"]:
+        console.print(f"  [green]+ {p}[/]")
+    for p in d["removed"]:
+        console.print(f"  [red]- {p}[/]")
+    for p in d["unchanged"]:
+        console.print(f"  [dim]= {p}[/]")
+    if d["changed"]:
+        t = Table("persona", "modules changed", "diff ratio (changed modules)")
+        for p, rec in d["changed"].items():
+            ratio = rec.get("diff_ratio_changed_modules")
+            t.add_row(p, str(rec["modules_changed"]), "-" if ratio is None else f"{ratio:.4f}")
+        console.print(t)
 
 
 def _op_command(op: str, doc: str, nargs: int):
@@ -290,7 +337,7 @@ def pack(
 
 
 def _register_optional() -> None:
-    from . import build_cmd, runtime_cmd  # noqa: F401 - registers commands on ``app``
+    from . import build_cmd, repo_cmd, runtime_cmd  # noqa: F401 - registers commands on ``app``
 
 
 def main() -> None:

@@ -358,6 +358,14 @@ class Repository:
             f"refs/branches/{name}", vid.encode(), expected.encode() if expected else None
         )
 
+    def delete_branch(self, name: str) -> None:
+        """Remove a branch ref (its versions stay until ``gc`` finds them unreachable)."""
+        if name == "main":
+            raise MaskstoreError("the main branch cannot be deleted")
+        if self.branch_head(name) is None:
+            raise MaskstoreError(f"no branch {name!r}")
+        self.store.delete(f"refs/branches/{name}")
+
     def branch_head(self, name: str) -> str | None:
         data = self.store.get(f"refs/branches/{name}")
         return data.decode().strip() if data else None

@@ -97,6 +97,14 @@ class MaskHandle:
     # ---- switching
     def _load(self, persona: str) -> dict[str, torch.Tensor]:
         """Every packed mask of ``persona`` for the attached modules (verified; may raise)."""
+        if getattr(self.bundle, "is_recipe", None) and self.bundle.is_recipe(persona):
+            # a recipe persona: recompute its masks from this model's pristine weights (digests
+            # are checked against the recorded ones)
+            def weights(name: str) -> torch.Tensor:
+                return self._pristine.get(name, self.modules[name].weight)
+
+            packed = self.bundle.recipe_masks(persona, weights)
+            return {n: torch.from_numpy(p) for n, p in packed.items() if n in self.modules}
         masks = {}
         for name in self.bundle.persona_modules(persona):
             if name not in self.modules:

@@ -1,0 +1,265 @@
+"""Versioning commands: init, commit, log, tag, branch, checkout, push, pull, export, import, gc."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maskstore.errors import MaskstoreError
+from maskstore.repo import init_repo, open_repo
+
+from ._common import console, fmt_bytes, progress
+from .main import app
+
+RepoOpt = Annotated[
+    Path,
+    typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository folder (default .maskstore)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+DEFAULT_REPO = Path(".maskstore")
+
+
+def _emit(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+@app.command()
+def init(repo: RepoOpt = DEFAULT_REPO) -> None:
+    """Create a repository folder."""
+    init_repo(repo)
+    console.print(f"repository ready at {repo}")
+
+
+@app.command()
+def commit(
+    bundle: Path,
+    message: Annotated[str, typer.Option("-m", "--message", help="what changed")],
+    branch: Annotated[str, typer.Option(help="branch to advance")] = "main",
+    recipe: Annotated[
+        list[str] | None, typer.Option(help="store this persona as a recipe (no mask bits)")
+    ] = None,
+    no_delta: Annotated[
+        bool, typer.Option("--no-delta", help="never store masks as xor deltas")
+    ] = False,
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Snapshot a bundle as a new version (the repository is created if needed)."""
+    from maskstore.format import open_bundle
+
+    b = open_bundle(bundle)
+    r = init_repo(repo)
+    total = sum(len(b.persona(p)["modules"]) for p in b.personas)
+    with progress() as bar:
+        task = bar.add_task("committing", total=total)
+        vid = r.commit(
+            b,
+            message,
+            branch=branch,
+            delta=not no_delta,
+            recipes=tuple(recipe or ()),
+            progress=lambda k: bar.advance(task, k),
+        )
+    snap = r.snapshot(vid)
+    size = snap.nbytes_on_disk()
+    if json_out:
+        _emit(
+            {
+                "version": vid,
+                "branch": branch,
+                "bundle_digest": snap.manifest["bundle_digest"],
+                "stored_bytes": size,
+            }
+        )
+        return
+    console.print(
+        f"[bold]{vid[:12]}[/] on {branch}: {message}  ({len(b.personas)} personas, {fmt_bytes(size)} referenced)"
+    )
+
+
+@app.command()
+def log(
+    ref: Annotated[str, typer.Argument(help="branch, tag or version")] = "main",
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """History of a branch (or any version), newest first."""
+    entries = open_repo(repo).log(ref)
+    if json_out:
+        _emit(entries)
+        return
+    tags: dict[str, list[str]] = {}
+    r = open_repo(repo)
+    for name, v in {**r.refs("tags"), **r.refs("branches")}.items():
+        tags.setdefault(v, []).append(name)
+    t = Table("version", "refs", "created", "personas", "message")
+    for e in entries:
+        t.add_row(
+            e["version"][:12],
+            ", ".join(sorted(tags.get(e["version"], []))),
+            e["created"],
+            ", ".join(e["personas"]),
+            e["message"],
+        )
+    console.print(t)
+
+
+@app.command()
+def tag(
+    name: str,
+    version: Annotated[str, typer.Argument(help="version, tag or branch (default main)")] = "main",
+    repo: RepoOpt = DEFAULT_REPO,
+) -> None:
+    """Name a version; tags never move."""
+    vid = open_repo(repo).tag(name, version)
+    console.print(f"tag {name} -> {vid[:12]}")
+
+
+@app.command()
+def branch(
+    name: Annotated[str | None, typer.Argument(help="new branch name (omit to list)")] = None,
+    version: Annotated[str, typer.Argument(help="where it starts")] = "main",
+    delete: Annotated[bool, typer.Option("--delete", help="delete the branch")] = False,
+    repo: RepoOpt = DEFAULT_REPO,
+) -> None:
+    """List branches, start one at a version, or delete one."""
+    r = open_repo(repo)
+    if delete:
+        if name is None:
+            raise MaskstoreError("branch --delete needs a branch name")
+        r.delete_branch(name)
+        console.print(f"deleted branch {name}")
+        return
+    if name is None:
+        for n, v in sorted(r.refs("branches").items()):
+            console.print(f"{n}  {v[:12]}")
+        return
+    if r.branch_head(name) is not None:
+        raise MaskstoreError(f"branch {name!r} exists: pick another name")
+    r.set_branch(name, r.resolve(version), None)
+    console.print(f"branch {name} -> {r.resolve(name)[:12]}")
+
+
+@app.command()
+def checkout(
+    version: str,
+    out: Annotated[Path, typer.Option("--out", help="bundle to write")],
+    model: Annotated[
+        Path | None, typer.Option(help="model to recompute recipe personas (default: embedded)")
+    ] = None,
+    with_model: Annotated[
+        bool, typer.Option(help="load a model even without --model (for recipes)")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    repo: RepoOpt = DEFAULT_REPO,
+) -> None:
+    """Write a version as a plain bundle."""
+    r = open_repo(repo)
+    snap = r.snapshot(version)
+    mdl = None
+    if model is not None or with_model or any(snap.is_recipe(p) for p in snap.personas):
+        from maskstore.models import load_model
+
+        mdl, _ = load_model(model)
+    r.checkout(version, out, model=mdl, force=force)
+    console.print(f"checked out {snap.version[:12]} to {out}")
+
+
+@app.command()
+def push(
+    remote: Annotated[str, typer.Argument(help="folder or URL (s3://bucket/prefix)")],
+    ref: Annotated[str, typer.Argument(help="tag or branch")] = "main",
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Send a tag or branch to a remote; only missing objects move."""
+    with progress() as bar:
+        task = bar.add_task(f"pushing {ref}", total=None)
+        rep = open_repo(repo).push(remote, ref, progress=lambda k: bar.advance(task, k))
+    if json_out:
+        _emit(
+            {
+                "remote": remote,
+                "ref": ref,
+                "objects": rep.objects,
+                "bytes": rep.bytes,
+                "skipped": rep.skipped,
+            }
+        )
+        return
+    console.print(
+        f"pushed {ref} to {remote}: {rep.objects} objects, {fmt_bytes(rep.bytes)} moved, {rep.skipped} already there"
+    )
+
+
+@app.command()
+def pull(
+    remote: Annotated[str, typer.Argument(help="folder or URL (s3://bucket/prefix)")],
+    ref: Annotated[str, typer.Argument(help="tag or branch")] = "main",
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fetch a tag or branch from a remote; every object is verified on arrival."""
+    r = init_repo(repo)
+    with progress() as bar:
+        task = bar.add_task(f"pulling {ref}", total=None)
+        rep = r.pull(remote, ref, progress=lambda k: bar.advance(task, k))
+    if json_out:
+        _emit(
+            {
+                "remote": remote,
+                "ref": ref,
+                "objects": rep.objects,
+                "bytes": rep.bytes,
+                "skipped": rep.skipped,
+            }
+        )
+        return
+    console.print(
+        f"pulled {ref} from {remote}: {rep.objects} objects, {fmt_bytes(rep.bytes)} moved, {rep.skipped} already here"
+    )
+
+
+@app.command()
+def export(
+    version: str,
+    out: Annotated[Path, typer.Argument(help="the .zip to write")],
+    force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+    repo: RepoOpt = DEFAULT_REPO,
+) -> None:
+    """One .zip holding a version and everything it needs."""
+    open_repo(repo).export(version, out, force=force)
+    console.print(f"wrote {out} ({fmt_bytes(out.stat().st_size)})")
+
+
+@app.command("import")
+def import_cmd(path: Path, repo: RepoOpt = DEFAULT_REPO) -> None:
+    """Bring the versions and refs of an export .zip into the repository (verified)."""
+    names = init_repo(repo).import_(path)
+    console.print(f"imported {', '.join(names)} from {path}")
+
+
+@app.command()
+def gc(
+    grace: Annotated[
+        float, typer.Option(help="keep unreferenced objects younger than this (seconds)")
+    ] = 3600.0,
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove objects that no tag or branch reaches."""
+    n, freed = open_repo(repo).gc(grace_seconds=grace)
+    if json_out:
+        _emit({"removed": n, "bytes": freed})
+        return
+    console.print(f"removed {n} objects ({fmt_bytes(freed)})")
+
+
+def is_repo(path: str | os.PathLike) -> bool:
+    return (Path(path) / "maskstore-repo.json").is_file()
