@@ -1,0 +1,353 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_bundle
+
+import maskstore
+from maskstore import calibration as cal
+from maskstore.build import BuildConfig, build
+from maskstore.errors import IntegrityError, MaskstoreError
+from maskstore.format import open_bundle
+from maskstore.models import byte_tokenizer, tiny_llama
+from maskstore.repo import MAX_DELTA_DEPTH, init_repo, open_repo
+from maskstore.stores import RefConflict, open_store
+
+
+def _family(rng, fp, names, flip=0.02):
+    base = {m: rng.random(tuple(s)) < 0.5 for m, s in fp["modules"].items()}
+    return {n: {m: b ^ (rng.random(b.shape) < flip) for m, b in base.items()} for n in names}
+
+
+@pytest.fixture
+def fp(rng):
+    return {
+        "architecture": "T",
+        "modules": {f"model.layers.{i}.mlp.up_proj": [96, 200] for i in range(3)},
+    }
+
+
+def test_commit_checkout_roundtrip_dedup_and_lazy_open(tmp_path, rng, fp):
+    masks = _family(rng, fp, ["a", "b", "c"])
+    masks["a_copy"] = masks["a"]
+    write_bundle(tmp_path / "b", fp, masks)
+    repo = init_repo(tmp_path / "repo")
+    vid = repo.commit(open_bundle(tmp_path / "b"), "first")
+    assert len(vid) == 64 and repo.resolve("main") == vid
+    repo.tag("v1", "main")
+    snap = maskstore.open(f"{tmp_path / 'repo'}@v1")
+    assert snap.digest == open_bundle(tmp_path / "b").digest == snap.manifest["bundle_digest"]
+    for p, mods in masks.items():
+        for m, arr in mods.items():
+            assert np.array_equal(snap.read_mask(p, m), arr)
+    # a_copy's chunks are a's chunks: stored once
+    man = snap.manifest["personas"]
+    assert man["a_copy"]["arrays"] != {} and snap.verify() == []
+    repo.checkout("v1", tmp_path / "out")
+    assert open_bundle(tmp_path / "out").digest == snap.digest
+    # unchanged content committed again: no new chunk objects
+    n_chunks = len(repo.store.list("chunks/"))
+    repo.commit(open_bundle(tmp_path / "b"), "again")
+    assert len(repo.store.list("chunks/")) == n_chunks
+
+
+def test_deltas_are_exact_smaller_and_bounded(tmp_path, rng, fp):
+    names = ["p0", "p1", "p2", "p3"]
+    masks = _family(rng, fp, names)
+    write_bundle(tmp_path / "b", fp, masks)
+    plain = init_repo(tmp_path / "plain")
+    plain.commit(open_bundle(tmp_path / "b"), "x", delta=False)
+    repo = init_repo(tmp_path / "repo")
+    vid = repo.commit(open_bundle(tmp_path / "b"), "x")
+    snap = repo.snapshot(vid)
+    deltas = [
+        p
+        for p in names
+        if any("delta" in e for e in snap.manifest["personas"][p]["arrays"].values())
+    ]
+    assert len(deltas) >= 3
+    for p in names:
+        for m, arr in masks[p].items():
+            assert np.array_equal(snap.read_mask(p, m), arr)
+    assert snap.nbytes_on_disk(kind="masks") < 0.6 * plain.snapshot("main").nbytes_on_disk(
+        kind="masks"
+    )
+    # the same persona drifting over many versions: chains stay bounded
+    cur = masks["p0"]
+    for i in range(MAX_DELTA_DEPTH + 3):
+        cur = {m: a ^ (rng.random(a.shape) < 0.01) for m, a in cur.items()}
+        write_bundle(tmp_path / f"d{i}", fp, {"p0": cur})
+        v = repo.commit(open_bundle(tmp_path / f"d{i}"), f"drift {i}")
+        s = repo.snapshot(v)
+        for m in fp["modules"]:
+            assert repo._depth(s, "p0", m) <= MAX_DELTA_DEPTH
+            assert np.array_equal(s.read_mask("p0", m), cur[m])
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    root = Path(__file__).resolve().parents[1] / "examples" / "data"
+    tok, model = byte_tokenizer(), tiny_llama(seed=11)
+    calib = {
+        n: list(cal.batches(tok, cal.read_samples(root / f"{n}.txt")[:8], batch_size=4))
+        for n in ("introvert", "extrovert")
+    }
+    out = tmp_path_factory.mktemp("rb") / "b"
+    build(
+        model,
+        calib,
+        out,
+        pairs=[("introvert", "extrovert")],
+        config=BuildConfig("contrastive-wanda", 0.4),
+    )
+    return out
+
+
+def test_recipe_persona_costs_no_mask_bits_and_recomputes(tmp_path, tiny_bundle):
+    repo = init_repo(tmp_path / "repo")
+    vid = repo.commit(open_bundle(tiny_bundle), "recipe", recipes=("introvert",))
+    snap = repo.snapshot(vid)
+    assert snap.is_recipe("introvert") and snap.nbytes_on_disk("introvert", "masks") == 0
+    with pytest.raises(MaskstoreError, match="recipe"):
+        snap.read_mask("introvert", "model.layers.0.mlp.up_proj")
+    with pytest.raises(MaskstoreError, match="pass --model"):
+        repo.checkout(vid, tmp_path / "x")
+    model = tiny_llama(seed=11)
+    repo.checkout(vid, tmp_path / "out", model=model)
+    assert open_bundle(tmp_path / "out").digest == open_bundle(tiny_bundle).digest
+    with pytest.raises(IntegrityError, match="different mask"):
+        repo.checkout(vid, tmp_path / "bad", model=tiny_llama(seed=12))
+    assert not (tmp_path / "bad").exists()
+    # a live model loads the recipe directly
+    h = maskstore.attach(model, snap)
+    base = model.model.layers[0].mlp.up_proj.weight.clone()
+    h.use("introvert")
+    want = base * open_bundle(tiny_bundle).read_mask(
+        "introvert", "model.layers.0.mlp.up_proj", as_torch=True
+    )
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, want)
+
+
+def test_tags_never_move_and_branches_fast_forward_only(tmp_path, rng, fp):
+    write_bundle(tmp_path / "b1", fp, _family(rng, fp, ["a"]))
+    write_bundle(tmp_path / "b2", fp, _family(rng, fp, ["a"]))
+    r1, r2 = init_repo(tmp_path / "r1"), init_repo(tmp_path / "r2")
+    v1 = r1.commit(open_bundle(tmp_path / "b1"), "one")
+    r1.tag("rel", v1)
+    r1.tag("rel", v1)  # same target: fine
+    v2 = r1.commit(open_bundle(tmp_path / "b2"), "two")
+    with pytest.raises(RefConflict, match="tags never move"):
+        r1.tag("rel", v2)
+    remote = tmp_path / "remote"
+    r1.push(remote, "main")
+    r2.commit(open_bundle(tmp_path / "b2"), "diverged")
+    with pytest.raises(RefConflict, match="pull first"):
+        r2.push(remote, "main")
+    assert open_repo(remote).resolve("main") == v2
+
+
+def _racer(remote: str, repo: str, ref: str, env: dict) -> subprocess.Popen:
+    code = (
+        "import sys\nfrom maskstore.repo import open_repo\n"
+        "try:\n"
+        f"    open_repo({repo!r}).push({remote!r}, {ref!r})\n    print('WON')\n"
+        "except Exception as e:\n    print('LOST', type(e).__name__, e)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _race(tmp_path, rng, fp, remote: str, env: dict) -> None:
+    repos = []
+    for i in range(2):
+        write_bundle(tmp_path / f"rb{i}", fp, _family(rng, fp, ["a"]))
+        r = init_repo(tmp_path / f"race{i}")
+        r.commit(open_bundle(tmp_path / f"rb{i}"), f"racer {i}")
+        r.tag("release", "main")
+        repos.append(r)
+    for ref in ("release", "main"):
+        procs = [_racer(remote, str(tmp_path / f"race{i}"), ref, env) for i in range(2)]
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert sorted(o.split()[0] for o in outs) == ["LOST", "WON"], outs
+        assert "RefConflict" in next(o for o in outs if o.startswith("LOST"))
+        winner = repos[[o.startswith("WON") for o in outs].index(True)]
+        store = open_store(remote)
+        key = f"refs/{'tags' if ref == 'release' else 'branches'}/{ref}"
+        assert store.get(key).decode() == winner.resolve(ref)
+
+
+def test_racing_pushes_to_a_folder(tmp_path, rng, fp):
+    _race(tmp_path, rng, fp, str(tmp_path / "remote"), dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3-compatible server (moto) on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="masks")
+    try:
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_s3_push_pull_moves_only_missing_objects(tmp_path, rng, fp, s3_server, cli):
+    masks = _family(rng, fp, ["a", "b"])
+    write_bundle(tmp_path / "b1", fp, masks)
+    repo = tmp_path / "repo"
+    assert cli("commit", tmp_path / "b1", "-m", "one", "--repo", repo)[0] == 0
+    code, out, err = cli("push", "s3://masks/team", "main", "--repo", repo, "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["objects"] > 0 and first["bytes"] > 0
+    code, out, err = cli("push", "s3://masks/team", "main", "--repo", repo, "--json")
+    assert json.loads(out)["objects"] == 0
+    masks["c"] = {m: ~a for m, a in masks["a"].items()}
+    write_bundle(tmp_path / "b2", fp, masks)
+    cli("commit", tmp_path / "b2", "-m", "two", "--repo", repo)
+    code, out, err = cli("push", "s3://masks/team", "main", "--repo", repo, "--json")
+    second = json.loads(out)
+    assert 0 < second["objects"] < first["objects"] + 10 and second["skipped"] > 0
+    code, out, err = cli("pull", "s3://masks/team", "main", "--repo", tmp_path / "clone", "--json")
+    assert code == 0, err
+    clone = open_repo(tmp_path / "clone")
+    assert clone.resolve("main") == open_repo(repo).resolve("main") and clone.verify() == []
+    snap = clone.snapshot("main")
+    assert np.array_equal(
+        snap.read_mask("c", next(iter(fp["modules"]))), ~masks["a"][next(iter(fp["modules"]))]
+    )
+
+
+def test_racing_pushes_to_s3(tmp_path, rng, fp, s3_server):
+    _race(tmp_path, rng, fp, "s3://masks/race", {**os.environ, **s3_server})
+
+
+def test_corruption_is_named_on_verify_pull_and_push(tmp_path, rng, fp):
+    write_bundle(tmp_path / "b", fp, _family(rng, fp, ["a", "b"]))
+    repo = init_repo(tmp_path / "repo")
+    repo.commit(open_bundle(tmp_path / "b"), "x")
+    repo.push(tmp_path / "remote", "main")
+    victim = sorted((tmp_path / "remote" / "chunks").rglob("*"))[-1]
+    name = victim.parent.name + victim.name
+    victim.write_bytes(b"garbage")
+    with pytest.raises(IntegrityError, match=name):
+        init_repo(tmp_path / "clone").pull(tmp_path / "remote", "main")
+    assert open_repo(tmp_path / "clone").branch_head("main") is None  # ref not moved
+    local = tmp_path / "repo" / "chunks" / victim.parent.name / victim.name
+    local.write_bytes(b"garbage")
+    assert any(name in p for p in repo.verify())
+    with pytest.raises(IntegrityError, match=name):
+        repo.push(tmp_path / "remote2", "main")
+
+
+def _run_killed(code: str, kill_after: int) -> int:
+    env = {**os.environ, "MASKSTORE_TEST_KILL_AFTER": str(kill_after)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
+
+
+def test_commit_and_push_killed_at_many_points_leave_valid_repos(tmp_path, rng, fp):
+    write_bundle(tmp_path / "b1", fp, _family(rng, fp, ["a", "b"]))
+    write_bundle(tmp_path / "b2", fp, _family(rng, fp, ["a", "b", "c"]))
+    repo = init_repo(tmp_path / "repo")
+    v1 = repo.commit(open_bundle(tmp_path / "b1"), "base")
+    commit = (
+        f"from maskstore.repo import open_repo\nfrom maskstore.format import open_bundle\n"
+        f"open_repo({str(tmp_path / 'repo')!r}).commit(open_bundle({str(tmp_path / 'b2')!r}), 'next')"
+    )
+    push = f"from maskstore.repo import open_repo\nopen_repo({str(tmp_path / 'repo')!r}).push({str(tmp_path / 'remote')!r}, 'main')"
+    killed = 0
+    for k in range(1, 40):
+        rc = _run_killed(commit, k)
+        r = open_repo(tmp_path / "repo")
+        head = r.resolve("main")
+        assert r.verify() == [] and (head == v1 or r.manifest(head)["message"] == "next")
+        killed += rc == 137
+        if rc == 0:
+            break
+    assert killed >= 3
+    for k in range(1, 80, 2):
+        rc = _run_killed(push, k)
+        if (tmp_path / "remote" / "maskstore-repo.json").exists():
+            rem = open_repo(tmp_path / "remote")
+            assert rem.verify() == []  # whatever refs exist point at complete versions
+        if rc == 0:
+            break
+    assert open_repo(tmp_path / "remote").resolve("main") == open_repo(tmp_path / "repo").resolve(
+        "main"
+    )
+
+
+def test_gc_export_import_and_version_diff(tmp_path, rng, fp, cli):
+    masks = _family(rng, fp, ["a", "b"])
+    write_bundle(tmp_path / "b1", fp, masks)
+    repo = tmp_path / "repo"
+    cli("commit", tmp_path / "b1", "-m", "one", "--repo", repo)
+    cli("tag", "v1", "--repo", repo)
+    changed = dict(masks)
+    changed["a"] = {m: a ^ (rng.random(a.shape) < 0.1) for m, a in masks["a"].items()}
+    changed["new"] = masks["b"]
+    write_bundle(tmp_path / "b2", fp, changed)
+    code, out, err = cli("commit", tmp_path / "b2", "-m", "exp", "--branch", "exp", "--repo", repo)
+    assert code == 0, err
+    code, out, err = cli("diff", "--versions", "v1", "exp", "--repo", repo, "--json")
+    d = json.loads(out)
+    assert d["added"] == ["new"] and d["unchanged"] == ["b"] and set(d["changed"]) == {"a"}
+    assert d["changed"]["a"]["modules_changed"] == 3
+    assert 0.05 < d["changed"]["a"]["diff_ratio_changed_modules"] < 0.15
+    code, out, err = cli("export", "exp", tmp_path / "exp.zip", "--repo", repo)
+    assert code == 0, err
+    code, out, err = cli("import", tmp_path / "exp.zip", "--repo", tmp_path / "other")
+    assert code == 0, err
+    assert open_repo(tmp_path / "other").resolve("exp") == open_repo(repo).resolve("exp")
+    r = open_repo(repo)
+    before = len(r.store.list("chunks/"))
+    assert cli("branch", "exp", "--delete", "--repo", repo)[0] == 0
+    code, out, err = cli("gc", "--grace", "0", "--repo", repo, "--json")
+    removed = json.loads(out)["removed"]
+    assert removed > 0 and len(r.store.list("chunks/")) < before
+    assert r.verify() == []
+    r.checkout("v1", tmp_path / "co")
+    assert open_bundle(tmp_path / "co").digest == open_bundle(tmp_path / "b1").digest
+    code, out, err = cli("log", "--repo", repo, "--json")
+    assert [e["message"] for e in json.loads(out)] == ["one"]
+    code, out, err = cli("checkout", "nope", "--out", tmp_path / "x", "--repo", repo)
+    assert code == 2 and "unknown version" in err
