@@ -112,8 +112,9 @@ def build(
     config.check()
     if out.exists() and not force:
         raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
-    data, pairs, names = _parse_personas(persona or [])
-    pairs += _parse_pairs(pair or [])
+    data, csv_pairs, names = _parse_personas(persona or [])
+    # a pair CSV pairs its two personas for the contrastive methods; others score them alone
+    pairs = (csv_pairs if config.contrastive else []) + _parse_pairs(pair or [])
     source = None
     if from_stats is not None:
         if data:
