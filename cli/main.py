@@ -119,7 +119,9 @@ def verify(bundle: Path, json_out: JsonOpt = False) -> None:
         what = "every reachable object verifies"
     else:
         b = open_bundle(bundle)
-        problems = b.verify()
+        with progress() as bar:
+            task = bar.add_task("verifying", total=len(b.personas))
+            problems = b.verify(progress=lambda k: bar.advance(task, k))
         what = f"every digest matches ({len(b.personas)} personas)"
     if json_out:
         _emit_json({"path": str(bundle), "ok": not problems, "problems": problems})

@@ -354,10 +354,16 @@ class Bundle:
         return sum(f.stat().st_size for f in files if kind is None or f"/{kind}/" in f.as_posix())
 
     # ---- verification
-    def verify(self) -> list[str]:
-        """Recompute every digest; return one line per problem (empty when all match)."""
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Recompute every digest; return one line per problem (empty when all match).
+
+        Args:
+            progress: called with 1 after each persona.
+        """
         problems: list[str] = []
         for p in self.personas:
+            if progress:
+                progress(1)
             try:
                 meta = self.persona(p)
             except MaskstoreError as e:

@@ -130,7 +130,13 @@ def keep_count(in_features: int, sparsity: float) -> int:
 
 def _kth_largest_cpu(a: np.ndarray, k: int) -> np.ndarray:
     """Per row, the k-th largest value ``(rows, 1)``: numpy's introselect over row blocks in
-    threads (it releases the GIL); about 3x faster than ``torch.kthvalue`` on CPU."""
+    threads (it releases the GIL); about 3x faster than ``torch.kthvalue`` on CPU.
+
+    Scores are never negative except ``-inf`` (and never ``-0.0``), so their float32 bit patterns
+    read as int32 sort the same way, and integer selection is about 20% faster.
+    """
+    if a.dtype == np.float32:
+        return _kth_largest_cpu(a.view(np.int32), k).view(np.float32)
     rows, n = a.shape
     step = max(1, -(-rows // (os.cpu_count() or 1)))
     if rows * n < 1 << 16 or step >= rows:
