@@ -35,7 +35,7 @@ def make(tmp: Path, fp: dict, pt: bool) -> Path:
     rng = np.random.default_rng(0)
     path = tmp / "bundle"
     with create_bundle(path, fp) as b:
-        writers = [b.persona_writer(n, method="bench", codec="zstd", level=3) for n in NAMES]
+        writers = [b.persona_writer(n, method="bench") for n in NAMES]
         for m, (o, i) in fp["modules"].items():
             base = rng.random((o, i)) < 0.5
             for n, w in zip(NAMES, writers, strict=True):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import fastjsonschema
+import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -92,18 +93,28 @@ def persona_digest(meta: dict) -> str:
     return metadata_digest({k: v for k, v in meta.items() if k not in _VOLATILE})
 
 
-def compressor(name: str = "zstd", level: int | None = None, kept_share: float | None = None):
+def compressor(
+    name: str = "zstd",
+    level: int | None = None,
+    kept_share: float | None = None,
+    sample: np.ndarray | None = None,
+):
     """A stock zarr v3 codec by name: zstd (default), blosc, gzip or none.
 
-    With zstd and no explicit level, the level follows the mask's kept share: near 50% the bits
-    are incompressible and level 3 is as good as any; a skewed mask (kept share below 0.35 or
-    above 0.65) gets level 16, whose entropy coder lands within 5% of H(p) where level 3 is 17%
-    off (benchmarks/bench_storage.py). Decoding speed is the same at every level.
+    With zstd and no explicit level, the codec follows the data: a skewed mask (kept share below
+    0.35 or above 0.65) gets level 16, whose entropy coder lands within 5% of H(p) where level 3
+    is 17% off (benchmarks/bench_storage.py); otherwise level 3, unless a trial compression of
+    ``sample`` (the first MiB) saves under 2%, in which case the array is stored raw: the bits
+    are incompressible and reading them skips a decode.
     """
     if name == "zstd":
         if level is None:
             skewed = kept_share is not None and abs(kept_share - 0.5) > 0.15
             level = 16 if skewed else 3
+            if not skewed and sample is not None and sample.size:
+                head = np.ascontiguousarray(sample).reshape(-1)[: 1 << 20]
+                if len(numcodecs.Zstd(level=3).encode(head)) >= 0.98 * head.size * head.itemsize:
+                    return None
         return ZstdCodec(level=level)
     if name == "blosc":
         return BloscCodec(cname="zstd", clevel=5 if level is None else level, shuffle="bitshuffle")
@@ -544,6 +555,7 @@ class PersonaWriter:
         dtype: type,
         extra: dict,
         kept_share: float | None = None,
+        sample: np.ndarray | None = None,
     ) -> str:
         row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize)
         rows = max(1, min(shape[0], self.chunk_bytes // row_bytes)) if shape[0] else 1
@@ -552,7 +564,9 @@ class PersonaWriter:
             shape=shape,
             chunks=(rows, *shape[1:]),
             dtype=dtype,
-            compressors=[c] if (c := compressor(self.codec_name, self.level, kept_share)) else None,
+            compressors=[c]
+            if (c := compressor(self.codec_name, self.level, kept_share, sample))
+            else None,
             fill_value=0,
         )
         hasher = ArrayHasher(np.dtype(dtype), shape)
@@ -625,6 +639,7 @@ class PersonaWriter:
             np.uint8,
             {"in_features": info.in_features},
             kept_share=kept / max(info.numel, 1),
+            sample=mask,
         )
         self.meta["modules"][module] = {"mask": digest, "kept": kept, "stats": None}
 
@@ -653,6 +668,7 @@ class PersonaWriter:
             np.uint8,
             {"in_features": info.in_features},
             kept_share=share,
+            sample=first,
         )
         self.meta["modules"][module] = {"mask": digest, "kept": kept, "stats": None}
 
