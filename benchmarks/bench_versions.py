@@ -95,6 +95,21 @@ def main() -> None:
             f"ratio {total_repo / total_bound:.3f} (columns are bits per weight)"
         )
 
+        # the same family as recipes: statistics, method and digests, no mask bits
+        rrepo = init_repo(tmp / "recipes")
+        vid = rrepo.commit(b, "recipes", recipes=tuple(b.personas))
+        rsnap = rrepo.snapshot(vid)
+        for p in b.personas:
+            arrays = rsnap.manifest["personas"][p]["arrays"].values()
+            hashes = {h for e in arrays for h, _ in e.get("chunks", [])}
+            size = sum(rrepo.object_size(h) for h in hashes)
+            print(
+                f"recipe {p:<10} {size / 2**10:>6.0f} KiB of statistics (unique objects), no mask "
+                f"bits; its mask as stored above: {snap.nbytes_on_disk(p, 'masks') / 2**10:.0f} KiB"
+            )
+        man = len(rrepo.store.get(f"versions/{vid}"))
+        print(f"recipe manifest: {man / 2**10:.0f} KiB for all {len(b.personas)} personas")
+
 
 if __name__ == "__main__":
     main()
