@@ -34,5 +34,12 @@ def child_peak_rss(code: str) -> tuple[float, dict]:
     return lines[-1]["rss"] / 1024, (lines[-2] if len(lines) > 1 else {})
 
 
+def cli_build(*args: str) -> None:
+    """Run ``maskstore build ARGS`` in a fresh interpreter (quietly; raises on failure)."""
+    subprocess.run(
+        [sys.executable, "-m", "maskstore.cli", "build", *args], check=True, capture_output=True
+    )
+
+
 def self_peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

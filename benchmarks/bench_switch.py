@@ -8,14 +8,12 @@ Run: python benchmarks/bench_switch.py   (builds a two-persona bundle first if n
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _util import timeit
+from _util import cli_build, timeit
 
 import maskstore
 from maskstore.models import embedded_model_dir, load_model
@@ -28,29 +26,11 @@ def ensure_bundle() -> None:
     if BUNDLE.exists():
         return
     data = ROOT / "examples" / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "maskstore.cli",
-            "build",
-            "--persona",
-            f"introvert={data / 'introvert.txt'}",
-            "--persona",
-            f"extrovert={data / 'extrovert.txt'}",
-            "--pair",
-            "introvert:extrovert",
-            "--method",
-            "contrastive-wanda",
-            "--phi",
-            "softplus",
-            "--sparsity",
-            "0.2",
-            "--out",
-            str(BUNDLE),
-        ],
-        check=True,
-    )
+    cli_build(
+        "--persona", f"introvert={data / 'introvert.txt'}", "--persona", f"extrovert={data / 'extrovert.txt'}",
+        "--pair", "introvert:extrovert", "--method", "contrastive-wanda", "--phi", "softplus",
+        "--sparsity", "0.2", "--out", str(BUNDLE),
+    )  # fmt: skip
 
 
 def main() -> None:

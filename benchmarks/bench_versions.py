@@ -8,12 +8,11 @@ Run: python benchmarks/bench_versions.py
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from _util import cli_build
 
 from maskstore.bits import popcount
 from maskstore.format import open_bundle
@@ -33,28 +32,11 @@ def main() -> None:
         tmp = Path(tmp)
         bundle = tmp / "family.zarr"
         # four related personas: the same method and sparsity on four calibration sets
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "maskstore.cli",
-                "build",
-                "--persona",
-                f"introvert={DATA / 'introvert.txt'}",
-                "--persona",
-                f"extrovert={DATA / 'extrovert.txt'}",
-                "--persona",
-                f"q_intro:q_extro={DATA / 'introvert_extrovert.csv'}",
-                "--method",
-                "wanda",
-                "--sparsity",
-                "0.5",
-                "--out",
-                str(bundle),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        cli_build(
+            "--persona", f"introvert={DATA / 'introvert.txt'}", "--persona", f"extrovert={DATA / 'extrovert.txt'}",
+            "--persona", f"q_intro:q_extro={DATA / 'introvert_extrovert.csv'}",
+            "--method", "wanda", "--sparsity", "0.5", "--out", str(bundle),
+        )  # fmt: skip
         b = open_bundle(bundle)
         repo = init_repo(tmp / "repo")
         snap = repo.snapshot(repo.commit(b, "family"))

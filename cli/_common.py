@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def emit_json(doc: object) -> None:
+    """The one JSON document a ``--json`` command prints on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def progress() -> Progress:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +15,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.format import check_persona_name, create_bundle, open_bundle
 from maskstore.modules import maskable_modules, model_fingerprint
 
-from ._common import console, fmt_bytes, progress
+from ._common import console, emit_json, fmt_bytes, progress
 from .main import app
 
 
@@ -219,12 +217,7 @@ def build(
             }
         )
     if json_out:
-        sys.stdout.write(
-            json.dumps(
-                {"out": str(out), "digest": b.digest, "personas": rows, "seconds": times}, indent=2
-            )
-            + "\n"
-        )
+        emit_json({"out": str(out), "digest": b.digest, "personas": rows, "seconds": times})
         return
     t = Table(title=f"{out}  ({len(mods)} modules, {numel:,} weights each)")
     for c in ("persona", "method", "target", "realised", "masks", "bits/weight", "stats"):

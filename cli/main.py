@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.format import open_bundle, pack_zip
 from maskstore.importers import import_pt
 
-from ._common import console, err_console, fmt_bytes, heat, progress
+from ._common import console, emit_json, err_console, fmt_bytes, heat, progress
 
 app = typer.Typer(
     name="maskstore",
@@ -26,10 +25,6 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-
-
-def _emit_json(doc: object) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
@@ -85,7 +80,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
             }
         )
     if json_out:
-        _emit_json(doc)
+        emit_json(doc)
         return
     console.print(
         f"[bold]{bundle}[/]  {doc['architecture']}, {doc['modules']} modules, "
@@ -124,7 +119,7 @@ def verify(bundle: Path, json_out: JsonOpt = False) -> None:
             problems = b.verify(progress=lambda k: bar.advance(task, k))
         what = f"every digest matches ({len(b.personas)} personas)"
     if json_out:
-        _emit_json({"path": str(bundle), "ok": not problems, "problems": problems})
+        emit_json({"path": str(bundle), "ok": not problems, "problems": problems})
     elif problems:
         for line in problems:
             err_console.print(f"[red]damaged:[/] {line}", highlight=False)
@@ -162,9 +157,7 @@ def overlap(
     counts = _count(refs)
     pairs = algebra.pairs_report(refs, counts, by=by)
     if json_out:
-        _emit_json(
-            {"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs}
-        )
+        emit_json({"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs})
         return
     key = algebra.metric_name(metric)
     groups = ["model"] if by == "model" else list(algebra.aggregate(counts, by))
@@ -222,7 +215,7 @@ def diff(
     layers = algebra.pairs_report(refs, counts, by="layer")[0]["groups"]
     rec["layers"] = layers
     if json_out:
-        _emit_json(rec)
+        emit_json(rec)
         return
     t = Table(title=f"{a} vs {b}: differential ratio (share of positions where the masks differ)")
     t.add_column("part")
@@ -253,7 +246,7 @@ def diff(
 
 def _version_diff(d: dict, json_out: bool) -> None:
     if json_out:
-        _emit_json(d)
+        emit_json(d)
         return
     console.print(f"{d['a'][:12]} -> {d['b'][:12]}")
     for p in d["added"]:
@@ -287,7 +280,7 @@ def _op_command(op: str, doc: str, nargs: int):
         kept = sum(e["kept"] for e in meta["modules"].values())
         numel = sum(b.modules[m].numel for m in meta["modules"])
         if json_out:
-            _emit_json(
+            emit_json(
                 {
                     "name": as_,
                     "op": op,

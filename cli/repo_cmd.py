@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +12,7 @@ from rich.table import Table
 from maskstore.errors import MaskstoreError
 from maskstore.repo import init_repo, open_repo
 
-from ._common import console, fmt_bytes, progress
+from ._common import console, emit_json, fmt_bytes, progress
 from .main import app
 
 RepoOpt = Annotated[
@@ -23,10 +21,6 @@ RepoOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DEFAULT_REPO = Path(".maskstore")
-
-
-def _emit(doc: object) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 @app.command()
@@ -69,7 +63,7 @@ def commit(
     snap = r.snapshot(vid)
     size = snap.nbytes_on_disk()
     if json_out:
-        _emit(
+        emit_json(
             {
                 "version": vid,
                 "branch": branch,
@@ -92,7 +86,7 @@ def log(
     """History of a branch (or any version), newest first."""
     entries = open_repo(repo).log(ref)
     if json_out:
-        _emit(entries)
+        emit_json(entries)
         return
     tags: dict[str, list[str]] = {}
     r = open_repo(repo)
@@ -171,6 +165,27 @@ def checkout(
     console.print(f"checked out {snap.version[:12]} to {out}")
 
 
+def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
+    with progress() as bar:
+        task = bar.add_task(f"{verb}ing {ref}", total=None)
+        rep = run(lambda k: bar.advance(task, k))
+    doc = {
+        "remote": remote,
+        "ref": ref,
+        "objects": rep.objects,
+        "bytes": rep.bytes,
+        "skipped": rep.skipped,
+    }
+    if json_out:
+        emit_json(doc)
+        return
+    where = "there" if verb == "push" else "here"
+    console.print(
+        f"{verb}ed {ref} {'to' if verb == 'push' else 'from'} {remote}: {rep.objects} objects, "
+        f"{fmt_bytes(rep.bytes)} moved, {rep.skipped} already {where}"
+    )
+
+
 @app.command()
 def push(
     remote: Annotated[str, typer.Argument(help="folder or URL (s3://bucket/prefix)")],
@@ -179,23 +194,8 @@ def push(
     json_out: JsonOpt = False,
 ) -> None:
     """Send a tag or branch to a remote; only missing objects move."""
-    with progress() as bar:
-        task = bar.add_task(f"pushing {ref}", total=None)
-        rep = open_repo(repo).push(remote, ref, progress=lambda k: bar.advance(task, k))
-    if json_out:
-        _emit(
-            {
-                "remote": remote,
-                "ref": ref,
-                "objects": rep.objects,
-                "bytes": rep.bytes,
-                "skipped": rep.skipped,
-            }
-        )
-        return
-    console.print(
-        f"pushed {ref} to {remote}: {rep.objects} objects, {fmt_bytes(rep.bytes)} moved, {rep.skipped} already there"
-    )
+    r = open_repo(repo)
+    _transfer("push", lambda cb: r.push(remote, ref, progress=cb), remote, ref, json_out)
 
 
 @app.command()
@@ -207,23 +207,7 @@ def pull(
 ) -> None:
     """Fetch a tag or branch from a remote; every object is verified on arrival."""
     r = init_repo(repo)
-    with progress() as bar:
-        task = bar.add_task(f"pulling {ref}", total=None)
-        rep = r.pull(remote, ref, progress=lambda k: bar.advance(task, k))
-    if json_out:
-        _emit(
-            {
-                "remote": remote,
-                "ref": ref,
-                "objects": rep.objects,
-                "bytes": rep.bytes,
-                "skipped": rep.skipped,
-            }
-        )
-        return
-    console.print(
-        f"pulled {ref} from {remote}: {rep.objects} objects, {fmt_bytes(rep.bytes)} moved, {rep.skipped} already here"
-    )
+    _transfer("pull", lambda cb: r.pull(remote, ref, progress=cb), remote, ref, json_out)
 
 
 @app.command()
@@ -256,7 +240,7 @@ def gc(
     """Remove objects that no tag or branch reaches."""
     n, freed = open_repo(repo).gc(grace_seconds=grace)
     if json_out:
-        _emit({"removed": n, "bytes": freed})
+        emit_json({"removed": n, "bytes": freed})
         return
     console.print(f"removed {n} objects ({fmt_bytes(freed)})")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +13,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.format import open_bundle
 from maskstore.runtime import MaskHandle, attach
 
-from ._common import console
+from ._common import console, emit_json
 from .main import app
 
 ModelOpt = Annotated[
@@ -85,9 +83,7 @@ def run(
         outputs[n or "base"] = _generate(handle, tok, prompt, max_new_tokens, chat)
     handle.use(None)
     if json_out:
-        sys.stdout.write(
-            json.dumps({"prompt": prompt, "gamma": gamma, "outputs": outputs}, indent=2) + "\n"
-        )
+        emit_json({"prompt": prompt, "gamma": gamma, "outputs": outputs})
         return
     t = Table(title=prompt, show_lines=True)
     t.add_column("persona", style="bold")
@@ -158,10 +154,7 @@ def eval_cmd(
     handle.use(None)
     others = [p for p in metas if p not in keys_for]
     if json_out:
-        sys.stdout.write(
-            json.dumps({"items": len(items), "key": key, "rows": rows, "unkeyed": others}, indent=2)
-            + "\n"
-        )
+        emit_json({"items": len(items), "key": key, "rows": rows, "unkeyed": others})
         return
     t = Table(title=f"persona alignment on {mc.name} ({len(items)} items; key: {key})")
     for c in ("setting", "persona", "accuracy"):
@@ -213,9 +206,7 @@ def similarity(
         fig.savefig(png, dpi=120)
         plt.close(fig)
     if json_out:
-        sys.stdout.write(
-            json.dumps({"a": a, "b": b, "texts": len(lines), "layers": cos}, indent=2) + "\n"
-        )
+        emit_json({"a": a, "b": b, "texts": len(lines), "layers": cos})
         return
     t = Table(title=f"cosine similarity of hidden states, {a} vs {b} ({len(lines)} texts)")
     t.add_column("layer", justify="right")

@@ -44,6 +44,15 @@ def random_masks(
     return {n: {m: rng.random(tuple(s)) < p for m, s in fp["modules"].items()} for n in names}
 
 
+def pair_args(calib_files: dict[str, Path]) -> list[str]:
+    """``maskstore build`` arguments for the introvert/extrovert pair with contrastive Wanda."""
+    return [
+        "--persona", f"introvert={calib_files['introvert']}",
+        "--persona", f"extrovert={calib_files['extrovert']}",
+        "--pair", "introvert:extrovert", "--method", "contrastive-wanda",
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import pair_args
 
 from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build, collect_stats
@@ -139,14 +140,7 @@ def test_cli_build_from_files_and_from_stats(tmp_path, tiny_dir, calib_files, cl
         cli,
         tiny_dir,
         tmp_path / "b",
-        "--persona",
-        f"introvert={calib_files['introvert']}",
-        "--persona",
-        f"extrovert={calib_files['extrovert']}",
-        "--pair",
-        "introvert:extrovert",
-        "--method",
-        "contrastive-wanda",
+        *pair_args(calib_files),
         "--sparsity",
         "0.3",
         "--json",
@@ -176,14 +170,7 @@ def test_cli_build_from_files_and_from_stats(tmp_path, tiny_dir, calib_files, cl
         cli,
         tiny_dir,
         tmp_path / "d",
-        "--persona",
-        f"introvert={calib_files['introvert']}",
-        "--persona",
-        f"extrovert={calib_files['extrovert']}",
-        "--pair",
-        "introvert:extrovert",
-        "--method",
-        "contrastive-wanda",
+        *pair_args(calib_files),
         "--sparsity",
         "0.6",
     )

@@ -3,6 +3,7 @@
 import json
 
 import torch
+from conftest import pair_args
 
 import maskstore
 from maskstore.models import load_model
@@ -12,14 +13,7 @@ def test_main_job_on_embedded_model(tmp_path, calib_files, cli):
     out = tmp_path / "personas.zarr"
     code, stdout, err = cli(
         "build",
-        "--persona",
-        f"introvert={calib_files['introvert']}",
-        "--persona",
-        f"extrovert={calib_files['extrovert']}",
-        "--pair",
-        "introvert:extrovert",
-        "--method",
-        "contrastive-wanda",
+        *pair_args(calib_files),
         "--phi",
         "softplus",
         "--sparsity",

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import pair_args
 
 import maskstore
 from maskstore import evaluate
@@ -190,14 +191,7 @@ def test_cli_run_eval_similarity(tmp_path, tiny_dir, calib_files, cli):
         "8",
         "--max-tokens",
         "48",
-        "--persona",
-        f"introvert={calib_files['introvert']}",
-        "--persona",
-        f"extrovert={calib_files['extrovert']}",
-        "--pair",
-        "introvert:extrovert",
-        "--method",
-        "contrastive-wanda",
+        *pair_args(calib_files),
         "--sparsity",
         "0.3",
     )
