@@ -17,7 +17,7 @@ import numpy as np
 
 from .bits import pad_mask
 from .errors import MaskstoreError
-from .format import Bundle, PersonaWriter
+from .format import Bundle
 from .modules import module_kind, module_layer
 
 GROUPINGS = ("model", "kind", "layer", "module")
@@ -307,7 +307,6 @@ def _op_blocks(refs: list[Ref], module: str, op: str) -> Iterator[np.ndarray]:
 __all__ = [
     "OPS",
     "ModuleCounts",
-    "PersonaWriter",
     "Ref",
     "aggregate",
     "apply_op",

@@ -18,10 +18,11 @@ import numcodecs
 import numpy as np
 import zarr
 
-_DECODERS: dict[str, Callable[[dict], numcodecs.abc.Codec]] = {
-    "zstd": lambda cfg: numcodecs.Zstd(),
-    "gzip": lambda cfg: numcodecs.GZip(),
-    "blosc": lambda cfg: numcodecs.Blosc(),
+# Decoding needs no configuration: zstd, gzip and blosc frames describe themselves.
+_DECODERS: dict[str, type[numcodecs.abc.Codec]] = {
+    "zstd": numcodecs.Zstd,
+    "gzip": numcodecs.GZip,
+    "blosc": numcodecs.Blosc,
 }
 
 
@@ -74,7 +75,7 @@ class ArrayReader:
         if len(codecs) == 1:
             return None
         if len(codecs) == 2 and codecs[1]["name"] in _DECODERS:
-            return _DECODERS[codecs[1]["name"]](codecs[1].get("configuration", {}))
+            return _DECODERS[codecs[1]["name"]]()
         return False
 
     @property

@@ -41,7 +41,7 @@ from . import __version__
 from .bits import pack, popcount
 from .errors import IntegrityError, MaskstoreError
 from .format import FORMAT_VERSION, Bundle, create_bundle, open_bundle, persona_digest, validate
-from .hashing import ArrayHasher, blake2b_hex, canonical_json, metadata_digest, xxh3
+from .hashing import ArrayHasher, blake2b_hex, canonical_json, xxh3
 from .stores import RefConflict, Store, ZipStore, open_store
 
 MAX_DELTA_DEPTH = 4
@@ -268,8 +268,7 @@ class Repository:
         return _decode_chunk(h, data, src.url)
 
     def object_size(self, h: str) -> int:
-        data = self.store.get(_chunk_key(h))
-        return len(data) if data is not None else 0
+        return self.store.size(_chunk_key(h))
 
     def _put_chunk(self, raw: np.ndarray, skewed: bool) -> tuple[str, str]:
         raw = np.ascontiguousarray(raw)
@@ -819,5 +818,4 @@ __all__ = [
     "init_repo",
     "open_repo",
     "open_version",
-    "metadata_digest",
 ]

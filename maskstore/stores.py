@@ -51,6 +51,11 @@ class Store(ABC):
     def has(self, key: str) -> bool:
         return self.get(key) is not None
 
+    def size(self, key: str) -> int:
+        """Stored bytes of ``key`` (0 when absent)."""
+        data = self.get(key)
+        return 0 if data is None else len(data)
+
     def mtime(self, key: str) -> float:
         return 0.0
 
@@ -77,6 +82,12 @@ class LocalStore(Store):
 
     def mtime(self, key: str) -> float:
         return self._p(key).stat().st_mtime
+
+    def size(self, key: str) -> int:
+        try:
+            return self._p(key).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def _tmp(self, key: str, data: bytes) -> Path:
         p = self._p(key)
