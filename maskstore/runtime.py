@@ -1,9 +1,10 @@
 """Persona masks in a live model: attach a bundle, switch persona in place, never reload.
 
-Each masked ``nn.Linear`` keeps one pristine copy of its weight (made the first time a persona
-touches it). Switching writes ``W = W0 * G`` in place with ``G = M + gamma (1 - M)``, so the
-``Parameter`` objects never change (hooks, optimizers and compiled graphs keep working) and the
-forward pass does no extra work. Masks are read lazily per module and cached packed, 1 bit a
+Each masked ``nn.Linear`` keeps one pristine copy of its weight (the first time a persona touches
+it, the original storage becomes the pristine copy and the Parameter gets a fresh one). Switching
+writes ``W = W0 * G`` in place with ``G = M + gamma (1 - M)``, so the ``Parameter`` objects never
+change and their storage stays put from the first switch on (hooks, optimizers and compiled graphs
+keep working), and the forward pass does no extra work. Masks are read lazily per module and cached packed, 1 bit a
 weight, in an LRU bounded by bytes.
 """
 
@@ -137,7 +138,12 @@ class MaskHandle:
                 for name, mod in self.modules.items():
                     w = mod.weight
                     if name not in self._pristine:
-                        self._pristine[name] = w.detach().clone()
+                        # Keep the original storage as the pristine copy and give the Parameter
+                        # (the same object) a fresh one: weights loaded from safetensors are
+                        # often memory-mapped, and writing into them page-faults copy-on-write
+                        # page by page (about 1 s for 106M weights).
+                        self._pristine[name] = w.data
+                        w.data = w.data.clone()
                     base = self._pristine[name]
                     packed = masks.get(name)
                     if packed is None:
