@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -50,16 +51,11 @@ def embedded_model_dir() -> Path:
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantization bar ignores transformers' switch
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = old
+    print(
+        f"converting the embedded {DEFAULT_MODEL} to safetensors once (~20 s) ...", file=sys.stderr
+    )
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
     model.hf_quantizer = None  # weights are de-quantized to float32; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
