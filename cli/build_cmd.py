@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from maskstore import calibration as cal
-from maskstore.build import BuildConfig, PersonaStats, collect_stats, write_personas
+from maskstore.build import BuildConfig, PersonaStats, check_pairs, collect_stats, write_personas
 from maskstore.errors import MaskstoreError
 from maskstore.format import check_persona_name, create_bundle, open_bundle
 from maskstore.modules import maskable_modules, model_fingerprint
@@ -131,8 +131,6 @@ def build(
     elif not data:
         raise MaskstoreError("give at least one --persona NAME=FILE")
     all_names = names if source else list(data)
-    from maskstore.build import check_pairs
-
     check_pairs(all_names, pairs, config)
     times: dict[str, float] = {}
 

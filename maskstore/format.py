@@ -300,7 +300,9 @@ class Bundle:
             IntegrityError: naming the chunk, when its bytes do not match.
         """
         arr, ameta = self._array(persona, kind, module)
-        where = f"personas/{persona}/{kind}/{module}"
+        return self._verified_chunks(arr, ameta, f"personas/{persona}/{kind}/{module}")
+
+    def _verified_chunks(self, arr, ameta: dict, where: str) -> Iterator[tuple[int, np.ndarray]]:
         digests = ameta["chunk_digests"]
         if len(digests) != arr.nchunks:
             raise IntegrityError(f"{where}: chunk digest list does not match the array shape")
@@ -388,7 +390,8 @@ class Bundle:
                     try:
                         arr, ameta = self._array(p, kind, module)
                         h = ArrayHasher(arr.dtype, arr.shape)
-                        for _, block in self.iter_chunks(p, module, kind):
+                        where = f"personas/{p}/{kind}/{module}"
+                        for _, block in self._verified_chunks(arr, ameta, where):
                             h.update(block)
                         if h.hexdigest() != ameta["digest"] or ameta["digest"] != want:
                             problems.append(
