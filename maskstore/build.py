@@ -164,18 +164,19 @@ def masks_for_module(
         for p in personas:
             st = _stat(p, module, config)
             if config.method == "wanda":
-                s = scoring.wanda_scores(weight, st)
+                out[p.name] = scoring.select_fused(weight, scoring.wanda_factor(st), **sel)
             else:
-                s = scoring.sparsegpt_scores(weight, st.extra[config.hinv_row], config.blocksize)
-            out[p.name] = scoring.select(s, **sel)
+                hinv = st.extra[config.hinv_row]
+                out[p.name] = scoring.select_fused(weight, hinv, **sel, square=True)
         return out
     for a, b in pairs:
         sa, sb = _stat(by[a], module, config), _stat(by[b], module, config)
         if config.method == "contrastive-wanda":
-            pos, neg = scoring.contrastive_wanda_scores(
-                weight, sa, sb, config.phi, config.eps, config.tau
+            f_pos, f_neg = scoring.contrastive_wanda_factors(
+                sa, sb, config.phi, config.eps, config.tau
             )
-            out[a], out[b] = scoring.select(pos, **sel), scoring.select(neg, **sel)
+            out[a] = scoring.select_fused(weight, f_pos, **sel)
+            out[b] = scoring.select_fused(weight, f_neg, **sel)
         else:
             out[a], out[b] = scoring.contrastive_sparse_masks(
                 scoring.wanda_scores(weight, sa), scoring.wanda_scores(weight, sb), **sel

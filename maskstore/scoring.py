@@ -11,9 +11,6 @@ Subnetworks" (arXiv 2602.07164).
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
@@ -26,7 +23,7 @@ SELECTIONS = ("row", "nm", "layer")
 
 
 SCORE_DTYPE = torch.float32
-_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _vec(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -38,6 +35,11 @@ def _absw(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(SCORE_DTYPE).abs()
 
 
+def wanda_factor(stats: ChannelStats) -> np.ndarray:
+    """Wanda's per-input-channel factor ``||X_j||_2 = sqrt(sumsq_j)`` as float32 ``(in,)``."""
+    return np.asarray(stats.l2, dtype=np.float64).astype(np.float32)
+
+
 def wanda_scores(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
     """Wanda: ``S_ij = |W_ij| * ||X_j||_2`` (Sun et al. 2023, eq. 1).
 
@@ -47,7 +49,7 @@ def wanda_scores(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
     Returns:
         ``(out, in)`` float32 scores.
     """
-    return _absw(weight).mul_(_vec(stats.l2, weight))
+    return _absw(weight).mul_(_vec(wanda_factor(stats), weight))
 
 
 def contrastive_z(pos: ChannelStats, neg: ChannelStats, eps: float = 1e-6) -> np.ndarray:
@@ -69,6 +71,18 @@ def phi(z: np.ndarray, kind: str = "relu", tau: float = 1.0) -> np.ndarray:
     raise MaskstoreError(f"unknown phi {kind!r}: use relu or softplus")
 
 
+def contrastive_wanda_factors(
+    pos: ChannelStats,
+    neg: ChannelStats,
+    kind: str = "relu",
+    eps: float = 1e-6,
+    tau: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-input-channel factors ``(phi(z), phi(-z))`` of contrastive Wanda, float32 ``(in,)``."""
+    z = contrastive_z(pos, neg, eps)
+    return phi(z, kind, tau).astype(np.float32), phi(-z, kind, tau).astype(np.float32)
+
+
 def contrastive_wanda_scores(
     weight: torch.Tensor,
     pos: ChannelStats,
@@ -82,9 +96,9 @@ def contrastive_wanda_scores(
     Returns:
         ``(S+, S-)``, each ``(out, in)`` float32.
     """
-    z = contrastive_z(pos, neg, eps)
+    f_pos, f_neg = contrastive_wanda_factors(pos, neg, kind, eps, tau)
     a = _absw(weight)
-    return a * _vec(phi(z, kind, tau), weight), a * _vec(phi(-z, kind, tau), weight)
+    return a * _vec(f_pos, weight), a * _vec(f_neg, weight)
 
 
 def hinv_diag(gram: np.ndarray, tokens: int, damp: float = 0.01) -> np.ndarray:
@@ -128,42 +142,30 @@ def keep_count(in_features: int, sparsity: float) -> int:
     return int(np.floor((1.0 - sparsity) * in_features + 1e-9))
 
 
-def _kth_largest_cpu(a: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the k-th largest value ``(rows, 1)``: numpy's introselect over row blocks in
-    threads (it releases the GIL); about 3x faster than ``torch.kthvalue`` on CPU.
-
-    Scores are never negative except ``-inf`` (and never ``-0.0``), so their float32 bit patterns
-    read as int32 sort the same way, and integer selection is about 20% faster.
-    """
-    if a.dtype == np.float32:
-        return _kth_largest_cpu(a.view(np.int32), k).view(np.float32)
-    rows, n = a.shape
-    step = max(1, -(-rows // (os.cpu_count() or 1)))
-    if rows * n < 1 << 16 or step >= rows:
-        return np.partition(a, n - k, axis=1)[:, n - k : n - k + 1]
-    blocks = _POOL.map(
-        lambda r0: np.partition(a[r0 : r0 + step], n - k, axis=1)[:, n - k], range(0, rows, step)
-    )
-    return np.concatenate(list(blocks))[:, None]
-
-
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the ``k`` largest scores; ties go to the lowest column index.
+    """Per row, the ``k`` largest scores; ties go to the lowest column index; NaN counts as
+    ``-inf``.
 
-    Vectorised over rows: one selection for each row's threshold, then a comparison; only rows
-    with more tied values than places left take a cumulative sum to split the ties. NaN scores
-    count as ``-inf``.
+    On CPU, float32 (and the lossless float16/bfloat16) rows go to a compiled selection kernel
+    (``maskstore._select``). Elsewhere: one ``kthvalue`` per row for the threshold, a comparison,
+    and a cumulative sum to split ties only in rows with more tied values than places left.
+    Both paths give the same bits.
     """
     rows, n = scores.shape
     if k <= 0 or n == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    s = torch.nan_to_num(scores, nan=-torch.inf) if scores.isnan().any() else scores
-    if s.device.type == "cpu":
-        thr = torch.from_numpy(_kth_largest_cpu(s.numpy(), k))
-    else:
-        thr = torch.kthvalue(s, n - k + 1, dim=1, keepdim=True).values
+    if scores.device.type == "cpu" and scores.dtype in _KERNEL_DTYPES:
+        from ._select import topk_rows  # numba: imported on first use
+
+        return torch.from_numpy(topk_rows(scores.detach().float().numpy(), k))
+    s = (
+        torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        if scores.isnan().any()
+        else scores
+    )
+    thr = torch.kthvalue(s, n - k + 1, dim=1, keepdim=True).values
     keep = s >= thr
     extra = keep.sum(dim=1) > k  # rows where tied values outnumber the places left
     if extra.any():
@@ -196,6 +198,44 @@ def select(
             )
         return topk_mask(scores.reshape(-1, m), n).reshape(out, inp)
     raise MaskstoreError(f"unknown selection {mode!r}: use row, nm or layer")
+
+
+def select_fused(
+    weight: torch.Tensor,
+    factor: np.ndarray,
+    sparsity: float,
+    mode: str = "row",
+    n: int = 2,
+    m: int = 4,
+    square: bool = False,
+) -> torch.Tensor:
+    """``select(scores, ...)`` for scores formed per column from the weights, bit for bit:
+    ``|W_ij| * f_j`` (Wanda, contrastive Wanda) or, with ``square``, ``W_ij^2 / f_j`` (SparseGPT
+    with ``f = diag(H^-1)``).
+
+    On CPU with per-row selection the scores are never materialised: the compiled kernel forms
+    each row's float32 scores in cache and selects from them.
+
+    Args:
+        weight: ``(out, in)`` weight.
+        factor: ``(in,)`` per-input-channel factor (rounded to float32 once).
+    """
+    out, inp = weight.shape
+    k = keep_count(inp, sparsity)
+    if (
+        mode == "row"
+        and weight.device.type == "cpu"
+        and weight.dtype in _KERNEL_DTYPES
+        and 0 < k < inp
+    ):
+        from ._select import topk_fused_rows  # numba: imported on first use
+
+        f32 = np.asarray(factor, dtype=np.float64).astype(np.float32)
+        w = weight.detach().float().numpy()
+        return torch.from_numpy(topk_fused_rows(w, f32, k, square))
+    if square:
+        return select(sparsegpt_scores(weight, factor), sparsity, mode, n, m)
+    return select(_absw(weight).mul_(_vec(factor, weight)), sparsity, mode, n, m)
 
 
 def contrastive_sparse_masks(

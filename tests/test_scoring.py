@@ -53,6 +53,75 @@ def test_ties_go_to_lowest_index():
     assert scoring.topk_mask(nan, 2).tolist() == [[False, True, True]]
 
 
+def _reference_keep(s: np.ndarray, k: int) -> np.ndarray:
+    """Stable sort by descending score (NaN as -inf): equal scores keep index order."""
+    s = np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+    order = np.argsort(-s, axis=1, kind="stable")
+    keep = np.zeros(s.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :k], True, axis=1)
+    return keep
+
+
+def _hard_scores(rng, shape, kind: str) -> np.ndarray:
+    if kind == "normal":  # negative values too
+        return rng.normal(size=shape).astype(np.float32)
+    if kind == "ties":  # few distinct values: long runs of ties at the threshold
+        return rng.integers(0, 4, size=shape).astype(np.float32)
+    if kind == "wide":  # magnitudes over many octaves, like |W| * ||X||
+        return (np.abs(rng.normal(size=shape)) * 10.0 ** rng.uniform(-30, 30, size=shape)).astype(
+            np.float32
+        )
+    s = rng.normal(size=shape).astype(np.float32)  # special values sprinkled in
+    specials = np.array([np.nan, -np.inf, np.inf, -0.0, 0.0, 1e-45, -1e-45], dtype=np.float32)
+    pick = rng.random(shape) < 0.2
+    s[pick] = rng.choice(specials, size=int(pick.sum()))
+    return s
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 5), (40, 20), (64, 576), (4, 3000), (1, 200_000), (300, 300)]
+)
+@pytest.mark.parametrize("kind", ["normal", "ties", "wide", "specials"])
+def test_compiled_selection_matches_sort_and_torch_path(rng, shape, kind):
+    """The CPU kernel (float32) and the kthvalue path (float64, as on GPU) give the reference bits."""
+    s = _hard_scores(rng, shape, kind)
+    for k in sorted({1, shape[1] // 3, shape[1] // 2, shape[1] - 1} - {0}):
+        want = _reference_keep(s, k)
+        kernel = scoring.topk_mask(torch.from_numpy(s), k).numpy()
+        generic = scoring.topk_mask(torch.from_numpy(s).double(), k).numpy()
+        assert (kernel == want).all(), (kind, shape, k)
+        assert (generic == want).all(), (kind, shape, k)
+
+
+def test_compiled_selection_constant_and_half_rows():
+    s = torch.full((3, 70), 0.25)
+    assert scoring.topk_mask(s, 9)[:, :9].all() and scoring.topk_mask(s, 9).sum() == 27
+    h = torch.tensor([[0.5, 2.0, 2.0, -1.0]], dtype=torch.bfloat16)
+    assert scoring.topk_mask(h, 2).tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 24), (192, 576), (70, 1536)])
+def test_fused_selection_equals_scores_then_select(rng, dtype, shape, square):
+    """select_fused (kernel on CPU) gives the bits of select(wanda or sparsegpt scores), any mode."""
+    w = torch.from_numpy(rng.normal(size=shape)).to(dtype)
+    w[0, : shape[1] // 2] = 0.0  # a row of ties at zero
+    f = (rng.random(shape[1]) * 10.0 ** rng.uniform(-3, 3, shape[1])).astype(np.float64)
+    f[::7] = 0.0  # |w| * 0 ties; w^2 / 0 is inf (or NaN for 0 / 0, counted as -inf)
+    if square:
+        scores = scoring.sparsegpt_scores(w, f)
+    else:
+        scores = w.float().abs() * torch.from_numpy(f.astype(np.float32))
+    for sparsity in (0.0, 0.2, 0.5, 0.9, 0.999):
+        want = _reference_keep(scores.numpy(), scoring.keep_count(shape[1], sparsity))
+        got = scoring.select_fused(w, f, sparsity, square=square).numpy()
+        assert (got == want).all(), sparsity
+    for mode in ("nm", "layer"):
+        want = scoring.select(scores, 0.5, mode=mode)
+        assert torch.equal(scoring.select_fused(w, f, 0.5, mode=mode, square=square), want)
+
+
 def test_nm_and_layer_selection(rng):
     s = torch.from_numpy(rng.random((6, 16)))
     m = scoring.select(s, 0.5, mode="nm", n=2, m=4)
