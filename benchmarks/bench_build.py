@@ -49,7 +49,7 @@ def maskstore_masks(mods, stats, sparsity: float) -> list[torch.Tensor]:
 
 
 def maskstore_masks_from_scores(mods, stats, sparsity: float) -> list[torch.Tensor]:
-    """Materialised scores, then the compiled selection (the path sparsegpt's scores take)."""
+    """Scores materialised by torch, then the compiled selection (contrastive Sparse's path)."""
     return [
         scoring.select(scoring.wanda_scores(mod.weight, stats[name]), sparsity)
         for name, mod in mods.items()
