@@ -220,7 +220,7 @@ def select_fused(
         weight: ``(out, in)`` weight.
         factor: ``(in,)`` per-input-channel factor (rounded to float32 once).
     """
-    out, inp = weight.shape
+    inp = weight.shape[1]
     k = keep_count(inp, sparsity)
     if (
         mode == "row"
