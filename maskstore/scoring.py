@@ -26,9 +26,14 @@ SCORE_DTYPE = torch.float32
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _f32(x: np.ndarray) -> np.ndarray:
+    """A per-channel statistic rounded once from float64 to float32."""
+    return np.asarray(x, dtype=np.float64).astype(np.float32)
+
+
 def _vec(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A per-channel float64 statistic as a float32 row vector on ``like``'s device."""
-    return torch.as_tensor(np.asarray(x, dtype=np.float64).astype(np.float32), device=like.device)
+    return torch.as_tensor(_f32(x), device=like.device)
 
 
 def _absw(weight: torch.Tensor) -> torch.Tensor:
@@ -37,7 +42,7 @@ def _absw(weight: torch.Tensor) -> torch.Tensor:
 
 def wanda_factor(stats: ChannelStats) -> np.ndarray:
     """Wanda's per-input-channel factor ``||X_j||_2 = sqrt(sumsq_j)`` as float32 ``(in,)``."""
-    return np.asarray(stats.l2, dtype=np.float64).astype(np.float32)
+    return _f32(stats.l2)
 
 
 def wanda_scores(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
@@ -80,7 +85,7 @@ def contrastive_wanda_factors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-input-channel factors ``(phi(z), phi(-z))`` of contrastive Wanda, float32 ``(in,)``."""
     z = contrastive_z(pos, neg, eps)
-    return phi(z, kind, tau).astype(np.float32), phi(-z, kind, tau).astype(np.float32)
+    return _f32(phi(z, kind, tau)), _f32(phi(-z, kind, tau))
 
 
 def contrastive_wanda_scores(
@@ -230,9 +235,8 @@ def select_fused(
     ):
         from ._select import topk_fused_rows  # numba: imported on first use
 
-        f32 = np.asarray(factor, dtype=np.float64).astype(np.float32)
         w = weight.detach().float().numpy()
-        return torch.from_numpy(topk_fused_rows(w, f32, k, square))
+        return torch.from_numpy(topk_fused_rows(w, _f32(factor), k, square))
     if square:
         return select(sparsegpt_scores(weight, factor), sparsity, mode, n, m)
     return select(_absw(weight).mul_(_vec(factor, weight)), sparsity, mode, n, m)
