@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     fp = fingerprint(args.weights)
     numel = sum(o * i for o, i in fp["modules"].values())
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = make(tmp, fp, pt=True)
         b = open_bundle(path)
@@ -116,7 +116,7 @@ def main() -> None:
     rss0, _ = child_peak_rss("import maskstore.algebra")
     print(f"peak RSS of a process that only imports maskstore: {rss0:.0f} MiB")
     for scale in (1, 2):
-        with tempfile.TemporaryDirectory(dir=".") as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             fps = fingerprint(args.weights * scale / 2)
             p = make(Path(tmp), fps, pt=False)
             rss, _ = child_peak_rss(
