@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from _util import child_peak_rss, timeit
 
-from maskstore import algebra
-from maskstore.format import create_bundle, open_bundle
+from maskstore import algebra, create_bundle, open_bundle
 
 NAMES = ["p0", "p1", "p2", "p3"]
 

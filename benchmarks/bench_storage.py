@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maskstore.format import create_bundle, open_bundle
+from maskstore import create_bundle, open_bundle
 
 
 def entropy(p: float) -> float:

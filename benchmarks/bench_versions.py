@@ -15,7 +15,7 @@ import numpy as np
 from _util import cli_build
 
 from maskstore.bits import popcount
-from maskstore.format import open_bundle
+from maskstore.opener import open_bundle
 from maskstore.repo import init_repo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,22 +9,20 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from maskstore import calibration as cal
-from maskstore.build import BuildConfig, PersonaStats, check_pairs, collect_stats, write_personas
 from maskstore.errors import MaskstoreError
-from maskstore.format import check_persona_name, create_bundle, open_bundle
-from maskstore.modules import maskable_modules, model_fingerprint
+from maskstore.names import check_persona_name
+from maskstore.opener import open_bundle
 
 from ._common import console, emit_json, fmt_bytes, progress
-from .main import app
+from .app import app
 
 
-def _parse_personas(
-    specs: list[str],
-) -> tuple[dict[str, list[cal.Sample]], list[tuple[str, str]], list[str]]:
+def _parse_personas(specs: list[str]) -> tuple[dict[str, list], list[tuple[str, str]], list[str]]:
     """``NAME=FILE`` (one persona) or ``POS:NEG=FILE.csv`` (a question,matching,not_matching pair).
     A bare ``NAME`` selects a persona of ``--from-stats``."""
-    data: dict[str, list[cal.Sample]] = {}
+    from maskstore import calibration as cal
+
+    data: dict[str, list] = {}
     pairs: list[tuple[str, str]] = []
     names: list[str] = []
     for spec in specs:
@@ -101,6 +99,18 @@ def build(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Build persona masks from a model and calibration data (or from stored statistics)."""
+    from maskstore import calibration as cal
+    from maskstore.build import (
+        BuildConfig,
+        PersonaStats,
+        check_pairs,
+        collect_stats,
+        stats_from_bundle,
+        write_bundle,
+    )
+    from maskstore.models import load_model
+    from maskstore.modules import maskable_modules
+
     t0 = time.perf_counter()
     try:
         n_, m_ = (int(x) for x in nm.split(":"))
@@ -122,41 +132,24 @@ def build(
         source = open_bundle(from_stats)
         names = names or source.personas
         for n in names:
-            if not source.has_stats(n):
-                raise MaskstoreError(
-                    f"persona {n!r} in {from_stats} stores no statistics: rebuild it"
-                )
+            source.persona(n)  # unknown names fail here, listing the known ones
     elif names:
         raise MaskstoreError(f"--persona {names[0]} needs =FILE (or use --from-stats)")
     elif not data:
         raise MaskstoreError("give at least one --persona NAME=FILE")
-    all_names = names if source else list(data)
-    check_pairs(all_names, pairs, config)
+    check_pairs(names if source else list(data), pairs, config)
     times: dict[str, float] = {}
-
-    from maskstore.models import load_model
 
     with console.status("loading model"):
         mdl, tok = load_model(model, dtype=dtype, device=device)
     times["load model"] = time.perf_counter() - t0
     mods = maskable_modules(mdl, only=only, pattern=modules)
-    fp = model_fingerprint(mdl, mods, hash_weights=True)
 
     t1 = time.perf_counter()
-    stats: list[PersonaStats] = []
     if source is not None:
-        for mname, shape in fp["modules"].items():
-            have = source.fingerprint["modules"].get(mname)
-            if have is None or list(have) != shape:
-                raise MaskstoreError(
-                    f"{from_stats} does not match the model at {mname}: build from the model"
-                )
-        for n in names:
-            meta = source.persona(n)
-            stats.append(
-                PersonaStats(n, {m: source.read_stats(n, m) for m in mods}, meta["calibration"])
-            )
+        stats = stats_from_bundle(source, names, mods)
     else:
+        stats = []
         with progress() as bar:
             for n, smp in data.items():
                 chosen = cal.choose(smp, samples, seed)
@@ -178,17 +171,18 @@ def build(
     times["calibration"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    chunk_bytes = max(1024, int(chunk_mib * (1 << 20)))
-    with create_bundle(out, fp, force=force) as bundle, progress() as bar:
+    with progress() as bar:
         task = bar.add_task("scoring and writing", total=len(mods))
-        metas = write_personas(
-            bundle,
+        metas = write_bundle(
+            out,
+            mdl,
             mods,
             stats,
-            pairs,
-            config,
+            pairs=pairs,
+            config=config,
+            force=force,
             progress=lambda k: bar.advance(task, k),
-            chunk_bytes=chunk_bytes,
+            chunk_bytes=max(1024, int(chunk_mib * (1 << 20))),
             codec=codec,
         )
     times["scoring + write"] = time.perf_counter() - t2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -13,13 +12,12 @@ from maskstore.errors import MaskstoreError
 from maskstore.repo import init_repo, open_repo
 
 from ._common import console, emit_json, fmt_bytes, progress
-from .main import app
+from .app import JsonOpt, app
 
 RepoOpt = Annotated[
     Path,
     typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository folder (default .maskstore)"),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 DEFAULT_REPO = Path(".maskstore")
 
 
@@ -45,7 +43,7 @@ def commit(
     json_out: JsonOpt = False,
 ) -> None:
     """Snapshot a bundle as a new version (the repository is created if needed)."""
-    from maskstore.format import open_bundle
+    from maskstore.opener import open_bundle
 
     b = open_bundle(bundle)
     r = init_repo(repo)
@@ -61,7 +59,7 @@ def commit(
             progress=lambda k: bar.advance(task, k),
         )
     snap = r.snapshot(vid)
-    size = snap.nbytes_on_disk()
+    size = snap.bundle.nbytes_on_disk()
     if json_out:
         emit_json(
             {
@@ -90,7 +88,7 @@ def log(
         return
     tags: dict[str, list[str]] = {}
     r = open_repo(repo)
-    for name, v in {**r.refs("tags"), **r.refs("branches")}.items():
+    for name, v in {**r.tags(), **r.branches()}.items():
         tags.setdefault(v, []).append(name)
     t = Table("version", "refs", "created", "personas", "message")
     for e in entries:
@@ -131,7 +129,7 @@ def branch(
         console.print(f"deleted branch {name}")
         return
     if name is None:
-        for n, v in sorted(r.refs("branches").items()):
+        for n, v in sorted(r.branches().items()):
             console.print(f"{n}  {v[:12]}")
         return
     if r.branch_head(name) is not None:
@@ -243,7 +241,3 @@ def gc(
         emit_json({"removed": n, "bytes": freed})
         return
     console.print(f"removed {n} objects ({fmt_bytes(freed)})")
-
-
-def is_repo(path: str | os.PathLike) -> bool:
-    return (Path(path) / "maskstore-repo.json").is_file()

@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from maskstore import evaluate
 from maskstore.errors import MaskstoreError
-from maskstore.format import open_bundle
-from maskstore.runtime import MaskHandle, attach
+from maskstore.opener import open_bundle
+
+if TYPE_CHECKING:
+    from maskstore.runtime import MaskHandle
 
 from ._common import console, emit_json
-from .main import app
+from .app import JsonOpt, app
 
 ModelOpt = Annotated[
     Path | None, typer.Option(help="local HF model folder (default: embedded SmolLM2-135M)")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 def _attach(bundle: Path, model: Path | None, device: str = "cpu") -> tuple[MaskHandle, object]:
     from maskstore.models import load_model
+    from maskstore.runtime import attach
 
     b = open_bundle(bundle)
     with console.status("loading model"):
@@ -111,6 +112,8 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Persona alignment on a multiple-choice set: masks vs base model vs prompt-only baseline."""
+    from maskstore import evaluate
+
     items = evaluate.read_mc(mc)
     b = open_bundle(bundle)
     metas = {p: b.persona(p) for p in b.personas}
@@ -186,6 +189,8 @@ def similarity(
     lines = [s.text for s in read_samples(texts)][:limit]
     bnd = open_bundle(bundle)
     bnd.persona(a), bnd.persona(b)
+    from maskstore import evaluate
+
     handle, tok = _attach(bundle, model, device)
     cos = evaluate.layer_cosine(handle, tok, lines, a, b)
     if png is not None:

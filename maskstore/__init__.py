@@ -1,22 +1,47 @@
-"""maskstore: store, compare, version and serve persona masks over LLM weights."""
+"""maskstore: store, compare, version and serve persona masks over LLM weights.
+
+The storage core (bundles, set algebra, repositories) needs numpy only; what touches a model
+(``attach``, ``maskable_modules``, ``model_fingerprint``) imports torch on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 from .errors import IntegrityError, MaskstoreError  # noqa: E402
-from .format import Bundle, create_bundle, open_bundle, pack_zip  # noqa: E402
-from .modules import maskable_modules, model_fingerprint  # noqa: E402
-from .runtime import MaskHandle, attach  # noqa: E402
+from .format import Bundle  # noqa: E402
+from .opener import open_bundle  # noqa: E402
 from .stats import ChannelStats  # noqa: E402
+from .writer import create_bundle, pack_zip  # noqa: E402
 
 open = open_bundle  # noqa: A001 - ``maskstore.open(path)`` reads naturally
+
+_LAZY = {
+    "MaskHandle": "runtime",
+    "attach": "runtime",
+    "maskable_modules": "modules",
+    "model_fingerprint": "modules",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Torch-backed names, imported on first use so that storage-only users never load torch."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Bundle",
     "ChannelStats",
     "IntegrityError",
     "MaskHandle",
-    "attach",
     "MaskstoreError",
+    "attach",
     "create_bundle",
     "maskable_modules",
     "model_fingerprint",

@@ -7,10 +7,9 @@ the least significant bit, exactly as ``np.packbits(mask, axis=1, bitorder="litt
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import Any
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+import numpy as np
 
 
 def packed_width(in_features: int) -> int:
@@ -18,10 +17,11 @@ def packed_width(in_features: int) -> int:
     return (in_features + 7) // 8
 
 
-def pack(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Pack a 2-D bool mask ``(out, in)`` into ``uint8`` rows ``(out, ceil(in/8))``."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().to("cpu", torch.bool).numpy()
+def pack(mask: Any) -> np.ndarray:
+    """Pack a 2-D bool mask ``(out, in)`` (numpy, or a torch tensor) into ``uint8`` rows
+    ``(out, ceil(in/8))``."""
+    if hasattr(mask, "detach"):  # a torch tensor; torch is never imported here
+        mask = mask.detach().cpu().bool().numpy()
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (out, in), got shape {mask.shape}")
@@ -33,11 +33,21 @@ def unpack(packed: np.ndarray, in_features: int) -> np.ndarray:
     return np.unpackbits(packed, axis=1, count=in_features, bitorder="little").view(bool)
 
 
-def unpack_torch(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Unpack on the tensor's own device (so only packed bytes cross to a GPU)."""
+def unpack_torch(packed: Any, in_features: int) -> Any:
+    """Unpack a ``uint8`` torch tensor on its own device (so only packed bytes cross to a GPU)."""
+    import torch
+
     if packed.device.type == "cpu":
         return torch.from_numpy(unpack(packed.numpy(), in_features))
-    bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1  # (out, nbytes, 8)
+    return _unpack_shifts(packed, in_features)
+
+
+def _unpack_shifts(packed: Any, in_features: int) -> Any:
+    """The device path of :func:`unpack_torch`: shifts and masks, any torch device."""
+    import torch
+
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (out, nbytes, 8)
     return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
 
 

@@ -2,34 +2,43 @@
 
 Two stages, so that one calibration pass serves many masks ("score once, threshold many"):
 
-1. :func:`collect_stats` runs the model over token batches once per persona;
-2. :func:`write_personas` scores one module at a time (never a whole model's scores at once),
-   selects each persona's mask, and streams masks and statistics into the bundle.
+1. :func:`collect_stats` runs the model over token batches once per persona (or
+   :func:`stats_from_bundle` reads statistics a bundle stored);
+2. :func:`write_bundle` scores one module at a time (never a whole model's scores at once),
+   selects each persona's mask with the method's registry entry (:mod:`maskstore.methods`), and
+   streams masks and statistics into a new bundle.
+
+:func:`build` and :func:`build_from_stats` are the two stages together; the CLI, recipes and the
+tests all call these.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import scoring
+from . import methods, scoring
 from .collect import Batch, StatsCollector
 from .errors import MaskstoreError
-from .format import DEFAULT_CHUNK_BYTES, Bundle, check_persona_name, create_bundle
+from .format import DEFAULT_CHUNK_BYTES, Bundle
 from .modules import maskable_modules, model_fingerprint
+from .names import check_persona_name
 from .stats import ChannelStats
+from .writer import create_bundle
 
 Progress = Callable[[int], None] | None
 
 
 @dataclass
 class BuildConfig:
-    """How masks are scored and selected; every field is recorded in the persona's metadata."""
+    """How masks are scored and selected; the fields that matter are recorded in each persona's
+    metadata (``params``), and :meth:`from_params` reads them back."""
 
     method: str = "wanda"
     sparsity: float = 0.5
@@ -40,13 +49,9 @@ class BuildConfig:
     eps: float = 1e-6
     tau: float = 1.0
     damp: float = 0.01  # sparsegpt: lambda = damp * mean(diag(H))
-    blocksize: int = 128  # sparsegpt column block
 
     def check(self) -> None:
-        if self.method not in scoring.METHODS:
-            raise MaskstoreError(
-                f"unknown method {self.method!r}: use one of {', '.join(scoring.METHODS)}"
-            )
+        methods.get(self.method)
         if not 0.0 <= self.sparsity < 1.0:
             raise MaskstoreError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.selection not in scoring.SELECTIONS:
@@ -57,22 +62,35 @@ class BuildConfig:
             raise MaskstoreError("eps, tau and damp must be positive")
 
     @property
-    def contrastive(self) -> bool:
-        return self.method in scoring.CONTRASTIVE
+    def spec(self) -> methods.Method:
+        """The method's registry entry."""
+        return methods.get(self.method)
 
     @property
-    def hinv_row(self) -> str:
-        return f"hinv_diag_damp{self.damp:g}"
+    def contrastive(self) -> bool:
+        return self.spec.contrastive
 
     def params(self) -> dict:
-        keep = {"selection"}
+        """The fields recorded in persona metadata: the selection's and the method's."""
+        keep = {"selection", *self.spec.params(self)}
         if self.selection == "nm":
             keep |= {"n", "m"}
-        if self.method == "contrastive-wanda":
-            keep |= {"phi", "eps", "tau"} if self.phi == "softplus" else {"phi", "eps"}
-        if self.method == "sparsegpt":
-            keep |= {"damp", "blocksize"}
         return {k: v for k, v in asdict(self).items() if k in keep}
+
+    @classmethod
+    def from_params(
+        cls, method: str, sparsity: float | None, params: Mapping[str, Any]
+    ) -> BuildConfig:
+        """The config a persona was built with, from its recorded ``method``, ``sparsity`` and
+        ``params`` (pair keys and fields of older versions are ignored)."""
+        names = {f.name for f in fields(cls)} - {"method", "sparsity"}
+        config = cls(
+            method=method,
+            sparsity=0.0 if sparsity is None else sparsity,
+            **{k: v for k, v in params.items() if k in names},
+        )
+        config.check()
+        return config
 
 
 @dataclass
@@ -92,18 +110,19 @@ def collect_stats(
     config: BuildConfig | None = None,
     progress: Progress = None,
 ) -> dict[str, ChannelStats]:
-    """One calibration pass: :class:`ChannelStats` per module (plus SparseGPT's ``[H^-1]_jj``
-    when ``config.method == "sparsegpt"``; the Gram matrices are dropped after use)."""
-    gram = config is not None and config.method == "sparsegpt"
-    coll = StatsCollector(modules, gram=gram)
+    """One calibration pass: :class:`ChannelStats` per module, plus what the method derives from
+    Gram matrices (SparseGPT's ``[H^-1]_jj``; the Gram matrices are dropped after use)."""
+    finish = config.spec.finish if config is not None else None
+    coll = StatsCollector(modules, gram=finish is not None)
     stats = coll.run(model, batches, progress)
-    if gram:
-        done: dict[str, object] = {}
+    if finish is not None:
+        done: dict[str, tuple[str, Any]] = {}
         for name, st in stats.items():
             group = coll.group_of[name]
             if group not in done:
-                done[group] = scoring.hinv_diag(coll.grams[group], st.tokens, config.damp)
-            st.extra[config.hinv_row] = done[group]
+                done[group] = finish(coll.grams[group], st.tokens, config)
+            row, value = done[group]
+            st.extra[row] = value
     if any(st.tokens == 0 for st in stats.values()):
         raise MaskstoreError(
             "the calibration data reached no masked module: are the samples empty?"
@@ -112,6 +131,8 @@ def collect_stats(
 
 
 def check_pairs(names: list[str], pairs: list[tuple[str, str]], config: BuildConfig) -> None:
+    """Each pair names two different personas with data, each persona is in one pair at most,
+    and pairs are given exactly when the method is contrastive."""
     seen: set[str] = set()
     for a, b in pairs:
         if a == b:
@@ -141,11 +162,9 @@ def _stat(p: PersonaStats, module: str, config: BuildConfig) -> ChannelStats:
         st = p.stats[module]
     except KeyError:
         raise MaskstoreError(f"persona {p.name!r} has no statistics for {module}") from None
-    if config.method == "sparsegpt" and config.hinv_row not in st.extra:
-        raise MaskstoreError(
-            f"stored statistics of {p.name!r} lack SparseGPT's H^-1 diagonal for damp={config.damp:g}: "
-            "rebuild from the model with --method sparsegpt"
-        )
+    missing = config.spec.required(st, config) if config.spec.required else None
+    if missing:
+        raise MaskstoreError(f"stored statistics of {p.name!r} lack {missing}")
     return st
 
 
@@ -157,30 +176,17 @@ def masks_for_module(
     config: BuildConfig,
 ) -> dict[str, torch.Tensor]:
     """Bool masks ``(out, in)`` of one module for every persona."""
-    sel = dict(sparsity=config.sparsity, mode=config.selection, n=config.n, m=config.m)
-    by = {p.name: p for p in personas}
+    spec = config.spec
     out: dict[str, torch.Tensor] = {}
-    if not config.contrastive:
+    if not spec.contrastive:
         for p in personas:
-            st = _stat(p, module, config)
-            if config.method == "wanda":
-                out[p.name] = scoring.select_fused(weight, scoring.wanda_factor(st), **sel)
-            else:
-                hinv = st.extra[config.hinv_row]
-                out[p.name] = scoring.select_fused(weight, hinv, **sel, square=True)
+            (out[p.name],) = spec.masks(weight, [_stat(p, module, config)], config)
         return out
+    by = {p.name: p for p in personas}
     for a, b in pairs:
-        sa, sb = _stat(by[a], module, config), _stat(by[b], module, config)
-        if config.method == "contrastive-wanda":
-            f_pos, f_neg = scoring.contrastive_wanda_factors(
-                sa, sb, config.phi, config.eps, config.tau
-            )
-            out[a] = scoring.select_fused(weight, f_pos, **sel)
-            out[b] = scoring.select_fused(weight, f_neg, **sel)
-        else:
-            out[a], out[b] = scoring.contrastive_sparse_masks(
-                scoring.wanda_scores(weight, sa), scoring.wanda_scores(weight, sb), **sel
-            )
+        out[a], out[b] = spec.masks(
+            weight, [_stat(by[a], module, config), _stat(by[b], module, config)], config
+        )
     return out
 
 
@@ -194,7 +200,8 @@ def write_personas(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
 ) -> dict[str, dict]:
-    """Score, select and write every persona, one module at a time.
+    """Score, select and write every persona into an open (writable) bundle, one module at a
+    time.
 
     Returns:
         persona name -> its committed metadata.
@@ -236,6 +243,59 @@ def write_personas(
         raise
 
 
+def write_bundle(
+    out: str | os.PathLike,
+    model: nn.Module,
+    modules: Mapping[str, nn.Linear],
+    personas: list[PersonaStats],
+    *,
+    pairs: list[tuple[str, str]] = (),
+    config: BuildConfig | None = None,
+    force: bool = False,
+    progress: Progress = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    codec: str = "zstd",
+) -> dict[str, dict]:
+    """Score and write ``personas`` into a new bundle at ``out`` (atomically).
+
+    Returns:
+        persona name -> its committed metadata.
+    """
+    config = config or BuildConfig()
+    config.check()
+    for p in personas:
+        check_persona_name(p.name)
+    check_pairs([p.name for p in personas], list(pairs), config)
+    fp = model_fingerprint(model, dict(modules), hash_weights=True)
+    with create_bundle(out, fp, force=force) as bundle:
+        return write_personas(
+            bundle, modules, personas, list(pairs), config, progress, chunk_bytes, codec
+        )
+
+
+def stats_from_bundle(
+    source: Bundle, names: list[str] | None, modules: Mapping[str, nn.Linear]
+) -> list[PersonaStats]:
+    """The statistics a bundle stored for ``names`` (default: all its personas) and ``modules``,
+    checked against the modules' shapes."""
+    names = list(names or source.personas)
+    for mname, mod in modules.items():
+        have = source.fingerprint["modules"].get(mname)
+        if have is None or list(have) != [mod.out_features, mod.in_features]:
+            raise MaskstoreError(
+                f"{source.path} does not match the model at {mname}: build from the model"
+            )
+    out = []
+    for n in names:
+        if not source.has_stats(n):
+            raise MaskstoreError(f"persona {n!r} in {source.path} stores no statistics: rebuild it")
+        meta = source.persona(n)
+        out.append(
+            PersonaStats(n, {m: source.read_stats(n, m) for m in modules}, meta["calibration"])
+        )
+    return out
+
+
 def build(
     model: nn.Module,
     calibration: Mapping[str, Iterable[Batch]],
@@ -268,7 +328,33 @@ def build(
         PersonaStats(name, collect_stats(model, modules, batches, config))
         for name, batches in calibration.items()
     ]
-    fp = model_fingerprint(model, modules, hash_weights=True)
-    with create_bundle(out, fp, force=force) as bundle:
-        write_personas(bundle, modules, personas, list(pairs), config)
+    write_bundle(out, model, modules, personas, pairs=list(pairs), config=config, force=force)
+    return Path(out)
+
+
+def build_from_stats(
+    source: Bundle,
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    names: list[str] | None = None,
+    pairs: list[tuple[str, str]] = (),
+    config: BuildConfig | None = None,
+    modules: Mapping[str, nn.Linear] | None = None,
+    force: bool = False,
+) -> Path:
+    """Build a bundle from the statistics another bundle stored: no forward pass.
+
+    Args:
+        source: the bundle whose personas stored statistics.
+        model: the model the statistics came from (its weights are scored).
+        names: the personas to rebuild (default: all).
+    Returns:
+        The bundle path.
+    """
+    config = config or BuildConfig()
+    config.check()
+    modules = dict(modules) if modules is not None else maskable_modules(model)
+    personas = stats_from_bundle(source, names, modules)
+    write_bundle(out, model, modules, personas, pairs=list(pairs), config=config, force=force)
     return Path(out)

@@ -78,10 +78,6 @@ class StatsCollector:
 
         return hook
 
-    def gram_of(self, name: str) -> np.ndarray:
-        """Accumulated ``X^T X`` of a module's input."""
-        return self.grams[self.group_of[name]]
-
     def run(
         self,
         model: nn.Module,

@@ -48,13 +48,6 @@ class ArrayHasher:
         return self._h.hexdigest()
 
 
-def array_digest(arr: np.ndarray) -> str:
-    """Digest of a whole in-memory array (same value as streaming it through ArrayHasher)."""
-    h = ArrayHasher(arr.dtype, arr.shape)
-    h.update(arr)
-    return h.hexdigest()
-
-
 def metadata_digest(obj: Any) -> str:
     """xxh3-128 of the canonical JSON of ``obj``."""
     return xxh3(canonical_json(obj))

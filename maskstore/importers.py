@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import MaskstoreError
-from .format import create_bundle
+from .writer import create_bundle
 
 _FILE = re.compile(r"^M_(.+)\.pt$")
 

@@ -1,14 +1,19 @@
-"""Which modules a persona masks, what kind and layer each one is, and the model fingerprint."""
+"""Which modules a persona masks, what kind and layer each one is, and the model fingerprint.
+
+Naming rules (kind, layer) need no torch; torch is imported when a model is inspected.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
-from torch import nn
 
 from .errors import MaskstoreError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _ATTN_LEAF = {
     "q_proj",
@@ -92,6 +97,8 @@ def maskable_modules(
         rx = re.compile(pattern) if pattern else None
     except re.error as e:
         raise MaskstoreError(f"invalid --modules regex {pattern!r}: {e}") from None
+    from torch import nn
+
     out = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or _NEVER.search(name):
@@ -110,6 +117,8 @@ def maskable_modules(
 def weights_hash(modules: dict[str, nn.Linear]) -> str:
     """xxh3-128 over the masked weights: names, shapes and float32 values, in model order
     (the same value for a model in any dtype that holds the same float32 numbers)."""
+    import torch
+
     x = xxhash.xxh3_128()
     for name, mod in modules.items():
         w = mod.weight.detach().to("cpu", torch.float32).contiguous()

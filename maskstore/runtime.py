@@ -20,8 +20,9 @@ from torch import nn
 
 from .bits import unpack_torch
 from .errors import MaskstoreError
-from .format import Bundle, open_bundle
+from .format import Bundle
 from .modules import weights_hash
+from .opener import open_bundle
 
 
 @dataclass

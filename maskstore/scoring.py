@@ -17,8 +17,6 @@ import torch
 from .errors import MaskstoreError
 from .stats import ChannelStats
 
-METHODS = ("wanda", "sparsegpt", "contrastive-wanda", "contrastive-sparse")
-CONTRASTIVE = ("contrastive-wanda", "contrastive-sparse")
 SELECTIONS = ("row", "nm", "layer")
 
 
@@ -127,19 +125,14 @@ def hinv_diag(gram: np.ndarray, tokens: int, damp: float = 0.01) -> np.ndarray:
     return torch.diagonal(torch.cholesky_inverse(chol)).numpy().copy()
 
 
-def sparsegpt_scores(weight: torch.Tensor, hinv: np.ndarray, blocksize: int = 128) -> torch.Tensor:
+def sparsegpt_scores(weight: torch.Tensor, hinv: np.ndarray) -> torch.Tensor:
     """Mask-only SparseGPT saliency ``S_ij = W_ij^2 / [H^-1]_jj`` (Frantar & Alistarh 2023, eq. 3).
 
-    Computed over blocks of ``blocksize`` columns as SparseGPT does; the weights are never
-    updated (no OBS reconstruction): this only decides which weights a persona keeps.
+    The weights are never updated (no OBS reconstruction): this only decides which weights a
+    persona keeps, so SparseGPT's column blocks would not change a single score.
     """
     w = weight.detach().to(SCORE_DTYPE)
-    d = _vec(hinv, weight)
-    out = torch.empty_like(w)
-    for j0 in range(0, w.shape[1], blocksize):
-        j1 = min(j0 + blocksize, w.shape[1])
-        torch.div(w[:, j0:j1].square(), d[j0:j1], out=out[:, j0:j1])
-    return out
+    return w.square().div_(_vec(hinv, weight))
 
 
 def keep_count(in_features: int, sparsity: float) -> int:

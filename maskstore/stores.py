@@ -1,19 +1,26 @@
-"""Object stores behind repositories and remotes: a local folder, any fsspec URL (``s3://``), a zip.
+"""Stores: where bundles, repositories and remotes keep their bytes, behind one small interface.
 
-Each store offers the same small interface: ``get``, ``has``, ``put`` (atomic), ``create``
-(write only if absent, atomically), ``swap`` (compare-and-swap of a small ref file), ``list``,
-``delete``. Objects are immutable and named by content, so a plain atomic ``put`` is always safe;
-only refs need ``create``/``swap``.
+Keys are ``/``-separated relative paths. Three stores implement :class:`Store`:
+
+* :class:`LocalStore`, a folder (bundles, repositories, folder remotes);
+* :class:`FsspecStore`, an ``s3://`` URL (remotes);
+* :class:`ZipStore`, a read-only zip (packed bundles, exported versions).
+
+Objects are immutable and named by content, so a plain atomic ``put`` is always safe; only refs need
+``create`` (write if absent) and ``swap`` (compare-and-swap). Capability flags say what a store can
+do, so callers check instead of catching ``TypeError``.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import time
 import uuid
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 from .errors import MaskstoreError
 
@@ -23,30 +30,38 @@ class RefConflict(MaskstoreError):
 
 
 class Store(ABC):
-    """The interface every store implements. Keys are ``/``-separated relative paths."""
+    """The interface every store implements.
+
+    Attributes:
+        url: where the store lives, for messages.
+        read_only: writes raise :class:`MaskstoreError`.
+        supports_writes: ``put``/``create``/``swap``/``delete`` are implemented.
+        supports_atomic_create: ``create`` and ``swap`` are atomic against other writers.
+    """
 
     url: str
+    read_only: bool = False
+    supports_writes: bool = True
+    supports_atomic_create: bool = True
+
+    # ---- reading
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The bytes under ``key``, or None when absent."""
+
+    def read_into(self, key: str, buf: bytearray) -> int | bytes | None:
+        """Read ``key`` into ``buf`` and return its length; return the bytes themselves when they
+        do not fit; None when absent. Stores that can read without a copy override this."""
+        return self.get(key)
 
     @abstractmethod
-    def get(self, key: str) -> bytes | None: ...
+    def list(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (recursively), sorted."""
 
-    @abstractmethod
-    def put(self, key: str, data: bytes) -> None: ...
-
-    @abstractmethod
-    def create(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only if it does not exist; False if it did."""
-
-    @abstractmethod
-    def swap(self, key: str, data: bytes, expected: bytes | None) -> None:
-        """Replace ``key`` with ``data`` if its content is still ``expected`` (None: absent);
-        raise :class:`RefConflict` otherwise."""
-
-    @abstractmethod
-    def list(self, prefix: str) -> list[str]: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
+    def children(self, prefix: str) -> list[str]:
+        """Names directly below the folder ``prefix`` (``"personas/"`` -> persona names)."""
+        n = len(prefix)
+        return sorted({k[n:].split("/", 1)[0] for k in self.list(prefix)})
 
     def has(self, key: str) -> bool:
         return self.get(key) is not None
@@ -59,14 +74,40 @@ class Store(ABC):
     def mtime(self, key: str) -> float:
         return 0.0
 
+    # ---- writing
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``key`` atomically (readers see the old bytes or the new, never a part)."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist; False if it did."""
+
+    @abstractmethod
+    def swap(self, key: str, data: bytes, expected: bytes | None) -> None:
+        """Replace ``key`` with ``data`` if its content is still ``expected`` (None: absent);
+        raise :class:`RefConflict` otherwise."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def zarr_store(self) -> Any:
+        """The same bytes as a ``zarr.abc.store.Store``, for arrays outside maskstore's profile."""
+        raise MaskstoreError(f"{self.url}: arrays outside maskstore's zarr profile cannot be read")
+
+    def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing open
+        """Release what the source holds open (a zip file); nothing by default."""
+
 
 class LocalStore(Store):
     """A folder. Writes go to a temporary file renamed into place; refs are swapped under an
     exclusive lock file (a lock older than 60 s is treated as left by a killed process)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, read_only: bool = False) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self.read_only = read_only
+        self.supports_writes = not read_only
 
     def _p(self, key: str) -> Path:
         return self.root / key
@@ -77,8 +118,21 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
+    def read_into(self, key: str, buf: bytearray) -> int | bytes | None:
+        try:
+            with open(self._p(key), "rb", buffering=0) as f:
+                n = f.readinto(buf)
+                if n < len(buf):
+                    return n
+                return bytes(buf) + f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
     def has(self, key: str) -> bool:
-        return self._p(key).is_file()
+        try:
+            return stat.S_ISREG(self._p(key).stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def mtime(self, key: str) -> float:
         return self._p(key).stat().st_mtime
@@ -86,10 +140,31 @@ class LocalStore(Store):
     def size(self, key: str) -> int:
         try:
             return self._p(key).stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return 0
 
+    def children(self, prefix: str) -> list[str]:
+        base = self._p(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._p(prefix)
+        if not base.exists():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-") and not p.name.endswith(".lock")
+        )
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise MaskstoreError(f"{self.url} was opened read-only")
+
     def _tmp(self, key: str, data: bytes) -> Path:
+        self._writable()
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.parent / f".tmp-{uuid.uuid4().hex}"
@@ -113,6 +188,7 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
 
     def swap(self, key: str, data: bytes, expected: bytes | None) -> None:
+        self._writable()
         lock = self._p(key + ".lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
@@ -136,25 +212,21 @@ class LocalStore(Store):
             os.close(fd)
             lock.unlink(missing_ok=True)
 
-    def list(self, prefix: str) -> list[str]:
-        base = self._p(prefix)
-        if not base.exists():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-") and not p.name.endswith(".lock")
-        )
-
     def delete(self, key: str) -> None:
+        self._writable()
         self._p(key).unlink(missing_ok=True)
+
+    def zarr_store(self) -> Any:
+        import zarr.storage
+
+        return zarr.storage.LocalStore(self.root, read_only=self.read_only)
 
 
 class FsspecStore(Store):
     """Any fsspec URL. Atomic create and compare-and-swap use S3's conditional writes
     (``If-None-Match: *`` and ``If-Match: <etag>``), which AWS S3 and compatible servers honour."""
 
-    def __init__(self, url: str, **storage_options) -> None:
+    def __init__(self, url: str, **storage_options: Any) -> None:
         import fsspec
 
         self.url = url.rstrip("/")
@@ -235,17 +307,24 @@ class FsspecStore(Store):
 
 
 class ZipStore(Store):
-    """A read-only zip of a store's objects (the single-file hand-off of ``maskstore export``)."""
+    """A read-only zip: a packed bundle or an exported version. Only the central directory is
+    read on open; members are read on demand."""
+
+    read_only = True
+    supports_writes = False
+    supports_atomic_create = False
 
     def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
         self.url = str(path)
         try:
             self._zf = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as e:
             raise MaskstoreError(
-                f"{path} is not a readable maskstore export ({type(e).__name__})"
+                f"{path} is not a readable maskstore zip ({type(e).__name__}): "
+                "it may be truncated; make it again"
             ) from None
-        self._names = set(self._zf.namelist())
+        self._names = {i.filename: i for i in self._zf.infolist() if not i.is_dir()}
 
     def get(self, key: str) -> bytes | None:
         return self._zf.read(key) if key in self._names else None
@@ -253,28 +332,56 @@ class ZipStore(Store):
     def has(self, key: str) -> bool:
         return key in self._names
 
+    def size(self, key: str) -> int:
+        info = self._names.get(key)
+        return 0 if info is None else info.file_size
+
     def list(self, prefix: str) -> list[str]:
         return sorted(n for n in self._names if n.startswith(prefix))
 
+    def _refuse(self) -> None:
+        raise MaskstoreError(f"{self.url} is a zip and read-only: unzip it to modify it")
+
     def put(self, key: str, data: bytes) -> None:
-        raise MaskstoreError("an export zip is read-only")
+        self._refuse()
 
-    create = swap = delete = put  # type: ignore[assignment]
+    def create(self, key: str, data: bytes) -> bool:
+        self._refuse()
+        return False
+
+    def swap(self, key: str, data: bytes, expected: bytes | None) -> None:
+        self._refuse()
+
+    def delete(self, key: str) -> None:
+        self._refuse()
+
+    def zarr_store(self) -> Any:
+        import zarr.storage
+
+        return zarr.storage.ZipStore(self.path, mode="r")
+
+    def close(self) -> None:
+        self._zf.close()
 
 
-def open_store(url: str | os.PathLike, create: bool = False) -> Store:
-    """A store for a local folder, an ``s3://`` URL or an export ``.zip``.
+def open_store(url: str | os.PathLike, create: bool = False, read_only: bool = False) -> Store:
+    """A store for a local folder, an ``s3://`` URL or a ``.zip``.
 
     S3 endpoints come from the usual environment (``AWS_ENDPOINT_URL`` etc.).
+
+    Args:
+        url: a folder, ``file://`` path, ``s3://`` URL, or an existing ``.zip`` file.
+        create: create a missing folder.
+        read_only: refuse writes to a folder.
     """
     s = str(url)
     if "://" in s and not s.startswith("file://"):
         return FsspecStore(s)
     path = Path(s.removeprefix("file://"))
-    if path.suffix == ".zip" and path.is_file():
+    if path.is_file():
         return ZipStore(path)
     if create:
         path.mkdir(parents=True, exist_ok=True)
     elif not path.is_dir():
         raise MaskstoreError(f"{path} does not exist: create it, or check the path")
-    return LocalStore(path)
+    return LocalStore(path, read_only=read_only)

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from maskstore.format import create_bundle  # noqa: E402
+from maskstore import create_bundle  # noqa: E402
 
 
 def random_fingerprint(rng: np.random.Generator, n_layers: int = 2) -> dict:
@@ -79,7 +79,7 @@ def cli(capsys, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from maskstore.models import save_tiny
+    from _tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 

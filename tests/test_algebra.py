@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from maskstore import algebra
 from maskstore.errors import MaskstoreError
-from maskstore.format import open_bundle
 from maskstore.importers import import_pt
+from maskstore.opener import open_bundle
 
 
 def _expected(masks, names, modules=None):

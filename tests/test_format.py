@@ -13,9 +13,10 @@ import zarr.storage
 from conftest import random_fingerprint, random_masks, write_bundle
 
 import maskstore
+from maskstore import create_bundle, open_bundle, pack_zip
 from maskstore.errors import IntegrityError, MaskstoreError
-from maskstore.format import create_bundle, open_bundle, pack_zip
 from maskstore.stats import ChannelStats
+from maskstore.stores import ZipStore
 
 
 def _chunk_files(bundle: Path, persona: str, module: str) -> list[Path]:
@@ -99,7 +100,7 @@ def test_zip_bundle_reads_lazily_and_matches(tmp_path, rng):
     write_bundle(tmp_path / "b", fp, masks)
     pack_zip(tmp_path / "b", tmp_path / "b.zip")
     z = open_bundle(tmp_path / "b.zip")
-    assert z.is_zip and z.personas == ["a", "b"]
+    assert isinstance(z.store, ZipStore) and z.personas == ["a", "b"]
     assert z.digest == open_bundle(tmp_path / "b").digest
     m = next(iter(masks["a"]))
     assert np.array_equal(z.read_mask("a", m), masks["a"][m])
@@ -193,7 +194,7 @@ def test_killed_writer_leaves_bundle_valid(tmp_path, rng):
     write_bundle(tmp_path / "b", fp, {"a": {"l.0.mlp.up_proj": np.ones((256, 256), bool)}})
     script = textwrap.dedent(f"""
         import numpy as np, sys
-        from maskstore.format import open_bundle
+        from maskstore.opener import open_bundle
         b = open_bundle({str(tmp_path / "b")!r}, writable=True)
         with b.persona_writer("victim", method="t") as w:
             for i in range(200):
@@ -264,17 +265,20 @@ def test_existing_bundle_not_overwritten_without_force(tmp_path, rng):
 def test_metadata_only_until_arrays_are_asked(tmp_path, rng, monkeypatch):
     fp = random_fingerprint(rng)
     write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
+    from maskstore.stores import LocalStore
+
     reads = []
-    orig = zarr.storage.LocalStore.get
-
-    async def spy(self, key, *a, **k):
-        reads.append(key)
-        return await orig(self, key, *a, **k)
-
-    monkeypatch.setattr(zarr.storage.LocalStore, "get", spy)
+    get, read_into = LocalStore.get, LocalStore.read_into
+    monkeypatch.setattr(LocalStore, "get", lambda s, k: reads.append(k) or get(s, k))
+    monkeypatch.setattr(
+        LocalStore, "read_into", lambda s, k, buf: reads.append(k) or read_into(s, k, buf)
+    )
     b = open_bundle(tmp_path / "b")
     _ = b.personas, b.persona("a"), b.digest
     assert reads and all(k.endswith("zarr.json") for k in reads)
+    module = next(iter(fp["modules"]))
+    b.read_mask("a", module)  # the spy does see chunk reads
+    assert f"personas/a/masks/{module}/c/0/0" in reads
 
 
 def test_arrays_reencoded_by_other_tools_read_through_zarr(tmp_path, rng):

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import byte_tokenizer, tiny_llama
 from conftest import write_bundle
 
 import maskstore
 from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build
 from maskstore.errors import IntegrityError, MaskstoreError
-from maskstore.format import open_bundle
-from maskstore.models import byte_tokenizer, tiny_llama
+from maskstore.opener import open_bundle
 from maskstore.repo import MAX_DELTA_DEPTH, init_repo, open_repo
 from maskstore.stores import RefConflict, open_store
 
@@ -43,13 +43,21 @@ def test_commit_checkout_roundtrip_dedup_and_lazy_open(tmp_path, rng, fp):
     assert len(vid) == 64 and repo.resolve("main") == vid
     repo.tag("v1", "main")
     snap = maskstore.open(f"{tmp_path / 'repo'}@v1")
-    assert snap.digest == open_bundle(tmp_path / "b").digest == snap.manifest["bundle_digest"]
+    assert snap.digest == open_bundle(tmp_path / "b").digest == repo.manifest(vid)["bundle_digest"]
     for p, mods in masks.items():
         for m, arr in mods.items():
             assert np.array_equal(snap.read_mask(p, m), arr)
-    # a_copy's chunks are a's chunks: stored once
-    man = snap.manifest["personas"]
-    assert man["a_copy"]["arrays"] != {} and snap.verify() == []
+    assert snap.verify() == []
+    # a_copy's chunks are a's chunks: stored once (count the objects, without deltas)
+    without = {k: v for k, v in masks.items() if k != "a_copy"}
+    write_bundle(tmp_path / "b3", fp, without)
+    r_with, r_without = init_repo(tmp_path / "with"), init_repo(tmp_path / "without")
+    v_with = r_with.commit(open_bundle(tmp_path / "b"), "x", delta=False)
+    r_without.commit(open_bundle(tmp_path / "b3"), "x", delta=False)
+    arrays = r_with.manifest(v_with)["personas"]
+    assert arrays["a_copy"]["arrays"] == arrays["a"]["arrays"]
+    n_with = len(r_with.store.list("chunks/"))
+    assert n_with == len(r_without.store.list("chunks/")) == 3 * len(fp["modules"])
     repo.checkout("v1", tmp_path / "out")
     assert open_bundle(tmp_path / "out").digest == snap.digest
     # unchanged content committed again: no new chunk objects
@@ -75,10 +83,10 @@ def test_deltas_are_exact_smaller_and_bounded(tmp_path, rng, fp):
     assert len(deltas) >= 3
     for p in names:
         for m, arr in masks[p].items():
-            assert np.array_equal(snap.read_mask(p, m), arr)
-    assert snap.nbytes_on_disk(kind="masks") < 0.6 * plain.snapshot("main").nbytes_on_disk(
-        kind="masks"
-    )
+            assert np.array_equal(snap.bundle.read_mask(p, m), arr)
+    assert snap.bundle.nbytes_on_disk(kind="masks") < 0.6 * plain.snapshot(
+        "main"
+    ).bundle.nbytes_on_disk(kind="masks")
     # the same persona drifting over many versions: chains stay bounded
     cur = masks["p0"]
     for i in range(MAX_DELTA_DEPTH + 3):
@@ -87,8 +95,8 @@ def test_deltas_are_exact_smaller_and_bounded(tmp_path, rng, fp):
         v = repo.commit(open_bundle(tmp_path / f"d{i}"), f"drift {i}")
         s = repo.snapshot(v)
         for m in fp["modules"]:
-            assert repo._depth(s, "p0", m) <= MAX_DELTA_DEPTH
-            assert np.array_equal(s.read_mask("p0", m), cur[m])
+            assert s.source.depth("p0", m) <= MAX_DELTA_DEPTH
+            assert np.array_equal(s.bundle.read_mask("p0", m), cur[m])
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +122,9 @@ def test_recipe_persona_costs_no_mask_bits_and_recomputes(tmp_path, tiny_bundle)
     repo = init_repo(tmp_path / "repo")
     vid = repo.commit(open_bundle(tiny_bundle), "recipe", recipes=("introvert",))
     snap = repo.snapshot(vid)
-    assert snap.is_recipe("introvert") and snap.nbytes_on_disk("introvert", "masks") == 0
+    assert snap.is_recipe("introvert") and snap.bundle.nbytes_on_disk("introvert", "masks") == 0
     with pytest.raises(MaskstoreError, match="recipe"):
-        snap.read_mask("introvert", "model.layers.0.mlp.up_proj")
+        snap.bundle.read_mask("introvert", "model.layers.0.mlp.up_proj")
     with pytest.raises(MaskstoreError, match="pass --model"):
         repo.checkout(vid, tmp_path / "x")
     model = tiny_llama(seed=11)
@@ -126,7 +134,7 @@ def test_recipe_persona_costs_no_mask_bits_and_recomputes(tmp_path, tiny_bundle)
         repo.checkout(vid, tmp_path / "bad", model=tiny_llama(seed=12))
     assert not (tmp_path / "bad").exists()
     # a live model loads the recipe directly
-    h = maskstore.attach(model, snap)
+    h = maskstore.attach(model, snap.bundle)
     base = model.model.layers[0].mlp.up_proj.weight.clone()
     h.use("introvert")
     want = base * open_bundle(tiny_bundle).read_mask(
@@ -251,7 +259,7 @@ def test_s3_push_pull_moves_only_missing_objects(tmp_path, rng, fp, s3_server, c
     assert code == 0, err
     clone = open_repo(tmp_path / "clone")
     assert clone.resolve("main") == open_repo(repo).resolve("main") and clone.verify() == []
-    snap = clone.snapshot("main")
+    snap = clone.snapshot("main").bundle
     assert np.array_equal(
         snap.read_mask("c", next(iter(fp["modules"]))), ~masks["a"][next(iter(fp["modules"]))]
     )
@@ -280,8 +288,14 @@ def test_corruption_is_named_on_verify_pull_and_push(tmp_path, rng, fp):
 
 
 def _run_killed(code: str, kill_after: int) -> int:
-    env = {**os.environ, "MASKSTORE_TEST_KILL_AFTER": str(kill_after)}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
+    """Run ``code`` in a fresh process whose store (``store(path)``) dies after ``kill_after``
+    completed writes."""
+    prelude = (
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from _faults import KillAfter\nfrom maskstore.stores import open_store\n"
+        f"def store(path):\n    return KillAfter(open_store(path, create=True), {kill_after})\n"
+    )
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True).returncode
 
 
 def test_commit_and_push_killed_at_many_points_leave_valid_repos(tmp_path, rng, fp):
@@ -289,11 +303,16 @@ def test_commit_and_push_killed_at_many_points_leave_valid_repos(tmp_path, rng, 
     write_bundle(tmp_path / "b2", fp, _family(rng, fp, ["a", "b", "c"]))
     repo = init_repo(tmp_path / "repo")
     v1 = repo.commit(open_bundle(tmp_path / "b1"), "base")
+    repo_path, remote = str(tmp_path / "repo"), str(tmp_path / "remote")
     commit = (
-        f"from maskstore.repo import open_repo\nfrom maskstore.format import open_bundle\n"
-        f"open_repo({str(tmp_path / 'repo')!r}).commit(open_bundle({str(tmp_path / 'b2')!r}), 'next')"
+        "from maskstore.repo import Repository\nfrom maskstore import open_bundle\n"
+        f"Repository(store({repo_path!r}), {repo_path!r})"
+        f".commit(open_bundle({str(tmp_path / 'b2')!r}), 'next')"
     )
-    push = f"from maskstore.repo import open_repo\nopen_repo({str(tmp_path / 'repo')!r}).push({str(tmp_path / 'remote')!r}, 'main')"
+    push = (
+        "from maskstore.repo import open_repo\n"
+        f"open_repo({repo_path!r}).push(store({remote!r}), 'main')"
+    )
     killed = 0
     for k in range(1, 40):
         rc = _run_killed(commit, k)

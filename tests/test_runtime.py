@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+from _tiny import byte_tokenizer, tiny_llama
 from conftest import pair_args
 
 import maskstore
-from maskstore import evaluate
+from maskstore import create_bundle, evaluate
 from maskstore.errors import MaskstoreError
-from maskstore.format import create_bundle
-from maskstore.models import byte_tokenizer, tiny_llama
 from maskstore.modules import maskable_modules, model_fingerprint
 
 

@@ -198,15 +198,24 @@ def test_sparsegpt_matches_direct_inverse(rng):
     h += 0.01 * np.mean(np.diag(h)) * np.eye(9)
     np.testing.assert_allclose(d, np.diag(np.linalg.inv(h)), rtol=1e-9)
     w = torch.from_numpy(rng.normal(size=(3, 9))).float()
-    s = scoring.sparsegpt_scores(w, d, blocksize=4)
+    s = scoring.sparsegpt_scores(w, d)
     for i in range(3):
         for j in range(9):
             assert s[i, j].item() == pytest.approx(w[i, j].item() ** 2 / d[j], rel=1e-6)
 
 
 def test_selection_is_deterministic_across_dtypes(rng):
-    w = torch.from_numpy(rng.normal(size=(16, 40))).float()
+    # one set of numbers held in bfloat16, float32 and float64 weights gives one mask
+    w16 = torch.from_numpy(rng.normal(size=(16, 40))).bfloat16()
     st = _stats(rng, 40)
-    a = scoring.select(scoring.wanda_scores(w, st), 0.5)
-    b = scoring.select(scoring.wanda_scores(w.clone(), st), 0.5)
-    assert torch.equal(a, b)
+    masks = [
+        scoring.select(scoring.wanda_scores(w16.to(dt), st), 0.5)
+        for dt in (torch.bfloat16, torch.float32, torch.float64)
+    ]
+    fused = [
+        scoring.select_fused(w16.to(dt), scoring.wanda_factor(st), 0.5)
+        for dt in (torch.bfloat16, torch.float32, torch.float64)
+    ]
+    assert masks[0].sum() == 16 * 20
+    for m in masks[1:] + fused:
+        assert torch.equal(masks[0], m)

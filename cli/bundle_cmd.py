@@ -1,0 +1,324 @@
+"""Commands over bundles: info, verify, overlap, diff, the set operations, import-pt, pack."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from maskstore import algebra
+from maskstore.errors import MaskstoreError
+from maskstore.opener import open_bundle
+
+from ._common import console, emit_json, err_console, fmt_bytes, heat, progress
+from .app import JsonOpt, app
+
+
+def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
+    """Persona arguments: ``NAME`` (in BUNDLE) or ``OTHER_BUNDLE#NAME``."""
+    base = open_bundle(bundle_path)
+    others: dict[str, object] = {}
+    names = personas or base.personas
+    refs = []
+    for p in names:
+        if "#" in p:
+            path, name = p.rsplit("#", 1)
+            b = others.setdefault(path, open_bundle(path))
+            refs.append(algebra.Ref(b, name))  # type: ignore[arg-type]
+        else:
+            refs.append(algebra.Ref(base, p))
+    for r in refs:
+        r.bundle.persona(r.name)  # unknown names fail here, listing the known ones
+    return refs
+
+
+@app.command()
+def info(bundle: Path, json_out: JsonOpt = False) -> None:
+    """Personas, modules, sizes on disk, bits per weight and digests."""
+    b = open_bundle(bundle)
+    doc = {
+        "path": str(bundle),
+        "digest": b.digest,
+        "format_version": b.meta["format_version"],
+        "architecture": b.fingerprint["architecture"],
+        "modules": len(b.modules),
+        "weights": sum(m.numel for m in b.modules.values()),
+        "personas": [],
+    }
+    for p in b.personas:
+        meta = b.persona(p)
+        numel = sum(b.modules[m].numel for m in meta["modules"])
+        kept = sum(e["kept"] for e in meta["modules"].values())
+        size = b.nbytes_on_disk(p, "masks")
+        doc["personas"].append(
+            {
+                "name": p,
+                "method": meta["method"],
+                "sparsity": meta["sparsity"],
+                "realised_sparsity": 1 - kept / numel if numel else None,
+                "modules": len(meta["modules"]),
+                "weights": numel,
+                "mask_bytes": size,
+                "stats_bytes": b.nbytes_on_disk(p, "stats"),
+                "bits_per_weight": 8 * size / numel if numel else None,
+                "has_stats": b.has_stats(p),
+                "op": meta["provenance"]["op"],
+                "digest": meta["digest"],
+            }
+        )
+    if json_out:
+        emit_json(doc)
+        return
+    console.print(
+        f"[bold]{bundle}[/]  {doc['architecture']}, {doc['modules']} modules, "
+        f"{doc['weights']:,} weights\ndigest {doc['digest']}"
+    )
+    t = Table(
+        "persona", "method", "sparsity", "modules", "on disk", "bits/weight", "stats", "digest"
+    )
+    for p in doc["personas"]:
+        t.add_row(
+            p["name"],
+            p["method"],
+            f"{p['realised_sparsity']:.3f}",
+            str(p["modules"]),
+            fmt_bytes(p["mask_bytes"]),
+            f"{p['bits_per_weight']:.3f}",
+            fmt_bytes(p["stats_bytes"]) if p["has_stats"] else "-",
+            p["digest"][:16],
+        )
+    console.print(t)
+
+
+@app.command()
+def verify(bundle: Path, json_out: JsonOpt = False) -> None:
+    """Recompute every digest of a bundle (or of every reachable object of a repository); exit 1
+    naming each damaged chunk."""
+    if (bundle / "maskstore-repo.json").is_file():
+        from maskstore.repo import open_repo
+
+        problems = open_repo(bundle).verify()
+        what = "every reachable object verifies"
+    else:
+        b = open_bundle(bundle)
+        with progress() as bar:
+            task = bar.add_task("verifying", total=len(b.personas))
+            problems = b.verify(progress=lambda k: bar.advance(task, k))
+        what = f"every digest matches ({len(b.personas)} personas)"
+    if json_out:
+        emit_json({"path": str(bundle), "ok": not problems, "problems": problems})
+    elif problems:
+        for line in problems:
+            err_console.print(f"[red]damaged:[/] {line}", highlight=False)
+    else:
+        console.print(f"[green]ok[/] {bundle}: {what}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _count(refs: list[algebra.Ref]) -> list[algebra.ModuleCounts]:
+    modules = algebra.check_compatible(refs)
+    with progress() as bar:
+        task = bar.add_task("comparing", total=len(modules))
+        return algebra.count_all(refs, modules, progress=lambda n: bar.advance(task, n))
+
+
+@app.command()
+def overlap(
+    bundle: Path,
+    personas: Annotated[list[str] | None, typer.Argument(help="NAME or OTHER_BUNDLE#NAME")] = None,
+    by: Annotated[str, typer.Option(help="model, kind, layer or module")] = "model",
+    metric: Annotated[str, typer.Option(help=", ".join(algebra.METRICS))] = "jaccard",
+    json_out: JsonOpt = False,
+) -> None:
+    """All-pairs overlap matrix of personas, as a heatmap table."""
+    if by not in algebra.GROUPINGS:
+        raise MaskstoreError(f"unknown --by {by!r}: use one of {', '.join(algebra.GROUPINGS)}")
+    if metric not in algebra.METRICS:
+        raise MaskstoreError(
+            f"unknown --metric {metric!r}: use one of {', '.join(algebra.METRICS)}"
+        )
+    refs = _refs(bundle, personas)
+    if len(refs) < 2:
+        raise MaskstoreError("overlap needs at least two personas")
+    counts = _count(refs)
+    pairs = algebra.pairs_report(refs, counts, by=by)
+    if json_out:
+        emit_json({"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs})
+        return
+    key = algebra.metric_name(metric)
+    groups = ["model"] if by == "model" else list(algebra.aggregate(counts, by))
+    for g in groups:
+        t = Table(title=f"{key} ({by}: {g})" if by != "model" else key, show_lines=False)
+        t.add_column("")
+        for r in refs:
+            t.add_column(r.label, justify="right")
+        lookup = {}
+        for p in pairs:
+            rec = p if by == "model" else p["groups"][g]
+            lookup[(p["a"], p["b"])] = lookup[(p["b"], p["a"])] = rec[key]
+        for r in refs:
+            cells = []
+            for c in refs:
+                if r.label == c.label:
+                    cells.append("[dim]-[/]")
+                else:
+                    cells.append(heat(lookup[(r.label, c.label)], key))
+            t.add_row(r.label, *cells)
+        console.print(t)
+
+
+@app.command()
+def diff(
+    bundle: Annotated[str, typer.Argument(help="bundle (or REPO@REF); with --versions, version A")],
+    a: Annotated[
+        str,
+        typer.Argument(help="persona A (NAME or OTHER_BUNDLE#NAME); with --versions, version B"),
+    ],
+    b: Annotated[str | None, typer.Argument(help="persona B")] = None,
+    versions: Annotated[
+        bool, typer.Option("--versions", help="compare two versions of a repository")
+    ] = False,
+    repo: Annotated[
+        Path, typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository for --versions")
+    ] = Path(".maskstore"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Differential ratio of two personas: overall, attention, MLP and per layer (Table 2); or,
+    with --versions, which personas and modules changed between two versions and by how much."""
+    if versions:
+        from maskstore.repo import open_repo
+
+        if b is not None:
+            raise MaskstoreError("diff --versions takes two versions: diff --versions V1 V2")
+        _version_diff(open_repo(repo).diff(bundle, a), json_out)
+        return
+    if b is None:
+        raise MaskstoreError("diff needs a bundle and two personas: diff BUNDLE A B")
+    bundle = Path(bundle)
+    refs = _refs(bundle, [a, b])
+    counts = _count(refs)
+    rec = algebra.pairs_report(refs, counts, by="kind")[0]
+    layers = algebra.pairs_report(refs, counts, by="layer")[0]["groups"]
+    rec["layers"] = layers
+    if json_out:
+        emit_json(rec)
+        return
+    t = Table(title=f"{a} vs {b}: differential ratio (share of positions where the masks differ)")
+    t.add_column("part")
+    t.add_column("diff ratio", justify="right")
+    t.add_column("jaccard", justify="right")
+    t.add_column("positions", justify="right")
+    t.add_row(
+        "[bold]overall[/]",
+        heat(rec["diff_ratio"], "diff_ratio"),
+        f"{rec['jaccard']:.4f}",
+        f"{rec['total']:,}",
+    )
+    for k in ("attn", "mlp", "other"):
+        if k in rec["groups"]:
+            g = rec["groups"][k]
+            t.add_row(
+                k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}", f"{g['total']:,}"
+            )
+    console.print(t)
+    lt = Table(title="per layer")
+    lt.add_column("layer", justify="right")
+    lt.add_column("diff ratio", justify="right")
+    lt.add_column("jaccard", justify="right")
+    for k, g in layers.items():
+        lt.add_row(k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}")
+    console.print(lt)
+
+
+def _version_diff(d: dict, json_out: bool) -> None:
+    if json_out:
+        emit_json(d)
+        return
+    console.print(f"{d['a'][:12]} -> {d['b'][:12]}")
+    for p in d["added"]:
+        console.print(f"  [green]+ {p}[/]")
+    for p in d["removed"]:
+        console.print(f"  [red]- {p}[/]")
+    for p in d["unchanged"]:
+        console.print(f"  [dim]= {p}[/]")
+    if d["changed"]:
+        t = Table("persona", "modules changed", "diff ratio (changed modules)")
+        for p, rec in d["changed"].items():
+            ratio = rec.get("diff_ratio_changed_modules")
+            t.add_row(p, str(rec["modules_changed"]), "-" if ratio is None else f"{ratio:.4f}")
+        console.print(t)
+
+
+def _op_command(op: str, doc: str, nargs: int):
+    def cmd(
+        bundle: Path,
+        operands: Annotated[list[str], typer.Argument(help="persona name(s)")],
+        as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
+        force: Annotated[
+            bool, typer.Option(help="replace an existing persona of that name")
+        ] = False,
+        json_out: JsonOpt = False,
+    ) -> None:
+        if len(operands) != nargs:
+            raise MaskstoreError(f"{op} takes {nargs} persona(s), got {len(operands)}")
+        b = open_bundle(bundle, writable=True)
+        meta = algebra.apply_op(b, op, operands, as_, overwrite=force)
+        kept = sum(e["kept"] for e in meta["modules"].values())
+        numel = sum(b.modules[m].numel for m in meta["modules"])
+        if json_out:
+            emit_json(
+                {
+                    "name": as_,
+                    "op": op,
+                    "operands": operands,
+                    "kept": kept,
+                    "total": numel,
+                    "digest": meta["digest"],
+                }
+            )
+        else:
+            console.print(
+                f"wrote persona [bold]{as_}[/] = {op}({', '.join(operands)}): kept {kept / numel:.4f} of {numel:,} weights"
+            )
+
+    cmd.__doc__ = doc
+    app.command(op)(cmd)
+
+
+_op_command("union", "Write A or B as a new persona.", 2)
+_op_command("intersect", "Write A and B as a new persona.", 2)
+_op_command("subtract", "Write A minus B as a new persona.", 2)
+_op_command("xor", "Write A xor B as a new persona.", 2)
+_op_command("complement", "Write not A as a new persona.", 1)
+
+
+@app.command("import-pt")
+def import_pt_cmd(
+    src: Annotated[Path, typer.Argument(help="folder of M_{persona}_{module}.pt files")],
+    out: Annotated[Path, typer.Option("--out", help="bundle to create")],
+    architecture: Annotated[
+        str, typer.Option(help="architecture recorded in the fingerprint")
+    ] = "imported",
+    force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+) -> None:
+    """Convert the research code's pickled bool tensors into a bundle (weights_only loading)."""
+    from maskstore.importers import import_pt
+
+    names = import_pt(src, out, architecture=architecture, force=force)
+    console.print(f"imported {len(names)} persona(s) into {out}: {', '.join(names)}")
+
+
+@app.command()
+def pack(
+    bundle: Path,
+    out: Annotated[Path, typer.Argument(help="the .zip to write")],
+    force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Copy a directory bundle into one read-only .zip bundle."""
+    from maskstore.writer import pack_zip
+
+    pack_zip(bundle, out, force=force)
+    console.print(f"wrote {out} ({fmt_bytes(out.stat().st_size)})")

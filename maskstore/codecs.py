@@ -1,0 +1,47 @@
+"""The compression policy that bundles and repositories share: which zstd level for which bits.
+
+Mask bits with a kept share far from 0.5 compress well and get zstd level 16, whose entropy coder
+lands within 5% of H(p) where level 3 is 17% off (``benchmarks/bench_storage.py``); balanced masks
+get level 3, or no compression at all when a trial shows it saves under 2%.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numcodecs
+import numpy as np
+
+SKEWED_LEVEL = 16
+DEFAULT_LEVEL = 3
+TRIAL_BYTES = 1 << 20  # the head of an array that the incompressibility trial compresses
+
+
+def entropy(p: float) -> float:
+    """Binary entropy H(p) in bits."""
+    return 0.0 if p <= 0 or p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def is_skewed(kept_share: float | None) -> bool:
+    """True when the share of set bits is below 0.35 or above 0.65."""
+    return kept_share is not None and abs(kept_share - 0.5) > 0.15
+
+
+def zstd_level(kept_share: float | None) -> int:
+    """The zstd level for bits with this share of ones (unknown: the default level)."""
+    return SKEWED_LEVEL if is_skewed(kept_share) else DEFAULT_LEVEL
+
+
+def incompressible(sample: np.ndarray) -> bool:
+    """True when zstd at the default level saves under 2% on the first MiB of ``sample``."""
+    head = np.ascontiguousarray(sample).reshape(-1).view(np.uint8)[:TRIAL_BYTES]
+    if not head.size:
+        return False
+    return len(numcodecs.Zstd(level=DEFAULT_LEVEL).encode(head)) >= 0.98 * head.size
+
+
+def share_of_ones(buf: np.ndarray) -> float:
+    """Share of set bits in a ``uint8`` buffer."""
+    from .bits import popcount
+
+    return popcount(buf) / max(buf.size * 8, 1)

@@ -1,0 +1,189 @@
+"""Versioned, shareable bundles: a content-addressed repository of immutable snapshots.
+
+Layout of a repository (a local folder, or the same keys on a remote)::
+
+    maskstore-repo.json                 {"format": 1}
+    chunks/<xx>/<xxh3-128>              zstd frame of one raw chunk, named by its xxh3-128
+    versions/<blake2b-256>              zstd frame of a version manifest (canonical JSON)
+    refs/tags/<name>, refs/branches/<name>   a version id
+
+A **version** is a manifest naming every persona, array and chunk plus all metadata; its id is
+the blake2b-256 of the manifest's canonical JSON, and the manifest records the blake2b of every
+raw chunk next to its xxh3 name, so one trusted id pins every byte. A chunk identical across
+personas or versions is stored once. Writes are ordered chunks -> manifest -> ref, each atomic,
+so a killed commit or push leaves every ref pointing at a complete version.
+
+One module a concept: :mod:`.objects` (chunks and manifests), :mod:`.refs` (tags and branches),
+:mod:`.commit` (versions and xor deltas), :mod:`.snapshot` (reading a version as a bundle,
+checkout), :mod:`.history` (log, diff), :mod:`.transfer` (push, pull, export, import),
+:mod:`.maintenance` (gc, verify). :class:`Repository` is the thin front over them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MaskstoreError
+from ..format import Bundle
+from ..hashing import canonical_json
+from ..stores import Store, open_store
+from . import commit as _commit
+from . import history, maintenance, transfer
+from .objects import REPO_FORMAT, REPO_MARKER, Objects
+from .refs import Refs
+from .snapshot import MAX_DELTA_DEPTH, Snapshot, VersionSource
+from .transfer import TransferReport
+
+Progress = Callable[[int], None] | None
+
+
+class Repository:
+    """A repository of versions. Create with :func:`init_repo` or open with :func:`open_repo`.
+
+    Attributes:
+        store: where its objects and refs live.
+        objects: chunks and manifests (:class:`~maskstore.repo.objects.Objects`).
+        refs: tags and branches (:class:`~maskstore.repo.refs.Refs`).
+    """
+
+    def __init__(self, store: Store, path: str) -> None:
+        self.store = store
+        self.path = path
+        self.objects = Objects(store)
+        self.refs = Refs(store, path)
+        self._sources: dict[str, VersionSource] = {}
+
+    # ---- reading
+    def resolve(self, ref: str) -> str:
+        """A tag, a branch, or a (unique prefix of a) version id -> the full version id."""
+        return self.refs.resolve(ref)
+
+    def manifest(self, version: str) -> dict:
+        return self.objects.manifest(version)
+
+    def source(self, version: str) -> VersionSource:
+        """The bundle source of a full version id (cached)."""
+        if version not in self._sources:
+            self._sources[version] = VersionSource(self, version)
+        return self._sources[version]
+
+    def snapshot(self, ref: str) -> Snapshot:
+        """Version ``ref`` (tag, branch or id prefix); its ``.bundle`` reads like a bundle."""
+        return Snapshot(self, self.resolve(ref))
+
+    def object_size(self, h: str) -> int:
+        return self.objects.size(h)
+
+    def tags(self) -> dict[str, str]:
+        return self.refs.all("tags")
+
+    def branches(self) -> dict[str, str]:
+        return self.refs.all("branches")
+
+    def branch_head(self, name: str) -> str | None:
+        return self.refs.get("branches", name)
+
+    # ---- writing
+    def commit(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        message: str,
+        branch: str = "main",
+        delta: bool = True,
+        recipes: tuple[str, ...] = (),
+        progress: Progress = None,
+    ) -> str:
+        """Snapshot a bundle as a new version on ``branch``; returns the version id."""
+        b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        return _commit.commit(self, b, message, branch, delta, tuple(recipes), progress)
+
+    def tag(self, name: str, ref: str) -> str:
+        """Create tag ``name`` at ``ref`` (tags never move)."""
+        vid = self.resolve(ref)
+        self.refs.tag(name, vid)
+        return vid
+
+    def set_branch(self, name: str, vid: str, expected: str | None) -> None:
+        self.refs.set_branch(name, vid, expected)
+
+    def delete_branch(self, name: str) -> None:
+        """Remove a branch ref (its versions stay until ``gc`` finds them unreachable)."""
+        self.refs.delete_branch(name)
+
+    def checkout(
+        self, ref: str, out: str | os.PathLike, model: Any = None, force: bool = False
+    ) -> Path:
+        """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model``)."""
+        return self.snapshot(ref).checkout(out, model, force)
+
+    # ---- history
+    def log(self, ref: str = "main") -> list[dict]:
+        return history.log(self, ref)
+
+    def diff(self, a: str, b: str) -> dict:
+        return history.diff(self, a, b)
+
+    # ---- transfers
+    def push(self, remote: str | Store, ref: str = "main", progress: Progress = None):
+        """Send tag or branch ``ref`` and what it needs; only missing objects move."""
+        return transfer.push(self, remote, ref, progress)
+
+    def pull(self, remote: str | Store, ref: str = "main", progress: Progress = None):
+        """Fetch tag or branch ``ref`` from a remote (or an export zip); verify everything."""
+        return transfer.pull(self, remote, ref, progress)
+
+    def export(self, ref: str, out: str | os.PathLike, force: bool = False) -> Path:
+        return transfer.export(self, ref, out, force)
+
+    def import_(self, path: str | os.PathLike) -> list[str]:
+        return transfer.import_(self, path)
+
+    # ---- maintenance
+    def gc(self, grace_seconds: float = 3600.0) -> tuple[int, int]:
+        return maintenance.gc(self, grace_seconds)
+
+    def verify(self) -> list[str]:
+        return maintenance.verify(self)
+
+
+def init_repo(path: str | os.PathLike) -> Repository:
+    """Create (or open) a repository folder."""
+    store = open_store(path, create=True)
+    store.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
+    return Repository(store, str(path))
+
+
+def open_repo(path: str | os.PathLike) -> Repository:
+    """Open an existing repository (a folder, an ``s3://`` URL or an export zip)."""
+    store = open_store(path)
+    marker = store.get(REPO_MARKER)
+    if marker is None:
+        raise MaskstoreError(f"{path} is not a maskstore repository: run maskstore init")
+    try:
+        fmt = json.loads(marker).get("format")
+    except (ValueError, AttributeError):
+        fmt = None
+    if fmt != REPO_FORMAT:
+        raise MaskstoreError(f"{path} has an unknown repository format: upgrade maskstore")
+    return Repository(store, str(path))
+
+
+def open_version(spec: str) -> Snapshot:
+    """``"REPO@REF"`` -> that version (its ``.bundle`` reads like any bundle)."""
+    path, ref = spec.rsplit("@", 1)
+    return open_repo(path).snapshot(ref)
+
+
+__all__ = [
+    "MAX_DELTA_DEPTH",
+    "Repository",
+    "Snapshot",
+    "TransferReport",
+    "init_repo",
+    "open_repo",
+    "open_version",
+]

@@ -1,0 +1,156 @@
+"""Committing a bundle as a version: chunks, then the manifest, then the branch ref.
+
+A mask array may be stored as a **delta**: its chunks are the xor against the same module of a
+base persona (an earlier persona of the same version, or the same persona in the parent version),
+chosen when the xor is sparser (smaller entropy) than the mask itself; chains are at most
+``MAX_DELTA_DEPTH`` deep. A persona may be stored as a **recipe**: statistics, method and mask
+digests, no mask bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import __version__, codecs
+from ..bits import popcount
+from ..errors import MaskstoreError
+from ..format import FORMAT_VERSION, Bundle
+from ..names import check_ref_name
+from .snapshot import MAX_DELTA_DEPTH, VersionSource
+
+if TYPE_CHECKING:
+    from . import Repository
+
+# A delta base: (parent version source or None for this commit, persona, depth, cost in bits)
+Base = tuple[VersionSource | None, str, int, float]
+
+
+def commit(
+    repo: Repository,
+    b: Bundle,
+    message: str,
+    branch: str = "main",
+    delta: bool = True,
+    recipes: tuple[str, ...] = (),
+    progress: Callable[[int], None] | None = None,
+) -> str:
+    """Snapshot bundle ``b`` as a new version on ``branch``; returns the version id."""
+    check_ref_name(branch)
+    parent = repo.refs.get("branches", branch)
+    parent_src = repo.source(parent) if parent else None
+    personas: dict[str, dict] = {}
+    depth: dict[tuple[str, str], int] = {}
+    for p in b.personas:
+        meta = b.persona(p)
+        if p in recipes:
+            _check_recipe(b, p)
+        arrays = {}
+        for module in meta["modules"]:
+            kinds = ["masks"] + (["stats"] if meta["modules"][module].get("stats") else [])
+            for kind in kinds:
+                arr, _ameta = b.array(p, kind, module)
+                key = f"{kind}/{module}"
+                if kind == "masks" and p in recipes:
+                    arrays[key] = {"zarr": arr.meta.raw, "recipe": True}
+                    continue
+                base = None
+                if kind == "masks" and delta:
+                    base = _pick_base(b, p, module, personas, parent_src, depth)
+                arrays[key] = _store_array(repo, b, p, kind, module, arr.meta.raw, base)
+                if base is not None:
+                    depth[(p, module)] = base[2] + 1
+            if progress:
+                progress(1)
+        personas[p] = {"meta": meta, "arrays": arrays}
+    man = {
+        "format": 1,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "parents": [parent] if parent else [],
+        "message": message,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bundle_digest": b.digest,
+        "root": b.meta,
+        "personas": personas,
+    }
+    vid = repo.objects.put_manifest(man)
+    repo.refs.set_branch(branch, vid, parent)
+    return vid
+
+
+def _check_recipe(b: Bundle, p: str) -> None:
+    meta = b.persona(p)
+    if meta["provenance"]["op"] != "build" or not b.has_stats(p):
+        raise MaskstoreError(f"persona {p!r} cannot be a recipe: it was not built from statistics")
+    opp = meta["params"].get("opposite")
+    if opp and (opp not in b.personas or not b.has_stats(opp)):
+        raise MaskstoreError(
+            f"recipe {p!r} needs its opposite {opp!r} with statistics in the bundle"
+        )
+
+
+def _pick_base(
+    b: Bundle,
+    p: str,
+    module: str,
+    done: dict[str, dict],
+    parent: VersionSource | None,
+    depth: dict[tuple[str, str], int],
+) -> Base | None:
+    """The sparsest xor base for ``p``'s mask of ``module``, or None when none beats the mask."""
+    mine = b.read_packed(p, module)
+    my_rows = b.array(p, "masks", module)[0].meta.chunk_rows
+    info = b.modules[module]
+    best: Base | None = None
+    own_h = codecs.entropy(popcount(mine) / info.numel) * info.numel  # the mask itself ~H(p)
+    cands: list[tuple[VersionSource | None, str]] = [
+        (None, q)
+        for q in done
+        if module in done[q]["meta"]["modules"]
+        and f"masks/{module}" in done[q]["arrays"]
+        and not done[q]["arrays"][f"masks/{module}"].get("recipe")
+    ]
+    if parent is not None and p in parent.persona_names():
+        pe = parent.manifest["personas"][p]["arrays"].get(f"masks/{module}", {})
+        if not pe.get("recipe") and "chunks" in pe:
+            cands.append((parent, p))
+    parent_bundle = Bundle(source=parent) if parent is not None else None
+    for src, q in cands:
+        d = depth.get((q, module), 0) if src is None else src.depth(q, module)
+        if d >= MAX_DELTA_DEPTH:
+            continue
+        other_b = b if src is None else parent_bundle
+        if other_b.array(q, "masks", module)[0].meta.chunk_rows != my_rows:
+            continue
+        other = other_b.read_packed(q, module)
+        x = popcount(np.bitwise_xor(mine, other))
+        h = codecs.entropy(x / info.numel) * info.numel
+        if h < 0.9 * own_h and (best is None or h < best[3]):
+            best = (src, q, d, h)
+    return best
+
+
+def _store_array(
+    repo: Repository, b: Bundle, p: str, kind: str, module: str, zmeta: dict, base: Base | None
+) -> dict:
+    entry: dict = {"zarr": zmeta, "chunks": []}
+    base_iter = None
+    if base is not None:
+        src, q, _d, _h = base
+        other_b = b if src is None else Bundle(source=src)
+        base_iter = other_b.iter_chunks(q, module)
+        entry["delta"] = {"persona": q, "version": None if src is None else src.version}
+    for _r0, block in b.iter_chunks(p, module, kind):
+        data = block
+        if base_iter is not None:
+            _, other = next(base_iter)
+            if other.shape != block.shape:
+                raise MaskstoreError(f"{module}: delta base has another chunk grid")
+            data = np.bitwise_xor(block, other)
+        share = codecs.share_of_ones(data) if kind == "masks" else None
+        entry["chunks"].append(list(repo.objects.put_chunk(data, share)))
+    return entry

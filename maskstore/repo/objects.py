@@ -1,0 +1,103 @@
+"""Repository objects: chunks named by their xxh3-128, version manifests named by their blake2b-256.
+
+Both are zstd frames. A chunk's raw bytes are checked against its name on every read; a manifest's
+against its version id. Decompression is bounded by what the object may hold.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numcodecs
+import numpy as np
+
+from .. import codecs
+from ..errors import IntegrityError, MaskstoreError
+from ..hashing import blake2b_hex, canonical_json, xxh3
+from ..stores import Store
+
+REPO_MARKER = "maskstore-repo.json"
+REPO_FORMAT = 1
+
+
+def chunk_key(h: str) -> str:
+    """The store key of chunk ``h`` (``chunks/<2 hex>/<30 hex>``)."""
+    return f"chunks/{h[:2]}/{h[2:]}"
+
+
+def version_key(vid: str) -> str:
+    return f"versions/{vid}"
+
+
+def encode_chunk(raw: np.ndarray | bytes, kept_share: float | None) -> bytes:
+    """A chunk as stored: one zstd frame, its level from the codec policy."""
+    return numcodecs.Zstd(level=codecs.zstd_level(kept_share)).encode(raw)
+
+
+def decode_chunk(h: str, data: bytes, where: str) -> bytes:
+    """The raw bytes of chunk object ``h``, checked against its xxh3 name."""
+    try:
+        raw = bytes(numcodecs.Zstd().decode(data))
+    except Exception:  # any decoding failure is damage
+        raise IntegrityError(f"chunk {h} in {where} cannot be decoded: damaged") from None
+    if xxh3(raw) != h:
+        raise IntegrityError(f"chunk {h} in {where} fails its xxh3 digest: damaged")
+    return raw
+
+
+class Objects:
+    """Chunks and manifests of one store, manifests cached once verified."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._manifests: dict[str, dict] = {}
+
+    def read_chunk(self, h: str, store: Store | None = None) -> bytes:
+        src = store or self.store
+        data = src.get(chunk_key(h))
+        if data is None:
+            raise IntegrityError(f"chunk {h} is missing from {src.url}: the repository is damaged")
+        return decode_chunk(h, data, src.url)
+
+    def size(self, h: str) -> int:
+        return self.store.size(chunk_key(h))
+
+    def put_chunk(self, raw: np.ndarray, kept_share: float | None) -> tuple[str, str]:
+        """Store a raw chunk once; returns its (xxh3, blake2b)."""
+        raw = np.ascontiguousarray(raw)
+        h, b = xxh3(raw), blake2b_hex(raw.tobytes())
+        key = chunk_key(h)
+        if not self.store.has(key):
+            self.store.put(key, encode_chunk(raw, kept_share))
+        return h, b
+
+    def manifest(self, version: str, store: Store | None = None) -> dict:
+        """A version's manifest, checked against its blake2b id."""
+        if store is None and version in self._manifests:
+            return self._manifests[version]
+        src = store or self.store
+        data = src.get(version_key(version))
+        if data is None:
+            raise MaskstoreError(f"unknown version {version} in {src.url}")
+        try:
+            text = bytes(numcodecs.Zstd().decode(data))
+        except Exception:  # any decoding failure is damage
+            raise IntegrityError(
+                f"version {version} in {src.url} cannot be decoded: damaged"
+            ) from None
+        if blake2b_hex(text) != version:
+            raise IntegrityError(
+                f"version {version} in {src.url} fails its blake2b digest: damaged or forged"
+            )
+        man = json.loads(text)
+        if store is None:
+            self._manifests[version] = man
+        return man
+
+    def put_manifest(self, man: dict) -> str:
+        """Store a manifest; returns its version id (blake2b-256 of its canonical JSON)."""
+        text = canonical_json(man)
+        vid = blake2b_hex(text)
+        if not self.store.has(version_key(vid)):
+            self.store.put(version_key(vid), numcodecs.Zstd(level=3).encode(text))
+        return vid

@@ -1,0 +1,186 @@
+"""Moving versions between stores: push, pull, export (one zip) and import.
+
+Only missing objects move; every object is verified (xxh3 and blake2b) before it lands, chunks
+first, then manifests (parents before children), then the ref.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import IntegrityError, MaskstoreError
+from ..hashing import blake2b_hex, canonical_json
+from ..names import check_ref_name
+from ..stores import RefConflict, Store, ZipStore, open_store
+from .history import ancestors
+from .objects import REPO_FORMAT, REPO_MARKER, chunk_key, decode_chunk, version_key
+from .refs import Refs
+
+if TYPE_CHECKING:
+    from . import Repository
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass
+class TransferReport:
+    objects: int
+    bytes: int
+    skipped: int
+
+
+def needed(
+    repo: Repository, vids: list[str], store: Store
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Versions reachable from ``vids`` (in ``store``) and their chunks (xxh3, blake2b)."""
+    versions, chunks, seen = [], {}, set()
+    todo = list(vids)
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        versions.append(v)
+        man = repo.objects.manifest(v, store)
+        todo.extend(man["parents"])
+        for pe in man["personas"].values():
+            for e in pe["arrays"].values():
+                for h, bl in e.get("chunks", []):
+                    chunks[h] = bl
+                if "delta" in e and e["delta"]["version"]:
+                    todo.append(e["delta"]["version"])
+    return versions, list(chunks.items())
+
+
+def copy(
+    repo: Repository, src: Store, dst: Store, vids: list[str], progress: Progress = None
+) -> TransferReport:
+    """Copy what ``dst`` lacks; every object is verified (xxh3 and blake2b) before it lands."""
+    versions, chunks = needed(repo, vids, src)
+    have = set(dst.list("chunks/")) | set(dst.list("versions/"))
+    moved = nbytes = skipped = 0
+    for h, bl in chunks:
+        key = chunk_key(h)
+        if key in have:
+            skipped += 1
+            continue
+        data = src.get(key)
+        if data is None:
+            raise IntegrityError(f"chunk {h} is missing from {src.url}: it is damaged")
+        raw = decode_chunk(h, data, src.url)
+        if blake2b_hex(raw) != bl:
+            raise IntegrityError(
+                f"chunk {h} from {src.url} does not match its manifest's blake2b: refused"
+            )
+        dst.put(key, data)
+        moved, nbytes = moved + 1, nbytes + len(data)
+        if progress:
+            progress(1)
+    for v in reversed(versions):  # parents before children
+        key = version_key(v)
+        if key in have:
+            skipped += 1
+            continue
+        repo.objects.manifest(v, src)  # verifies blake2b
+        data = src.get(key)
+        dst.put(key, data)
+        moved, nbytes = moved + 1, nbytes + len(data or b"")
+    return TransferReport(moved, nbytes, skipped)
+
+
+def update_ref(
+    repo: Repository, history: Store, dst: Store, name: str, vid: str, kind: str
+) -> None:
+    """Point ``name`` at ``vid`` in ``dst``: tags are created once, branches only fast-forward."""
+    check_ref_name(name)
+    refs = Refs(dst, dst.url)
+    if kind == "tags":
+        if not dst.create(f"refs/tags/{name}", vid.encode()):
+            have = refs.get("tags", name) or ""
+            if have != vid:
+                raise RefConflict(
+                    f"tag {name!r} is {have[:12]} on {dst.url}, not {vid[:12]}: tags never move"
+                )
+        return
+    cur = dst.get(f"refs/branches/{name}")
+    cur_v = cur.decode().strip() if cur else None
+    if cur_v == vid:
+        return
+    if cur_v and cur_v not in set(ancestors(repo, vid, history)):
+        raise RefConflict(
+            f"branch {name!r} on {dst.url} is at {cur_v[:12]}, which {vid[:12]} does not contain: "
+            "pull first, then push"
+        )
+    dst.swap(f"refs/branches/{name}", vid.encode(), cur)
+
+
+def push(repo: Repository, remote: str | Store, ref: str = "main", progress: Progress = None):
+    """Send tag or branch ``ref`` and what it needs; only missing objects move."""
+    kind = repo.refs.kind_of(ref)
+    if kind is None:
+        repo.refs.resolve(ref)  # an unknown name fails here with its own message
+        raise MaskstoreError(
+            f"push sends a tag or a branch, and {ref!r} is a version id: "
+            f"tag it first (maskstore tag NAME {ref}), then push NAME"
+        )
+    vid = repo.refs.resolve(ref)
+    dst = remote if isinstance(remote, Store) else open_store(remote, create=True)
+    dst.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
+    rep = copy(repo, repo.store, dst, [vid], progress)
+    update_ref(repo, repo.store, dst, ref, vid, kind)
+    return rep
+
+
+def pull(repo: Repository, remote: str | Store, ref: str = "main", progress: Progress = None):
+    """Fetch tag or branch ``ref`` from a remote (or an export zip) with what it needs."""
+    check_ref_name(ref)
+    src = remote if isinstance(remote, Store) else open_store(remote)
+    kind = Refs(src, src.url).kind_of(ref)
+    if kind is None:
+        raise MaskstoreError(f"{src.url} has no tag or branch {ref!r}")
+    vid = Refs(src, src.url).get(kind, ref) or ""
+    rep = copy(repo, src, repo.store, [vid], progress)
+    update_ref(repo, repo.store, repo.store, ref, vid, kind)
+    return rep
+
+
+def export(repo: Repository, ref: str, out: str | os.PathLike, force: bool = False) -> Path:
+    """A single ``.zip`` with version ``ref``, what it needs, and its tag or branch."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MaskstoreError(f"{out} already exists: choose another name or pass --force")
+    vid = repo.refs.resolve(ref)
+    kind = repo.refs.kind_of(ref)
+    name = ref if kind else f"v-{vid[:12]}"
+    versions, chunks = needed(repo, [vid], repo.store)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
+            for h, _ in chunks:
+                repo.objects.read_chunk(h)
+                zf.writestr(chunk_key(h), repo.store.get(chunk_key(h)))
+            for v in versions:
+                repo.objects.manifest(v)
+                zf.writestr(version_key(v), repo.store.get(version_key(v)))
+            zf.writestr(f"refs/{kind or 'tags'}/{name}", vid)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def import_(repo: Repository, path: str | os.PathLike) -> list[str]:
+    """Bring in every ref of an export zip (verified). Returns the ref names."""
+    src = ZipStore(path)
+    names = []
+    for key in src.list("refs/"):
+        names.append(key.split("/", 2)[2])
+        pull(repo, src, names[-1])
+    return names

@@ -1,0 +1,380 @@
+"""The bundle format, write side: new bundles and personas appear whole or not at all.
+
+A persona is written into ``bundle/.staging/<random>`` and renamed into place when complete, and
+a new bundle is written next to its destination and renamed into place: a reader sees a persona
+(or a bundle) whole or not at all. zarr writes the arrays (imported on first write).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, codecs
+from .bits import pack, packed_width, popcount
+from .errors import MaskstoreError
+from .format import (
+    DEFAULT_CHUNK_BYTES,
+    FORMAT_VERSION,
+    STAGING,
+    Bundle,
+    ModuleInfo,
+    StoreSource,
+    persona_digest,
+    validate,
+)
+from .hashing import ArrayHasher, xxh3
+from .names import check_persona_name
+from .stats import ChannelStats
+from .stores import LocalStore
+
+__all__ = ["PersonaWriter", "compressor", "create_bundle", "pack_zip"]
+
+
+def compressor(
+    name: str = "zstd",
+    level: int | None = None,
+    kept_share: float | None = None,
+    sample: np.ndarray | None = None,
+) -> Any:
+    """A stock zarr v3 codec by name: zstd (default), blosc, gzip or none.
+
+    With zstd and no explicit level the codec follows the data (:mod:`maskstore.codecs`): level
+    16 for a skewed mask, else level 3, or raw bytes when a trial compression of ``sample``
+    saves under 2% (the bits are incompressible and reads skip a decode).
+    """
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    if name == "zstd":
+        if level is None:
+            level = codecs.zstd_level(kept_share)
+            if not codecs.is_skewed(kept_share) and sample is not None:
+                if codecs.incompressible(sample):
+                    return None
+        return ZstdCodec(level=level)
+    if name == "blosc":
+        return BloscCodec(cname="zstd", clevel=5 if level is None else level, shuffle="bitshuffle")
+    if name == "gzip":
+        return GzipCodec(level=6 if level is None else level)
+    if name == "none":
+        return None
+    raise MaskstoreError(f"unknown compressor {name!r}: use zstd, blosc, gzip or none")
+
+
+def _write_root(path: Path, fingerprint: dict) -> None:
+    import zarr
+    import zarr.storage
+
+    meta = {"format_version": FORMAT_VERSION, "model": fingerprint}
+    validate("bundle", meta, "new bundle")
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w", attributes={"maskstore": meta})
+    root.create_group("personas")
+
+
+class create_bundle:  # noqa: N801 - used as a function / context manager
+    """Create a new directory bundle atomically.
+
+    Use as a context manager; the bundle appears at ``path`` only when the block exits without an
+    error. With ``force``, an existing bundle at ``path`` is replaced only at that moment.
+
+    Args:
+        path: destination directory (must not exist unless ``force``).
+        fingerprint: the model fingerprint (see :func:`maskstore.model_fingerprint`).
+        force: replace an existing bundle on success.
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, force: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not force:
+            raise MaskstoreError(
+                f"{self.path} already exists: choose another --out or pass --force"
+            )
+        if self.path.exists() and not (self.path / "zarr.json").exists():
+            raise MaskstoreError(f"{self.path} exists and is not a bundle: refusing to replace it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        _write_root(self._tmp, fingerprint)
+        self.bundle = Bundle(self._tmp, writable=True)
+
+    def __enter__(self) -> Bundle:
+        return self.bundle
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        shutil.rmtree(self._tmp / STAGING, ignore_errors=True)
+        if self.path.exists():
+            trash = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(self.path, trash)
+            os.rename(self._tmp, self.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self._tmp, self.path)
+        self.bundle.path = self.path
+        self.bundle.source = StoreSource(LocalStore(self.path), str(self.path))
+
+
+class PersonaWriter:
+    """Writes one persona module by module into a staging folder, then renames it into place.
+
+    Use as a context manager: on a clean exit the persona appears whole; on an error (or a kill)
+    nothing of it is visible.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        name: str,
+        *,
+        method: str,
+        params: dict | None = None,
+        sparsity: float | None = None,
+        calibration: dict | None = None,
+        provenance: dict | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        codec: str = "zstd",
+        level: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.bundle = bundle
+        self.name = check_persona_name(name)
+        if name in bundle.personas and not overwrite:
+            raise MaskstoreError(
+                f"persona {name!r} already exists in {bundle.path}: pick another name"
+            )
+        self.overwrite = overwrite
+        self.meta: dict[str, Any] = {
+            "name": name,
+            "method": method,
+            "params": params or {},
+            "sparsity": sparsity,
+            "calibration": calibration,
+            "provenance": provenance or {"op": "write", "operands": []},
+            "tool_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "modules": {},
+        }
+        self.chunk_bytes = chunk_bytes
+        self.codec_name, self.level = codec, level
+        compressor(codec, level)  # fail early on an unknown codec
+        import zarr
+        import zarr.storage
+
+        self._dir = bundle.path / STAGING / uuid.uuid4().hex
+        self._dir.mkdir(parents=True)
+        self._store = zarr.storage.LocalStore(self._dir)
+        self._root = zarr.open_group(self._store, mode="w")
+        self._root.create_group("masks")
+        self._root.create_group("stats")
+
+    def _write_array(
+        self,
+        kind: str,
+        module: str,
+        blocks: Iterator[np.ndarray],
+        shape: tuple[int, ...],
+        dtype: type,
+        extra: dict,
+        kept_share: float | None = None,
+        sample: np.ndarray | None = None,
+    ) -> str:
+        row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize)
+        rows = max(1, min(shape[0], self.chunk_bytes // row_bytes)) if shape[0] else 1
+        arr = self._root.create_array(
+            f"{kind}/{module}",
+            shape=shape,
+            chunks=(rows, *shape[1:]),
+            dtype=dtype,
+            compressors=[c]
+            if (c := compressor(self.codec_name, self.level, kept_share, sample))
+            else None,
+            fill_value=0,
+        )
+        hasher = ArrayHasher(np.dtype(dtype), shape)
+        chunk_digests: list[str] = []
+        buf = np.empty((rows, *shape[1:]), dtype=dtype)
+        filled, r0 = 0, 0
+
+        def flush(n: int) -> None:
+            nonlocal r0
+            arr[r0 : r0 + n] = buf[:n]
+            chunk_digests.append(xxh3(buf[:n]))
+            r0 += n
+
+        for block in blocks:  # regroup arbitrary row blocks into whole chunks
+            block = np.asarray(block, dtype=dtype)
+            i = 0
+            while i < block.shape[0]:
+                take = min(rows - filled, block.shape[0] - i)
+                buf[filled : filled + take] = block[i : i + take]
+                hasher.update(block[i : i + take])
+                filled += take
+                i += take
+                if filled == rows:
+                    flush(rows)
+                    filled = 0
+        if filled:
+            flush(filled)
+        if r0 != shape[0]:
+            raise MaskstoreError(f"{module}: wrote {r0} rows, expected {shape[0]}")
+        digest = hasher.hexdigest()
+        ameta = {
+            "kind": "mask" if kind == "masks" else "stats",
+            "digest": digest,
+            "chunk_digests": chunk_digests,
+            **extra,
+        }
+        arr.attrs["maskstore"] = ameta
+        return digest
+
+    def _module(self, module: str) -> ModuleInfo:
+        """The fingerprint entry of a module not yet written."""
+        info = self.bundle.modules.get(module)
+        if info is None:
+            raise MaskstoreError(f"module {module!r} is not in the bundle's model fingerprint")
+        if module in self.meta["modules"]:
+            raise MaskstoreError(f"module {module!r} written twice for persona {self.name!r}")
+        return info
+
+    @staticmethod
+    def _check_padding(module: str, info: ModuleInfo, packed: np.ndarray) -> None:
+        tail = info.in_features % 8
+        if tail and packed.size and np.any(packed[:, -1] >> tail):
+            raise MaskstoreError(f"{module}: packed mask has non-zero padding bits")
+
+    def write_mask(self, module: str, mask: Any, packed: bool = False) -> None:
+        """Write one module's mask: bool ``(out, in)`` (numpy or torch), or packed ``uint8`` rows
+        ``(out, ceil(in/8))`` with ``packed=True``."""
+        info = self._module(module)
+        if not packed:
+            if tuple(mask.shape) != (info.out_features, info.in_features):
+                raise MaskstoreError(
+                    f"{module}: mask shape {tuple(mask.shape)} != weight shape "
+                    f"{(info.out_features, info.in_features)}"
+                )
+            mask = pack(mask)
+        shape = (info.out_features, packed_width(info.in_features))
+        if mask.shape != shape or mask.dtype != np.uint8:
+            raise MaskstoreError(
+                f"{module}: packed mask must be uint8 {shape}, got {mask.dtype} {mask.shape}"
+            )
+        self._check_padding(module, info, mask)
+        kept = popcount(mask)
+        digest = self._write_array(
+            "masks",
+            module,
+            iter([mask]),
+            shape,
+            np.uint8,
+            {"in_features": info.in_features},
+            kept_share=kept / max(info.numel, 1),
+            sample=mask,
+        )
+        self.meta["modules"][module] = {"mask": digest, "kept": kept, "stats": None}
+
+    def write_packed_blocks(self, module: str, blocks: Iterator[np.ndarray]) -> None:
+        """Stream packed row blocks of one module (rows in order) without holding the whole mask."""
+        info = self._module(module)
+        shape = (info.out_features, packed_width(info.in_features))
+        kept = 0
+        blocks = iter(blocks)
+        first = next(blocks, None)
+        share = None  # the codec level follows the first block's kept share
+        if first is not None and first.size:
+            share = popcount(first) / (first.shape[0] * info.in_features)
+
+        def counted():
+            nonlocal kept
+            for b in itertools.chain([] if first is None else [first], blocks):
+                b = np.asarray(b)
+                if b.dtype != np.uint8 or b.ndim != 2 or b.shape[1] != shape[1]:
+                    raise MaskstoreError(
+                        f"{module}: packed blocks must be uint8 rows of {shape[1]} bytes"
+                    )
+                self._check_padding(module, info, b)
+                kept += popcount(b)
+                yield b
+
+        digest = self._write_array(
+            "masks",
+            module,
+            counted(),
+            shape,
+            np.uint8,
+            {"in_features": info.in_features},
+            kept_share=share,
+            sample=first,
+        )
+        self.meta["modules"][module] = {"mask": digest, "kept": kept, "stats": None}
+
+    def write_stats(self, module: str, stats: ChannelStats) -> None:
+        """Attach calibration statistics to a module whose mask was written."""
+        if module not in self.meta["modules"]:
+            raise MaskstoreError(f"write the mask of {module!r} before its statistics")
+        arr, names = stats.to_array()
+        digest = self._write_array("stats", module, iter([arr]), arr.shape, np.float64, {})
+        self.meta["modules"][module]["stats"] = {
+            "digest": digest,
+            "rows": names,
+            "tokens": int(stats.tokens),
+            "samples": int(stats.samples),
+        }
+
+    def commit(self) -> dict:
+        """Seal the metadata and rename the persona into place; return its metadata."""
+        self.meta["digest"] = persona_digest(self.meta)
+        validate("persona", self.meta, f"persona {self.name!r}")
+        self._root.attrs["maskstore"] = self.meta
+        dest = self.bundle.path / "personas" / self.name
+        if dest.exists():
+            if not self.overwrite:
+                raise MaskstoreError(f"persona {self.name!r} appeared while writing: not replaced")
+            trash = self.bundle.path / STAGING / f"old-{uuid.uuid4().hex}"
+            os.rename(dest, trash)
+            os.rename(self._dir, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self._dir, dest)
+        self.bundle._personas.pop(self.name, None)  # noqa: SLF001
+        return self.meta
+
+    def abort(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> PersonaWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def pack_zip(src: str | os.PathLike, dest: str | os.PathLike, force: bool = False) -> Path:
+    """Copy a directory bundle into a single ``.zip`` (stored, not recompressed), atomically."""
+    src, dest = Path(src), Path(dest)
+    Bundle(src)  # validates
+    if dest.exists() and not force:
+        raise MaskstoreError(f"{dest} already exists: choose another name or pass --force")
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for f in sorted(src.rglob("*")):
+                rel = f.relative_to(src).as_posix()
+                if f.is_file() and not rel.startswith(STAGING):
+                    zf.write(f, rel)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,63 @@
+"""Fault injection for tests: a store that kills its process after the n-th completed write.
+
+Used by subprocesses that must die mid-commit or mid-push (``os._exit(137)``, as SIGKILL would
+leave things: no cleanup, no flush of anything not yet written).
+"""
+
+from __future__ import annotations
+
+import os
+
+from maskstore.stores import Store
+
+
+class KillAfter(Store):
+    """Wraps a store; the ``n``-th completed ``put``/``create``/``swap`` ends the process."""
+
+    def __init__(self, inner: Store, n: int) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.n = n
+        self.writes = 0
+
+    def _count(self) -> None:
+        self.writes += 1
+        if self.writes >= self.n:
+            os._exit(137)
+
+    def get(self, key):
+        return self.inner.get(key)
+
+    def read_into(self, key, buf):
+        return self.inner.read_into(key, buf)
+
+    def list(self, prefix):
+        return self.inner.list(prefix)
+
+    def children(self, prefix):
+        return self.inner.children(prefix)
+
+    def has(self, key):
+        return self.inner.has(key)
+
+    def size(self, key):
+        return self.inner.size(key)
+
+    def mtime(self, key):
+        return self.inner.mtime(key)
+
+    def put(self, key, data):
+        self.inner.put(key, data)
+        self._count()
+
+    def create(self, key, data):
+        made = self.inner.create(key, data)
+        self._count()
+        return made
+
+    def swap(self, key, data, expected):
+        self.inner.swap(key, data, expected)
+        self._count()
+
+    def delete(self, key):
+        self.inner.delete(key)
