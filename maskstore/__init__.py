@@ -10,13 +10,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import IntegrityError, MaskstoreError  # noqa: E402
-from .format import Bundle  # noqa: E402
-from .opener import open_bundle  # noqa: E402
-from .stats import ChannelStats  # noqa: E402
-from .writer import create_bundle, pack_zip  # noqa: E402
+from .errors import IntegrityError, MaskstoreError
+from .format import Bundle
+from .opener import open_bundle
+from .stats import ChannelStats
+from .writer import create_bundle, pack_zip
 
-open = open_bundle  # noqa: A001 - ``maskstore.open(path)`` reads naturally
+open = open_bundle
 
 _LAZY = {
     "MaskHandle": "runtime",

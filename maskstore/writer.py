@@ -80,7 +80,7 @@ def _write_root(path: Path, fingerprint: dict) -> None:
     root.create_group("personas")
 
 
-class create_bundle:  # noqa: N801 - used as a function / context manager
+class create_bundle:
     """Create a new directory bundle atomically.
 
     Use as a context manager; the bundle appears at ``path`` only when the block exits without an
@@ -345,7 +345,7 @@ class PersonaWriter:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(self._dir, dest)
-        self.bundle._personas.pop(self.name, None)  # noqa: SLF001
+        self.bundle._personas.pop(self.name, None)
         return self.meta
 
     def abort(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from maskstore import create_bundle  # noqa: E402
+from maskstore import create_bundle
 
 
 def random_fingerprint(rng: np.random.Generator, n_layers: int = 2) -> dict:

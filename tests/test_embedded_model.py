@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import pair_args
 
@@ -9,6 +10,7 @@ import maskstore
 from maskstore.models import load_model
 
 
+@pytest.mark.slow
 def test_main_job_on_embedded_model(tmp_path, calib_files, cli):
     out = tmp_path / "personas.zarr"
     code, stdout, err = cli(

@@ -189,6 +189,7 @@ def test_failed_write_leaves_nothing_visible(tmp_path, rng):
     assert open_bundle(tmp_path / "b").personas == ["a"]
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_bundle_valid(tmp_path, rng):
     fp = {"architecture": "T", "modules": {f"l.{i}.mlp.up_proj": [256, 256] for i in range(200)}}
     write_bundle(tmp_path / "b", fp, {"a": {"l.0.mlp.up_proj": np.ones((256, 256), bool)}})

@@ -192,6 +192,7 @@ def _race(tmp_path, rng, fp, remote: str, env: dict) -> None:
         assert store.get(key).decode() == winner.resolve(ref)
 
 
+@pytest.mark.slow
 def test_racing_pushes_to_a_folder(tmp_path, rng, fp):
     _race(tmp_path, rng, fp, str(tmp_path / "remote"), dict(os.environ))
 
@@ -238,6 +239,7 @@ def s3_server():
                 os.environ[k] = v
 
 
+@pytest.mark.slow
 def test_s3_push_pull_moves_only_missing_objects(tmp_path, rng, fp, s3_server, cli):
     masks = _family(rng, fp, ["a", "b"])
     write_bundle(tmp_path / "b1", fp, masks)
@@ -265,6 +267,7 @@ def test_s3_push_pull_moves_only_missing_objects(tmp_path, rng, fp, s3_server, c
     )
 
 
+@pytest.mark.slow
 def test_racing_pushes_to_s3(tmp_path, rng, fp, s3_server):
     _race(tmp_path, rng, fp, "s3://masks/race", {**os.environ, **s3_server})
 
@@ -298,6 +301,7 @@ def _run_killed(code: str, kill_after: int) -> int:
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True).returncode
 
 
+@pytest.mark.slow
 def test_commit_and_push_killed_at_many_points_leave_valid_repos(tmp_path, rng, fp):
     write_bundle(tmp_path / "b1", fp, _family(rng, fp, ["a", "b"]))
     write_bundle(tmp_path / "b2", fp, _family(rng, fp, ["a", "b", "c"]))

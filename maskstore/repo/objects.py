@@ -38,7 +38,7 @@ def decode_chunk(h: str, data: bytes, where: str) -> bytes:
     """The raw bytes of chunk object ``h``, checked against its xxh3 name."""
     try:
         raw = bytes(numcodecs.Zstd().decode(data))
-    except Exception:  # any decoding failure is damage
+    except Exception:  # noqa: BLE001 - any decoding failure is damage
         raise IntegrityError(f"chunk {h} in {where} cannot be decoded: damaged") from None
     if xxh3(raw) != h:
         raise IntegrityError(f"chunk {h} in {where} fails its xxh3 digest: damaged")
@@ -81,7 +81,7 @@ class Objects:
             raise MaskstoreError(f"unknown version {version} in {src.url}")
         try:
             text = bytes(numcodecs.Zstd().decode(data))
-        except Exception:  # any decoding failure is damage
+        except Exception:  # noqa: BLE001 - any decoding failure is damage
             raise IntegrityError(
                 f"version {version} in {src.url} cannot be decoded: damaged"
             ) from None
