@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import IntegrityError, MaskstoreError
 from .format import Bundle
 from .opener import open_bundle
@@ -38,6 +37,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Bundle",
     "ChannelStats",
+    "__version__",
     "IntegrityError",
     "MaskHandle",
     "MaskstoreError",

@@ -268,6 +268,10 @@ def apply_op(
     want = 1 if op == "complement" else 2
     if len(operands) != want:
         raise MaskstoreError(f"{op} takes {want} persona(s), got {len(operands)}")
+    if not hasattr(bundle, "persona_writer"):
+        raise MaskstoreError(
+            f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
+        )
     refs = [Ref(bundle, p) for p in operands]
     modules = check_compatible(refs)
     metas = [bundle.persona(p) for p in operands]

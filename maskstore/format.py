@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +33,6 @@ from .hashing import ArrayHasher, metadata_digest, xxh3
 from .names import check_persona_name
 from .stats import ChannelStats
 from .stores import LocalStore, Store, ZipStore
-
-if TYPE_CHECKING:
-    from .writer import PersonaWriter
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_BYTES = 2 << 20  # about 2 MiB of packed mask per chunk
@@ -222,7 +219,8 @@ class Bundle:
 
     Args:
         path: a bundle directory or a ``.zip`` of one.
-        writable: open a directory bundle for adding personas.
+        writable: open a directory bundle's store for writing (see
+            :class:`maskstore.writer.WritableBundle`, which adds personas).
         source: read from this source instead of ``path`` (a stored version, say).
     """
 
@@ -442,16 +440,6 @@ class Bundle:
                     except MaskstoreError as e:
                         problems.append(str(e))
         return problems
-
-    # ---- writing
-    def persona_writer(self, name: str, **meta: Any) -> PersonaWriter:
-        """Start writing a new persona into this (directory) bundle; see
-        :class:`maskstore.writer.PersonaWriter`."""
-        if not self.writable:
-            raise MaskstoreError(f"{self.path} was opened read-only")
-        from .writer import PersonaWriter
-
-        return PersonaWriter(self, name, **meta)
 
     def close(self) -> None:
         self.source.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import MaskstoreError
 from .format import Bundle
 from .repo import open_version
+from .writer import WritableBundle
 
 
 def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
@@ -33,4 +34,4 @@ def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
                 f"{s} is a stored version and read-only: check it out to modify it"
             )
         return open_version(s).bundle
-    return Bundle(path, writable=writable)
+    return WritableBundle(path) if writable else Bundle(path)

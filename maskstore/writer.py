@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, codecs
+from . import codecs
+from ._version import __version__
 from .bits import pack, packed_width, popcount
 from .errors import MaskstoreError
 from .format import (
@@ -37,7 +38,18 @@ from .names import check_persona_name
 from .stats import ChannelStats
 from .stores import LocalStore
 
-__all__ = ["PersonaWriter", "compressor", "create_bundle", "pack_zip"]
+__all__ = ["PersonaWriter", "WritableBundle", "compressor", "create_bundle", "pack_zip"]
+
+
+class WritableBundle(Bundle):
+    """A directory bundle opened for adding personas (``open_bundle(path, writable=True)``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path, writable=True)
+
+    def persona_writer(self, name: str, **meta: Any) -> PersonaWriter:
+        """Start writing a new persona into this bundle; see :class:`PersonaWriter`."""
+        return PersonaWriter(self, name, **meta)
 
 
 def compressor(
@@ -103,9 +115,9 @@ class create_bundle:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
         _write_root(self._tmp, fingerprint)
-        self.bundle = Bundle(self._tmp, writable=True)
+        self.bundle = WritableBundle(self._tmp)
 
-    def __enter__(self) -> Bundle:
+    def __enter__(self) -> WritableBundle:
         return self.bundle
 
     def __exit__(self, exc_type: object, *rest: object) -> None:

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import __version__, codecs
+from .. import codecs
+from .._version import __version__
 from ..bits import popcount
 from ..errors import MaskstoreError
 from ..format import FORMAT_VERSION, Bundle
