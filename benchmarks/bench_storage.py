@@ -5,17 +5,13 @@ Run: python benchmarks/bench_storage.py
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from maskstore import create_bundle, open_bundle
-
-
-def entropy(p: float) -> float:
-    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+from maskstore.codecs import entropy
 
 
 def main() -> None:

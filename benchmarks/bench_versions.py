@@ -7,7 +7,6 @@ Run: python benchmarks/bench_versions.py
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -15,16 +14,12 @@ import numpy as np
 from _util import cli_build
 
 from maskstore.bits import popcount
+from maskstore.codecs import entropy
 from maskstore.opener import open_bundle
 from maskstore.repo import init_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-
-
-def entropy_bits(ones: int, n: int) -> float:
-    p = ones / n
-    return 0.0 if p in (0.0, 1.0) else -n * (p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
 def main() -> None:
@@ -60,7 +55,7 @@ def main() -> None:
                 if "delta" in e:
                     bases.add(e["delta"]["persona"])
                     x = popcount(np.bitwise_xor(mine, b.read_packed(e["delta"]["persona"], m)))
-                    bound_bits += entropy_bits(x, b.modules[m].numel)
+                    bound_bits += entropy(x / b.modules[m].numel) * b.modules[m].numel
                 else:
                     bound_bits += 8 * sum(
                         repo.object_size(h) for h, _ in e["chunks"]

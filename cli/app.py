@@ -15,3 +15,10 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+@app.callback()
+def _root() -> None:
+    """Store, compare, version and serve persona masks over LLM weights."""
+    # A callback keeps typer in group mode when a command line loads one command module
+    # (maskstore.cli.main imports only the module of the command asked for).

@@ -1,23 +1,48 @@
 """The ``maskstore`` command line: a thin typer layer over the library.
 
-Each ``*_cmd`` module registers its commands on :data:`maskstore.cli.app.app`; torch-heavy library
-modules are imported inside the commands that need them, so inspection commands start fast.
+Each ``*_cmd`` module registers its commands on :data:`maskstore.cli.app.app`. A command line
+imports only the module of the command it names (``--help`` and unknown names import them all),
+and torch-heavy library modules are imported inside the commands that need them, so inspection
+commands start fast (``benchmarks/bench_startup.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from maskstore.errors import MaskstoreError
 
-from . import build_cmd, bundle_cmd, repo_cmd, runtime_cmd  # noqa: F401 - register commands
 from ._common import err_console
 from .app import app
+
+# command -> the module that registers it (tests check that this covers every command)
+COMMANDS = {
+    "build": "build_cmd",
+    **dict.fromkeys(
+        ("info verify overlap diff union intersect subtract xor complement import-pt pack").split(),
+        "bundle_cmd",
+    ),
+    **dict.fromkeys(
+        "init commit log tag branch checkout push pull export import gc".split(), "repo_cmd"
+    ),
+    **dict.fromkeys(("run", "eval", "similarity"), "runtime_cmd"),
+}
+
+
+def register(argv: list[str] | None = None) -> None:
+    """Import the command modules that ``argv`` needs (all of them when it names none)."""
+    argv = sys.argv if argv is None else argv
+    first = next((a for a in argv[1:] if not a.startswith("-")), None)
+    modules = {COMMANDS[first]} if first in COMMANDS else set(COMMANDS.values())
+    for m in sorted(modules):
+        importlib.import_module(f"{__package__}.{m}")
 
 
 def main() -> None:
     """Console entry point: one-line errors, never a traceback."""
     try:
+        register()
         app()
     except MaskstoreError as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)

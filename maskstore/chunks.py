@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import codecs
 from .errors import MaskstoreError
 from .stores import Store
 
@@ -33,9 +34,10 @@ MAX_META_BYTES = 1 << 20  # an array's zarr.json is a few hundred bytes; refuse 
 
 
 def _decoder(name: str) -> Any:
+    """A numcodecs decoder for gzip and blosc (zstd is decoded by :mod:`maskstore.codecs`)."""
     import numcodecs  # decoding needs no configuration: the frames describe themselves
 
-    return {"zstd": numcodecs.Zstd, "gzip": numcodecs.GZip, "blosc": numcodecs.Blosc}[name]()
+    return {"gzip": numcodecs.GZip, "blosc": numcodecs.Blosc}[name]()
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class StoreArray(ChunkSource):
         need = r * row_bytes
         out = _POOL.take(need)
         raw = _POOL.take(need + (need >> 7) + 1024)
-        decoder = _decoder(m.codec) if m.codec else None
+        decoder = _decoder(m.codec) if m.codec not in (None, "zstd") else None
         try:
             for i in range(m.nchunks):
                 yield self._chunk(i, need, raw, out, decoder)
@@ -191,10 +193,14 @@ class StoreArray(ChunkSource):
         if n is None:  # zarr leaves chunks equal to the fill value unwritten
             return np.full((rows, *m.shape[1:]), m.fill_value, dtype=m.dtype)
         src = memoryview(raw)[:n] if isinstance(n, int) else n
-        if decoder is None:
+        if m.codec is None:
             if len(src) != need:
                 raise ValueError("raw chunk has the wrong size")
             data = src
+        elif m.codec == "zstd":
+            data = memoryview(out)[:need]
+            if codecs.zstd_decompress_into(src, data) != need:
+                raise ValueError("chunk decodes to the wrong size")
         else:
             data = memoryview(out)[:need]
             got = decoder.decode(src, out=data)

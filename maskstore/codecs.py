@@ -1,5 +1,8 @@
 """The compression policy that bundles and repositories share: which zstd level for which bits.
 
+zstd frames are written and read with ``zstandard`` (12 ms to import, where numcodecs takes
+over 200 ms), every decode bounded by the size it may produce.
+
 Mask bits with a kept share far from 0.5 compress well and get zstd level 16, whose entropy coder
 lands within 5% of H(p) where level 3 is 17% off (``benchmarks/bench_storage.py``); balanced masks
 get level 3, or no compression at all when a trial shows it saves under 2%.
@@ -8,13 +11,64 @@ get level 3, or no compression at all when a trial shows it saves under 2%.
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import numcodecs
 import numpy as np
 
 SKEWED_LEVEL = 16
 DEFAULT_LEVEL = 3
 TRIAL_BYTES = 1 << 20  # the head of an array that the incompressibility trial compresses
+
+
+def zstd_compress(data: Any, level: int = DEFAULT_LEVEL) -> bytes:
+    """One zstd frame (with its content size) of ``data``."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def zstd_decompress_into(src: Any, out: memoryview) -> int:
+    """Decode one zstd frame into ``out``; return the bytes written.
+
+    Decoding stops at ``len(out)``: a frame that would produce more raises ``ValueError`` before
+    a byte past the buffer is produced (a decompression bomb costs no memory).
+    """
+    import zstandard
+
+    n = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(src) as r:
+            while n < len(out):
+                k = r.readinto(out[n:])
+                if not k:
+                    break
+                n += k
+            if n == len(out) and r.read(1):
+                raise ValueError("zstd frame decodes past the size it may have")
+    except zstandard.ZstdError as e:
+        raise ValueError(f"bad zstd frame: {e}") from None
+    return n
+
+
+def zstd_decompress(src: Any, limit: int) -> bytes:
+    """Decode one zstd frame of at most ``limit`` bytes (``ValueError`` past it), growing the
+    output as it comes rather than trusting a declared size."""
+    import zstandard
+
+    parts, n = [], 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(src) as r:
+            while True:
+                block = r.read(min(1 << 20, limit - n + 1))
+                if not block:
+                    break
+                n += len(block)
+                if n > limit:
+                    raise ValueError(f"zstd frame decodes past {limit} bytes")
+                parts.append(block)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"bad zstd frame: {e}") from None
+    return b"".join(parts)
 
 
 def entropy(p: float) -> float:
@@ -37,7 +91,7 @@ def incompressible(sample: np.ndarray) -> bool:
     head = np.ascontiguousarray(sample).reshape(-1).view(np.uint8)[:TRIAL_BYTES]
     if not head.size:
         return False
-    return len(numcodecs.Zstd(level=DEFAULT_LEVEL).encode(head)) >= 0.98 * head.size
+    return len(zstd_compress(head.tobytes())) >= 0.98 * head.size
 
 
 def share_of_ones(buf: np.ndarray) -> float:

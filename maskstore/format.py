@@ -14,13 +14,13 @@ reads a stored version. Writing lives in :mod:`maskstore.writer`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,10 @@ __all__ = [
 
 
 def _schema(name: str) -> dict:
-    return json.loads(
-        resources.files("maskstore.schemas").joinpath(f"{name}.schema.json").read_text()
-    )
+    # the package's folder, found without importing importlib.resources (and tempfile with it)
+    spec = importlib.util.find_spec("maskstore.schemas")
+    folder = Path(next(iter(spec.submodule_search_locations or [])))
+    return json.loads((folder / f"{name}.schema.json").read_text())
 
 
 _VALIDATORS: dict[str, Callable[[Any], Any]] = {}
@@ -201,10 +202,27 @@ class StoreSource(BundleSource):
         return StoreArray(self.store, path, ArrayMeta.parse(raw, f"{self.label} {path}"))
 
     def nbytes(self, persona: str | None, kind: str | None) -> int:
-        pre = "personas/" + (f"{persona}/" if persona else "") if persona or kind else ""
+        if persona is None and kind is None:
+            return sum(self.store.sizes("").values())
+        totals = self._totals if self.store.read_only else self._walk_totals()
         return sum(
-            self.store.size(k) for k in self.store.list(pre) if kind is None or f"/{kind}/" in k
+            n
+            for (p, k), n in totals.items()
+            if (persona is None or p == persona) and (kind is None or k == kind)
         )
+
+    def _walk_totals(self) -> dict[tuple[str, str], int]:
+        """(persona, kind) -> stored bytes, from one listing of ``personas/``."""
+        out: dict[tuple[str, str], int] = {}
+        for key, n in self.store.sizes("personas/").items():
+            parts = key.split("/", 3)
+            if len(parts) == 4:
+                out[(parts[1], parts[2])] = out.get((parts[1], parts[2]), 0) + n
+        return out
+
+    @cached_property
+    def _totals(self) -> dict[tuple[str, str], int]:
+        return self._walk_totals()
 
     def close(self) -> None:
         self.store.close()

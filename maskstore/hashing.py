@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -55,4 +54,6 @@ def metadata_digest(obj: Any) -> str:
 
 def blake2b_hex(data: bytes) -> str:
     """Cryptographic digest (blake2b, 32 bytes) for ids trusted across teams."""
+    import hashlib  # imported on first use: inspection commands never need it
+
     return hashlib.blake2b(data, digest_size=32).hexdigest()

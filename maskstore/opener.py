@@ -10,7 +10,6 @@ from pathlib import Path
 
 from .errors import MaskstoreError
 from .format import Bundle
-from .repo import open_version
 from .writer import WritableBundle
 
 
@@ -33,5 +32,7 @@ def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
             raise MaskstoreError(
                 f"{s} is a stored version and read-only: check it out to modify it"
             )
+        from .repo import open_version  # the repository loads only for versions
+
         return open_version(s).bundle
     return WritableBundle(path) if writable else Bundle(path)

@@ -66,6 +66,10 @@ class Store(ABC):
     def has(self, key: str) -> bool:
         return self.get(key) is not None
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """key -> stored bytes for every key under ``prefix``."""
+        return {k: self.size(k) for k in self.list(prefix)}
+
     def size(self, key: str) -> int:
         """Stored bytes of ``key`` (0 when absent)."""
         data = self.get(key)
@@ -149,15 +153,32 @@ class LocalStore(Store):
             return []
         return sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
 
+    def _walk(self, prefix: str) -> dict[str, int]:
+        """key -> size of every regular file under ``prefix`` (one ``scandir`` per folder, no
+        symlink followed; temporary files and locks left out)."""
+        out: dict[str, int] = {}
+        base = os.path.join(self.root, prefix) if prefix else str(self.root)
+        if not os.path.isdir(base):
+            return out
+        start = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        todo = [(base, start)]
+        while todo:
+            folder, rel = todo.pop()
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append((e.path, f"{rel}{e.name}/"))
+                    elif e.is_file(follow_symlinks=False) and not (
+                        e.name.startswith(".tmp-") or e.name.endswith(".lock")
+                    ):
+                        out[rel + e.name] = e.stat(follow_symlinks=False).st_size
+        return out
+
     def list(self, prefix: str) -> list[str]:
-        base = self._p(prefix)
-        if not base.exists():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-") and not p.name.endswith(".lock")
-        )
+        return sorted(self._walk(prefix))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return self._walk(prefix)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -338,6 +359,9 @@ class ZipStore(Store):
 
     def list(self, prefix: str) -> list[str]:
         return sorted(n for n in self._names if n.startswith(prefix))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return {n: i.file_size for n, i in self._names.items() if n.startswith(prefix)}
 
     def _refuse(self) -> None:
         raise MaskstoreError(f"{self.url} is a zip and read-only: unzip it to modify it")

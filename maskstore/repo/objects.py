@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numcodecs
 import numpy as np
 
 from .. import codecs
@@ -29,17 +28,20 @@ def version_key(vid: str) -> str:
     return f"versions/{vid}"
 
 
+MAX_OBJECT_BYTES = 256 << 20  # what one chunk or manifest may decode to, at most
+
+
 def encode_chunk(raw: np.ndarray | bytes, kept_share: float | None) -> bytes:
     """A chunk as stored: one zstd frame, its level from the codec policy."""
-    return numcodecs.Zstd(level=codecs.zstd_level(kept_share)).encode(raw)
+    return codecs.zstd_compress(raw, codecs.zstd_level(kept_share))
 
 
-def decode_chunk(h: str, data: bytes, where: str) -> bytes:
-    """The raw bytes of chunk object ``h``, checked against its xxh3 name."""
+def decode_chunk(h: str, data: bytes, where: str, limit: int = MAX_OBJECT_BYTES) -> bytes:
+    """The raw bytes of chunk object ``h`` (at most ``limit``), checked against its xxh3 name."""
     try:
-        raw = bytes(numcodecs.Zstd().decode(data))
-    except Exception:  # noqa: BLE001 - any decoding failure is damage
-        raise IntegrityError(f"chunk {h} in {where} cannot be decoded: damaged") from None
+        raw = codecs.zstd_decompress(data, limit)
+    except ValueError as e:
+        raise IntegrityError(f"chunk {h} in {where} cannot be decoded ({e}): damaged") from None
     if xxh3(raw) != h:
         raise IntegrityError(f"chunk {h} in {where} fails its xxh3 digest: damaged")
     return raw
@@ -52,12 +54,15 @@ class Objects:
         self.store = store
         self._manifests: dict[str, dict] = {}
 
-    def read_chunk(self, h: str, store: Store | None = None) -> bytes:
+    def read_chunk(
+        self, h: str, store: Store | None = None, limit: int = MAX_OBJECT_BYTES
+    ) -> bytes:
+        """Chunk ``h``'s raw bytes (at most ``limit``), checked against its name."""
         src = store or self.store
         data = src.get(chunk_key(h))
         if data is None:
             raise IntegrityError(f"chunk {h} is missing from {src.url}: the repository is damaged")
-        return decode_chunk(h, data, src.url)
+        return decode_chunk(h, data, src.url, limit)
 
     def size(self, h: str) -> int:
         return self.store.size(chunk_key(h))
@@ -80,8 +85,8 @@ class Objects:
         if data is None:
             raise MaskstoreError(f"unknown version {version} in {src.url}")
         try:
-            text = bytes(numcodecs.Zstd().decode(data))
-        except Exception:  # noqa: BLE001 - any decoding failure is damage
+            text = codecs.zstd_decompress(data, MAX_OBJECT_BYTES)
+        except ValueError:
             raise IntegrityError(
                 f"version {version} in {src.url} cannot be decoded: damaged"
             ) from None
@@ -99,5 +104,5 @@ class Objects:
         text = canonical_json(man)
         vid = blake2b_hex(text)
         if not self.store.has(version_key(vid)):
-            self.store.put(version_key(vid), numcodecs.Zstd(level=3).encode(text))
+            self.store.put(version_key(vid), codecs.zstd_compress(text))
         return vid

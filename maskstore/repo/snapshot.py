@@ -43,7 +43,10 @@ class ObjectArray(ChunkSource):
         m = self.meta
         base_iter = self.base.chunks() if self.base is not None else None
         for i, (h, _b) in enumerate(self.entry["chunks"]):
-            raw = self.repo.objects.read_chunk(h)
+            need = m.rows_of(i) * m.row_bytes
+            raw = self.repo.objects.read_chunk(h, limit=need)
+            if len(raw) != need:
+                raise IntegrityError(f"chunk {h} holds {len(raw)} bytes, not {need}: damaged")
             block = np.frombuffer(raw, dtype=m.dtype).reshape(m.rows_of(i), *m.shape[1:])
             if base_iter is not None:
                 block = np.bitwise_xor(block, next(base_iter))
