@@ -277,7 +277,7 @@ def test_build_from_stats_equals_build_from_the_model(tmp_path, calib_files):
 
     model, tok = tiny_llama(seed=5), byte_tokenizer()
     calib = {
-        n: list(cal.batches(tok, cal.read_samples(calib_files[n])[:6], batch_size=3))
+        n: list(cal.batches(tok, cal.read_samples(calib_files[n])[:4], max_tokens=48, batch_size=4))
         for n in ("introvert", "extrovert")
     }
     pairs = [("introvert", "extrovert")]
@@ -292,3 +292,18 @@ def test_build_from_stats_equals_build_from_the_model(tmp_path, calib_files):
     assert direct.digest == stats.digest
     assert direct.persona("introvert")["params"]["phi"] == "softplus"
     assert open_bundle(tmp_path / "a").digest != direct.digest
+
+
+def test_the_command_table_names_every_command_and_loads_only_its_module():
+    from maskstore.cli import main as cli_main
+    from maskstore.cli.app import app
+
+    cli_main.register(["maskstore"])  # no command named: every module registers
+    registered = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    assert registered == set(cli_main.COMMANDS)
+    code = (
+        "import sys\nfrom maskstore.cli import main\nmain.register(['maskstore', 'info', 'x'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('maskstore.cli.') and m.endswith('_cmd')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['maskstore.cli.bundle_cmd']"
