@@ -2,12 +2,14 @@
 
 A persona is written into ``bundle/.staging/<random>`` and renamed into place when complete, and
 a new bundle is written next to its destination and renamed into place: a reader sees a persona
-(or a bundle) whole or not at all. zarr writes the arrays (imported on first write).
+(or a bundle) whole or not at all. Arrays in maskstore's zarr profile (zstd or raw) are written
+directly; zarr writes the others (gzip, blosc), imported only then.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import uuid
@@ -82,14 +84,48 @@ def compressor(
     raise MaskstoreError(f"unknown compressor {name!r}: use zstd, blosc, gzip or none")
 
 
-def _write_root(path: Path, fingerprint: dict) -> None:
-    import zarr
-    import zarr.storage
+def _write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
 
+
+def _group(attrs: dict | None = None) -> dict:
+    """A zarr v3 group's ``zarr.json``."""
+    return {"attributes": attrs or {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _array_meta(
+    shape: tuple[int, ...], chunk_rows: int, dtype: np.dtype, level: int | None
+) -> dict:
+    """A zarr v3 array's ``zarr.json`` in maskstore's profile: regular row chunks, the default
+    chunk key encoding, little-endian bytes, then zstd or nothing."""
+    codecs_ = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if dtype.itemsize == 1:
+        codecs_ = [{"name": "bytes"}]
+    if level is not None:
+        codecs_.append({"name": "zstd", "configuration": {"level": level, "checksum": False}})
+    return {
+        "shape": list(shape),
+        "data_type": dtype.name,
+        "chunk_grid": {
+            "name": "regular",
+            "configuration": {"chunk_shape": [chunk_rows, *shape[1:]]},
+        },
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0.0 if dtype.kind == "f" else 0,
+        "codecs": codecs_,
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def _write_root(path: Path, fingerprint: dict) -> None:
     meta = {"format_version": FORMAT_VERSION, "model": fingerprint}
     validate("bundle", meta, "new bundle")
-    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w", attributes={"maskstore": meta})
-    root.create_group("personas")
+    _write_json(path / "zarr.json", _group({"maskstore": meta}))
+    _write_json(path / "personas" / "zarr.json", _group())
 
 
 class create_bundle:
@@ -179,15 +215,11 @@ class PersonaWriter:
         self.chunk_bytes = chunk_bytes
         self.codec_name, self.level = codec, level
         compressor(codec, level)  # fail early on an unknown codec
-        import zarr
-        import zarr.storage
-
         self._dir = bundle.path / STAGING / uuid.uuid4().hex
         self._dir.mkdir(parents=True)
-        self._store = zarr.storage.LocalStore(self._dir)
-        self._root = zarr.open_group(self._store, mode="w")
-        self._root.create_group("masks")
-        self._root.create_group("stats")
+        for sub in ("", "masks/", "stats/"):
+            _write_json(self._dir / f"{sub}zarr.json", _group())
+        self._root: Any = None  # a zarr group, opened only for codecs zarr must write
 
     def _write_array(
         self,
@@ -200,27 +232,48 @@ class PersonaWriter:
         kept_share: float | None = None,
         sample: np.ndarray | None = None,
     ) -> str:
-        row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize)
+        dt = np.dtype(dtype).newbyteorder("<")
+        row_bytes = max(1, int(np.prod(shape[1:])) * dt.itemsize)
         rows = max(1, min(shape[0], self.chunk_bytes // row_bytes)) if shape[0] else 1
-        arr = self._root.create_array(
-            f"{kind}/{module}",
-            shape=shape,
-            chunks=(rows, *shape[1:]),
-            dtype=dtype,
-            compressors=[c]
-            if (c := compressor(self.codec_name, self.level, kept_share, sample))
-            else None,
-            fill_value=0,
-        )
+        folder = self._dir / kind / module
+        if self.codec_name in ("zstd", "none"):
+            # maskstore's zarr profile, written directly (zarr reads it back as any array)
+            level = None
+            if self.codec_name == "zstd":
+                level = self.level if self.level is not None else codecs.zstd_level(kept_share)
+                if self.level is None and not codecs.is_skewed(kept_share):
+                    if sample is not None and codecs.incompressible(sample):
+                        level = None
+            zmeta = _array_meta(shape, rows, dt, level)
+
+            def store_chunk(i: int, chunk: np.ndarray) -> None:
+                data = chunk.tobytes()
+                if level is not None:
+                    data = codecs.zstd_compress(data, level)
+                out = folder / "c" / str(i) / "0"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(data)
+
+        else:
+            arr = self._zarr_array(kind, module, shape, rows, dtype, kept_share, sample)
+            zmeta = None
+
+            def store_chunk(i: int, chunk: np.ndarray) -> None:
+                arr[i * rows : i * rows + chunk.shape[0]] = chunk
+
         hasher = ArrayHasher(np.dtype(dtype), shape)
         chunk_digests: list[str] = []
-        buf = np.empty((rows, *shape[1:]), dtype=dtype)
+        buf = np.empty((rows, *shape[1:]), dtype=dt)
         filled, r0 = 0, 0
 
         def flush(n: int) -> None:
             nonlocal r0
-            arr[r0 : r0 + n] = buf[:n]
             chunk_digests.append(xxh3(buf[:n]))
+            if n < rows and zmeta is not None:
+                buf[n:] = 0  # zarr stores an edge chunk whole, padded with the fill value
+                store_chunk(len(chunk_digests) - 1, buf)
+            else:
+                store_chunk(len(chunk_digests) - 1, buf[:n])
             r0 += n
 
         for block in blocks:  # regroup arbitrary row blocks into whole chunks
@@ -246,8 +299,38 @@ class PersonaWriter:
             "chunk_digests": chunk_digests,
             **extra,
         }
-        arr.attrs["maskstore"] = ameta
+        if zmeta is not None:
+            zmeta["attributes"] = {"maskstore": ameta}
+            _write_json(folder / "zarr.json", zmeta)
+        else:
+            arr.attrs["maskstore"] = ameta
         return digest
+
+    def _zarr_array(
+        self,
+        kind: str,
+        module: str,
+        shape: tuple[int, ...],
+        rows: int,
+        dtype: type,
+        kept_share: float | None,
+        sample: np.ndarray | None,
+    ) -> Any:
+        """A zarr array for codecs that maskstore does not write itself (blosc, gzip)."""
+        import zarr
+        import zarr.storage
+
+        if self._root is None:
+            self._root = zarr.open_group(zarr.storage.LocalStore(self._dir), mode="r+")
+        c = compressor(self.codec_name, self.level, kept_share, sample)
+        return self._root.create_array(
+            f"{kind}/{module}",
+            shape=shape,
+            chunks=(rows, *shape[1:]),
+            dtype=dtype,
+            compressors=[c] if c else None,
+            fill_value=0,
+        )
 
     def _module(self, module: str) -> ModuleInfo:
         """The fingerprint entry of a module not yet written."""
@@ -346,7 +429,7 @@ class PersonaWriter:
         """Seal the metadata and rename the persona into place; return its metadata."""
         self.meta["digest"] = persona_digest(self.meta)
         validate("persona", self.meta, f"persona {self.name!r}")
-        self._root.attrs["maskstore"] = self.meta
+        _write_json(self._dir / "zarr.json", _group({"maskstore": self.meta}))
         dest = self.bundle.path / "personas" / self.name
         if dest.exists():
             if not self.overwrite:

@@ -35,7 +35,7 @@ def _expected(masks, names, modules=None):
 
 
 @settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.integers(0, 2**31), st.floats(0.0, 1.0), st.integers(2, 4), st.integers(64, 5000))
 def test_counts_match_numpy(tmp_path_factory, seed, p, n, chunk):
@@ -69,7 +69,7 @@ def test_counts_match_numpy(tmp_path_factory, seed, p, n, chunk):
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.integers(0, 2**31), st.sampled_from(algebra.OPS))
 def test_ops_match_numpy(tmp_path_factory, seed, op):
