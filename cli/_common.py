@@ -15,6 +15,20 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+_CONTROL = dict.fromkeys([*range(0, 32), 127, *range(0x80, 0xA0)])
+_CONTROL.pop(ord("\n"))
+
+
+def safe(text: object, one_line: bool = False) -> str:
+    """``text`` fit for the terminal: control characters (escape sequences included) dropped
+    and rich markup escaped. Every string that comes from a bundle, a repository, a remote or
+    an argument goes through this before it is printed."""
+    from rich.markup import escape
+
+    s = str(text).translate(_CONTROL)
+    return escape(s.replace("\n", " ") if one_line else s)
+
+
 def emit_json(doc: object) -> None:
     """The one JSON document a ``--json`` command prints on stdout."""
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")

@@ -13,7 +13,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.names import check_persona_name
 from maskstore.opener import open_bundle
 
-from ._common import console, emit_json, fmt_bytes, progress
+from ._common import console, emit_json, fmt_bytes, progress, safe
 from .app import app
 
 
@@ -211,13 +211,13 @@ def build(
     if json_out:
         emit_json({"out": str(out), "digest": b.digest, "personas": rows, "seconds": times})
         return
-    t = Table(title=f"{out}  ({len(mods)} modules, {numel:,} weights each)")
+    t = Table(title=f"{safe(out)}  ({len(mods)} modules, {numel:,} weights each)")
     for c in ("persona", "method", "target", "realised", "masks", "bits/weight", "stats"):
         t.add_column(c, justify="left" if c in ("persona", "method") else "right")
     for r in rows:
         t.add_row(
-            r["persona"],
-            r["method"],
+            safe(r["persona"]),
+            safe(r["method"]),
             f"{r['sparsity']:.3f}",
             f"{r['realised_sparsity']:.4f}",
             fmt_bytes(r["mask_bytes"]),

@@ -12,7 +12,7 @@ from maskstore import algebra
 from maskstore.errors import MaskstoreError
 from maskstore.opener import open_bundle
 
-from ._common import console, emit_json, err_console, fmt_bytes, heat, progress
+from ._common import console, emit_json, err_console, fmt_bytes, heat, progress, safe
 from .app import JsonOpt, app
 
 
@@ -72,7 +72,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
         emit_json(doc)
         return
     console.print(
-        f"[bold]{bundle}[/]  {doc['architecture']}, {doc['modules']} modules, "
+        f"[bold]{safe(bundle)}[/]  {safe(doc['architecture'])}, {doc['modules']} modules, "
         f"{doc['weights']:,} weights\ndigest {doc['digest']}"
     )
     t = Table(
@@ -80,8 +80,8 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
     )
     for p in doc["personas"]:
         t.add_row(
-            p["name"],
-            p["method"],
+            safe(p["name"]),
+            safe(p["method"]),
             f"{p['realised_sparsity']:.3f}",
             str(p["modules"]),
             fmt_bytes(p["mask_bytes"]),
@@ -99,21 +99,27 @@ def verify(bundle: Path, json_out: JsonOpt = False) -> None:
     if (bundle / "maskstore-repo.json").is_file():
         from maskstore.repo import open_repo
 
-        problems = open_repo(bundle).verify()
+        repo = open_repo(bundle)
+        problems, leftovers = repo.verify(), repo.leftovers()
         what = "every reachable object verifies"
     else:
         b = open_bundle(bundle)
         with progress() as bar:
             task = bar.add_task("verifying", total=len(b.personas))
             problems = b.verify(progress=lambda k: bar.advance(task, k))
+        leftovers = b.leftovers()
         what = f"every digest matches ({len(b.personas)} personas)"
     if json_out:
-        emit_json({"path": str(bundle), "ok": not problems, "problems": problems})
-    elif problems:
-        for line in problems:
-            err_console.print(f"[red]damaged:[/] {line}", highlight=False)
+        emit_json(
+            {"path": str(bundle), "ok": not problems, "problems": problems, "leftovers": leftovers}
+        )
     else:
-        console.print(f"[green]ok[/] {bundle}: {what}")
+        for line in problems:
+            err_console.print(f"[red]damaged:[/] {safe(line)}", highlight=False)
+        for line in leftovers:
+            err_console.print(f"[yellow]leftover:[/] {safe(line)} (maskstore gc removes it)")
+        if not problems:
+            console.print(f"[green]ok[/] {safe(str(bundle))}: {what}")
     if problems:
         raise typer.Exit(1)
 
@@ -154,7 +160,7 @@ def overlap(
         t = Table(title=f"{key} ({by}: {g})" if by != "model" else key, show_lines=False)
         t.add_column("")
         for r in refs:
-            t.add_column(r.label, justify="right")
+            t.add_column(safe(r.label), justify="right")
         lookup = {}
         for p in pairs:
             rec = p if by == "model" else p["groups"][g]
@@ -166,7 +172,7 @@ def overlap(
                     cells.append("[dim]-[/]")
                 else:
                     cells.append(heat(lookup[(r.label, c.label)], key))
-            t.add_row(r.label, *cells)
+            t.add_row(safe(r.label), *cells)
         console.print(t)
 
 
@@ -206,7 +212,9 @@ def diff(
     if json_out:
         emit_json(rec)
         return
-    t = Table(title=f"{a} vs {b}: differential ratio (share of positions where the masks differ)")
+    t = Table(
+        title=f"{safe(a)} vs {safe(b)}: differential ratio (share of positions where the masks differ)"
+    )
     t.add_column("part")
     t.add_column("diff ratio", justify="right")
     t.add_column("jaccard", justify="right")
@@ -239,16 +247,18 @@ def _version_diff(d: dict, json_out: bool) -> None:
         return
     console.print(f"{d['a'][:12]} -> {d['b'][:12]}")
     for p in d["added"]:
-        console.print(f"  [green]+ {p}[/]")
+        console.print(f"  [green]+ {safe(p)}[/]")
     for p in d["removed"]:
-        console.print(f"  [red]- {p}[/]")
+        console.print(f"  [red]- {safe(p)}[/]")
     for p in d["unchanged"]:
-        console.print(f"  [dim]= {p}[/]")
+        console.print(f"  [dim]= {safe(p)}[/]")
     if d["changed"]:
         t = Table("persona", "modules changed", "diff ratio (changed modules)")
         for p, rec in d["changed"].items():
             ratio = rec.get("diff_ratio_changed_modules")
-            t.add_row(p, str(rec["modules_changed"]), "-" if ratio is None else f"{ratio:.4f}")
+            t.add_row(
+                safe(p), str(rec["modules_changed"]), "-" if ratio is None else f"{ratio:.4f}"
+            )
         console.print(t)
 
 
@@ -281,7 +291,7 @@ def _op_command(op: str, doc: str, nargs: int):
             )
         else:
             console.print(
-                f"wrote persona [bold]{as_}[/] = {op}({', '.join(operands)}): kept {kept / numel:.4f} of {numel:,} weights"
+                f"wrote persona [bold]{safe(as_)}[/] = {op}({safe(', '.join(operands))}): kept {kept / numel:.4f} of {numel:,} weights"
             )
 
     cmd.__doc__ = doc
@@ -308,7 +318,7 @@ def import_pt_cmd(
     from maskstore.importers import import_pt
 
     names = import_pt(src, out, architecture=architecture, force=force)
-    console.print(f"imported {len(names)} persona(s) into {out}: {', '.join(names)}")
+    console.print(f"imported {len(names)} persona(s) into {safe(out)}: {safe(', '.join(names))}")
 
 
 @app.command()
@@ -321,4 +331,4 @@ def pack(
     from maskstore.writer import pack_zip
 
     pack_zip(bundle, out, force=force)
-    console.print(f"wrote {out} ({fmt_bytes(out.stat().st_size)})")
+    console.print(f"wrote {safe(out)} ({fmt_bytes(out.stat().st_size)})")

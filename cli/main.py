@@ -13,7 +13,7 @@ import sys
 
 from maskstore.errors import MaskstoreError
 
-from ._common import err_console
+from ._common import err_console, safe
 from .app import app
 
 # command -> the module that registers it (tests check that this covers every command)
@@ -45,7 +45,9 @@ def main() -> None:
         register()
         app()
     except MaskstoreError as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[red]error:[/] {safe(e, one_line=True)}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")
@@ -53,6 +55,8 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - last resort: still one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         err_console.print(
-            f"[red]error:[/] {type(e).__name__}: {msg}", highlight=False, soft_wrap=True
+            f"[red]error:[/] {type(e).__name__}: {safe(msg, one_line=True)}",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)

@@ -11,7 +11,7 @@ from rich.table import Table
 from maskstore.errors import MaskstoreError
 from maskstore.repo import init_repo, open_repo
 
-from ._common import console, emit_json, fmt_bytes, progress
+from ._common import console, emit_json, fmt_bytes, progress, safe
 from .app import JsonOpt, app
 
 RepoOpt = Annotated[
@@ -71,7 +71,7 @@ def commit(
         )
         return
     console.print(
-        f"[bold]{vid[:12]}[/] on {branch}: {message}  ({len(b.personas)} personas, {fmt_bytes(size)} referenced)"
+        f"[bold]{vid[:12]}[/] on {safe(branch)}: {safe(message)}  ({len(b.personas)} personas, {fmt_bytes(size)} referenced)"
     )
 
 
@@ -94,10 +94,10 @@ def log(
     for e in entries:
         t.add_row(
             e["version"][:12],
-            ", ".join(sorted(tags.get(e["version"], []))),
-            e["created"],
-            ", ".join(e["personas"]),
-            e["message"],
+            safe(", ".join(sorted(tags.get(e["version"], [])))),
+            safe(e["created"]),
+            safe(", ".join(e["personas"])),
+            safe(e["message"]),
         )
     console.print(t)
 
@@ -110,7 +110,7 @@ def tag(
 ) -> None:
     """Name a version; tags never move."""
     vid = open_repo(repo).tag(name, version)
-    console.print(f"tag {name} -> {vid[:12]}")
+    console.print(f"tag {safe(name)} -> {vid[:12]}")
 
 
 @app.command()
@@ -126,16 +126,16 @@ def branch(
         if name is None:
             raise MaskstoreError("branch --delete needs a branch name")
         r.delete_branch(name)
-        console.print(f"deleted branch {name}")
+        console.print(f"deleted branch {safe(name)}")
         return
     if name is None:
         for n, v in sorted(r.branches().items()):
-            console.print(f"{n}  {v[:12]}")
+            console.print(f"{safe(n)}  {safe(v[:12])}")
         return
     if r.branch_head(name) is not None:
         raise MaskstoreError(f"branch {name!r} exists: pick another name")
     r.set_branch(name, r.resolve(version), None)
-    console.print(f"branch {name} -> {r.resolve(name)[:12]}")
+    console.print(f"branch {safe(name)} -> {r.resolve(name)[:12]}")
 
 
 @app.command()
@@ -160,7 +160,7 @@ def checkout(
 
         mdl, _ = load_model(model)
     r.checkout(version, out, model=mdl, force=force)
-    console.print(f"checked out {snap.version[:12]} to {out}")
+    console.print(f"checked out {snap.version[:12]} to {safe(out)}")
 
 
 def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
@@ -179,7 +179,7 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
         return
     where = "there" if verb == "push" else "here"
     console.print(
-        f"{verb}ed {ref} {'to' if verb == 'push' else 'from'} {remote}: {rep.objects} objects, "
+        f"{verb}ed {safe(ref)} {'to' if verb == 'push' else 'from'} {safe(remote)}: {rep.objects} objects, "
         f"{fmt_bytes(rep.bytes)} moved, {rep.skipped} already {where}"
     )
 
@@ -217,14 +217,14 @@ def export(
 ) -> None:
     """One .zip holding a version and everything it needs."""
     open_repo(repo).export(version, out, force=force)
-    console.print(f"wrote {out} ({fmt_bytes(out.stat().st_size)})")
+    console.print(f"wrote {safe(out)} ({fmt_bytes(out.stat().st_size)})")
 
 
 @app.command("import")
 def import_cmd(path: Path, repo: RepoOpt = DEFAULT_REPO) -> None:
     """Bring the versions and refs of an export .zip into the repository (verified)."""
     names = init_repo(repo).import_(path)
-    console.print(f"imported {', '.join(names)} from {path}")
+    console.print(f"imported {safe(', '.join(names))} from {safe(path)}")
 
 
 @app.command()

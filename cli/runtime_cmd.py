@@ -14,7 +14,7 @@ from maskstore.opener import open_bundle
 if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
-from ._common import console, emit_json
+from ._common import console, emit_json, safe
 from .app import JsonOpt, app
 
 ModelOpt = Annotated[
@@ -86,11 +86,11 @@ def run(
     if json_out:
         emit_json({"prompt": prompt, "gamma": gamma, "outputs": outputs})
         return
-    t = Table(title=prompt, show_lines=True)
+    t = Table(title=safe(prompt), show_lines=True)
     t.add_column("persona", style="bold")
     t.add_column("output")
     for k, v in outputs.items():
-        t.add_row(k, v)
+        t.add_row(safe(k), safe(v))
     console.print(t)
 
 
@@ -159,14 +159,14 @@ def eval_cmd(
     if json_out:
         emit_json({"items": len(items), "key": key, "rows": rows, "unkeyed": others})
         return
-    t = Table(title=f"persona alignment on {mc.name} ({len(items)} items; key: {key})")
+    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items; key: {safe(key)})")
     for c in ("setting", "persona", "accuracy"):
         t.add_column(c, justify="right" if c == "accuracy" else "left")
     for r in rows:
-        t.add_row(r["setting"], r["persona"], f"{r['accuracy']:.3f}")
+        t.add_row(r["setting"], safe(r["persona"]), f"{r['accuracy']:.3f}")
     console.print(t)
     if others:
-        console.print(f"[dim]not scored (no key for them): {', '.join(others)}[/]")
+        console.print(f"[dim]not scored (no key for them): {safe(', '.join(others))}[/]")
 
 
 @app.command()
@@ -213,11 +213,13 @@ def similarity(
     if json_out:
         emit_json({"a": a, "b": b, "texts": len(lines), "layers": cos})
         return
-    t = Table(title=f"cosine similarity of hidden states, {a} vs {b} ({len(lines)} texts)")
+    t = Table(
+        title=f"cosine similarity of hidden states, {safe(a)} vs {safe(b)} ({len(lines)} texts)"
+    )
     t.add_column("layer", justify="right")
     t.add_column("cosine", justify="right")
     for i, c in enumerate(cos):
         t.add_row("emb" if i == 0 else str(i), f"{c:.4f}")
     console.print(t)
     if png is not None:
-        console.print(f"plot written to {png}")
+        console.print(f"plot written to {safe(png)}")

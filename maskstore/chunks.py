@@ -84,8 +84,8 @@ class ArrayMeta:
             dtype = np.dtype(m["data_type"])
             if len(shape) < 1 or len(chunk_shape) != len(shape) or min(shape, default=0) < 0:
                 raise ValueError("bad shape")
-            if chunk_shape[0] < 1:
-                raise ValueError("bad chunk shape")
+            if not 1 <= chunk_shape[0] <= max(shape[0], 1):
+                raise ValueError("chunk rows outside 1..rows")
         except MaskstoreError:
             raise
         except Exception as e:  # noqa: BLE001 - any malformed document is the same problem

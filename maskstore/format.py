@@ -159,6 +159,14 @@ class BundleSource(ABC):
         """True when the persona's masks must be recomputed from a model (repository recipes)."""
         return False
 
+    def problems(self) -> list[str]:
+        """Damage that no persona's metadata names (verify reports it)."""
+        return []
+
+    def leftovers(self) -> list[str]:
+        """Debris of interrupted writes (verify reports it without failing)."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing open
         """Release what the source holds open (a zip file); nothing by default."""
 
@@ -185,6 +193,28 @@ class StoreSource(BundleSource):
             if self.store.has(f"personas/{n}/zarr.json"):
                 names.append(n)
         return names
+
+    def problems(self) -> list[str]:
+        out = []
+        for n in self.store.children("personas/"):
+            if n == "zarr.json":
+                continue
+            try:
+                check_persona_name(n)
+            except MaskstoreError:
+                out.append(
+                    f"{self.label}: personas/{n!r} is not a valid persona name: not maskstore's"
+                )
+                continue
+            if not self.store.has(f"personas/{n}/zarr.json"):
+                out.append(
+                    f"{self.label}: persona {n!r} has no zarr.json: it is damaged; restore it"
+                )
+        return out
+
+    def leftovers(self) -> list[str]:
+        found = [f"{STAGING}/{n}" for n in self.store.children(f"{STAGING}/")]
+        return [f"{self.label}: {k} is left from an interrupted write" for k in found]
 
     def persona_meta(self, name: str) -> dict:
         return group_attrs(
@@ -290,6 +320,11 @@ class Bundle:
         return self.meta["model"]
 
     @cached_property
+    def fingerprint_digest(self) -> str:
+        """xxh3-128 of the fingerprint; each persona records the one it was written for."""
+        return metadata_digest(self.fingerprint)
+
+    @cached_property
     def modules(self) -> dict[str, ModuleInfo]:
         return {n: ModuleInfo(n, *s) for n, s in self.fingerprint["modules"].items()}
 
@@ -311,6 +346,11 @@ class Bundle:
                 raise IntegrityError(
                     f"persona {name!r} in {self.path}: metadata digest mismatch (edited or damaged); "
                     "rebuild or restore it"
+                )
+            if meta.get("model_digest", self.fingerprint_digest) != self.fingerprint_digest:
+                raise IntegrityError(
+                    f"persona {name!r} in {self.path} was written for another model fingerprint: "
+                    "the bundle's zarr.json was edited or damaged; restore it"
                 )
             self._personas[name] = meta
         return self._personas[name]
@@ -342,13 +382,46 @@ class Bundle:
 
     # ---- arrays
     def array(self, persona: str, kind: str, module: str) -> tuple[ChunkSource, dict]:
-        """One array and its validated maskstore attributes (``kind``: masks or stats)."""
+        """One array and its validated maskstore attributes (``kind``: masks or stats).
+
+        Before a byte of data is read, the array's shape, type and chunk grid are checked
+        against the model fingerprint, and its digest against the persona's record, so a
+        shortened, swapped or edited array is refused here.
+        """
         meta = self.persona(persona)
-        if module not in meta["modules"]:
+        entry = meta["modules"].get(module)
+        if entry is None:
             raise MaskstoreError(f"persona {persona!r} has no module {module!r}")
+        where = f"{self.path}: personas/{persona}/{kind}/{module}"
+        info = self.modules.get(module)
+        if info is None:
+            raise IntegrityError(f"{where} is not in the model fingerprint: the bundle is damaged")
+        if kind == "masks":
+            shape, dtype, want = (
+                (info.out_features, packed_width(info.in_features)),
+                "uint8",
+                entry["mask"],
+            )
+        elif kind == "stats" and entry.get("stats"):
+            st = entry["stats"]
+            shape, dtype, want = (len(st["rows"]), info.in_features), "float64", st["digest"]
+        else:
+            raise MaskstoreError(f"persona {persona!r} stores no {kind} for {module!r}")
         arr = self.source.array(persona, kind, module)
-        ameta = arr.meta.maskstore
-        validate("array", ameta, f"{self.path} personas/{persona}/{kind}/{module}")
+        am = arr.meta
+        if am.shape != shape or am.dtype.newbyteorder("=") != np.dtype(dtype):
+            raise IntegrityError(
+                f"{where} is {am.dtype} {list(am.shape)} where the model fingerprint says "
+                f"{dtype} {list(shape)}: the bundle is damaged or edited; restore it"
+            )
+        ameta = am.maskstore
+        validate("array", ameta, where)
+        if ameta["digest"] != want:
+            raise IntegrityError(
+                f"{where} is not the array the persona records (swapped or edited): restore it"
+            )
+        if len(ameta["chunk_digests"]) != am.nchunks:
+            raise IntegrityError(f"{where}: chunk digest list does not match the chunk grid")
         return arr, ameta
 
     def iter_chunks(
@@ -367,13 +440,13 @@ class Bundle:
     def _verified_chunks(
         self, arr: ChunkSource, ameta: dict, where: str
     ) -> Iterator[tuple[int, np.ndarray]]:
+        """Chunks checked one by one against their xxh3, and the whole array against its digest
+        once the last chunk is read (a reader that stops early has read verified chunks)."""
         digests = ameta["chunk_digests"]
-        nchunks = arr.meta.nchunks
-        if len(digests) != nchunks:
-            raise IntegrityError(f"{where}: chunk digest list does not match the array shape")
-        rows = arr.meta.chunk_rows
+        m = arr.meta
+        hasher = ArrayHasher(m.dtype, m.shape)
         blocks = arr.chunks()
-        for i in range(nchunks):
+        for i in range(m.nchunks):
             try:
                 block = next(blocks)
             except MaskstoreError:
@@ -383,19 +456,32 @@ class Bundle:
                     f"{self.path}: chunk {i} of {where} cannot be decoded ({type(e).__name__}); "
                     "the bundle is damaged: restore it"
                 ) from None
-            if xxh3(block) != digests[i]:
+            if block.shape != (m.rows_of(i), *m.shape[1:]) or xxh3(block) != digests[i]:
                 raise IntegrityError(
                     f"{self.path}: chunk {i} of {where} fails its xxh3 digest; "
                     "the bundle is damaged: restore it"
                 )
-            yield i * rows, block
+            hasher.update(block)
+            if i == m.nchunks - 1 and hasher.hexdigest() != ameta["digest"]:
+                raise IntegrityError(
+                    f"{self.path}: {where} fails its array digest; the bundle is damaged: restore it"
+                )
+            yield i * m.chunk_rows, block
+        if m.nchunks == 0 and hasher.hexdigest() != ameta["digest"]:
+            raise IntegrityError(f"{self.path}: {where} fails its array digest: restore it")
 
     def read_packed(self, persona: str, module: str) -> np.ndarray:
         """One module's mask as packed ``uint8`` rows ``(out, ceil(in/8))``, verified."""
         info = self.modules[module]
         out = np.empty((info.out_features, packed_width(info.in_features)), dtype=np.uint8)
+        filled = 0
         for r0, block in self.iter_chunks(persona, module):
             out[r0 : r0 + block.shape[0]] = block
+            filled += block.shape[0]
+        if filled != info.out_features:  # never hand back memory that was not filled
+            raise IntegrityError(
+                f"{self.path}: {persona}/{module} holds {filled} rows, not {info.out_features}"
+            )
         return out
 
     def read_mask(self, persona: str, module: str, as_torch: bool = False) -> Any:
@@ -446,18 +532,18 @@ class Bundle:
                 kinds = [("masks", entry["mask"])]
                 if entry.get("stats"):
                     kinds.append(("stats", entry["stats"]["digest"]))
-                for kind, want in kinds:
-                    where = f"personas/{p}/{kind}/{module}"
+                for kind, _want in kinds:
                     try:
-                        arr, ameta = self.array(p, kind, module)
-                        h = ArrayHasher(arr.meta.dtype, arr.meta.shape)
-                        for _, block in self._verified_chunks(arr, ameta, where):
-                            h.update(block)
-                        if h.hexdigest() != ameta["digest"] or ameta["digest"] != want:
-                            problems.append(f"{self.path}: {where} array digest mismatch")
+                        for _ in self.iter_chunks(p, module, kind):
+                            pass
                     except MaskstoreError as e:
                         problems.append(str(e))
+        problems.extend(self.source.problems())
         return problems
+
+    def leftovers(self) -> list[str]:
+        """What interrupted writes left behind (staging folders, temporary files)."""
+        return self.source.leftovers()
 
     def close(self) -> None:
         self.source.close()

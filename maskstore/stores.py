@@ -13,7 +13,10 @@ do, so callers check instead of catching ``TypeError``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
 import stat
 import time
 import uuid
@@ -22,11 +25,27 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskstoreError
+from .errors import IntegrityError, MaskstoreError
+
+MAX_OBJECT = 1 << 30  # no single stored object is read past 1 GiB
 
 
 class RefConflict(MaskstoreError):
     """A ref changed under us (another writer won the race)."""
+
+
+def check_key(key: str, where: str) -> str:
+    """Return ``key`` if it names a place inside a store: relative, ``/``-separated, with no
+    empty, ``.`` or ``..`` component and no backslash or NUL; raise otherwise."""
+    parts = key.rstrip("/").split("/") if key else []
+    if (
+        key.startswith("/")
+        or "\\" in key
+        or "\x00" in key
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise MaskstoreError(f"refusing the key {key!r} in {where}: it would leave the store")
+    return key
 
 
 class Store(ABC):
@@ -99,38 +118,104 @@ class Store(ABC):
         """The same bytes as a ``zarr.abc.store.Store``, for arrays outside maskstore's profile."""
         raise MaskstoreError(f"{self.url}: arrays outside maskstore's zarr profile cannot be read")
 
+    def lock(self, name: str, shared: bool) -> contextlib.AbstractContextManager:
+        """Hold a named lock: shared (writers that add objects) or exclusive (gc, which removes
+        them). Stores without locks return a no-op."""
+        return contextlib.nullcontext()
+
+    def leftovers(self, prefix: str, older_than: float) -> list[str]:
+        """Temporary files and stale locks under ``prefix`` last touched before ``older_than``
+        (epoch seconds), as keys; stores without them return none."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional: most sources hold nothing open
         """Release what the source holds open (a zip file); nothing by default."""
 
 
+def _lock_holder_dead(path: Path) -> bool:
+    """True when a ref lock names a process of this host that no longer exists."""
+    try:
+        pid_s, host = path.read_text().split(" ", 1)
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class LocalStore(Store):
     """A folder. Writes go to a temporary file renamed into place; refs are swapped under an
-    exclusive lock file (a lock older than 60 s is treated as left by a killed process)."""
+    exclusive lock file naming its holder (a lock whose process is gone from this host, or older
+    than 60 s, is broken)."""
 
     def __init__(self, root: str | os.PathLike, read_only: bool = False) -> None:
         self.root = Path(root)
         self.url = str(self.root)
         self.read_only = read_only
         self.supports_writes = not read_only
+        self._real = os.path.realpath(self.root)
 
     def _p(self, key: str) -> Path:
-        return self.root / key
+        """The path of ``key``; a key that could leave the folder is refused."""
+        return self.root / check_key(key, self.url)
+
+    def _open(self, key: str) -> int | None:
+        """A read-only descriptor of the regular file ``key`` (None when absent). Symbolic links
+        (anywhere on the path below the root), FIFOs and devices are refused, not followed."""
+        path = self._p(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise IntegrityError(
+                    f"{key} in {self.url} is a symbolic link: refused (maskstore never follows links)"
+                ) from None
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                os.close(fd)
+                return None
+            if not stat.S_ISREG(mode):
+                raise IntegrityError(f"{key} in {self.url} is not a regular file: refused")
+            if "/" in key and not os.path.realpath(path).startswith(self._real + os.sep):
+                raise IntegrityError(f"{key} in {self.url} lies behind a symbolic link: refused")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def get(self, key: str) -> bytes | None:
-        try:
-            return self._p(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        fd = self._open(key)
+        if fd is None:
             return None
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_OBJECT:
+                raise IntegrityError(f"{key} in {self.url} is {size} bytes: over the 1 GiB limit")
+            return f.read(MAX_OBJECT + 1)
 
     def read_into(self, key: str, buf: bytearray) -> int | bytes | None:
-        try:
-            with open(self._p(key), "rb", buffering=0) as f:
-                n = f.readinto(buf)
-                if n < len(buf):
-                    return n
-                return bytes(buf) + f.read()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        fd = self._open(key)
+        if fd is None:
             return None
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            n = f.readinto(buf)
+            if n < len(buf):
+                return n
+            rest = f.read(MAX_OBJECT + 1 - n)
+            if n + len(rest) > MAX_OBJECT:
+                raise IntegrityError(f"{key} in {self.url} is over the 1 GiB limit")
+            return bytes(buf) + rest
 
     def has(self, key: str) -> bool:
         try:
@@ -151,7 +236,7 @@ class LocalStore(Store):
         base = self._p(prefix)
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if not p.name.startswith("."))
+        return sorted(p.name for p in base.iterdir() if not p.name.startswith(".tmp-"))
 
     def _walk(self, prefix: str) -> dict[str, int]:
         """key -> size of every regular file under ``prefix`` (one ``scandir`` per folder, no
@@ -215,9 +300,14 @@ class LocalStore(Store):
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
                 break
             except FileExistsError:
-                if time.time() - lock.stat().st_mtime > 60:
+                try:
+                    age = time.time() - lock.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > 60 or _lock_holder_dead(lock):
                     lock.unlink(missing_ok=True)  # left by a killed writer
                     continue
                 raise RefConflict(f"{key} is being updated by another process: try again") from None
@@ -242,6 +332,53 @@ class LocalStore(Store):
 
         return zarr.storage.LocalStore(self.root, read_only=self.read_only)
 
+    @contextlib.contextmanager
+    def lock(self, name: str, shared: bool):
+        """``flock`` on ``.<name>.lock`` in the folder: the kernel releases it when its holder
+        dies, so a killed writer never blocks anyone."""
+        import fcntl
+
+        path = self.root / f".{name}.lock"
+        with open(path, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def leftovers(self, prefix: str, older_than: float) -> list[str]:
+        out = []
+        base = self._p(prefix) if prefix else self.root
+        if not base.is_dir():
+            return out
+        for folder, dirs, files in os.walk(base):
+            rel = Path(folder).relative_to(self.root).as_posix()
+            for n in files + dirs:
+                if n.startswith(".tmp-") or n.endswith(".lock") and n != ".gc.lock":
+                    p = Path(folder) / n
+                    try:
+                        st = p.lstat()
+                    except FileNotFoundError:
+                        continue
+                    stale = n.endswith(".lock") and _lock_holder_dead(p)
+                    if st.st_mtime < older_than or stale:
+                        out.append(n if rel == "." else f"{rel}/{n}")
+        return sorted(out)
+
+    def remove_leftover(self, key: str) -> None:
+        """Delete a temporary file or stale lock found by :meth:`leftovers`."""
+        self._writable()
+        name = key.rsplit("/", 1)[-1]
+        if not (name.startswith(".tmp-") or name.endswith(".lock")):
+            raise MaskstoreError(f"{key} is not a leftover")
+        p = self.root / check_key(key, self.url)
+        if p.is_dir() and not p.is_symlink():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
 
 class FsspecStore(Store):
     """Any fsspec URL. Atomic create and compare-and-swap use S3's conditional writes
@@ -261,7 +398,7 @@ class FsspecStore(Store):
             )
 
     def _p(self, key: str) -> str:
-        return f"{self.root}/{key}"
+        return f"{self.root}/{check_key(key, self.url)}"
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -348,7 +485,18 @@ class ZipStore(Store):
         self._names = {i.filename: i for i in self._zf.infolist() if not i.is_dir()}
 
     def get(self, key: str) -> bytes | None:
-        return self._zf.read(key) if key in self._names else None
+        info = self._names.get(key)
+        if info is None:
+            return None
+        if info.file_size > MAX_OBJECT:
+            raise IntegrityError(f"{key} in {self.url} declares {info.file_size} bytes: refused")
+        with self._zf.open(info) as f:
+            data = f.read(
+                info.file_size + 1
+            )  # never past the declared size, whatever it inflates to
+        if len(data) != info.file_size:
+            raise IntegrityError(f"{key} in {self.url} does not hold its declared size: damaged")
+        return data
 
     def has(self, key: str) -> bool:
         return key in self._names

@@ -210,6 +210,7 @@ class PersonaWriter:
             "provenance": provenance or {"op": "write", "operands": []},
             "tool_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model_digest": bundle.fingerprint_digest,
             "modules": {},
         }
         self.chunk_bytes = chunk_bytes

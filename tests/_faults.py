@@ -61,3 +61,31 @@ class KillAfter(Store):
 
     def delete(self, key):
         self.inner.delete(key)
+
+    def lock(self, name, shared):
+        return self.inner.lock(name, shared)
+
+    def leftovers(self, prefix, older_than):
+        return self.inner.leftovers(prefix, older_than)
+
+
+class Slow(KillAfter):
+    """Wraps a store; every read or write first sleeps ``delay`` seconds (a slow disk or a slow
+    network), so that another process can act in the middle of an operation."""
+
+    def __init__(self, inner: Store, delay: float) -> None:
+        super().__init__(inner, n=1 << 62)
+        self.delay = delay
+
+    def _nap(self) -> None:
+        import time
+
+        time.sleep(self.delay)
+
+    def has(self, key):
+        self._nap()
+        return self.inner.has(key)
+
+    def put(self, key, data):
+        self._nap()
+        self.inner.put(key, data)

@@ -149,6 +149,10 @@ class Repository:
     def verify(self) -> list[str]:
         return maintenance.verify(self)
 
+    def leftovers(self) -> list[str]:
+        """Temporary files and stale ref locks left by interrupted writers."""
+        return maintenance.leftovers(self)
+
 
 def init_repo(path: str | os.PathLike) -> Repository:
     """Create (or open) a repository folder."""

@@ -39,8 +39,25 @@ def commit(
     recipes: tuple[str, ...] = (),
     progress: Callable[[int], None] | None = None,
 ) -> str:
-    """Snapshot bundle ``b`` as a new version on ``branch``; returns the version id."""
+    """Snapshot bundle ``b`` as a new version on ``branch``; returns the version id.
+
+    Holds the repository's lock shared: gc (exclusive) cannot remove an object that this
+    commit found present and so did not write.
+    """
     check_ref_name(branch)
+    with repo.store.lock("gc", shared=True):
+        return _commit(repo, b, message, branch, delta, recipes, progress)
+
+
+def _commit(
+    repo: Repository,
+    b: Bundle,
+    message: str,
+    branch: str,
+    delta: bool,
+    recipes: tuple[str, ...],
+    progress: Callable[[int], None] | None,
+) -> str:
     parent = repo.refs.get("branches", branch)
     parent_src = repo.source(parent) if parent else None
     personas: dict[str, dict] = {}

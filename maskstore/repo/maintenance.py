@@ -20,20 +20,40 @@ def reachable(repo: Repository) -> tuple[set[str], set[str]]:
 
 
 def gc(repo: Repository, grace_seconds: float = 3600.0) -> tuple[int, int]:
-    """Delete objects no tag or branch reaches (older than ``grace_seconds``, so a commit in
-    flight keeps its fresh chunks). Returns (objects removed, bytes freed)."""
-    versions, chunks = reachable(repo)
-    now = time.time()
-    removed = freed = 0
-    for key in repo.store.list("chunks/") + repo.store.list("versions/"):
-        name = key.split("/", 1)[1].replace("/", "")
-        live = name in versions if key.startswith("versions/") else name in chunks
-        if live or now - repo.store.mtime(key) < grace_seconds:
-            continue
-        size = repo.store.size(key)
-        repo.store.delete(key)
-        removed, freed = removed + 1, freed + size
+    """Delete objects no tag or branch reaches, and temporary files and stale locks, last
+    touched more than ``grace_seconds`` before gc started. Returns (objects removed, bytes
+    freed).
+
+    gc holds the repository's lock exclusively while commits, pulls and imports hold it shared,
+    so it never runs while a writer has decided that an object it needs already exists: what
+    that writer references is reachable by the time gc looks.
+    """
+    with repo.store.lock("gc", shared=False):
+        cutoff = time.time() - grace_seconds
+        versions, chunks = reachable(repo)
+        removed = freed = 0
+        for key in repo.store.list("chunks/") + repo.store.list("versions/"):
+            name = key.split("/", 1)[1].replace("/", "")
+            live = name in versions if key.startswith("versions/") else name in chunks
+            if live or repo.store.mtime(key) >= cutoff:
+                continue
+            size = repo.store.size(key)
+            repo.store.delete(key)
+            removed, freed = removed + 1, freed + size
+        for key in leftovers(repo, cutoff):
+            repo.store.remove_leftover(key)  # type: ignore[attr-defined]
+            removed += 1
     return removed, freed
+
+
+def leftovers(repo: Repository, older_than: float | None = None) -> list[str]:
+    """Temporary files and stale ref locks left by interrupted writers (all ages by default)."""
+    cutoff = time.time() + 1 if older_than is None else older_than
+    return [
+        k
+        for prefix in ("chunks/", "versions/", "refs/")
+        for k in repo.store.leftovers(prefix, cutoff)
+    ]
 
 
 def verify(repo: Repository) -> list[str]:

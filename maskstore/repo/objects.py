@@ -13,6 +13,7 @@ import numpy as np
 from .. import codecs
 from ..errors import IntegrityError, MaskstoreError
 from ..hashing import blake2b_hex, canonical_json, xxh3
+from ..names import check_persona_name, is_hex
 from ..stores import Store
 
 REPO_MARKER = "maskstore-repo.json"
@@ -47,6 +48,47 @@ def decode_chunk(h: str, data: bytes, where: str, limit: int = MAX_OBJECT_BYTES)
     return raw
 
 
+def check_manifest(man: object, where: str) -> None:
+    """Refuse a manifest whose structure is not what maskstore writes (names, object ids and
+    delta references included), with one line naming what is wrong."""
+
+    def bad(what: str) -> IntegrityError:
+        return IntegrityError(f"{where}: {what}; the version is damaged or forged: refused")
+
+    if not isinstance(man, dict):
+        raise bad("the manifest is not an object")
+    for key, kind in (("parents", list), ("personas", dict), ("root", dict), ("message", str)):
+        if not isinstance(man.get(key), kind):
+            raise bad(f"{key!r} is missing or not a {kind.__name__}")
+    if not all(is_hex(v, 64) for v in man["parents"]):
+        raise bad("a parent is not a version id")
+    for name, pe in man["personas"].items():
+        try:
+            check_persona_name(name)
+        except MaskstoreError:
+            raise bad(f"persona name {name!r} is invalid") from None
+        if not isinstance(pe, dict) or not isinstance(pe.get("meta"), dict):
+            raise bad(f"persona {name!r} has no metadata")
+        if not isinstance(pe.get("arrays"), dict):
+            raise bad(f"persona {name!r} has no arrays")
+        for key, e in pe["arrays"].items():
+            if not isinstance(e, dict) or not isinstance(e.get("zarr"), dict):
+                raise bad(f"{name}/{key} has no array metadata")
+            chunks = e.get("chunks", [])
+            if not isinstance(chunks, list) or not all(
+                isinstance(c, list) and len(c) == 2 and is_hex(c[0], 32) and is_hex(c[1], 64)
+                for c in chunks
+            ):
+                raise bad(f"{name}/{key} names a chunk that is not an object id")
+            d = e.get("delta")
+            if d is not None and not (
+                isinstance(d, dict)
+                and isinstance(d.get("persona"), str)
+                and (d.get("version") is None or is_hex(d.get("version"), 64))
+            ):
+                raise bad(f"{name}/{key} has a malformed delta reference")
+
+
 class Objects:
     """Chunks and manifests of one store, manifests cached once verified."""
 
@@ -55,14 +97,24 @@ class Objects:
         self._manifests: dict[str, dict] = {}
 
     def read_chunk(
-        self, h: str, store: Store | None = None, limit: int = MAX_OBJECT_BYTES
+        self,
+        h: str,
+        store: Store | None = None,
+        limit: int = MAX_OBJECT_BYTES,
+        blake2b: str | None = None,
     ) -> bytes:
-        """Chunk ``h``'s raw bytes (at most ``limit``), checked against its name."""
+        """Chunk ``h``'s raw bytes (at most ``limit``), checked against its xxh3 name and, when
+        given, the blake2b its manifest records."""
         src = store or self.store
         data = src.get(chunk_key(h))
         if data is None:
             raise IntegrityError(f"chunk {h} is missing from {src.url}: the repository is damaged")
-        return decode_chunk(h, data, src.url, limit)
+        raw = decode_chunk(h, data, src.url, limit)
+        if blake2b is not None and blake2b_hex(raw) != blake2b:
+            raise IntegrityError(
+                f"chunk {h} in {src.url} does not match its manifest's blake2b: refused"
+            )
+        return raw
 
     def size(self, h: str) -> int:
         return self.store.size(chunk_key(h))
@@ -94,7 +146,11 @@ class Objects:
             raise IntegrityError(
                 f"version {version} in {src.url} fails its blake2b digest: damaged or forged"
             )
-        man = json.loads(text)
+        try:
+            man = json.loads(text)
+        except ValueError:
+            raise IntegrityError(f"version {version} in {src.url} is not JSON: damaged") from None
+        check_manifest(man, f"version {version[:12]} in {src.url}")
         if store is None:
             self._manifests[version] = man
         return man

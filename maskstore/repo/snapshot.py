@@ -32,6 +32,7 @@ class ObjectArray(ChunkSource):
         self.entry = entry
         self.meta = ArrayMeta.parse(entry["zarr"], where)
         self.base = base
+        self.where = where
 
     @property
     def is_recipe(self) -> bool:
@@ -41,10 +42,14 @@ class ObjectArray(ChunkSource):
         if self.is_recipe:
             raise MaskstoreError("this mask is stored as a recipe: materialize it with a model")
         m = self.meta
+        if len(self.entry["chunks"]) != m.nchunks:
+            raise IntegrityError(
+                f"{self.where}: {len(self.entry['chunks'])} chunks for a grid of {m.nchunks}"
+            )
         base_iter = self.base.chunks() if self.base is not None else None
-        for i, (h, _b) in enumerate(self.entry["chunks"]):
+        for i, (h, b) in enumerate(self.entry["chunks"]):
             need = m.rows_of(i) * m.row_bytes
-            raw = self.repo.objects.read_chunk(h, limit=need)
+            raw = self.repo.objects.read_chunk(h, limit=need, blake2b=b)
             if len(raw) != need:
                 raise IntegrityError(f"chunk {h} holds {len(raw)} bytes, not {need}: damaged")
             block = np.frombuffer(raw, dtype=m.dtype).reshape(m.rows_of(i), *m.shape[1:])
@@ -79,13 +84,20 @@ class VersionSource(BundleSource):
                 f"{self.label}: {persona}/{key} is missing from the manifest"
             ) from None
 
-    def object_array(self, persona: str, key: str) -> ObjectArray:
+    def object_array(self, persona: str, key: str, depth: int = 0) -> ObjectArray:
+        """The array ``key`` of ``persona``, its xor-delta bases resolved (a chain deeper than
+        ``MAX_DELTA_DEPTH``, or one that loops, is refused)."""
+        if depth > MAX_DELTA_DEPTH:
+            raise IntegrityError(
+                f"{self.label}: the delta chain of {persona}/{key} is deeper than "
+                f"{MAX_DELTA_DEPTH} or loops: the version is damaged or forged"
+            )
         entry = self.entry(persona, key)
         base = None
         if "delta" in entry:
             d = entry["delta"]
             src = self if d["version"] in (None, self.version) else self.repo.source(d["version"])
-            base = src.object_array(d["persona"], key)
+            base = src.object_array(d["persona"], key, depth + 1)
         return ObjectArray(self.repo, entry, base, f"{self.label} {persona}/{key}")
 
     def array(self, persona: str, kind: str, module: str) -> ChunkSource:
@@ -203,6 +215,8 @@ class Snapshot:
                             w.write_stats(module, b.read_stats(p, module))
                     w.meta["created"] = meta["created"]
                     w.meta["tool_version"] = meta["tool_version"]
+                    if "model_digest" not in meta:  # written before personas recorded it
+                        w.meta.pop("model_digest", None)
                 if w.meta["digest"] != meta["digest"]:
                     raise IntegrityError(
                         f"checked-out persona {p!r} does not match its recorded digest"

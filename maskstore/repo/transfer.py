@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError, MaskstoreError
 from ..hashing import blake2b_hex, canonical_json
-from ..names import check_ref_name
+from ..names import check_ref_name, is_hex
 from ..stores import RefConflict, Store, ZipStore, open_store
 from .history import ancestors
-from .objects import REPO_FORMAT, REPO_MARKER, chunk_key, decode_chunk, version_key
+from .objects import REPO_FORMAT, REPO_MARKER, Objects, chunk_key, decode_chunk, version_key
 from .refs import Refs
 
 if TYPE_CHECKING:
@@ -68,6 +68,8 @@ def copy(
     for h, bl in chunks:
         key = chunk_key(h)
         if key in have:
+            # held already: its content must still be what this manifest's blake2b pins
+            Objects(dst).read_chunk(h, blake2b=bl)
             skipped += 1
             continue
         data = src.get(key)
@@ -131,9 +133,10 @@ def push(repo: Repository, remote: str | Store, ref: str = "main", progress: Pro
         )
     vid = repo.refs.resolve(ref)
     dst = remote if isinstance(remote, Store) else open_store(remote, create=True)
-    dst.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
-    rep = copy(repo, repo.store, dst, [vid], progress)
-    update_ref(repo, repo.store, dst, ref, vid, kind)
+    with dst.lock("gc", shared=True):
+        dst.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
+        rep = copy(repo, repo.store, dst, [vid], progress)
+        update_ref(repo, repo.store, dst, ref, vid, kind)
     return rep
 
 
@@ -145,8 +148,14 @@ def pull(repo: Repository, remote: str | Store, ref: str = "main", progress: Pro
     if kind is None:
         raise MaskstoreError(f"{src.url} has no tag or branch {ref!r}")
     vid = Refs(src, src.url).get(kind, ref) or ""
-    rep = copy(repo, src, repo.store, [vid], progress)
-    update_ref(repo, repo.store, repo.store, ref, vid, kind)
+    if not is_hex(vid, 64):
+        raise IntegrityError(
+            f"{kind[:-1]} {ref!r} on {src.url} does not hold a version id: refused"
+        )
+    with repo.store.lock("gc", shared=True):
+        rep = copy(repo, src, repo.store, [vid], progress)
+        check_delta_chains(repo, needed(repo, [vid], repo.store)[0])
+        update_ref(repo, repo.store, repo.store, ref, vid, kind)
     return rep
 
 
@@ -181,6 +190,21 @@ def import_(repo: Repository, path: str | os.PathLike) -> list[str]:
     src = ZipStore(path)
     names = []
     for key in src.list("refs/"):
-        names.append(key.split("/", 2)[2])
-        pull(repo, src, names[-1])
+        parts = key.split("/")
+        if len(parts) != 3 or parts[1] not in ("tags", "branches"):
+            raise IntegrityError(f"{path} holds {key!r}, which is not a tag or branch: refused")
+        names.append(check_ref_name(parts[2]))
+    for name in names:
+        pull(repo, src, name)
     return names
+
+
+def check_delta_chains(repo: Repository, versions: list[str]) -> None:
+    """Refuse versions whose xor-delta chains loop or run deeper than ``MAX_DELTA_DEPTH``
+    (their arrays are resolved without reading a chunk)."""
+    for v in versions:
+        src = repo.source(v)
+        for persona, pe in src.manifest["personas"].items():
+            for key, e in pe["arrays"].items():
+                if "delta" in e:
+                    src.object_array(persona, key)
