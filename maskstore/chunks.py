@@ -192,7 +192,7 @@ class StoreArray(ChunkSource):
         n = self.store.read_into(f"{self.path}/c/{i}/0", raw)
         if n is None:  # zarr leaves chunks equal to the fill value unwritten
             return np.full((rows, *m.shape[1:]), m.fill_value, dtype=m.dtype)
-        src = memoryview(raw)[:n] if isinstance(n, int) else n
+        src = memoryview(raw)[:n]
         if m.codec is None:
             if len(src) != need:
                 raise ValueError("raw chunk has the wrong size")

@@ -34,6 +34,12 @@ class RefConflict(MaskstoreError):
     """A ref changed under us (another writer won the race)."""
 
 
+def too_big(key: str, where: str, size: int, limit: int) -> IntegrityError:
+    return IntegrityError(
+        f"{key} in {where} is {size} bytes, more than the {limit} it may hold: refused"
+    )
+
+
 def check_key(key: str, where: str) -> str:
     """Return ``key`` if it names a place inside a store: relative, ``/``-separated, with no
     empty, ``.`` or ``..`` component and no backslash or NUL; raise otherwise."""
@@ -65,13 +71,18 @@ class Store(ABC):
 
     # ---- reading
     @abstractmethod
-    def get(self, key: str) -> bytes | None:
-        """The bytes under ``key``, or None when absent."""
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        """The bytes under ``key``, or None when absent; an object over ``limit`` bytes (default
+        1 GiB) is refused with IntegrityError before it is read."""
 
-    def read_into(self, key: str, buf: bytearray) -> int | bytes | None:
-        """Read ``key`` into ``buf`` and return its length; return the bytes themselves when they
-        do not fit; None when absent. Stores that can read without a copy override this."""
-        return self.get(key)
+    def read_into(self, key: str, buf: bytearray) -> int | None:
+        """Read ``key`` into ``buf`` and return its length (None when absent). An object larger
+        than ``buf`` is refused: callers size ``buf`` to the largest valid encoding."""
+        data = self.get(key, limit=len(buf))
+        if data is None:
+            return None
+        buf[: len(data)] = data
+        return len(data)
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -194,28 +205,29 @@ class LocalStore(Store):
             raise
         return fd
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        limit = MAX_OBJECT if limit is None else limit
         fd = self._open(key)
         if fd is None:
             return None
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size > MAX_OBJECT:
-                raise IntegrityError(f"{key} in {self.url} is {size} bytes: over the 1 GiB limit")
-            return f.read(MAX_OBJECT + 1)
+            if size > limit:
+                raise too_big(key, self.url, size, limit)
+            data = f.read(limit + 1)
+        if len(data) > limit:  # it grew while we read
+            raise too_big(key, self.url, len(data), limit)
+        return data
 
-    def read_into(self, key: str, buf: bytearray) -> int | bytes | None:
+    def read_into(self, key: str, buf: bytearray) -> int | None:
         fd = self._open(key)
         if fd is None:
             return None
         with os.fdopen(fd, "rb", buffering=0) as f:
             n = f.readinto(buf)
-            if n < len(buf):
-                return n
-            rest = f.read(MAX_OBJECT + 1 - n)
-            if n + len(rest) > MAX_OBJECT:
-                raise IntegrityError(f"{key} in {self.url} is over the 1 GiB limit")
-            return bytes(buf) + rest
+            if n == len(buf) and f.read(1):
+                raise too_big(key, self.url, os.fstat(f.fileno()).st_size, len(buf))
+            return n
 
     def has(self, key: str) -> bool:
         try:
@@ -400,11 +412,18 @@ class FsspecStore(Store):
     def _p(self, key: str) -> str:
         return f"{self.root}/{check_key(key, self.url)}"
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        limit = MAX_OBJECT if limit is None else limit
         try:
-            return self.fs.cat_file(self._p(key))
+            size = self.fs.size(self._p(key))
+            if size is not None and size > limit:
+                raise too_big(key, self.url, size, limit)
+            data = self.fs.cat_file(self._p(key), start=0, end=limit + 1)
         except FileNotFoundError:
             return None
+        if len(data) > limit:
+            raise too_big(key, self.url, len(data), limit)
+        return data
 
     def has(self, key: str) -> bool:
         return self.fs.exists(self._p(key))
@@ -484,12 +503,13 @@ class ZipStore(Store):
             ) from None
         self._names = {i.filename: i for i in self._zf.infolist() if not i.is_dir()}
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, limit: int | None = None) -> bytes | None:
+        limit = MAX_OBJECT if limit is None else limit
         info = self._names.get(key)
         if info is None:
             return None
-        if info.file_size > MAX_OBJECT:
-            raise IntegrityError(f"{key} in {self.url} declares {info.file_size} bytes: refused")
+        if info.file_size > limit:
+            raise too_big(key, self.url, info.file_size, limit)
         with self._zf.open(info) as f:
             data = f.read(
                 info.file_size + 1

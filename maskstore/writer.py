@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -149,7 +150,7 @@ class create_bundle:
         if self.path.exists() and not (self.path / "zarr.json").exists():
             raise MaskstoreError(f"{self.path} exists and is not a bundle: refusing to replace it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self._tmp = temp_sibling(self.path)
         _write_root(self._tmp, fingerprint)
         self.bundle = WritableBundle(self._tmp)
 
@@ -463,14 +464,51 @@ def pack_zip(src: str | os.PathLike, dest: str | os.PathLike, force: bool = Fals
     Bundle(src)  # validates
     if dest.exists() and not force:
         raise MaskstoreError(f"{dest} already exists: choose another name or pass --force")
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    if not dest.parent.is_dir():
+        raise MaskstoreError(f"{dest.parent} does not exist: create it first")
+    files = []
+    for folder, dirs, names in os.walk(src):  # os.walk never descends into linked folders
+        for n in sorted(dirs + names):
+            f = Path(folder) / n
+            rel = f.relative_to(src).as_posix()
+            if rel.startswith(STAGING):
+                continue
+            mode = f.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise MaskstoreError(
+                    f"refusing to pack {src}: {rel} is a symbolic link or a special file"
+                )
+            if stat.S_ISREG(mode):
+                files.append((f, rel))
+    tmp = temp_sibling(dest)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for f in sorted(src.rglob("*")):
-                rel = f.relative_to(src).as_posix()
-                if f.is_file() and not rel.startswith(STAGING):
-                    zf.write(f, rel)
+            for f, rel in sorted(files, key=lambda x: x[1]):
+                zf.write(f, rel)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def temp_sibling(dest: Path) -> Path:
+    """A temporary name next to ``dest`` that names this process (``.NAME.tmp-PID-RANDOM``),
+    after removing those that processes of this host left when they died."""
+    for old in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = old.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    return dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

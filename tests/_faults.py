@@ -25,8 +25,8 @@ class KillAfter(Store):
         if self.writes >= self.n:
             os._exit(137)
 
-    def get(self, key):
-        return self.inner.get(key)
+    def get(self, key, limit=None):
+        return self.inner.get(key, limit)
 
     def read_into(self, key, buf):
         return self.inner.read_into(key, buf)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MaskstoreError
 from ..hashing import blake2b_hex
+from .snapshot import check_metadata
 from .transfer import needed
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 def reachable(repo: Repository) -> tuple[set[str], set[str]]:
     """(version ids, chunk names) that some tag or branch reaches."""
     versions, chunks = needed(repo, repo.refs.heads(), repo.store)
-    return set(versions), {h for h, _ in chunks}
+    return set(versions), {h for h, _, _ in chunks}
 
 
 def gc(repo: Repository, grace_seconds: float = 3600.0) -> tuple[int, int]:
@@ -60,12 +61,22 @@ def verify(repo: Repository) -> list[str]:
     """Check every reachable object (blake2b of manifests, xxh3 and blake2b of chunks)."""
     problems = []
     try:
-        _versions, chunks = needed(repo, repo.refs.heads(), repo.store)
+        versions, chunks = needed(repo, repo.refs.heads(), repo.store)
     except MaskstoreError as e:
         return [str(e)]
-    for h, bl in chunks:
+    for v in versions:
         try:
-            if blake2b_hex(repo.objects.read_chunk(h)) != bl:
+            check_metadata(repo, v)
+            for persona, pe in repo.source(v).manifest["personas"].items():
+                for key, e in pe["arrays"].items():
+                    if "delta" in e:
+                        repo.source(v).object_array(persona, key)
+        except MaskstoreError as e:
+            problems.append(f"version {v[:12]}: {e}")
+    for h, bl, size in chunks:
+        try:
+            raw = repo.objects.read_chunk(h, limit=size)
+            if len(raw) != size or blake2b_hex(raw) != bl:
                 problems.append(f"chunk {h} does not match its manifest's blake2b")
         except MaskstoreError as e:
             problems.append(str(e))

@@ -29,7 +29,14 @@ def version_key(vid: str) -> str:
     return f"versions/{vid}"
 
 
-MAX_OBJECT_BYTES = 256 << 20  # what one chunk or manifest may decode to, at most
+MAX_OBJECT_BYTES = 256 << 20  # what one chunk may decode to when its size is not known
+MAX_MANIFEST_BYTES = 64 << 20  # what one manifest may decode to
+
+
+def stored_bound(raw_bytes: int) -> int:
+    """The most bytes a zstd frame of ``raw_bytes`` can take (zstd's compress bound, rounded
+    up): a larger object is refused before it is read."""
+    return raw_bytes + (raw_bytes >> 7) + 4096
 
 
 def encode_chunk(raw: np.ndarray | bytes, kept_share: float | None) -> bytes:
@@ -106,7 +113,7 @@ class Objects:
         """Chunk ``h``'s raw bytes (at most ``limit``), checked against its xxh3 name and, when
         given, the blake2b its manifest records."""
         src = store or self.store
-        data = src.get(chunk_key(h))
+        data = src.get(chunk_key(h), limit=stored_bound(limit))
         if data is None:
             raise IntegrityError(f"chunk {h} is missing from {src.url}: the repository is damaged")
         raw = decode_chunk(h, data, src.url, limit)
@@ -133,11 +140,13 @@ class Objects:
         if store is None and version in self._manifests:
             return self._manifests[version]
         src = store or self.store
-        data = src.get(version_key(version))
+        if not is_hex(version, 64):
+            raise MaskstoreError(f"{version!r} is not a version id")
+        data = src.get(version_key(version), limit=stored_bound(MAX_MANIFEST_BYTES))
         if data is None:
             raise MaskstoreError(f"unknown version {version} in {src.url}")
         try:
-            text = codecs.zstd_decompress(data, MAX_OBJECT_BYTES)
+            text = codecs.zstd_decompress(data, MAX_MANIFEST_BYTES)
         except ValueError:
             raise IntegrityError(
                 f"version {version} in {src.url} cannot be decoded: damaged"

@@ -163,6 +163,22 @@ class VersionSource(BundleSource):
         return out
 
 
+def check_metadata(repo: Repository, version: str) -> None:
+    """Check a version without reading a chunk: its bundle and persona metadata (digests), and
+    every array's shape, type, chunk grid and digest against the fingerprint and the persona's
+    record. Raises IntegrityError naming the first problem."""
+    src = repo.source(version)
+    b = Bundle(source=src)
+    for p in b.personas:
+        meta = b.persona(p)
+        recipe = src.is_recipe(p)
+        for module, entry in meta["modules"].items():
+            if not recipe:
+                b.array(p, "masks", module)
+            if entry.get("stats"):
+                b.array(p, "stats", module)
+
+
 class Snapshot:
     """A version of a repository: its manifest, and a read-only :class:`Bundle` over it.
 

@@ -7,20 +7,30 @@ first, then manifests (parents before children), then the ref.
 from __future__ import annotations
 
 import os
-import uuid
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..chunks import ArrayMeta
 from ..errors import IntegrityError, MaskstoreError
 from ..hashing import blake2b_hex, canonical_json
 from ..names import check_ref_name, is_hex
 from ..stores import RefConflict, Store, ZipStore, open_store
+from ..writer import temp_sibling
 from .history import ancestors
-from .objects import REPO_FORMAT, REPO_MARKER, Objects, chunk_key, decode_chunk, version_key
+from .objects import (
+    REPO_FORMAT,
+    REPO_MARKER,
+    Objects,
+    chunk_key,
+    decode_chunk,
+    stored_bound,
+    version_key,
+)
 from .refs import Refs
+from .snapshot import check_metadata
 
 if TYPE_CHECKING:
     from . import Repository
@@ -37,8 +47,9 @@ class TransferReport:
 
 def needed(
     repo: Repository, vids: list[str], store: Store
-) -> tuple[list[str], list[tuple[str, str]]]:
-    """Versions reachable from ``vids`` (in ``store``) and their chunks (xxh3, blake2b)."""
+) -> tuple[list[str], list[tuple[str, str, int]]]:
+    """Versions reachable from ``vids`` (in ``store``) and their chunks (xxh3, blake2b, raw
+    bytes the chunk must decode to)."""
     versions, chunks, seen = [], {}, set()
     todo = list(vids)
     while todo:
@@ -50,12 +61,18 @@ def needed(
         man = repo.objects.manifest(v, store)
         todo.extend(man["parents"])
         for pe in man["personas"].values():
-            for e in pe["arrays"].values():
-                for h, bl in e.get("chunks", []):
-                    chunks[h] = bl
+            for key, e in pe["arrays"].items():
+                if e.get("chunks"):
+                    m = ArrayMeta.parse(e["zarr"], f"version {v[:12]} {key}")
+                    for i, (h, bl) in enumerate(e["chunks"]):
+                        if i >= m.nchunks:
+                            raise IntegrityError(
+                                f"version {v[:12]}: {key} lists more chunks than its grid holds"
+                            )
+                        chunks[h] = (bl, m.rows_of(i) * m.row_bytes)
                 if "delta" in e and e["delta"]["version"]:
                     todo.append(e["delta"]["version"])
-    return versions, list(chunks.items())
+    return versions, [(h, bl, n) for h, (bl, n) in chunks.items()]
 
 
 def copy(
@@ -65,18 +82,18 @@ def copy(
     versions, chunks = needed(repo, vids, src)
     have = set(dst.list("chunks/")) | set(dst.list("versions/"))
     moved = nbytes = skipped = 0
-    for h, bl in chunks:
+    for h, bl, size in chunks:
         key = chunk_key(h)
         if key in have:
             # held already: its content must still be what this manifest's blake2b pins
-            Objects(dst).read_chunk(h, blake2b=bl)
+            Objects(dst).read_chunk(h, limit=size, blake2b=bl)
             skipped += 1
             continue
-        data = src.get(key)
+        data = src.get(key, limit=stored_bound(size))
         if data is None:
             raise IntegrityError(f"chunk {h} is missing from {src.url}: it is damaged")
-        raw = decode_chunk(h, data, src.url)
-        if blake2b_hex(raw) != bl:
+        raw = decode_chunk(h, data, src.url, limit=size)
+        if len(raw) != size or blake2b_hex(raw) != bl:
             raise IntegrityError(
                 f"chunk {h} from {src.url} does not match its manifest's blake2b: refused"
             )
@@ -154,7 +171,10 @@ def pull(repo: Repository, remote: str | Store, ref: str = "main", progress: Pro
         )
     with repo.store.lock("gc", shared=True):
         rep = copy(repo, src, repo.store, [vid], progress)
-        check_delta_chains(repo, needed(repo, [vid], repo.store)[0])
+        versions = needed(repo, [vid], repo.store)[0]
+        check_delta_chains(repo, versions)
+        for v in versions:
+            check_metadata(repo, v)
         update_ref(repo, repo.store, repo.store, ref, vid, kind)
     return rep
 
@@ -168,12 +188,14 @@ def export(repo: Repository, ref: str, out: str | os.PathLike, force: bool = Fal
     kind = repo.refs.kind_of(ref)
     name = ref if kind else f"v-{vid[:12]}"
     versions, chunks = needed(repo, [vid], repo.store)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if not out.parent.is_dir():
+        raise MaskstoreError(f"{out.parent} does not exist: create it first")
+    tmp = temp_sibling(out)
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             zf.writestr(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
-            for h, _ in chunks:
-                repo.objects.read_chunk(h)
+            for h, bl, size in chunks:
+                repo.objects.read_chunk(h, limit=size, blake2b=bl)
                 zf.writestr(chunk_key(h), repo.store.get(chunk_key(h)))
             for v in versions:
                 repo.objects.manifest(v)
