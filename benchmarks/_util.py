@@ -25,7 +25,9 @@ def child_peak_rss(code: str) -> tuple[float, dict]:
     """Run ``code`` in a fresh interpreter; return (peak RSS in MiB, the JSON it printed last)."""
     wrapped = (
         code
-        + "\nimport resource, json as _j\nprint(_j.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent
+        + "\nimport json as _j\n_h = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+        "print(_j.dumps({'rss': int(_h)}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", wrapped], check=True, capture_output=True, text=True

@@ -112,6 +112,13 @@ def build(
     from maskstore.modules import maskable_modules
 
     t0 = time.perf_counter()
+    for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size)):
+        if value < 1:
+            raise MaskstoreError(f"{flag} must be at least 1, got {value}")
+    if samples is not None and samples < 1:
+        raise MaskstoreError(f"--samples must be at least 1, got {samples}")
+    if not chunk_mib > 0:
+        raise MaskstoreError(f"--chunk-mib must be positive, got {chunk_mib}")
     try:
         n_, m_ = (int(x) for x in nm.split(":"))
     except ValueError:
@@ -182,7 +189,7 @@ def build(
             config=config,
             force=force,
             progress=lambda k: bar.advance(task, k),
-            chunk_bytes=max(1024, int(chunk_mib * (1 << 20))),
+            chunk_bytes=max(1, int(chunk_mib * (1 << 20))),
             codec=codec,
         )
     times["scoring + write"] = time.perf_counter() - t2

@@ -96,7 +96,9 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
 def verify(bundle: Path, json_out: JsonOpt = False) -> None:
     """Recompute every digest of a bundle (or of every reachable object of a repository); exit 1
     naming each damaged chunk."""
-    if (bundle / "maskstore-repo.json").is_file():
+    if (bundle / "maskstore-repo.json").is_file() or (
+        (bundle / "versions").is_dir() and not (bundle / "zarr.json").exists()
+    ):
         from maskstore.repo import open_repo
 
         repo = open_repo(bundle)

@@ -40,10 +40,33 @@ def register(argv: list[str] | None = None) -> None:
 
 
 def main() -> None:
-    """Console entry point: one-line errors, never a traceback."""
+    """Console entry point: one-line errors (exit 2 for bad input), never a traceback."""
+    try:
+        from typer._click import exceptions as click_exc
+    except ImportError:  # typer before 0.26 uses click itself
+        from click import exceptions as click_exc  # type: ignore[no-redef]
     try:
         register()
-        app()
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except click_exc.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(2)
+    except click_exc.UsageError as e:
+        cmd = e.ctx.command_path.split(" ", 1)[1] if e.ctx and " " in e.ctx.command_path else ""
+        hint = f"maskstore {cmd} --help".replace("  ", " ")
+        err_console.print(
+            f"[red]error:[/] {safe(e.format_message(), one_line=True)} (see {safe(hint)})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except click_exc.ClickException as e:
+        err_console.print(f"[red]error:[/] {safe(e.format_message(), one_line=True)}")
+        sys.exit(2)
+    except getattr(click_exc, "Abort", KeyboardInterrupt):
+        err_console.print("[red]interrupted[/]")
+        sys.exit(130)
     except MaskstoreError as e:
         err_console.print(
             f"[red]error:[/] {safe(e, one_line=True)}", highlight=False, soft_wrap=True

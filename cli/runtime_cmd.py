@@ -77,6 +77,10 @@ def run(
     for n in names:
         if n is not None:
             b.persona(n)  # unknown names fail before the model loads
+    if max_new_tokens < 1:
+        raise MaskstoreError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not prompt.strip():
+        raise MaskstoreError("--prompt is empty: give the text to answer")
     handle, tok = _attach(bundle, model, device)
     outputs = {}
     for n in names:

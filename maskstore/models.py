@@ -73,6 +73,24 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or a CUDA device this machine lacks."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise MaskstoreError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise MaskstoreError(f"--device {device}: this machine has no CUDA device; use cpu")
+        if d.index is not None and d.index >= n:
+            raise MaskstoreError(f"--device {device}: this machine has {n} CUDA device(s)")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise MaskstoreError(f"--device {device}: MPS is not available here; use cpu")
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a local Hugging Face folder, or the embedded default.
 
@@ -83,6 +101,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", de
     """
     import torch
 
+    check_device(device)
     folder = embedded_model_dir() if path is None else Path(path)
     if not (folder / "config.json").is_file():
         raise MaskstoreError(f"{folder} is not a Hugging Face model folder (no config.json)")

@@ -156,6 +156,8 @@ class Repository:
 
 def init_repo(path: str | os.PathLike) -> Repository:
     """Create (or open) a repository folder."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise MaskstoreError(f"{path} is a file: a repository is a folder (choose another --repo)")
     store = open_store(path, create=True)
     store.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
     return Repository(store, str(path))
@@ -164,13 +166,21 @@ def init_repo(path: str | os.PathLike) -> Repository:
 def open_repo(path: str | os.PathLike) -> Repository:
     """Open an existing repository (a folder, an ``s3://`` URL or an export zip)."""
     store = open_store(path)
-    marker = store.get(REPO_MARKER)
+    marker = store.get(REPO_MARKER, limit=4096)
     if marker is None:
+        if store.list("versions/") or store.list("refs/"):
+            raise MaskstoreError(
+                f"{path} holds versions but no {REPO_MARKER}: restore it "
+                f'(it holds {{"format": {REPO_FORMAT}}})'
+            )
         raise MaskstoreError(f"{path} is not a maskstore repository: run maskstore init")
     try:
         fmt = json.loads(marker).get("format")
     except (ValueError, AttributeError):
-        fmt = None
+        raise MaskstoreError(
+            f"{path}/{REPO_MARKER} is damaged (not JSON): restore it "
+            f'(it holds {{"format": {REPO_FORMAT}}})'
+        ) from None
     if fmt != REPO_FORMAT:
         raise MaskstoreError(f"{path} has an unknown repository format: upgrade maskstore")
     return Repository(store, str(path))

@@ -45,6 +45,10 @@ def commit(
     commit found present and so did not write.
     """
     check_ref_name(branch)
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MaskstoreError("the commit message is not valid UTF-8: retype it") from None
     with repo.store.lock("gc", shared=True):
         return _commit(repo, b, message, branch, delta, recipes, progress)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import MaskstoreError
-from ..names import check_ref_name
+from ..errors import IntegrityError, MaskstoreError
+from ..names import check_ref_name, is_hex
 from ..stores import RefConflict, Store
 
 KINDS = ("tags", "branches")
@@ -30,8 +30,17 @@ class Refs:
         return None
 
     def get(self, kind: str, name: str) -> str | None:
-        data = self.store.get(f"refs/{kind}/{name}")
-        return data.decode().strip() if data else None
+        """The version id ``name`` points at (None when absent); a ref that holds anything but
+        a version id is refused."""
+        data = self.store.get(f"refs/{kind}/{name}", limit=256)
+        if data is None:
+            return None
+        vid = data.decode("ascii", "replace").strip()
+        if not is_hex(vid, 64):
+            raise IntegrityError(
+                f"{kind[:-1]} {name!r} in {self.label} does not hold a version id: it is damaged"
+            )
+        return vid
 
     def all(self, kind: str) -> dict[str, str]:
         """name -> version id of every tag (or branch)."""

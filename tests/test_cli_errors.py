@@ -1,0 +1,163 @@
+"""Bad input gets one clear line and exit 2, never a traceback; text from bundles, repositories
+and arguments reaches the terminal escaped (issue 10, items 7 and 8)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+from conftest import write_bundle
+
+from maskstore.hashing import blake2b_hex, canonical_json
+from maskstore.repo import init_repo
+
+FP = {"architecture": "T", "modules": {"model.layers.0.mlp.up_proj": [8, 12]}}
+
+
+def _one_line(code: int, err: str, *phrases: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "\x1b" not in err
+    for p in phrases:
+        assert p in err, err
+
+
+@pytest.fixture
+def small(tmp_path, rng):
+    masks = {"a": {m: rng.random(tuple(s)) < 0.5 for m, s in FP["modules"].items()}}
+    return write_bundle(tmp_path / "b.zarr", FP, masks)
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--max-tokens", "-1"], "--max-tokens must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "-1"], "--batch-size must be at least 1"),
+        (["--chunk-mib", "-1"], "--chunk-mib must be positive"),
+        (["--device", "bogus"], "unknown --device 'bogus'"),
+        (["--sparsity", "abc"], "'abc' is not a valid float"),
+    ],
+)
+def test_build_arguments(tmp_path, cli, calib_files, tiny_dir, args, phrase):
+    code, _, err = cli(
+        "build", "--model", tiny_dir, "--persona", f"a={calib_files['introvert']}",
+        "--out", tmp_path / "o", *args,
+    )  # fmt: skip
+    _one_line(code, err, phrase)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_build_on_a_missing_cuda_device(tmp_path, cli, calib_files, tiny_dir):
+    code, _, err = cli(
+        "build", "--model", tiny_dir, "--persona", f"a={calib_files['introvert']}",
+        "--out", tmp_path / "o", "--device", "cuda",
+    )  # fmt: skip
+    _one_line(code, err, "no CUDA device")
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be at least 1"),
+        (["--prompt", ""], "--prompt is empty"),
+    ],
+)
+def test_run_arguments(small, cli, args, phrase):
+    base = ["--prompt", "hi"] if "--prompt" not in args else []
+    _one_line(*cli("run", small, *base, *args)[::2], phrase)
+
+
+def test_outputs_into_missing_folders(small, tmp_path, cli):
+    _one_line(*cli("pack", small, tmp_path / "no/such/b.zip")[::2], "does not exist")
+    repo = tmp_path / "repo"
+    assert cli("commit", small, "-m", "one", "--repo", repo)[0] == 0
+    code, _, err = cli("export", "main", tmp_path / "no/such/v.zip", "--repo", repo)
+    _one_line(code, err, "does not exist")
+
+
+def test_repositories_that_are_files_or_damaged(small, tmp_path, cli):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line(*cli("commit", small, "-m", "x", "--repo", f)[::2], "is a file")
+    repo = tmp_path / "repo"
+    assert cli("commit", small, "-m", "one", "--repo", repo)[0] == 0
+    _one_line(*cli("commit", small, "-m", "bad \udcff bytes", "--repo", repo)[::2], "UTF-8")
+    (repo / "maskstore-repo.json").write_text('{"form')
+    _one_line(*cli("log", "--repo", repo)[::2], "damaged (not JSON)")
+    (repo / "maskstore-repo.json").unlink()
+    _one_line(*cli("log", "--repo", repo)[::2], "no maskstore-repo.json")
+    _one_line(*cli("verify", repo)[::2], "no maskstore-repo.json")
+
+
+def _remote(small, tmp_path, cli) -> Path:
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    assert cli("commit", small, "-m", "one", "--repo", repo)[0] == 0
+    assert cli("push", remote, "main", "--repo", repo)[0] == 0
+    return remote
+
+
+def test_hostile_remotes(small, tmp_path, cli):
+    remote = _remote(small, tmp_path, cli)
+    (remote / "refs/tags").mkdir(parents=True)
+    (remote / "refs/tags/weird").write_bytes(b"\xff\xfe\x00garbage")
+    _one_line(
+        *cli("pull", remote, "weird", "--repo", tmp_path / "c1")[::2], "not hold a version id"
+    )
+    vid = (remote / "refs/branches/main").read_text()
+    man = json.loads(
+        zstandard.ZstdDecompressor().decompress((remote / "versions" / vid).read_bytes())
+    )
+    del man["parents"]
+    text = canonical_json(man)
+    (remote / "versions" / blake2b_hex(text)).write_bytes(zstandard.ZstdCompressor().compress(text))
+    (remote / "refs/branches/main").write_text(blake2b_hex(text))
+    _one_line(*cli("pull", remote, "main", "--repo", tmp_path / "c2")[::2], "'parents' is missing")
+
+
+def test_import_pt_of_files_that_are_not_tensors(tmp_path, cli):
+    src = tmp_path / "pt"
+    src.mkdir()
+    (src / "M_a_model.layers.0.mlp.up_proj.pt").write_text("just text\n")
+    _one_line(*cli("import-pt", src, "--out", tmp_path / "o")[::2], "not a plain tensor file")
+    import pickle
+
+    (src / "M_a_model.layers.0.mlp.up_proj.pt").write_bytes(pickle.dumps({"x": 1}))
+    _one_line(*cli("import-pt", src, "--out", tmp_path / "o")[::2], "refused")
+
+
+def test_markup_and_escape_codes_are_printed_as_text(tmp_path, rng, cli):
+    code, out, err = cli("info", tmp_path / "nope[/].zarr")
+    _one_line(code, err, "nope[/].zarr")
+    from maskstore import create_bundle
+
+    b = tmp_path / "m.zarr"
+    with create_bundle(b, FP) as nb, nb.persona_writer("a", method="[/]\x1b[31mred\x07") as w:
+        for m, s in FP["modules"].items():
+            w.write_mask(m, rng.random(tuple(s)) < 0.5)
+    code, out, err = cli("info", b)
+    assert code == 0 and "[/]" in out and "\x1b" not in out and "\x07" not in out, err
+    repo = tmp_path / "repo"
+    assert cli("commit", b, "-m", "[/] \x1b]0;title\x07", "--repo", repo)[0] == 0
+    code, out, err = cli("log", "--repo", repo)
+    assert code == 0 and "[/]" in out and "\x1b" not in out and "\x07" not in out, err
+
+
+def test_export_zip_naming_refs_outside_is_refused_by_the_cli(small, tmp_path, cli):
+    repo = tmp_path / "repo"
+    assert cli("commit", small, "-m", "one", "--repo", repo)[0] == 0
+    assert cli("tag", "v1", "--repo", repo)[0] == 0
+    assert cli("export", "v1", tmp_path / "v.zip", "--repo", repo)[0] == 0
+    with zipfile.ZipFile(tmp_path / "v.zip", "a") as z:
+        z.writestr("refs/tags/../../../X", init_repo(repo).resolve("v1"))
+    code, _, err = cli("import", tmp_path / "v.zip", "--repo", tmp_path / "other")
+    _one_line(code, err, "not a tag or branch")
+    assert not (tmp_path / "X").exists()
