@@ -93,7 +93,17 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def verify(bundle: Path, json_out: JsonOpt = False) -> None:
+def verify(
+    bundle: Path,
+    signatures: Annotated[
+        bool, typer.Option("--signatures", help="also list who signed each tag and branch")
+    ] = False,
+    allowed_signers: Annotated[
+        Path | None,
+        typer.Option("--allowed-signers", help="ssh allowed-signers file to check signers against"),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Recompute every digest of a bundle (or of every reachable object of a repository); exit 1
     naming each damaged chunk."""
     if (bundle / "maskstore-repo.json").is_file() or (
@@ -104,6 +114,25 @@ def verify(bundle: Path, json_out: JsonOpt = False) -> None:
         repo = open_repo(bundle)
         problems, leftovers = repo.verify(), repo.leftovers()
         what = "every reachable object verifies"
+        if signatures:
+            sigs = repo.signatures(allowed_signers)
+            if json_out:
+                emit_json({"path": str(bundle), "ok": not problems, "problems": problems,
+                           "leftovers": leftovers, "signatures": sigs})  # fmt: skip
+                raise typer.Exit(1 if problems else 0)
+            t = Table("ref", "version", "signed by", "check")
+            for s in sigs:
+                who = s.get("signer", "-") if s["signed"] else "[dim]unsigned[/]"
+                check = ("[green]" if s.get("ok") else "[red]") + safe(s.get("reason", "")) + "[/]"
+                t.add_row(
+                    safe(f"{s['kind']} {s['name']}"),
+                    s["version"][:12],
+                    safe(who) if s["signed"] else who,
+                    check if s["signed"] else "-",
+                )
+            console.print(t)
+    elif signatures:
+        raise MaskstoreError("--signatures is for repositories: a bundle has no signed refs")
     else:
         b = open_bundle(bundle)
         with progress() as bar:

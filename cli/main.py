@@ -24,7 +24,7 @@ COMMANDS = {
         "bundle_cmd",
     ),
     **dict.fromkeys(
-        "init commit log tag branch checkout push pull export import gc".split(), "repo_cmd"
+        "init commit log tag sign branch checkout push pull export import gc".split(), "repo_cmd"
     ),
     **dict.fromkeys(("run", "eval", "similarity"), "runtime_cmd"),
 }

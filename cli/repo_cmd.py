@@ -19,6 +19,21 @@ RepoOpt = Annotated[
     typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository folder (default .maskstore)"),
 ]
 DEFAULT_REPO = Path(".maskstore")
+SignOpt = Annotated[
+    Path | None,
+    typer.Option("--sign", help="SSH private key that signs the ref (ssh-keygen -Y sign)"),
+]
+AllowedOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--allowed-signers",
+        help="ssh allowed-signers file (default: trust.allowed_signers in the repo's config.json)",
+    ),
+]
+RequireOpt = Annotated[
+    bool,
+    typer.Option("--require-signed", help="refuse refs without a signature by an allowed signer"),
+]
 
 
 @app.command()
@@ -39,6 +54,7 @@ def commit(
     no_delta: Annotated[
         bool, typer.Option("--no-delta", help="never store masks as xor deltas")
     ] = False,
+    sign: SignOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
     json_out: JsonOpt = False,
 ) -> None:
@@ -57,6 +73,7 @@ def commit(
             delta=not no_delta,
             recipes=tuple(recipe or ()),
             progress=lambda k: bar.advance(task, k),
+            sign=sign,
         )
     snap = r.snapshot(vid)
     size = snap.bundle.nbytes_on_disk()
@@ -106,11 +123,23 @@ def log(
 def tag(
     name: str,
     version: Annotated[str, typer.Argument(help="version, tag or branch (default main)")] = "main",
+    sign: SignOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
 ) -> None:
-    """Name a version; tags never move."""
-    vid = open_repo(repo).tag(name, version)
-    console.print(f"tag {safe(name)} -> {vid[:12]}")
+    """Name a version; tags never move. --sign signs the tag with an SSH key."""
+    vid = open_repo(repo).tag(name, version, sign=sign)
+    console.print(f"tag {safe(name)} -> {vid[:12]}" + (" (signed)" if sign else ""))
+
+
+@app.command("sign")
+def sign_cmd(
+    name: Annotated[str, typer.Argument(help="tag or branch")],
+    key: Annotated[Path, typer.Option("--key", help="SSH private key")],
+    repo: RepoOpt = DEFAULT_REPO,
+) -> None:
+    """Sign a tag or branch where it points now (ssh-keygen -Y sign)."""
+    vid = open_repo(repo).sign(name, key)
+    console.print(f"signed {safe(name)} -> {vid[:12]}")
 
 
 @app.command()
@@ -200,12 +229,23 @@ def push(
 def pull(
     remote: Annotated[str, typer.Argument(help="folder or URL (s3://bucket/prefix)")],
     ref: Annotated[str, typer.Argument(help="tag or branch")] = "main",
+    require_signed: RequireOpt = False,
+    allowed_signers: AllowedOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
     json_out: JsonOpt = False,
 ) -> None:
     """Fetch a tag or branch from a remote; every object is verified on arrival."""
     r = init_repo(repo)
-    _transfer("pull", lambda cb: r.pull(remote, ref, progress=cb), remote, ref, json_out)
+    allowed = str(allowed_signers) if allowed_signers else None
+    _transfer(
+        "pull",
+        lambda cb: r.pull(
+            remote, ref, progress=cb, require_signed=require_signed or None, allowed_signers=allowed
+        ),
+        remote,
+        ref,
+        json_out,
+    )
 
 
 @app.command()
@@ -221,9 +261,15 @@ def export(
 
 
 @app.command("import")
-def import_cmd(path: Path, repo: RepoOpt = DEFAULT_REPO) -> None:
+def import_cmd(
+    path: Path,
+    require_signed: RequireOpt = False,
+    allowed_signers: AllowedOpt = None,
+    repo: RepoOpt = DEFAULT_REPO,
+) -> None:
     """Bring the versions and refs of an export .zip into the repository (verified)."""
-    names = init_repo(repo).import_(path)
+    allowed = str(allowed_signers) if allowed_signers else None
+    names = init_repo(repo).import_(path, require_signed or None, allowed)
     console.print(f"imported {safe(', '.join(names))} from {safe(path)}")
 
 

@@ -32,7 +32,7 @@ from ..format import Bundle
 from ..hashing import canonical_json
 from ..stores import Store, open_store
 from . import commit as _commit
-from . import history, maintenance, transfer
+from . import history, maintenance, signing, transfer
 from .objects import REPO_FORMAT, REPO_MARKER, Objects
 from .refs import Refs
 from .snapshot import MAX_DELTA_DEPTH, Snapshot, VersionSource
@@ -96,16 +96,69 @@ class Repository:
         delta: bool = True,
         recipes: tuple[str, ...] = (),
         progress: Progress = None,
+        sign: str | os.PathLike | None = None,
     ) -> str:
-        """Snapshot a bundle as a new version on ``branch``; returns the version id."""
+        """Snapshot a bundle as a new version on ``branch``; returns the version id. With
+        ``sign`` (an SSH private key file) the new branch head is signed."""
+        if sign is not None and not Path(sign).is_file():
+            raise MaskstoreError(f"--sign {sign}: no such key file")
         b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        return _commit.commit(self, b, message, branch, delta, tuple(recipes), progress)
-
-    def tag(self, name: str, ref: str) -> str:
-        """Create tag ``name`` at ``ref`` (tags never move)."""
-        vid = self.resolve(ref)
-        self.refs.tag(name, vid)
+        vid = _commit.commit(self, b, message, branch, delta, tuple(recipes), progress)
+        if sign is not None:
+            sig = signing.sign(sign, "branches", branch, vid)
+            self.store.put(signing.signature_key("branches", branch, vid), sig)
         return vid
+
+    def tag(self, name: str, ref: str, sign: str | os.PathLike | None = None) -> str:
+        """Create tag ``name`` at ``ref`` (tags never move); with ``sign`` (an SSH private key
+        file) also store its signature."""
+        vid = self.resolve(ref)
+        sig = signing.sign(sign, "tags", name, vid) if sign is not None else None
+        self.refs.tag(name, vid)
+        if sig is not None:
+            self.store.put(signing.signature_key("tags", name, vid), sig)
+        return vid
+
+    def sign(self, name: str, key: str | os.PathLike) -> str:
+        """Sign tag or branch ``name`` where it points now; returns the version id."""
+        kind = self.refs.kind_of(name)
+        if kind is None:
+            raise MaskstoreError(f"no tag or branch {name!r} to sign")
+        vid = self.refs.get(kind, name) or ""
+        self.store.put(signing.signature_key(kind, name, vid), signing.sign(key, kind, name, vid))
+        return vid
+
+    def signatures(self, allowed_signers: str | os.PathLike | None = None) -> list[dict]:
+        """Every tag and branch head with who signed it (checked against ``allowed_signers``,
+        default ``trust.allowed_signers``; without one, only that the signature covers the ref)."""
+        allowed = allowed_signers or self.config.get("trust", {}).get("allowed_signers")
+        out = []
+        for kind in ("tags", "branches"):
+            for name, vid in sorted(self.refs.all(kind).items()):
+                sig = self.store.get(
+                    signing.signature_key(kind, name, vid), limit=signing.MAX_SIGNATURE_BYTES
+                )
+                rec = {"kind": kind[:-1], "name": name, "version": vid, "signed": sig is not None}
+                if sig is not None:
+                    v = signing.verify(sig, kind, name, vid, allowed)
+                    rec |= {"ok": v.ok, "signer": v.signer, "reason": v.reason}
+                out.append(rec)
+        return out
+
+    @property
+    def config(self) -> dict:
+        """``config.json`` of the repository (``{"trust": {"allowed_signers": PATH,
+        "require_signed": BOOL}}``), empty when absent."""
+        raw = self.store.get("config.json", limit=1 << 16)
+        if raw is None:
+            return {}
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise MaskstoreError(f"{self.path}/config.json is not JSON: fix it") from None
+        if not isinstance(doc, dict):
+            raise MaskstoreError(f"{self.path}/config.json must hold an object")
+        return doc
 
     def set_branch(self, name: str, vid: str, expected: str | None) -> None:
         self.refs.set_branch(name, vid, expected)
@@ -132,15 +185,28 @@ class Repository:
         """Send tag or branch ``ref`` and what it needs; only missing objects move."""
         return transfer.push(self, remote, ref, progress)
 
-    def pull(self, remote: str | Store, ref: str = "main", progress: Progress = None):
-        """Fetch tag or branch ``ref`` from a remote (or an export zip); verify everything."""
-        return transfer.pull(self, remote, ref, progress)
+    def pull(
+        self,
+        remote: str | Store,
+        ref: str = "main",
+        progress: Progress = None,
+        require_signed: bool | None = None,
+        allowed_signers: str | None = None,
+    ):
+        """Fetch tag or branch ``ref`` from a remote (or an export zip); verify everything, and
+        with ``require_signed`` its signature too."""
+        return transfer.pull(self, remote, ref, progress, require_signed, allowed_signers)
 
     def export(self, ref: str, out: str | os.PathLike, force: bool = False) -> Path:
         return transfer.export(self, ref, out, force)
 
-    def import_(self, path: str | os.PathLike) -> list[str]:
-        return transfer.import_(self, path)
+    def import_(
+        self,
+        path: str | os.PathLike,
+        require_signed: bool | None = None,
+        allowed_signers: str | None = None,
+    ) -> list[str]:
+        return transfer.import_(self, path, require_signed, allowed_signers)
 
     # ---- maintenance
     def gc(self, grace_seconds: float = 3600.0) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from ..hashing import blake2b_hex, canonical_json
 from ..names import check_ref_name, is_hex
 from ..stores import RefConflict, Store, ZipStore, open_store
 from ..writer import temp_sibling
+from . import signing
 from .history import ancestors
 from .objects import (
     REPO_FORMAT,
@@ -153,12 +154,51 @@ def push(repo: Repository, remote: str | Store, ref: str = "main", progress: Pro
     with dst.lock("gc", shared=True):
         dst.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
         rep = copy(repo, repo.store, dst, [vid], progress)
+        _copy_signature(repo.store, dst, kind, ref, vid)
         update_ref(repo, repo.store, dst, ref, vid, kind)
     return rep
 
 
-def pull(repo: Repository, remote: str | Store, ref: str = "main", progress: Progress = None):
-    """Fetch tag or branch ``ref`` from a remote (or an export zip) with what it needs."""
+def _copy_signature(src: Store, dst: Store, kind: str, name: str, vid: str) -> bytes | None:
+    """Carry the signature of ``kind/name -> vid`` along, if ``src`` has one."""
+    key = signing.signature_key(kind, name, vid)
+    sig = src.get(key, limit=signing.MAX_SIGNATURE_BYTES)
+    if sig is not None:
+        signing.check_signature_bytes(sig, f"{key} on {src.url}")
+        if dst.get(key, limit=signing.MAX_SIGNATURE_BYTES) != sig:
+            dst.put(key, sig)
+    return sig
+
+
+def check_trust(
+    repo: Repository, sig: bytes | None, kind: str, name: str, vid: str, allowed: str | None
+) -> None:
+    """Refuse ``kind/name -> vid`` unless a signature by an allowed signer covers it."""
+    what = f"{kind[:-1]} {name!r}"
+    if allowed is None:
+        raise MaskstoreError(
+            f"{what}: signed refs are required but no allowed-signers file is set: pass "
+            "--allowed-signers FILE or set trust.allowed_signers in the repository's config.json"
+        )
+    if sig is None:
+        raise MaskstoreError(f"{what} is not signed: refused (signed refs are required)")
+    verdict = signing.verify(sig, kind, name, vid, allowed)
+    if not verdict.ok:
+        raise MaskstoreError(f"{what}: {verdict.reason}: refused")
+
+
+def pull(
+    repo: Repository,
+    remote: str | Store,
+    ref: str = "main",
+    progress: Progress = None,
+    require_signed: bool | None = None,
+    allowed_signers: str | None = None,
+):
+    """Fetch tag or branch ``ref`` from a remote (or an export zip) with what it needs.
+
+    With ``require_signed`` (default: the repository's ``trust.require_signed``), the ref must
+    carry a signature that ``allowed_signers`` (default: ``trust.allowed_signers``) accepts."""
     check_ref_name(ref)
     src = remote if isinstance(remote, Store) else open_store(remote)
     kind = Refs(src, src.url).kind_of(ref)
@@ -169,12 +209,20 @@ def pull(repo: Repository, remote: str | Store, ref: str = "main", progress: Pro
         raise IntegrityError(
             f"{kind[:-1]} {ref!r} on {src.url} does not hold a version id: refused"
         )
+    trust = repo.config.get("trust", {})
+    if require_signed is None:
+        require_signed = bool(trust.get("require_signed", False))
+    allowed_signers = allowed_signers or trust.get("allowed_signers")
+    sig = src.get(signing.signature_key(kind, ref, vid), limit=signing.MAX_SIGNATURE_BYTES)
+    if require_signed:
+        check_trust(repo, sig, kind, ref, vid, allowed_signers)
     with repo.store.lock("gc", shared=True):
         rep = copy(repo, src, repo.store, [vid], progress)
         versions = needed(repo, [vid], repo.store)[0]
         check_delta_chains(repo, versions)
         for v in versions:
             check_metadata(repo, v)
+        _copy_signature(src, repo.store, kind, ref, vid)
         update_ref(repo, repo.store, repo.store, ref, vid, kind)
     return rep
 
@@ -201,13 +249,22 @@ def export(repo: Repository, ref: str, out: str | os.PathLike, force: bool = Fal
                 repo.objects.manifest(v)
                 zf.writestr(version_key(v), repo.store.get(version_key(v)))
             zf.writestr(f"refs/{kind or 'tags'}/{name}", vid)
+            if kind:
+                sig = repo.store.get(signing.signature_key(kind, name, vid))
+                if sig is not None:
+                    zf.writestr(signing.signature_key(kind, name, vid), sig)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
 
 
-def import_(repo: Repository, path: str | os.PathLike) -> list[str]:
+def import_(
+    repo: Repository,
+    path: str | os.PathLike,
+    require_signed: bool | None = None,
+    allowed_signers: str | None = None,
+) -> list[str]:
     """Bring in every ref of an export zip (verified). Returns the ref names."""
     src = ZipStore(path)
     names = []
@@ -217,7 +274,7 @@ def import_(repo: Repository, path: str | os.PathLike) -> list[str]:
             raise IntegrityError(f"{path} holds {key!r}, which is not a tag or branch: refused")
         names.append(check_ref_name(parts[2]))
     for name in names:
-        pull(repo, src, name)
+        pull(repo, src, name, require_signed=require_signed, allowed_signers=allowed_signers)
     return names
 
 
