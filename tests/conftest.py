@@ -98,9 +98,10 @@ def calib_files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto) on loopback."""
+    """A real S3-compatible server (moto) on loopback, one for the session (s3fs caches its
+    filesystems with their endpoint, so a second server would not be reached)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
