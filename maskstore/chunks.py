@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,10 +35,10 @@ MAX_META_BYTES = 1 << 20  # an array's zarr.json is a few hundred bytes; refuse 
 
 
 def _decoder(name: str) -> Any:
-    """A numcodecs decoder for gzip and blosc (zstd is decoded by :mod:`maskstore.codecs`)."""
+    """The numcodecs decoder for blosc (zstd and gzip are decoded here, bounded)."""
     import numcodecs  # decoding needs no configuration: the frames describe themselves
 
-    return {"gzip": numcodecs.GZip, "blosc": numcodecs.Blosc}[name]()
+    return numcodecs.Blosc() if name == "blosc" else None
 
 
 @dataclass(frozen=True)
@@ -201,11 +202,18 @@ class StoreArray(ChunkSource):
             data = memoryview(out)[:need]
             if codecs.zstd_decompress_into(src, data) != need:
                 raise ValueError("chunk decodes to the wrong size")
-        else:
-            data = memoryview(out)[:need]
-            got = decoder.decode(src, out=data)
-            if got is not None and memoryview(got).nbytes != need:
+        elif m.codec == "gzip":  # zlib stops at the size the chunk must have
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            raw_out = d.decompress(src, need + 1)
+            if len(raw_out) != need or not d.eof:
                 raise ValueError("chunk decodes to the wrong size")
+            data = memoryview(out)[:need]
+            data[:] = raw_out
+        else:  # blosc: its 16-byte header says what it expands to; check before decoding
+            if len(src) < 16 or int.from_bytes(bytes(src[4:8]), "little") != need:
+                raise ValueError("chunk declares the wrong size")
+            data = memoryview(out)[:need]
+            decoder.decode(src, out=data)
         full = np.frombuffer(data, dtype=m.dtype.newbyteorder("<"), count=need // m.dtype.itemsize)
         return full.reshape(m.chunk_rows, *m.shape[1:])[:rows]
 

@@ -377,3 +377,54 @@ def test_fingerprint_digest_is_recorded_and_checked(bundle):
     path, _ = bundle
     b = open_bundle(path)
     assert b.persona("a")["model_digest"] == metadata_digest(FP)
+
+
+def test_gzip_and_blosc_chunks_decode_no_further_than_their_size(tmp_path, rng):
+    import gzip
+
+    for codec in ("gzip", "blosc"):
+        path = write_bundle(tmp_path / codec, FP, _masks(rng, p=0.1), codec=codec)
+        chunk = path / "personas/a/masks" / M0 / "c/0/0"
+        if codec == "gzip":
+            chunk.write_bytes(gzip.compress(bytes(256 << 20), compresslevel=1))  # 256 MiB
+        else:
+            head = bytearray(chunk.read_bytes())
+            head[4:8] = (1 << 30).to_bytes(4, "little")  # declares 1 GiB
+            chunk.write_bytes(bytes(head))
+        # refused by the stored size (a chunk can take no more than its bound) or by the
+        # decoder stopping at the size the chunk must have
+        with pytest.raises(IntegrityError, match="cannot be decoded|more than the"):
+            open_bundle(path).read_mask("a", M0)
+
+
+def test_gigantic_fingerprint_shapes_are_refused(tmp_path, rng):
+    path = write_bundle(tmp_path / "b", FP, _masks(rng))
+    _edit_json(
+        path / "zarr.json",
+        lambda d: d["attributes"]["maskstore"]["model"]["modules"].__setitem__(M0, [2**40, 2**40]),
+    )
+    with pytest.raises(MaskstoreError, match="bundle.schema.json"):
+        open_bundle(path)
+
+
+def test_killed_writers_leave_nothing_that_outlives_them(tmp_path, rng):
+    from maskstore import create_bundle
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    stale = tmp_path / f".b.tmp-{dead}-deadbeef"
+    stale.mkdir()
+    (stale / "zarr.json").write_text("{}")
+    stale_zip = tmp_path / f".b.zip.tmp-{dead}-cafe"
+    stale_zip.write_bytes(b"PK")
+    live = tmp_path / f".b.tmp-{os.getpid()}-feed"  # this process is alive: kept
+    live.mkdir()
+    with create_bundle(tmp_path / "b", FP) as b, b.persona_writer("a", method="t") as w:
+        for m, arr in _masks(rng, ["a"])["a"].items():
+            w.write_mask(m, arr)
+    pack_zip(tmp_path / "b", tmp_path / "b.zip")
+    assert not stale.exists() and not stale_zip.exists() and live.exists()
+    # an interrupted persona write inside a bundle is reported as a leftover
+    (tmp_path / "b/.staging/abc").mkdir(parents=True)
+    assert open_bundle(tmp_path / "b").leftovers() and open_bundle(tmp_path / "b").verify() == []
