@@ -171,16 +171,36 @@ class LocalStore(Store):
         self.url = str(self.root)
         self.read_only = read_only
         self.supports_writes = not read_only
-        self._real = os.path.realpath(self.root)
+        self._safe_dirs: set[str] = set()
 
     def _p(self, key: str) -> Path:
         """The path of ``key``; a key that could leave the folder is refused."""
         return self.root / check_key(key, self.url)
 
-    def _open(self, key: str) -> int | None:
-        """A read-only descriptor of the regular file ``key`` (None when absent). Symbolic links
-        (anywhere on the path below the root), FIFOs and devices are refused, not followed."""
+    def _check_dirs(self, key: str) -> None:
+        """Refuse a key whose folders below the root include a symbolic link (each folder is
+        checked once per store: a chunk read costs one ``lstat`` at most)."""
+        prefix = ""
+        for part in key.split("/")[:-1]:
+            prefix += part + "/"
+            if prefix in self._safe_dirs:
+                continue
+            try:
+                mode = os.lstat(os.path.join(self.root, prefix)).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return  # the open that follows finds nothing
+            if stat.S_ISLNK(mode):
+                raise IntegrityError(
+                    f"{key} in {self.url} lies behind a symbolic link ({prefix}): refused"
+                )
+            self._safe_dirs.add(prefix)
+
+    def _open(self, key: str) -> tuple[int, int] | None:
+        """A read-only descriptor of the regular file ``key`` and its size (None when absent).
+        Symbolic links (the file or a folder below the root), FIFOs and devices are refused,
+        never followed or opened for reading."""
         path = self._p(key)
+        self._check_dirs(key)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -192,42 +212,40 @@ class LocalStore(Store):
                 ) from None
             raise
         try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
                 os.close(fd)
                 return None
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise IntegrityError(f"{key} in {self.url} is not a regular file: refused")
-            if "/" in key and not os.path.realpath(path).startswith(self._real + os.sep):
-                raise IntegrityError(f"{key} in {self.url} lies behind a symbolic link: refused")
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return fd, st.st_size
 
     def get(self, key: str, limit: int | None = None) -> bytes | None:
         limit = MAX_OBJECT if limit is None else limit
-        fd = self._open(key)
-        if fd is None:
+        opened = self._open(key)
+        if opened is None:
             return None
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        fd, size = opened
+        with os.fdopen(fd, "rb", buffering=0) as f:
             if size > limit:
                 raise too_big(key, self.url, size, limit)
-            data = f.read(limit + 1)
-        if len(data) > limit:  # it grew while we read
-            raise too_big(key, self.url, len(data), limit)
+            data = f.read(size)  # never read(limit): that allocates the whole limit up front
+            if f.read(1):  # it grew while we read
+                raise too_big(key, self.url, size + 1, limit)
         return data
 
     def read_into(self, key: str, buf: bytearray) -> int | None:
-        fd = self._open(key)
-        if fd is None:
+        opened = self._open(key)
+        if opened is None:
             return None
+        fd, size = opened
         with os.fdopen(fd, "rb", buffering=0) as f:
-            n = f.readinto(buf)
-            if n == len(buf) and f.read(1):
-                raise too_big(key, self.url, os.fstat(f.fileno()).st_size, len(buf))
-            return n
+            if size > len(buf):
+                raise too_big(key, self.url, size, len(buf))
+            return f.readinto(buf)
 
     def has(self, key: str) -> bool:
         try:

@@ -217,7 +217,9 @@ class PersonaWriter:
         self.chunk_bytes = chunk_bytes
         self.codec_name, self.level = codec, level
         compressor(codec, level)  # fail early on an unknown codec
-        self._dir = bundle.path / STAGING / uuid.uuid4().hex
+        # .staging/<pid>-<random>: a folder whose process died is reclaimed by the next writer
+        _reclaim_staging(bundle.path / STAGING)
+        self._dir = bundle.path / STAGING / f"{os.getpid()}-{uuid.uuid4().hex}"
         self._dir.mkdir(parents=True)
         for sub in ("", "masks/", "stats/"):
             _write_json(self._dir / f"{sub}zarr.json", _group())
@@ -502,6 +504,16 @@ def temp_sibling(dest: Path) -> Path:
             else:
                 old.unlink(missing_ok=True)
     return dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _reclaim_staging(staging: Path) -> None:
+    """Remove the staging folders of writers that died (``<pid>-<random>``, pid gone)."""
+    if not staging.is_dir():
+        return
+    for old in staging.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -425,6 +425,11 @@ def test_killed_writers_leave_nothing_that_outlives_them(tmp_path, rng):
             w.write_mask(m, arr)
     pack_zip(tmp_path / "b", tmp_path / "b.zip")
     assert not stale.exists() and not stale_zip.exists() and live.exists()
-    # an interrupted persona write inside a bundle is reported as a leftover
-    (tmp_path / "b/.staging/abc").mkdir(parents=True)
+    # an interrupted persona write inside a bundle is reported as a leftover, and the next
+    # writer reclaims it once its process is gone
+    (tmp_path / f"b/.staging/{dead}-abc").mkdir(parents=True)
     assert open_bundle(tmp_path / "b").leftovers() and open_bundle(tmp_path / "b").verify() == []
+    with open_bundle(tmp_path / "b", writable=True).persona_writer("c", method="t") as w:
+        for m, arr in _masks(rng, ["c"])["c"].items():
+            w.write_mask(m, arr)
+    assert open_bundle(tmp_path / "b").leftovers() == []
