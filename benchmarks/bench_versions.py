@@ -46,7 +46,7 @@ def main() -> None:
         total_repo = total_bound = 0.0
         for p in b.personas:
             arrays = snap.manifest["personas"][p]["arrays"]
-            repo_bytes = snap.nbytes_on_disk(p, "masks")
+            repo_bytes = snap.bundle.nbytes_on_disk(p, "masks")
             bundle_bytes = b.nbytes_on_disk(p, "masks")
             bound_bits, bases = 0.0, set()
             for m in b.persona_modules(p):
@@ -82,7 +82,7 @@ def main() -> None:
             size = sum(rrepo.object_size(h) for h in hashes)
             print(
                 f"recipe {p:<10} {size / 2**10:>6.0f} KiB of statistics (unique objects), no mask "
-                f"bits; its mask as stored above: {snap.nbytes_on_disk(p, 'masks') / 2**10:.0f} KiB"
+                f"bits; its mask as stored above: {snap.bundle.nbytes_on_disk(p, 'masks') / 2**10:.0f} KiB"
             )
         man = len(rrepo.store.get(f"versions/{vid}"))
         print(f"recipe manifest: {man / 2**10:.0f} KiB for all {len(b.personas)} personas")
