@@ -390,8 +390,14 @@ class LocalStore(Store):
                         st = p.lstat()
                     except FileNotFoundError:
                         continue
-                    stale = n.endswith(".lock") and _lock_holder_dead(p)
-                    if st.st_mtime < older_than or stale:
+                    if n.endswith(".lock"):
+                        # a ref lock lives for milliseconds: only a dead holder's, or one
+                        # older than a minute (as swap itself treats it), is a leftover
+                        old = st.st_mtime < min(older_than, time.time() - 60)
+                        take = _lock_holder_dead(p) or old
+                    else:
+                        take = st.st_mtime < older_than
+                    if take:
                         out.append(n if rel == "." else f"{rel}/{n}")
         return sorted(out)
 

@@ -333,6 +333,10 @@ def test_dead_lock_holder_is_broken_at_once_and_leftovers_are_collected(tmp_path
     t = time.perf_counter()
     repo.commit(open_bundle(tmp_path / "b2"), "two")  # would wait out 60 s before
     assert time.perf_counter() - t < 10
+    live = tmp_path / "repo/refs/branches/busy.lock"  # held by a live process, just now
+    live.write_text(f"{os.getpid()} {socket.gethostname()}")
+    assert "refs/branches/busy.lock" not in repo.leftovers()
+    live.unlink()
     old = tmp_path / "repo/chunks/.tmp-deadbeef"
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 86400, time.time() - 86400))
