@@ -47,14 +47,14 @@ def main() -> None:
         from click import exceptions as click_exc  # type: ignore[no-redef]
     try:
         register()
-        rc = app(standalone_mode=False)
+        rc = app(prog_name="maskstore", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except click_exc.NoArgsIsHelpError as e:
         e.show()
         sys.exit(2)
     except click_exc.UsageError as e:
-        cmd = e.ctx.command_path.split(" ", 1)[1] if e.ctx and " " in e.ctx.command_path else ""
-        hint = f"maskstore {cmd} --help".replace("  ", " ")
+        sub = e.ctx.info_name if e.ctx is not None and e.ctx.parent is not None else None
+        hint = f"maskstore {sub} --help" if sub else "maskstore --help"
         err_console.print(
             f"[red]error:[/] {safe(e.format_message(), one_line=True)} (see {safe(hint)})",
             highlight=False,
