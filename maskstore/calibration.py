@@ -37,12 +37,25 @@ def _read_text(path: Path) -> str:
         raise MaskstoreError(f"cannot read calibration file {path}: {type(e).__name__}") from None
 
 
+def read_csv_rows(path: str | Path, what: str = "calibration file") -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts, read with the ``csv`` module over the file itself, so quoted
+    fields keep their newlines (``"wealthy?\nAnswer"`` stays two lines)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise MaskstoreError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise MaskstoreError(f"cannot read {what} {path}: {type(e).__name__}") from None
+
+
 def read_samples(path: str | Path) -> list[Sample]:
     """Samples of one persona: ``.txt`` (a line each), ``.jsonl`` (``text`` field or a string) or
     ``.csv`` (a ``text`` column, else the first column)."""
     path = Path(path)
-    raw = _read_text(path)
     suffix = path.suffix.lower()
+    raw = "" if suffix == ".csv" else _read_text(path)
     out: list[Sample] = []
     if suffix == ".jsonl":
         for i, line in enumerate(raw.splitlines(), 1):
@@ -62,7 +75,7 @@ def read_samples(path: str | Path) -> list[Sample]:
                     f"{path}:{i}: expected a string or an object with a 'text' field"
                 )
     elif suffix == ".csv":
-        rows = list(csv.DictReader(raw.splitlines()))
+        rows = read_csv_rows(path)
         if rows and rows[0]:
             col = "text" if "text" in rows[0] else next(iter(rows[0]))
             out = [Sample(r[col]) for r in rows if (r.get(col) or "").strip()]
@@ -77,7 +90,7 @@ def read_pair_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
     """The persona-eval layout ``question,matching,not_matching``: the persona that gives the
     matching answer and its opposite, as (question, answer) samples."""
     path = Path(path)
-    rows = list(csv.DictReader(_read_text(path).splitlines()))
+    rows = read_csv_rows(path)
     need = {"question", "matching", "not_matching"}
     have = set(rows[0]) if rows else set()
     if not need <= have:

@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .calibration import read_csv_rows
 from .errors import MaskstoreError
 from .runtime import MaskHandle
 
@@ -32,10 +32,7 @@ class MCItem:
 def read_mc(path: str | Path) -> list[MCItem]:
     """Items from a CSV with columns ``question,A,B,matching`` (matching is A or B)."""
     path = Path(path)
-    try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
-    except (OSError, UnicodeDecodeError) as e:
-        raise MaskstoreError(f"cannot read {path}: {type(e).__name__}") from None
+    rows = read_csv_rows(path, "multiple-choice file")
     need = {"question", "A", "B", "matching"}
     if not rows or not need <= set(rows[0]):
         have = ",".join(rows[0]) if rows else "none"

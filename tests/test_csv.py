@@ -1,0 +1,46 @@
+"""CSV readers keep newlines inside quoted fields (issue 11, item 8): calibration files, pair
+files and multiple-choice files alike."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from maskstore import calibration as cal
+from maskstore.errors import MaskstoreError
+
+
+def _write(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_quoted_newlines_survive_calibration_and_pair_files(tmp_path):
+    q = "Would you like to be wealthy?\nAnswer:"
+    p = _write(tmp_path / "pairs.csv", ["question", "matching", "not_matching"], [[q, "Yes", "No"]])
+    pos, neg = cal.read_pair_csv(p)
+    assert pos[0].prompt == q and "\n" in pos[0].prompt and neg[0].text == "No"
+    s = _write(tmp_path / "s.csv", ["text"], [["line one\nline two"], ["plain"]])
+    assert [x.text for x in cal.read_samples(s)] == ["line one\nline two", "plain"]
+
+
+def test_quoted_newlines_survive_multiple_choice_files(tmp_path):
+    from maskstore.evaluate import read_mc
+
+    q = "Pick one:\n(A) quiet\n(B) loud"
+    p = _write(tmp_path / "mc.csv", ["question", "A", "B", "matching"], [[q, "a", "b", "A"]])
+    items = read_mc(p)
+    assert items[0].question == q
+
+
+def test_unreadable_csv_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text\n\xff\xfe\n")
+    with pytest.raises(MaskstoreError, match="cannot read calibration file"):
+        cal.read_samples(bad)
+    with pytest.raises(MaskstoreError, match="does not exist"):
+        cal.read_pair_csv(tmp_path / "missing.csv")
