@@ -20,33 +20,29 @@ REF_MAX = 100
 MODULE_MAX = 256
 
 
-def _check(name: object, limit: int) -> bool:
-    return (
+def _check(name: object, limit: int, what: str) -> str:
+    """The one rule for names that become path components."""
+    if not (
         isinstance(name, str)
         and 0 < len(name) <= limit
         and _NAME.fullmatch(name) is not None
         and ".." not in name
-    )
-
-
-def check_persona_name(name: str) -> str:
-    """Return ``name`` if it is a valid persona name, else raise a one-line error."""
-    if not _check(name, PERSONA_MAX):
+    ):
         raise MaskstoreError(
-            f"invalid persona name {name!r}: use 1-{PERSONA_MAX} letters, digits and _ . + = - "
+            f"invalid {what} {name!r}: use 1-{limit} letters, digits and _ . + = - "
             "(starting with a letter or digit, no '..', no '/')"
         )
     return name
 
 
+def check_persona_name(name: str) -> str:
+    """Return ``name`` if it is a valid persona name, else raise a one-line error."""
+    return _check(name, PERSONA_MAX, "persona name")
+
+
 def check_ref_name(name: str) -> str:
     """Return ``name`` if it is a valid tag or branch name, else raise a one-line error."""
-    if not _check(name, REF_MAX):
-        raise MaskstoreError(
-            f"invalid tag or branch name {name!r}: use 1-{REF_MAX} letters, digits and _ . + = - "
-            "(starting with a letter or digit, no '..')"
-        )
-    return name
+    return _check(name, REF_MAX, "tag or branch name")
 
 
 def check_module_name(name: str) -> str:
