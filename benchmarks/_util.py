@@ -45,3 +45,25 @@ def cli_build(*args: str) -> None:
 
 def self_peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# SmolLM2-135M-Instruct's masked Linears in one decoder layer: (out_features, in_features)
+SMOLLM2_LAYER = {
+    "self_attn.q_proj": (576, 576),
+    "self_attn.k_proj": (192, 576),
+    "self_attn.v_proj": (192, 576),
+    "self_attn.o_proj": (576, 576),
+    "mlp.gate_proj": (1536, 576),
+    "mlp.up_proj": (1536, 576),
+    "mlp.down_proj": (576, 1536),
+}
+
+
+def smollm2_fingerprint(layers: int = 30, architecture: str = "LlamaForCausalLM") -> dict:
+    """A model fingerprint with SmolLM2-135M's shapes (30 layers: 210 modules, 106M weights)."""
+    modules = {
+        f"model.layers.{i}.{leaf}": list(shape)
+        for i in range(layers)
+        for leaf, shape in SMOLLM2_LAYER.items()
+    }
+    return {"architecture": architecture, "modules": modules}

@@ -20,27 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _util import smollm2_fingerprint
 
 from maskstore import create_bundle
 from maskstore.repo import init_repo
 
-SHAPES = {
-    "self_attn.q_proj": (576, 576),
-    "self_attn.k_proj": (192, 576),
-    "self_attn.v_proj": (192, 576),
-    "self_attn.o_proj": (576, 576),
-    "mlp.gate_proj": (1536, 576),
-    "mlp.up_proj": (1536, 576),
-    "mlp.down_proj": (576, 1536),
-}
-
 
 def quickstart_like(path: Path) -> Path:
     rng = np.random.default_rng(0)
-    fp = {"architecture": "LlamaForCausalLM", "modules": {}}
-    for layer in range(30):
-        for leaf, shape in SHAPES.items():
-            fp["modules"][f"model.layers.{layer}.{leaf}"] = list(shape)
+    fp = smollm2_fingerprint()
     with create_bundle(path, fp) as b:
         for name in ("introvert", "extrovert"):
             with b.persona_writer(name, method="contrastive-wanda", sparsity=0.2) as w:

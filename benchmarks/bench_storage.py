@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _util import smollm2_fingerprint
 
 from maskstore import create_bundle, open_bundle
 from maskstore.codecs import entropy
@@ -16,21 +17,7 @@ from maskstore.codecs import entropy
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    # SmolLM2-135M-like shapes, 2 layers' worth repeated: 10.4M weights
-    shapes = {
-        "q_proj": (576, 576),
-        "k_proj": (192, 576),
-        "v_proj": (192, 576),
-        "o_proj": (576, 576),
-        "gate_proj": (1536, 576),
-        "up_proj": (1536, 576),
-        "down_proj": (576, 1536),
-    }
-    fp = {"architecture": "Bench", "modules": {}}
-    for layer in range(3):
-        for leaf, s in shapes.items():
-            kind = "self_attn" if leaf[0] in "qkvo" else "mlp"
-            fp["modules"][f"model.layers.{layer}.{kind}.{leaf}"] = list(s)
+    fp = smollm2_fingerprint(layers=3, architecture="Bench")  # SmolLM2-135M's shapes, 3 layers
     numel = sum(o * i for o, i in fp["modules"].values())
     print(f"{numel:,} weights per persona (random Bernoulli masks; research code: 8 bits/weight)")
     print(f"{'kept':>6} {'codec':>9} {'bits/weight':>12} {'H(p)':>7} {'ratio':>7}")
