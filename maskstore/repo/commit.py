@@ -26,8 +26,8 @@ from .snapshot import MAX_DELTA_DEPTH, VersionSource
 if TYPE_CHECKING:
     from . import Repository
 
-# A delta base: (parent version source or None for this commit, persona, depth, cost in bits)
-Base = tuple[VersionSource | None, str, int, float]
+# A delta base: (the parent version's bundle, or None for this commit; persona; depth; bits)
+Base = tuple[Bundle | None, str, int, float]
 
 
 def commit(
@@ -63,7 +63,8 @@ def _commit(
     progress: Callable[[int], None] | None,
 ) -> str:
     parent = repo.refs.get("branches", branch)
-    parent_src = repo.source(parent) if parent else None
+    # one reader of the parent for the whole commit: its persona metadata is checked once
+    parent_b = Bundle(source=repo.source(parent)) if parent else None
     personas: dict[str, dict] = {}
     depth: dict[tuple[str, str], int] = {}
     for p in b.personas:
@@ -81,7 +82,7 @@ def _commit(
                     continue
                 base = None
                 if kind == "masks" and delta:
-                    base = _pick_base(b, p, module, personas, parent_src, depth)
+                    base = _pick_base(b, p, module, personas, parent_b, depth)
                 arrays[key] = _store_array(repo, b, p, kind, module, arr.meta.raw, base)
                 if base is not None:
                     depth[(p, module)] = base[2] + 1
@@ -104,6 +105,12 @@ def _commit(
     return vid
 
 
+def _source(b: Bundle) -> VersionSource:
+    """The version a parent bundle reads."""
+    assert isinstance(b.source, VersionSource)
+    return b.source
+
+
 def _check_recipe(b: Bundle, p: str) -> None:
     meta = b.persona(p)
     if meta["provenance"]["op"] != "build" or not b.has_stats(p):
@@ -120,7 +127,7 @@ def _pick_base(
     p: str,
     module: str,
     done: dict[str, dict],
-    parent: VersionSource | None,
+    parent: Bundle | None,
     depth: dict[tuple[str, str], int],
 ) -> Base | None:
     """The sparsest xor base for ``p``'s mask of ``module``, or None when none beats the mask."""
@@ -129,23 +136,22 @@ def _pick_base(
     info = b.modules[module]
     best: Base | None = None
     own_h = codecs.entropy(popcount(mine) / info.numel) * info.numel  # the mask itself ~H(p)
-    cands: list[tuple[VersionSource | None, str]] = [
+    cands: list[tuple[Bundle | None, str]] = [
         (None, q)
         for q in done
         if module in done[q]["meta"]["modules"]
         and f"masks/{module}" in done[q]["arrays"]
         and not done[q]["arrays"][f"masks/{module}"].get("recipe")
     ]
-    if parent is not None and p in parent.persona_names():
-        pe = parent.manifest["personas"][p]["arrays"].get(f"masks/{module}", {})
+    if parent is not None and p in parent.personas:
+        pe = _source(parent).manifest["personas"][p]["arrays"].get(f"masks/{module}", {})
         if not pe.get("recipe") and "chunks" in pe:
             cands.append((parent, p))
-    parent_bundle = Bundle(source=parent) if parent is not None else None
     for src, q in cands:
-        d = depth.get((q, module), 0) if src is None else src.depth(q, module)
+        d = depth.get((q, module), 0) if src is None else _source(src).depth(q, module)
         if d >= MAX_DELTA_DEPTH:
             continue
-        other_b = b if src is None else parent_bundle
+        other_b = b if src is None else src
         if other_b.array(q, "masks", module)[0].meta.chunk_rows != my_rows:
             continue
         other = other_b.read_packed(q, module)
@@ -163,9 +169,9 @@ def _store_array(
     base_iter = None
     if base is not None:
         src, q, _d, _h = base
-        other_b = b if src is None else Bundle(source=src)
+        other_b = b if src is None else src
         base_iter = other_b.iter_chunks(q, module)
-        entry["delta"] = {"persona": q, "version": None if src is None else src.version}
+        entry["delta"] = {"persona": q, "version": None if src is None else _source(src).version}
     for _r0, block in b.iter_chunks(p, module, kind):
         data = block
         if base_iter is not None:

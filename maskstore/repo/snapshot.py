@@ -137,7 +137,7 @@ class VersionSource(BundleSource):
         """Recompute a recipe persona's packed masks from model weights; check every digest."""
         from ..build import BuildConfig, PersonaStats, masks_for_module
 
-        bundle = self.repo.snapshot(self.version).bundle
+        bundle = Bundle(source=self)
         meta = bundle.persona(persona)
         config = BuildConfig.from_params(meta["method"], meta["sparsity"], meta["params"])
         p = meta["params"]
