@@ -15,11 +15,13 @@ tests all call these.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,21 +36,43 @@ from .writer import create_bundle
 
 Progress = Callable[[int], None] | None
 
+ZERO_SCORE_WARN = 0.05  # warn when more of a persona's kept weights than this scored exactly 0
+
+
+class TieWarning(UserWarning):
+    """Many kept weights were chosen by the tie rule alone (their score was exactly 0)."""
+
 
 @dataclass
 class BuildConfig:
     """How masks are scored and selected; the fields that matter are recorded in each persona's
-    metadata (``params``), and :meth:`from_params` reads them back."""
+    metadata (``params``), and :meth:`from_params` reads them back.
+
+    Where the paper is silent, the defaults are the reference code's (github Ruimeng-Ye/Persona):
+    ``eps`` inside the square root, ``tau = 2``, contrastive sparsity 0.3, and the keep count
+    ``int(in * (1 - sparsity))`` (at least 1 for contrastive methods). Exact score ties go to the
+    persona's own plain Wanda score, then to the lowest index (the reference leaves them to
+    ``torch.topk``'s unspecified order).
+    """
 
     method: str = "wanda"
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 0.3 for contrastive methods, else 0.5
     selection: str = "row"  # row | nm | layer
     n: int = 2  # N of N:M
     m: int = 4  # M of N:M
     phi: str = "relu"  # contrastive-wanda: relu | softplus
     eps: float = 1e-6
-    tau: float = 1.0
+    tau: float = 2.0  # contrastive-wanda softplus temperature
     damp: float = 0.01  # sparsegpt: lambda = damp * mean(diag(H))
+    norm: str = "tokens"  # Wanda factor: tokens (sqrt sum_t x^2) | sample-mean (mean_s ||x_s||)
+    keep: str = "int"  # keep count: int(in * (1 - s)) | floor (bundles built before)
+    eps_at: str = "sqrt"  # contrastive-wanda: sqrt(v + eps) | outside (sqrt(v) + eps, before)
+    ties: str = "wanda"  # exact ties: own Wanda score then index | index (before)
+    block: int = 128  # column-norm: columns per block
+
+    def __post_init__(self) -> None:
+        if self.sparsity is None:
+            self.sparsity = 0.3 if self.method in methods.METHODS and self.contrastive else 0.5
 
     def check(self) -> None:
         methods.get(self.method)
@@ -58,8 +82,18 @@ class BuildConfig:
             raise MaskstoreError(f"unknown selection {self.selection!r}: use row, nm or layer")
         if self.phi not in ("relu", "softplus"):
             raise MaskstoreError(f"unknown phi {self.phi!r}: use relu or softplus")
+        if self.norm not in scoring.NORMS:
+            raise MaskstoreError(f"unknown norm {self.norm!r}: use tokens or sample-mean")
+        if self.keep not in scoring.KEEP_RULES:
+            raise MaskstoreError(f"unknown keep rule {self.keep!r}: use int or floor")
+        if self.eps_at not in ("sqrt", "outside"):
+            raise MaskstoreError(f"unknown eps placement {self.eps_at!r}: use sqrt or outside")
+        if self.ties not in ("wanda", "index"):
+            raise MaskstoreError(f"unknown tie rule {self.ties!r}: use wanda or index")
         if self.eps <= 0 or self.tau <= 0 or self.damp <= 0:
             raise MaskstoreError("eps, tau and damp must be positive")
+        if self.block < 1:
+            raise MaskstoreError(f"block must be at least 1, got {self.block}")
 
     @property
     def spec(self) -> methods.Method:
@@ -77,17 +111,26 @@ class BuildConfig:
             keep |= {"n", "m"}
         return {k: v for k, v in asdict(self).items() if k in keep}
 
+    # what a persona recorded before a field existed means the rule of that time
+    LEGACY: ClassVar[dict[str, Any]] = {
+        "keep": "floor",
+        "ties": "index",
+        "eps_at": "outside",
+        "norm": "tokens",
+    }
+
     @classmethod
     def from_params(
         cls, method: str, sparsity: float | None, params: Mapping[str, Any]
     ) -> BuildConfig:
         """The config a persona was built with, from its recorded ``method``, ``sparsity`` and
-        ``params`` (pair keys and fields of older versions are ignored)."""
+        ``params`` (pair keys are ignored; fields it predates take their rule of that time)."""
         names = {f.name for f in fields(cls)} - {"method", "sparsity"}
+        given = {k: v for k, v in params.items() if k in names}
         config = cls(
             method=method,
             sparsity=0.0 if sparsity is None else sparsity,
-            **{k: v for k, v in params.items() if k in names},
+            **(cls.LEGACY | given),
         )
         config.check()
         return config
@@ -127,7 +170,20 @@ def collect_stats(
         raise MaskstoreError(
             "the calibration data reached no masked module: are the samples empty?"
         )
+    check_finite(stats)
     return stats
+
+
+def check_finite(stats: Mapping[str, ChannelStats]) -> None:
+    """Refuse statistics with inf or NaN (the model's own activations overflowed), naming the
+    first module."""
+    for name, st in stats.items():
+        arr, _ = st.to_array()
+        if not np.isfinite(arr).all():
+            raise MaskstoreError(
+                f"calibration statistics of {name} are not finite (the model's activations "
+                "overflow there): build in --dtype float32 or bfloat16"
+            )
 
 
 def check_pairs(names: list[str], pairs: list[tuple[str, str]], config: BuildConfig) -> None:
@@ -174,19 +230,28 @@ def masks_for_module(
     pairs: list[tuple[str, str]],
     module: str,
     config: BuildConfig,
+    zero_kept: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Bool masks ``(out, in)`` of one module for every persona."""
+    """Bool masks ``(out, in)`` of one module for every persona.
+
+    Args:
+        zero_kept: if given, per persona, adds how many kept weights scored exactly 0.
+    """
     spec = config.spec
     out: dict[str, torch.Tensor] = {}
-    if not spec.contrastive:
-        for p in personas:
-            (out[p.name],) = spec.masks(weight, [_stat(p, module, config)], config)
-        return out
-    by = {p.name: p for p in personas}
-    for a, b in pairs:
-        out[a], out[b] = spec.masks(
-            weight, [_stat(by[a], module, config), _stat(by[b], module, config)], config
-        )
+    groups = (
+        [[p] for p in personas]
+        if not spec.contrastive
+        else [[by[a], by[b]] for by in [{p.name: p for p in personas}] for a, b in pairs]
+    )
+    for group in groups:
+        stats = [_stat(p, module, config) for p in group]
+        masks = spec.masks(weight, stats, config)
+        for p, m in zip(group, masks, strict=True):
+            out[p.name] = m
+        if zero_kept is not None and spec.zero_kept is not None:
+            for p, z in zip(group, spec.zero_kept(weight, stats, config, masks), strict=True):
+                zero_kept[p.name] += z
     return out
 
 
@@ -228,15 +293,28 @@ def write_personas(
                 chunk_bytes=chunk_bytes,
                 codec=codec,
             )
+        kept = dict.fromkeys(writers, 0)
+        zero = dict.fromkeys(writers, 0)
         for name, mod in modules.items():
-            masks = masks_for_module(mod.weight, personas, pairs, name, config)
+            masks = masks_for_module(mod.weight, personas, pairs, name, config, zero)
             for p in personas:
                 w = writers[p.name]
+                kept[p.name] += int(masks[p.name].sum())
                 w.write_mask(name, masks[p.name])
                 w.write_stats(name, p.stats[name])
             if progress:
                 progress(1)
-        return {name: w.commit() for name, w in writers.items()}
+        metas = {name: w.commit() for name, w in writers.items()}
+        for name in writers:
+            share = zero[name] / max(kept[name], 1)
+            if share > ZERO_SCORE_WARN:
+                warnings.warn(
+                    f"{share:.1%} of {name!r}'s kept weights scored exactly 0, so ties chose "
+                    f"them ({config.ties} rule); phi=softplus or a lower sparsity avoids that",
+                    TieWarning,
+                    stacklevel=2,
+                )
+        return metas
     except BaseException:
         for w in writers.values():
             w.abort()

@@ -18,27 +18,40 @@ from .stats import ChannelStats
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 
 
+_CHUNK_BYTES = 64 << 20  # float64 activations upcast at once, at most
+
+
 def _reduce(x: torch.Tensor, mask: torch.Tensor | None, gram: bool):
-    """Per-batch sums of one input ``x`` (B, T, in) under ``mask`` (B, T)."""
+    """Per-batch sums of one input ``x`` (B, T, in) under ``mask`` (B, T).
+
+    Activations are upcast to float64 before they are squared or summed, whatever the model's
+    dtype (float16 squares overflow past 256), a few samples at a time.
+    """
     x = x.detach()
     if x.ndim == 2:
         x = x.unsqueeze(0)
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+    b, t, d = x.shape
     if mask is None:
-        m = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+        m = torch.ones((b, t), dtype=torch.float64, device=x.device)
     else:
-        m = mask.to(device=x.device, dtype=x.dtype).reshape(x.shape[0], -1)
-    xm = x * m.unsqueeze(-1)
-    per_sample_sq = xm.square().sum(dim=1, dtype=torch.float64)  # (B, in)
+        m = mask.to(device=x.device, dtype=torch.float64).reshape(b, -1)
+    sums = torch.zeros(d, dtype=torch.float64, device=x.device)
+    per_sample_sq = torch.empty((b, d), dtype=torch.float64, device=x.device)  # (B, in)
+    step = max(1, _CHUNK_BYTES // max(t * d * 8, 1))
+    for i in range(0, b, step):
+        xc = x[i : i + step].to(torch.float64) * m[i : i + step].unsqueeze(-1)
+        sums += xc.sum(dim=(0, 1))
+        per_sample_sq[i : i + step] = xc.square().sum(dim=1)
     valid = m.sum(dim=1) > 0
     out = {
-        "sum": xm.sum(dim=(0, 1), dtype=torch.float64).cpu().numpy(),
+        "sum": sums.cpu().numpy(),
         "sumsq": per_sample_sq.sum(dim=0).cpu().numpy(),
         "norms": per_sample_sq[valid].sqrt().cpu().numpy(),
         "tokens": int(m.sum().item()),
     }
     if gram:
-        flat = xm.reshape(-1, x.shape[-1]).float()
+        flat = (x.float() * m.float().unsqueeze(-1)).reshape(-1, d)
         out["gram"] = (flat.T @ flat).to(torch.float64).cpu().numpy()
     return out
 

@@ -12,13 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from . import scoring
 from .errors import MaskstoreError
 from .stats import ChannelStats
 
 if TYPE_CHECKING:
-    import torch
-
     from .build import BuildConfig
 
 
@@ -33,12 +34,14 @@ class Method:
             records in persona metadata (besides the selection's).
         masks: ``(weight, stats, config) -> masks``; ``stats`` holds one persona's statistics,
             or the pair's ``[p+, p-]`` for contrastive methods; one bool ``(out, in)`` mask each.
-        needs_gram: the calibration pass accumulates ``X^T X`` per input group.
+        summary: one line for help texts.
         finish: ``(gram, tokens, config) -> (row, vector)``: what it derives from an input
             group's Gram matrix after the calibration pass (SparseGPT: ``diag(H^-1)``), kept in
             each module's statistics under ``row``; None when it needs no Gram matrix.
         required: ``(stats, config) -> missing`` names what stored statistics lack, or None.
-        summary: one line for help texts.
+        zero_kept: ``(weight, stats, config, masks) -> counts``: per mask, how many kept
+            weights scored exactly 0 (places decided by ties alone); None when that cannot
+            happen systematically.
     """
 
     name: str
@@ -48,6 +51,10 @@ class Method:
     summary: str
     finish: Callable[[Any, int, BuildConfig], tuple[str, Any]] | None = None
     required: Callable[[ChannelStats, BuildConfig], str | None] | None = None
+    zero_kept: (
+        Callable[[torch.Tensor, list[ChannelStats], BuildConfig, list[torch.Tensor]], list[int]]
+        | None
+    ) = None
 
 
 METHODS: dict[str, Method] = {}
@@ -69,24 +76,48 @@ def get(name: str) -> Method:
         raise MaskstoreError(f"unknown method {name!r}: use one of {', '.join(METHODS)}") from None
 
 
-def _sel(config: BuildConfig) -> dict:
-    return dict(sparsity=config.sparsity, mode=config.selection, n=config.n, m=config.m)
+def _sel(config: BuildConfig, contrastive: bool = False) -> dict:
+    """The selection's arguments; the reference's contrastive methods keep at least 1 per row."""
+    at_least = 1 if contrastive and config.keep == "int" else 0
+    return dict(
+        sparsity=config.sparsity,
+        mode=config.selection,
+        n=config.n,
+        m=config.m,
+        keep=config.keep,
+        at_least=at_least,
+    )
+
+
+def _tie_factor(st: ChannelStats, config: BuildConfig):
+    """The persona's own plain Wanda factor, which breaks exact score ties (None: by index)."""
+    return scoring.wanda_factor(st, config.norm) if config.ties == "wanda" else None
+
+
+def _zero_kept_fused(weight, factors, masks) -> list[int]:
+    a = weight.detach().float().abs()
+    out = []
+    for f, m in zip(factors, masks, strict=True):
+        zero_cols = torch.from_numpy(np.asarray(f, dtype=np.float32) == 0).to(weight.device)
+        out.append(int(m[:, zero_cols].sum()) + int((m & (a == 0))[:, ~zero_cols].sum()))
+    return out
 
 
 # ---- Wanda
 
 
 def _wanda(weight, stats, config):
-    return [scoring.select_fused(weight, scoring.wanda_factor(stats[0]), **_sel(config))]
+    f = scoring.wanda_factor(stats[0], config.norm)
+    return [scoring.select_fused(weight, f, **_sel(config))]
 
 
 register(
     Method(
         "wanda",
         contrastive=False,
-        params=lambda c: (),
+        params=lambda c: ("norm", "keep"),
         masks=_wanda,
-        summary="|W| * ||X||_2 per persona (Sun et al. 2023)",
+        summary="|W| * ||X_j|| per persona (Sun et al. 2023); --norm tokens or sample-mean",
     )
 )
 
@@ -100,7 +131,11 @@ def _hinv_row(config: BuildConfig) -> str:
 
 def _sparsegpt(weight, stats, config):
     hinv = stats[0].extra[_hinv_row(config)]
-    return [scoring.select_fused(weight, hinv, **_sel(config), square=True)]
+    return [
+        scoring.select_fused(
+            weight, hinv, **_sel(config), square=True, tie_factor=_tie_factor(stats[0], config)
+        )
+    ]
 
 
 def _sparsegpt_finish(gram: Any, tokens: int, config: BuildConfig) -> tuple[str, Any]:
@@ -120,7 +155,7 @@ register(
     Method(
         "sparsegpt",
         contrastive=False,
-        params=lambda c: ("damp",),
+        params=lambda c: ("damp", "keep", "ties") + (("norm",) if c.ties == "wanda" else ()),
         masks=_sparsegpt,
         summary="W^2 / [H^-1]_jj saliency, mask only (Frantar & Alistarh 2023)",
         finish=_sparsegpt_finish,
@@ -132,13 +167,17 @@ register(
 # ---- contrastive Wanda
 
 
-def _contrastive_wanda(weight, stats, config):
-    f_pos, f_neg = scoring.contrastive_wanda_factors(
-        stats[0], stats[1], config.phi, config.eps, config.tau
+def _cw_factors(stats, config):
+    return scoring.contrastive_wanda_factors(
+        stats[0], stats[1], config.phi, config.eps, config.tau, config.eps_at
     )
+
+
+def _contrastive_wanda(weight, stats, config):
+    sel = _sel(config, contrastive=True)
     return [
-        scoring.select_fused(weight, f_pos, **_sel(config)),
-        scoring.select_fused(weight, f_neg, **_sel(config)),
+        scoring.select_fused(weight, f, **sel, tie_factor=_tie_factor(st, config))
+        for f, st in zip(_cw_factors(stats, config), stats, strict=True)
     ]
 
 
@@ -146,31 +185,86 @@ register(
     Method(
         "contrastive-wanda",
         contrastive=True,
-        params=lambda c: ("phi", "eps", "tau") if c.phi == "softplus" else ("phi", "eps"),
+        params=lambda c: (
+            ("phi", "eps", "eps_at", "keep", "ties")
+            + (("tau",) if c.phi == "softplus" else ())
+            + (("norm",) if c.ties == "wanda" else ())
+        ),
         masks=_contrastive_wanda,
         summary="|W| * phi(+-z) over per-sample channel norms of a pair (arXiv 2602.07164)",
+        zero_kept=lambda w, st, c, masks: _zero_kept_fused(w, _cw_factors(st, c), masks),
     )
 )
 
 
-# ---- contrastive Sparse
+# ---- contrastive Sparse, as the paper's text defines it (eq. 9)
 
 
 def _contrastive_sparse(weight, stats, config):
-    a, b = scoring.contrastive_sparse_masks(
-        scoring.wanda_scores(weight, stats[0]),
-        scoring.wanda_scores(weight, stats[1]),
-        **_sel(config),
+    s_pos = scoring.wanda_scores(weight, stats[0], config.norm)
+    s_neg = scoring.wanda_scores(weight, stats[1], config.norm)
+    ties = (s_pos, s_neg) if config.ties == "wanda" else None
+    return list(
+        scoring.contrastive_sparse_masks(s_pos, s_neg, **_sel(config, contrastive=True), ties=ties)
     )
-    return [a, b]
 
 
 register(
     Method(
         "contrastive-sparse",
         contrastive=True,
-        params=lambda c: (),
+        params=lambda c: ("norm", "keep", "ties"),
         masks=_contrastive_sparse,
-        summary="disjoint masks from |S+~ - S-~| of a pair (arXiv 2602.07164)",
+        summary="disjoint masks from |S+~ - S-~| of a pair (arXiv 2602.07164, eq. 9)",
+    )
+)
+
+
+# ---- contrastive Sparse, as the paper's reference code computes it (contra.py)
+
+
+def _ranked(weight, stats, config):
+    score = scoring.token_zscore(stats[0], stats[1], config.eps)
+    ties = None
+    if config.ties == "wanda":
+        ties = (_tie_factor(stats[0], config), _tie_factor(stats[1], config))
+    return list(
+        scoring.ranked_pair_masks(weight, score, **_sel(config, contrastive=True), tie_factors=ties)
+    )
+
+
+def _ranked_zero_kept(weight, stats, config, masks):
+    score = scoring.token_zscore(stats[0], stats[1], config.eps)
+    return _zero_kept_fused(weight, [score, score], masks)
+
+
+register(
+    Method(
+        "contrastive-sparse-ref",
+        contrastive=True,
+        params=lambda c: ("eps", "keep", "ties") + (("norm",) if c.ties == "wanda" else ()),
+        masks=_ranked,
+        summary="reference code's contrastive Sparse: shared |W| * |mu+ - mu-| / sigma, "
+        "p+ the top-k, p- the next top-k",
+        zero_kept=_ranked_zero_kept,
+    )
+)
+
+
+# ---- the reference code's calibration-free "sparsegpt" (mask.py)
+
+
+def _column_norm(weight, stats, config):
+    return [scoring.column_norm_mask(weight, config.sparsity, config.block, config.keep)]
+
+
+register(
+    Method(
+        "column-norm",
+        contrastive=False,
+        params=lambda c: ("block", "keep"),
+        masks=_column_norm,
+        summary="calibration-free: prune whole columns of least L2 norm per block "
+        "(the reference code's 'sparsegpt')",
     )
 )

@@ -40,7 +40,7 @@ def test_wanda_matches_loop(rng, shape, sparsity):
             assert s[i, j].item() == pytest.approx(
                 abs(w[i, j].item()) * math.sqrt(st.sumsq[j]), rel=1e-6
             )
-    k = math.floor((1 - sparsity) * shape[1] + 1e-9)
+    k = int(shape[1] * (1 - sparsity))
     got = scoring.select(s, sparsity).tolist()
     assert got == _naive_keep(s.tolist(), k)
 
@@ -91,6 +91,71 @@ def test_compiled_selection_matches_sort_and_torch_path(rng, shape, kind):
         generic = scoring.topk_mask(torch.from_numpy(s).double(), k).numpy()
         assert (kernel == want).all(), (kind, shape, k)
         assert (generic == want).all(), (kind, shape, k)
+
+
+def _reference_keep_tie(s: np.ndarray, tie: np.ndarray, k: int) -> np.ndarray:
+    """Sort by (score desc, tie desc, index asc), NaN as -inf in both."""
+    s = np.where(np.isnan(s), -np.inf, s.astype(np.float64))
+    tie = np.where(np.isnan(tie), -np.inf, tie.astype(np.float64))
+    keep = np.zeros(s.shape, dtype=bool)
+    for i in range(s.shape[0]):
+        order = np.lexsort((np.arange(s.shape[1]), -tie[i], -s[i]))
+        keep[i, order[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (40, 20), (64, 576), (300, 300)])
+@pytest.mark.parametrize("kind", ["ties", "specials"])
+def test_tie_break_by_second_score_kernel_and_torch_path(rng, shape, kind):
+    """Exact ties go to the larger second score, then the lower index, on both paths."""
+    s = _hard_scores(rng, shape, kind)
+    tie = _hard_scores(rng, shape, "ties" if kind == "specials" else "specials")
+    for k in sorted({1, shape[1] // 3, shape[1] // 2, shape[1] - 1} - {0}):
+        want = _reference_keep_tie(s, tie, k)
+        t32 = torch.from_numpy(tie)
+        kernel = scoring.topk_mask(torch.from_numpy(s), k, t32).numpy()
+        generic = scoring.topk_mask(torch.from_numpy(s).double(), k, t32.double()).numpy()
+        assert (kernel == want).all(), (kind, shape, k)
+        assert (generic == want).all(), (kind, shape, k)
+        if kind == "ties":  # the second score decides: without it, the index does
+            assert (scoring.topk_mask(torch.from_numpy(s), k).numpy() != want).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_tie_factor_equals_materialised(rng, dtype):
+    w = torch.from_numpy(rng.normal(size=(64, 96))).to(dtype)
+    f = rng.random(96)
+    f[rng.random(96) < 0.5] = 0.0  # half the columns tie at zero, like relu(z)
+    tf = rng.random(96) + 0.1
+    scores = w.float().abs() * torch.from_numpy(f.astype(np.float32))
+    tie = w.float().abs() * torch.from_numpy(tf.astype(np.float32))
+    for sparsity in (0.3, 0.5):
+        want = _reference_keep_tie(
+            scores.numpy(), tie.numpy(), scoring.keep_count(96, sparsity)
+        )
+        got = scoring.select_fused(w, f, sparsity, tie_factor=tf).numpy()
+        assert (got == want).all()
+        assert torch.equal(
+            scoring.select_fused(w, f, sparsity, mode="layer", tie_factor=tf),
+            scoring.select(scores, sparsity, mode="layer", tie=tie),
+        )
+
+
+def test_keep_count_rules():
+    """The reference's int(in * (1 - s)) and the earlier floor rule differ by one at times."""
+    assert scoring.keep_count(1000, 0.8) == 199 == int(1000 * (1 - 0.8))
+    assert scoring.keep_count(1000, 0.8, "floor") == 200
+    assert scoring.keep_count(576, 0.5) == 288
+    assert scoring.keep_count(10, 0.99) == 0 and scoring.keep_count(10, 0.99, at_least=1) == 1
+    differ = [
+        (n, s)
+        for n in (576, 1000, 1536, 3000)
+        for s in (0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9)
+        if scoring.keep_count(n, s) != scoring.keep_count(n, s, "floor")
+    ]
+    assert differ, "the two rules should differ somewhere on these widths"
+    with pytest.raises(MaskstoreError, match="keep rule"):
+        scoring.keep_count(10, 0.5, "round")
 
 
 def test_compiled_selection_constant_and_half_rows():
