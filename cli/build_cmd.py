@@ -66,9 +66,16 @@ def build(
     ] = None,
     out: Annotated[Path, typer.Option(help="bundle to create")] = Path("personas.zarr"),
     method: Annotated[
-        str, typer.Option(help="wanda, sparsegpt, contrastive-wanda, contrastive-sparse")
+        str,
+        typer.Option(
+            help="wanda, sparsegpt, contrastive-wanda, contrastive-sparse, "
+            "contrastive-sparse-ref, column-norm"
+        ),
     ] = "wanda",
-    sparsity: Annotated[float, typer.Option(help="share of each row pruned, in [0, 1)")] = 0.5,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="share of each row pruned, in [0, 1) (default 0.3 contrastive, else 0.5)"),
+    ] = None,
     pair: Annotated[list[str] | None, typer.Option(help="opposing personas POS:NEG")] = None,
     model: Annotated[
         Path | None, typer.Option(help="local HF model folder (default: embedded SmolLM2-135M)")
@@ -86,11 +93,30 @@ def build(
     selection: Annotated[str, typer.Option(help="row, nm or layer")] = "row",
     nm: Annotated[str, typer.Option(help="N:M for --selection nm")] = "2:4",
     phi: Annotated[str, typer.Option(help="contrastive-wanda: relu or softplus")] = "relu",
-    eps: Annotated[float, typer.Option()] = 1e-6,
-    tau: Annotated[float, typer.Option(help="softplus temperature")] = 1.0,
+    eps: Annotated[
+        float, typer.Option(help="contrastive methods: added to the variance inside the sqrt")
+    ] = 1e-6,
+    tau: Annotated[float, typer.Option(help="softplus temperature")] = 2.0,
     damp: Annotated[float, typer.Option(help="sparsegpt dampening (share of mean diag H)")] = 0.01,
+    norm: Annotated[
+        str,
+        typer.Option(
+            help="Wanda factor: tokens (sqrt of sum over tokens, the Wanda paper) or "
+            "sample-mean (mean of per-sample norms, the reference code)"
+        ),
+    ] = "tokens",
+    ties: Annotated[
+        str, typer.Option(help="exact score ties: wanda (own Wanda score, then index) or index")
+    ] = "wanda",
+    block: Annotated[int, typer.Option(help="column-norm: columns per block")] = 128,
     only: Annotated[str | None, typer.Option(help="mask only attn or mlp modules")] = None,
     modules: Annotated[str | None, typer.Option(help="regex over module names to mask")] = None,
+    include_lm_head: Annotated[
+        bool, typer.Option(help="also mask lm_head (as the reference's mask.py does)")
+    ] = False,
+    untie: Annotated[
+        bool, typer.Option(help="give a tied lm_head its own weight copy so it can be masked")
+    ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
     codec: Annotated[str, typer.Option(help="zstd, blosc, gzip, none")] = "zstd",
@@ -109,7 +135,7 @@ def build(
         write_bundle,
     )
     from maskstore.models import load_model
-    from maskstore.modules import maskable_modules
+    from maskstore.modules import check_untied, maskable_modules
 
     t0 = time.perf_counter()
     for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size)):
@@ -123,7 +149,9 @@ def build(
         n_, m_ = (int(x) for x in nm.split(":"))
     except ValueError:
         raise MaskstoreError(f"--nm {nm!r}: write it as N:M, e.g. 2:4") from None
-    config = BuildConfig(method, sparsity, selection, n_, m_, phi, eps, tau, damp)
+    config = BuildConfig(
+        method, sparsity, selection, n_, m_, phi, eps, tau, damp, norm, ties=ties, block=block
+    )
     config.check()
     if out.exists() and not force:
         raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
@@ -150,7 +178,8 @@ def build(
     with console.status("loading model"):
         mdl, tok = load_model(model, dtype=dtype, device=device)
     times["load model"] = time.perf_counter() - t0
-    mods = maskable_modules(mdl, only=only, pattern=modules)
+    mods = maskable_modules(mdl, only=only, pattern=modules, include_lm_head=include_lm_head)
+    check_untied(mdl, mods, untie)
 
     t1 = time.perf_counter()
     if source is not None:
@@ -205,7 +234,7 @@ def build(
             {
                 "persona": n,
                 "method": method,
-                "sparsity": sparsity,
+                "sparsity": config.sparsity,
                 "realised_sparsity": 1 - kept / numel,
                 "modules": len(meta["modules"]),
                 "weights": numel,

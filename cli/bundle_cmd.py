@@ -340,16 +340,41 @@ _op_command("complement", "Write not A as a new persona.", 1)
 def import_pt_cmd(
     src: Annotated[Path, typer.Argument(help="folder of M_{persona}_{module}.pt files")],
     out: Annotated[Path, typer.Option("--out", help="bundle to create")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="model the masks are for: its fingerprint is recorded (and checked)"),
+    ] = None,
     architecture: Annotated[
-        str, typer.Option(help="architecture recorded in the fingerprint")
+        str, typer.Option(help="architecture recorded when no --model is given")
     ] = "imported",
+    skip_lm_head: Annotated[
+        bool, typer.Option(help="leave out M_*_lm_head.pt files (mask.py writes them)")
+    ] = False,
     force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
 ) -> None:
     """Convert the research code's pickled bool tensors into a bundle (weights_only loading)."""
     from maskstore.importers import import_pt
 
-    names = import_pt(src, out, architecture=architecture, force=force)
+    fingerprint = None
+    if model is not None:
+        from maskstore.models import load_model
+        from maskstore.modules import maskable_modules, model_fingerprint
+
+        with console.status("loading model"):
+            mdl, _ = load_model(model)
+        mods = maskable_modules(mdl, include_lm_head=not skip_lm_head)
+        fingerprint = model_fingerprint(mdl, mods, hash_weights=True)
+    names, skipped = import_pt(
+        src,
+        out,
+        architecture=architecture,
+        force=force,
+        fingerprint=fingerprint,
+        skip_lm_head=skip_lm_head,
+    )
     console.print(f"imported {len(names)} persona(s) into {safe(out)}: {safe(', '.join(names))}")
+    if skipped:
+        console.print(f"skipped {skipped} lm_head file(s) (--skip-lm-head)")
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from maskstore.errors import MaskstoreError
 
@@ -39,8 +40,16 @@ def register(argv: list[str] | None = None) -> None:
         importlib.import_module(f"{__package__}.{m}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, without the source location."""
+    err_console.print(
+        f"[yellow]warning:[/] {safe(message, one_line=True)}", highlight=False, soft_wrap=True
+    )
+
+
 def main() -> None:
     """Console entry point: one-line errors (exit 2 for bad input), never a traceback."""
+    warnings.showwarning = _show_warning
     try:
         from typer._click import exceptions as click_exc
     except ImportError:  # typer before 0.26 uses click itself

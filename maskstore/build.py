@@ -309,8 +309,9 @@ def write_personas(
             share = zero[name] / max(kept[name], 1)
             if share > ZERO_SCORE_WARN:
                 warnings.warn(
-                    f"{share:.1%} of {name!r}'s kept weights scored exactly 0, so ties chose "
-                    f"them ({config.ties} rule); phi=softplus or a lower sparsity avoids that",
+                    f"persona {name}: {share:.1%} of the kept weights scored exactly 0, so the "
+                    f"tie rule ({config.ties}) chose them; phi=softplus or a lower sparsity "
+                    "avoids that",
                     TieWarning,
                     stacklevel=2,
                 )

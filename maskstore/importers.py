@@ -22,8 +22,11 @@ _FILE = re.compile(r"^M_(.+)\.pt$")
 def split_name(stem: str) -> tuple[str, str]:
     """``"intro_vert_model.layers.0.mlp.up_proj"`` -> ``("intro_vert", "model.layers.0.mlp.up_proj")``.
 
-    The module part is the suffix whose first dotted component has no underscore.
+    The module part is the suffix whose first dotted component has no underscore, or a final
+    ``lm_head`` (``"seek_lm_head"`` -> ``("seek", "lm_head")``).
     """
+    if stem.endswith("_lm_head") and len(stem) > len("_lm_head"):
+        return stem[: -len("_lm_head")], "lm_head"
     for i, ch in enumerate(stem):
         if ch != "_" or i == 0:
             continue
@@ -61,34 +64,59 @@ def import_pt(
     out: str | os.PathLike,
     architecture: str = "imported",
     force: bool = False,
-) -> list[str]:
+    fingerprint: dict | None = None,
+    skip_lm_head: bool = False,
+) -> tuple[list[str], int]:
     """Convert a folder of ``M_{persona}_{module}.pt`` files into a bundle at ``out``.
 
+    Args:
+        architecture: recorded when no ``fingerprint`` is given.
+        fingerprint: the model's fingerprint (:func:`maskstore.modules.model_fingerprint`);
+            then every file must name one of its modules, at its shape, and the bundle compares
+            with bundles built on that model.
+        skip_lm_head: leave out ``lm_head`` files (the reference's ``mask.py`` writes them).
     Returns:
-        The persona names written.
+        The persona names written, and how many ``lm_head`` files were skipped.
     """
     src = Path(src)
     if not src.is_dir():
         raise MaskstoreError(f"{src} is not a folder of M_*.pt files")
     files: dict[str, dict[str, Path]] = {}
+    skipped = 0
     for f in sorted(src.iterdir()):
         m = _FILE.match(f.name)
         if m:
             persona, module = split_name(m.group(1))
+            if skip_lm_head and module == "lm_head":
+                skipped += 1
+                continue
             files.setdefault(persona, {})[module] = f
     if not files:
         raise MaskstoreError(f"{src} holds no M_{{persona}}_{{module}}.pt files")
+    known = None if fingerprint is None else fingerprint["modules"]
     # First pass: shapes only (each file loaded once more when written; tensors are small).
     shapes: dict[str, list[int]] = {}
     for _persona, mods in files.items():
         for module, f in mods.items():
-            t = _load_tensor(f)
-            if module in shapes and shapes[module] != list(t.shape):
+            if known is not None and module not in known:
+                hint = " (or pass --skip-lm-head)" if module == "lm_head" else ""
                 raise MaskstoreError(
-                    f"{module}: shape {tuple(t.shape)} in {f.name} differs from other personas"
+                    f"{f.name}: the model has no masked module {module}: check --model{hint}"
+                )
+            t = _load_tensor(f)
+            want = shapes.get(module) or (None if known is None else list(known[module]))
+            if want is not None and want != list(t.shape):
+                raise MaskstoreError(
+                    f"{module}: shape {tuple(t.shape)} in {f.name} differs from {tuple(want)}"
                 )
             shapes[module] = list(t.shape)
-    fingerprint = {"architecture": architecture, "modules": dict(sorted(shapes.items()))}
+    if fingerprint is None:
+        fingerprint = {"architecture": architecture, "modules": dict(sorted(shapes.items()))}
+    else:
+        order = [m for m in known if m in shapes]
+        fingerprint = dict(fingerprint, modules={m: list(known[m]) for m in order})
+        if len(order) != len(known):  # the weights hash covers modules the files leave out
+            fingerprint.pop("weights_xxh3", None)
     with create_bundle(out, fingerprint, force=force) as bundle:
         for persona, mods in files.items():
             with bundle.persona_writer(
@@ -97,6 +125,7 @@ def import_pt(
                 params={"source": "research-pt"},
                 provenance={"op": "import-pt", "operands": []},
             ) as w:
-                for module, f in mods.items():
-                    w.write_mask(module, _load_tensor(f))
-    return list(files)
+                for module in fingerprint["modules"]:
+                    if module in mods:
+                        w.write_mask(module, _load_tensor(mods[module]))
+    return list(files), skipped

@@ -52,7 +52,8 @@ _MLP_LEAF = {
 }
 _ATTN_PART = re.compile(r"attn|attention", re.I)
 _MLP_PART = re.compile(r"mlp|feed_forward|ffn|experts", re.I)
-_NEVER = re.compile(r"(^|\.)(lm_head|embed_tokens|embed_out|wte|wpe|embeddings?)($|\.)")
+_NEVER = re.compile(r"(^|\.)(embed_tokens|embed_out|wte|wpe|embeddings?)($|\.)")
+_HEAD = re.compile(r"(^|\.)lm_head$")
 
 
 def module_kind(name: str) -> str:
@@ -80,14 +81,19 @@ def module_layer(name: str) -> int | None:
 
 
 def maskable_modules(
-    model: nn.Module, only: str | None = None, pattern: str | None = None
+    model: nn.Module,
+    only: str | None = None,
+    pattern: str | None = None,
+    include_lm_head: bool = False,
 ) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules to mask: never the LM head or embeddings.
+    """The ``nn.Linear`` modules to mask: never embeddings, and the LM head only if asked.
 
     Args:
         model: any torch module.
-        only: ``"attn"`` or ``"mlp"`` to keep one kind.
+        only: ``"attn"`` or ``"mlp"`` to keep one kind (the LM head is neither).
         pattern: a regex that module names must match (``re.search``).
+        include_lm_head: also mask ``lm_head`` (the reference's ``mask.py`` masks it; see
+            :func:`check_untied` for models whose head shares the embeddings).
     Returns:
         name -> module, in model order.
     """
@@ -103,6 +109,10 @@ def maskable_modules(
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or _NEVER.search(name):
             continue
+        if _HEAD.search(name):
+            if include_lm_head and (rx is None or rx.search(name)):
+                out[name] = mod
+            continue
         if only and module_kind(name) != only:
             continue
         if rx and not rx.search(name):
@@ -112,6 +122,45 @@ def maskable_modules(
         what = f"regex {pattern!r}" if pattern else "the selection"
         raise MaskstoreError(f"{what} matches no maskable nn.Linear module: check --modules/--only")
     return out
+
+
+def tied_to(model: nn.Module, name: str) -> str | None:
+    """The other module whose weight is the same tensor as module ``name``'s (tied input and
+    output embeddings), or None."""
+    target = dict(model.named_modules())[name].weight
+    for other, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if other != name and w is not None and w.data_ptr() == target.data_ptr():
+            return other
+    return None
+
+
+def check_untied(model: nn.Module, names, untie: bool = False) -> list[str]:
+    """Refuse to mask a weight another module shares (a tied ``lm_head`` would mask the input
+    embeddings too), unless ``untie``: then give each such module its own copy of the weight
+    (``config.tie_word_embeddings`` becomes False) and return their names."""
+    import torch
+
+    done = []
+    named = dict(model.named_modules())
+    for name in names:
+        other = tied_to(model, name)
+        if other is None:
+            continue
+        if not untie:
+            raise MaskstoreError(
+                f"{name} shares its weight with {other} (tied embeddings), so masking it would "
+                "mask that too: pass --untie (untie=True) to give it its own copy"
+            )
+        mod = named[name]
+        mod.weight = torch.nn.Parameter(
+            mod.weight.detach().clone(), requires_grad=mod.weight.requires_grad
+        )
+        cfg = getattr(model, "config", None)
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+        done.append(name)
+    return done
 
 
 def weights_hash(modules: dict[str, nn.Linear]) -> str:

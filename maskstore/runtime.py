@@ -21,7 +21,7 @@ from torch import nn
 from .bits import unpack_torch
 from .errors import MaskstoreError
 from .format import Bundle
-from .modules import weights_hash
+from .modules import check_untied, weights_hash
 from .opener import open_bundle
 
 
@@ -73,10 +73,12 @@ class MaskHandle:
         bundle: Bundle,
         cache_bytes: int = 512 << 20,
         check_weights: bool = False,
+        untie: bool = False,
     ) -> None:
         self.model = model
         self.bundle = bundle
         self.modules = _match(model, bundle, check_weights)
+        check_untied(model, self.modules, untie)
         self._pristine: dict[str, torch.Tensor] = {}
         self._cache = _PackedCache(cache_bytes)
         self.active: str | None = None
@@ -228,6 +230,7 @@ def attach(
     bundle: Bundle | str,
     cache_bytes: int = 512 << 20,
     check_weights: bool = False,
+    untie: bool = False,
 ) -> MaskHandle:
     """Attach a bundle's personas to ``model`` (reads metadata only).
 
@@ -237,9 +240,11 @@ def attach(
         bundle: a :class:`Bundle` or a path.
         cache_bytes: bound of the packed-mask cache.
         check_weights: also compare the weights hash recorded at build time.
+        untie: give a masked module whose weight another module shares (a tied ``lm_head``)
+            its own copy; without it such a bundle is refused.
     Returns:
         A :class:`MaskHandle` with the base model active.
     """
     if not isinstance(bundle, Bundle):
         bundle = open_bundle(bundle)
-    return MaskHandle(model, bundle, cache_bytes, check_weights)
+    return MaskHandle(model, bundle, cache_bytes, check_weights, untie)

@@ -211,7 +211,7 @@ def test_import_pt_roundtrip_and_cli(tmp_path, rng, cli):
             m = torch.from_numpy(rng.random(shape) < 0.5)
             torch.save(m, src / f"M_{persona}_{mod}.pt")
             masks[(persona, mod)] = m.numpy()
-    names = import_pt(src, tmp_path / "b")
+    names, _ = import_pt(src, tmp_path / "b")
     assert sorted(names) == ["extro", "intro_vert"]
     b = open_bundle(tmp_path / "b")
     for (p, m), arr in masks.items():
