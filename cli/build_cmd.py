@@ -74,7 +74,9 @@ def build(
     ] = "wanda",
     sparsity: Annotated[
         float | None,
-        typer.Option(help="share of each row pruned, in [0, 1) (default 0.3 contrastive, else 0.5)"),
+        typer.Option(
+            help="share of each row pruned, in [0, 1) (default 0.3 contrastive, else 0.5)"
+        ),
     ] = None,
     pair: Annotated[list[str] | None, typer.Option(help="opposing personas POS:NEG")] = None,
     model: Annotated[

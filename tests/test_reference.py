@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_llama
 
 from maskstore.build import BuildConfig, TieWarning, build
 from maskstore.modules import maskable_modules
 from maskstore.opener import open_bundle
-
-from _tiny import tiny_llama
 
 _spec = importlib.util.spec_from_file_location(
     "reference_port", Path(__file__).parent.parent / "examples/paper/reference_port.py"
@@ -87,7 +86,9 @@ def _agree(bundle, persona, want: dict, scores: dict | None = None):
 def test_wanda_sample_mean_matches_mask_py(tmp_path, setup):
     model, names, seek, reject = setup
     mods = dict(model.named_modules())
-    b, _ = _build(tmp_path, model, seek, reject, BuildConfig("wanda", 0.5, norm="sample-mean"), False)
+    b, _ = _build(
+        tmp_path, model, seek, reject, BuildConfig("wanda", 0.5, norm="sample-mean"), False
+    )
     for persona, seqs in (("seek", seek), ("reject", reject)):
         mean, _ = ref.sample_norm_stats(model, seqs, names)
         want, scores = {}, {}

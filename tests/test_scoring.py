@@ -130,9 +130,7 @@ def test_fused_tie_factor_equals_materialised(rng, dtype):
     scores = w.float().abs() * torch.from_numpy(f.astype(np.float32))
     tie = w.float().abs() * torch.from_numpy(tf.astype(np.float32))
     for sparsity in (0.3, 0.5):
-        want = _reference_keep_tie(
-            scores.numpy(), tie.numpy(), scoring.keep_count(96, sparsity)
-        )
+        want = _reference_keep_tie(scores.numpy(), tie.numpy(), scoring.keep_count(96, sparsity))
         got = scoring.select_fused(w, f, sparsity, tie_factor=tf).numpy()
         assert (got == want).all()
         assert torch.equal(
