@@ -89,12 +89,13 @@ class ChannelStats:
         nb = norms.shape[0]
         if nb == 0:
             return
-        b_mean = norms.mean(axis=0)
-        b_m2 = ((norms - b_mean) ** 2).sum(axis=0)
-        na, n = self.samples, self.samples + nb
-        delta = b_mean - self.norm_mean
-        self.norm_mean += delta * (nb / n)
-        self.norm_m2 += b_m2 + delta * delta * (na * nb / n)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN are refused after the pass
+            b_mean = norms.mean(axis=0)
+            b_m2 = ((norms - b_mean) ** 2).sum(axis=0)
+            na, n = self.samples, self.samples + nb
+            delta = b_mean - self.norm_mean
+            self.norm_mean += delta * (nb / n)
+            self.norm_m2 += b_m2 + delta * delta * (na * nb / n)
         self.samples = n
 
     def to_array(self) -> tuple[np.ndarray, list[str]]:

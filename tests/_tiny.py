@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 172):
+def tiny_llama(
+    seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 172, tie: bool = False
+):
     """A random-init Llama (byte-level vocabulary) for tests: instant, no files needed.
 
     ``intermediate`` defaults to a width that is not a multiple of 8, to exercise bit padding.
@@ -23,7 +25,7 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         bos_token_id=256,
         eos_token_id=257,
         pad_token_id=258,

@@ -256,6 +256,10 @@ def test_every_method_round_trips_its_params():
         BuildConfig("contrastive-wanda", 0.2, phi="softplus", eps=1e-5, tau=2.0),
         BuildConfig("contrastive-wanda", 0.2, phi="relu", eps=1e-4),
         BuildConfig("contrastive-sparse", 0.4, selection="layer"),
+        BuildConfig("contrastive-sparse-ref", 0.3, eps=1e-5, norm="sample-mean"),
+        BuildConfig("column-norm", 0.5, block=64),
+        BuildConfig("wanda", 0.5, norm="sample-mean", keep="floor"),
+        BuildConfig("sparsegpt", 0.5, ties="index"),
     ]
     assert {c.method for c in configs} == set(methods.METHODS)
     for c in configs:
