@@ -22,14 +22,27 @@ ModelOpt = Annotated[
 ]
 
 
-def _attach(bundle: Path, model: Path | None, device: str = "cpu") -> tuple[MaskHandle, object]:
+UntieOpt = Annotated[
+    bool, typer.Option(help="give a masked lm_head tied to the embeddings its own weight copy")
+]
+
+
+def _attach(
+    bundle: Path, model: Path | None, device: str = "cpu", untie: bool = False
+) -> tuple[MaskHandle, object]:
     from maskstore.models import load_model
     from maskstore.runtime import attach
 
     b = open_bundle(bundle)
     with console.status("loading model"):
         mdl, tok = load_model(model, device=device)
-    return attach(mdl, b), tok
+    return attach(mdl, b, untie=untie), tok
+
+
+def _writable(path: Path | None, flag: str) -> None:
+    """Fail before any compute when an output file cannot be written where asked."""
+    if path is not None and not path.parent.is_dir():
+        raise MaskstoreError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
 
 
 def _generate(handle: MaskHandle, tok, prompt: str, max_new_tokens: int, chat: bool) -> str:
@@ -67,6 +80,7 @@ def run(
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the chat template")] = True,
     model: ModelOpt = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    untie: UntieOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate (greedy) with a persona on, or compare the base model with every persona."""
@@ -81,7 +95,7 @@ def run(
         raise MaskstoreError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not prompt.strip():
         raise MaskstoreError("--prompt is empty: give the text to answer")
-    handle, tok = _attach(bundle, model, device)
+    handle, tok = _attach(bundle, model, device, untie)
     outputs = {}
     for n in names:
         handle.use(n, gamma)
@@ -98,38 +112,91 @@ def run(
     console.print(t)
 
 
+def _keys(metas: dict[str, dict], specs: list[str], bundle: Path) -> dict[str, bool]:
+    """persona -> True if the MC file's ``matching`` column is its answer, False if the other.
+
+    ``--key P`` or ``--key P=matching`` / ``--key P=not_matching``; without any, the bundle's
+    pair metadata decides (the ``+`` persona matches, its opposite does not)."""
+    out: dict[str, bool] = {}
+    for spec in specs:
+        name, _, role = spec.partition("=")
+        role = role or "matching"
+        if role not in ("matching", "not_matching"):
+            raise MaskstoreError(f"--key {spec!r}: write PERSONA=matching or PERSONA=not_matching")
+        if name not in metas:
+            raise MaskstoreError(
+                f"--key {name!r} is not a persona of {bundle}; known: {', '.join(metas)}"
+            )
+        out[name] = role == "matching"
+    if len(specs) == 1 and out:  # one key given: its recorded opposite takes the other answer
+        (name, matches), *_ = out.items()
+        opposite = metas[name]["params"].get("opposite")
+        if opposite in metas:
+            out[opposite] = not matches
+    if out:
+        return out
+    for p, m in metas.items():
+        if m["params"].get("role") == "+" and m["params"].get("opposite") in metas:
+            return {p: True, m["params"]["opposite"]: False}
+    raise MaskstoreError(
+        f"{bundle} records no pair roles, so the 'matching' column names nobody: "
+        "pass --key PERSONA=matching (and --key OTHER=not_matching)"
+    )
+
+
 @app.command("eval")
 def eval_cmd(
     bundle: Path,
     mc: Annotated[Path, typer.Option(help="CSV with columns question,A,B,matching")],
     key: Annotated[
-        str | None,
-        typer.Option(help="persona the 'matching' column describes (default: first '+')"),
+        list[str] | None,
+        typer.Option(
+            help="PERSONA=matching or PERSONA=not_matching (default: the bundle's pair roles)"
+        ),
     ] = None,
     describe: Annotated[
-        list[str] | None, typer.Option(help="NAME=TEXT system prompt of the prompt-only baseline")
+        list[str] | None,
+        typer.Option(help="NAME=TEXT: persona system prompt of the prompt rows"),
     ] = None,
-    chat: Annotated[bool, typer.Option(help="use the chat template")] = True,
-    gamma: Annotated[float, typer.Option()] = 0.0,
+    system_prompt: Annotated[
+        str | None,
+        typer.Option(help="system prompt of the base and mask rows (default: none given)"),
+    ] = None,
+    template: Annotated[
+        str,
+        typer.Option(
+            help="chat (tokenizer's template), none, llama2 (reference code), or a format "
+            "string with {question} and {system}"
+        ),
+    ] = "chat",
+    chat: Annotated[bool, typer.Option(help="--no-chat means --template none")] = True,
+    gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
+    per_item: Annotated[
+        Path | None, typer.Option(help="write one JSON line per item and row to this file")
+    ] = None,
     model: ModelOpt = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    untie: UntieOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Persona alignment on a multiple-choice set: masks vs base model vs prompt-only baseline."""
+    """Persona alignment on a multiple-choice set: base model, persona prompt, masks, and masks
+    plus prompt, with summed and length-normalised accuracy and 95% intervals."""
+    import json
+
     from maskstore import evaluate
 
+    from ._common import progress
+
+    if not 0.0 <= gamma <= 1.0:
+        raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
+    if not chat and template == "chat":
+        template = "none"
+    evaluate.check_template(template)
+    _writable(per_item, "--per-item")
     items = evaluate.read_mc(mc)
     b = open_bundle(bundle)
     metas = {p: b.persona(p) for p in b.personas}
-    if key is None:
-        key = next((p for p, m in metas.items() if m["params"].get("role") == "+"), None) or (
-            b.personas[0] if b.personas else None
-        )
-    if key not in metas:
-        raise MaskstoreError(
-            f"--key {key!r} is not a persona of {bundle}; known: {', '.join(metas)}"
-        )
-    opposite = metas[key]["params"].get("opposite")
+    matches = _keys(metas, key or [], bundle)
     descr = {
         p: f"You are {'an' if p[:1].lower() in 'aeiou' else 'a'} {p} person. Answer as one."
         for p in metas
@@ -139,38 +206,66 @@ def eval_cmd(
             raise MaskstoreError(f"--describe {d!r}: write it as NAME=TEXT")
         n, text = d.split("=", 1)
         descr[n] = text
-    keys_for = {key: [it.matching for it in items]}
-    if opposite in metas:
-        keys_for[opposite] = [it.flipped() for it in items]
-    handle, tok = _attach(bundle, model, device)
-    rows = []
+    keys_for = {p: [it.matching if m else it.flipped() for it in items] for p, m in matches.items()}
+    handle, tok = _attach(bundle, model, device, untie)
+    plan = [("base", p, None, system_prompt) for p in keys_for]
+    plan += [("prompt", p, None, descr[p]) for p in keys_for]
+    plan += [("mask", p, p, system_prompt) for p in keys_for]
+    plan += [("mask+prompt", p, p, descr[p]) for p in keys_for]
+    rows, records = [], []
+    with progress() as bar:
+        task = bar.add_task("evaluating", total=2 * len(items) * (len(plan) - len(keys_for) + 1))
+        done: dict[tuple, evaluate.Scores] = {}
+        for setting, persona, mask, system in plan:
+            if (mask, system) not in done:  # the base model answers once for every key
+                handle.use(mask, gamma)
+                done[mask, system] = evaluate.answer_logliks(
+                    handle.model,
+                    tok,
+                    items,
+                    system=system,
+                    template=template,
+                    progress=lambda k: bar.advance(task, k),
+                )
+            scores = done[mask, system]
+            keys = keys_for[persona]
+            rows.append({"setting": setting, "persona": persona} | evaluate.summarise(scores, keys))
+            if per_item is not None:
+                records += evaluate.per_item(scores, keys, setting=setting, persona=persona)
     handle.use(None)
-    ll = evaluate.answer_logliks(handle.model, tok, items, chat=chat)
-    rows.append(
-        {"setting": "base model", "persona": key, "accuracy": evaluate.accuracy(ll, keys_for[key])}
-    )
-    for p, keys in keys_for.items():
-        ll = evaluate.answer_logliks(handle.model, tok, items, system=descr[p], chat=chat)
-        rows.append(
-            {"setting": "prompt only", "persona": p, "accuracy": evaluate.accuracy(ll, keys)}
-        )
-    for p, keys in keys_for.items():
-        handle.use(p, gamma)
-        ll = evaluate.answer_logliks(handle.model, tok, items, chat=chat)
-        rows.append({"setting": "mask", "persona": p, "accuracy": evaluate.accuracy(ll, keys)})
-    handle.use(None)
+    if per_item is not None:
+        per_item.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     others = [p for p in metas if p not in keys_for]
     if json_out:
-        emit_json({"items": len(items), "key": key, "rows": rows, "unkeyed": others})
+        emit_json(
+            {
+                "items": len(items),
+                "keys": {p: "matching" if m else "not_matching" for p, m in matches.items()},
+                "template": template,
+                "rows": rows,
+                "unkeyed": others,
+            }
+        )
         return
-    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items; key: {safe(key)})")
-    for c in ("setting", "persona", "accuracy"):
-        t.add_column(c, justify="right" if c == "accuracy" else "left")
+    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items)")
+    for c in ("setting", "persona", "accuracy", "95% CI", "length-norm.", "95% CI "):
+        t.add_column(c, justify="left" if c in ("setting", "persona") else "right")
     for r in rows:
-        t.add_row(r["setting"], safe(r["persona"]), f"{r['accuracy']:.3f}")
+        lo, hi = r["accuracy_ci95"]
+        nlo, nhi = r["accuracy_norm_ci95"]
+        t.add_row(
+            r["setting"],
+            safe(r["persona"]),
+            f"{r['accuracy']:.3f}",
+            f"{lo:.2f}-{hi:.2f}",
+            f"{r['accuracy_norm']:.3f}",
+            f"{nlo:.2f}-{nhi:.2f}",
+        )
     console.print(t)
     if others:
         console.print(f"[dim]not scored (no key for them): {safe(', '.join(others))}[/]")
+    if per_item is not None:
+        console.print(f"per-item results written to {safe(per_item)}")
 
 
 @app.command()
@@ -185,17 +280,19 @@ def similarity(
     limit: Annotated[int, typer.Option(help="at most this many lines")] = 64,
     model: ModelOpt = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    untie: UntieOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer cosine similarity of hidden states under personas A and B (paper, sec. 3.4)."""
     from maskstore.calibration import read_samples
 
+    _writable(png, "--png")
     lines = [s.text for s in read_samples(texts)][:limit]
     bnd = open_bundle(bundle)
     bnd.persona(a), bnd.persona(b)
     from maskstore import evaluate
 
-    handle, tok = _attach(bundle, model, device)
+    handle, tok = _attach(bundle, model, device, untie)
     cos = evaluate.layer_cosine(handle, tok, lines, a, b)
     if png is not None:
         try:

@@ -1,13 +1,17 @@
 """Does a persona work? Multiple-choice alignment and hidden-state similarity (arXiv 2602.07164).
 
-* :func:`mc_choices`: for each item, the summed log-likelihood of each answer's tokens given the
-  question (answer tokens only), and the model's choice.
+* :func:`answer_logliks`: for each item, the log-likelihood of each answer's tokens given the
+  rendered question (a chat template, the reference code's Llama-2 markup, or a format string);
+  :func:`summarise` gives summed and length-normalised accuracy with 95% Wilson intervals.
 * :func:`layer_cosine`: per layer, the mean cosine similarity of hidden states under two
   personas on the same inputs (section 3.4).
 """
 
 from __future__ import annotations
 
+import math
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +55,70 @@ def read_mc(path: str | Path) -> list[MCItem]:
     return items
 
 
-def _context(tok, question: str, system: str | None, chat: bool) -> str:
-    if chat and getattr(tok, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
+TEMPLATES = {
+    # the paper's reference code (contra.py): Llama-2 chat markup around "{question}\n\nAnswer:"
+    "llama2": "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{question}\n\nAnswer: [/INST]",
+}
+
+
+def check_template(template: str) -> None:
+    """``chat``, ``none``, a named template (``llama2``), or a format string whose only fields
+    are ``{question}`` (required) and ``{system}``."""
+    if template in ("chat", "none") or template in TEMPLATES:
+        return
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise MaskstoreError(f"--template {template!r} is not a format string: {e}") from None
+    if "question" not in fields or not fields <= {"question", "system"}:
+        raise MaskstoreError(
+            f"--template {template!r}: use chat, none, llama2, or a format string with "
+            "{question} and optionally {system}"
+        )
+
+
+def render(tok, question: str, system: str | None, template: str = "chat") -> str:
+    """The context before an answer.
+
+    Args:
+        system: the system prompt; None leaves it out (a chat template may then insert its own
+            default, as SmolLM2's does; pass ``""`` for an empty one).
+        template: ``chat`` (the tokenizer's chat template, answer as the assistant turn),
+            ``none`` (``{system}\n\n{question}\n\nAnswer:``), ``llama2`` (the reference
+            code's), or a format string with ``{question}`` and ``{system}``.
+    """
+    check_template(template)
+    if template == "chat":
+        if not getattr(tok, "chat_template", None):
+            raise MaskstoreError(
+                "the tokenizer has no chat template: use --template none or a format string"
+            )
+        msgs = ([] if system is None else [{"role": "system", "content": system}]) + [
             {"role": "user", "content": question}
         ]
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return (f"{system}\n" if system else "") + f"Question: {question}\nAnswer:"
+    if template == "none":
+        return (f"{system}\n\n" if system else "") + f"{question}\n\nAnswer:"
+    return TEMPLATES.get(template, template).format(system=system or "", question=question)
+
+
+@dataclass
+class Scores:
+    """Log-likelihoods of answers A and B for each item: ``ll`` summed over the answer's
+    tokens, ``tokens`` how many there were (``(n, 2)`` each)."""
+
+    ll: torch.Tensor
+    tokens: torch.Tensor
+
+    def choices(self, normalise: bool = False) -> list[str]:
+        """The answer each item prefers (by summed, or per-token log-likelihood); a tie is A."""
+        v = self.ll / self.tokens.clamp(min=1) if normalise else self.ll
+        return ["A" if a >= b else "B" for a, b in v.tolist()]
+
+
+def _encode(tok, text: str, chat: bool) -> list[int]:
+    """Token ids with BOS exactly as the tokenizer adds it (a chat template writes its own)."""
+    return tok(text, add_special_tokens=not chat)["input_ids"]
 
 
 @torch.inference_mode()
@@ -66,19 +127,33 @@ def answer_logliks(
     tok,
     items: list[MCItem],
     system: str | None = None,
-    chat: bool = True,
+    template: str = "chat",
     batch_size: int = 16,
-) -> torch.Tensor:
-    """``(len(items), 2)`` summed log-probabilities of answers A and B (answer tokens only)."""
+    progress: Callable[[int], None] | None = None,
+) -> Scores:
+    """Log-likelihood of each item's answers A and B given the rendered question (answer tokens
+    only).
+
+    As the reference code does, the context and the context followed by the answer are
+    tokenized separately and the answer is what follows the context's tokens: ``" " + answer``
+    after a plain template, the answer itself as the assistant turn of a chat template.
+    """
     device = next(model.parameters()).device
+    chat = template == "chat"
     seqs: list[tuple[list[int], int]] = []  # (ids, number of answer tokens)
     for it in items:
-        ctx = tok(_context(tok, it.question, system, chat), add_special_tokens=False)["input_ids"]
+        ctx_text = render(tok, it.question, system, template)
+        ctx = _encode(tok, ctx_text, chat)
         for ans in (it.a, it.b):
-            a_ids = tok(" " + ans if not chat else ans, add_special_tokens=False)["input_ids"]
-            seqs.append((ctx + a_ids, len(a_ids)))
+            full = _encode(tok, ctx_text + (ans if chat else " " + ans), chat)
+            n_ans = len(full) - len(ctx)
+            if full[: len(ctx)] != ctx or n_ans < 1:  # the answer merged into the context
+                a_ids = tok(ans if chat else " " + ans, add_special_tokens=False)["input_ids"]
+                full, n_ans = ctx + a_ids, len(a_ids)
+            seqs.append((full, n_ans))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = torch.empty(len(seqs), dtype=torch.float64)
+    counts = torch.tensor([n for _, n in seqs], dtype=torch.float64)
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
         width = max(len(s) for s, _ in chunk)
@@ -93,13 +168,64 @@ def answer_logliks(
         tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         for r, (s, n_ans) in enumerate(chunk):
             out[i + r] = tok_lp[r, len(s) - 1 - n_ans : len(s) - 1].sum().double().cpu()
-    return out.view(-1, 2)
+        if progress:
+            progress(len(chunk))
+    return Scores(out.view(-1, 2), counts.view(-1, 2))
 
 
-def accuracy(ll: torch.Tensor, keys: list[str]) -> float:
-    """Share of items where the higher-likelihood answer is the key."""
-    choice = ["A" if a >= b else "B" for a, b in ll.tolist()]
+def accuracy(scores: Scores | torch.Tensor, keys: list[str], normalise: bool = False) -> float:
+    """Share of items whose preferred answer is the key."""
+    if isinstance(scores, torch.Tensor):
+        scores = Scores(scores, torch.ones_like(scores))
+    choice = scores.choices(normalise)
     return sum(c == k for c, k in zip(choice, keys, strict=True)) / max(len(keys), 1)
+
+
+def wilson(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def summarise(scores: Scores, keys: list[str]) -> dict:
+    """Accuracy by summed and by length-normalised log-likelihood, each with its 95% Wilson
+    interval."""
+    n = len(keys)
+    out: dict = {"items": n}
+    for name, norm in (("accuracy", False), ("accuracy_norm", True)):
+        correct = sum(c == k for c, k in zip(scores.choices(norm), keys, strict=True))
+        lo, hi = wilson(correct, n)
+        out[name] = correct / max(n, 1)
+        out[f"{name}_ci95"] = [lo, hi]
+    return out
+
+
+def per_item(scores: Scores, keys: list[str], **fields) -> list[dict]:
+    """One record per item: the log-likelihoods, token counts, choices and the key."""
+    rows = []
+    summed, normed = scores.choices(False), scores.choices(True)
+    for i, ((la, lb), (ta, tb)) in enumerate(
+        zip(scores.ll.tolist(), scores.tokens.tolist(), strict=True)
+    ):
+        rows.append(
+            fields
+            | {
+                "item": i,
+                "key": keys[i],
+                "ll_a": la,
+                "ll_b": lb,
+                "tokens_a": int(ta),
+                "tokens_b": int(tb),
+                "choice": summed[i],
+                "choice_norm": normed[i],
+            }
+        )
+    return rows
 
 
 @torch.inference_mode()

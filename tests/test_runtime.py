@@ -9,6 +9,7 @@ import maskstore
 from maskstore import create_bundle, evaluate
 from maskstore.errors import MaskstoreError
 from maskstore.modules import maskable_modules, model_fingerprint
+from maskstore.opener import open_bundle
 
 
 @pytest.fixture
@@ -147,17 +148,41 @@ def test_mc_loglik_matches_direct_computation(setup, tmp_path):
         "question,A,B,matching\nWhat do you like?,quiet books,loud parties,A\nAnd you?,yes,no,B\n"
     )
     items = evaluate.read_mc(f)
-    ll = evaluate.answer_logliks(model, tok, items, chat=False)
-    for i, it in enumerate(items):
-        for j, ans in enumerate((it.a, it.b)):
-            ctx = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
-            a_ids = tok(" " + ans, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([ctx + a_ids])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            want = sum(logp[len(ctx) + t - 1, a_ids[t]].item() for t in range(len(a_ids)))
-            assert ll[i, j].item() == pytest.approx(want, rel=1e-4)
+    for template, system, ctx_of in (
+        ("none", None, lambda q: f"{q}\n\nAnswer:"),
+        (
+            "llama2",
+            "Be kind.",
+            lambda q: f"[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\n{q}\n\nAnswer: [/INST]",
+        ),
+        ("Q: {question} ({system}) A:", "s", lambda q: f"Q: {q} (s) A:"),
+    ):
+        sc = evaluate.answer_logliks(model, tok, items, system=system, template=template)
+        for i, it in enumerate(items):
+            for j, ans in enumerate((it.a, it.b)):
+                ctx = tok(ctx_of(it.question))["input_ids"]
+                a_ids = tok(" " + ans, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([ctx + a_ids])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+                want = sum(logp[len(ctx) + t - 1, a_ids[t]].item() for t in range(len(a_ids)))
+                assert sc.ll[i, j].item() == pytest.approx(want, rel=1e-4)
+                assert sc.tokens[i, j].item() == len(a_ids)
     assert evaluate.accuracy(torch.tensor([[0.0, -1.0], [0.0, -1.0]]), ["A", "B"]) == 0.5
+    # length normalisation can flip a choice: 2 tokens at -1.0 each beat 1 token at -1.5
+    sc = evaluate.Scores(torch.tensor([[-2.0, -1.5]]), torch.tensor([[2.0, 1.0]]))
+    assert sc.choices() == ["B"] and sc.choices(normalise=True) == ["A"]
+    for bad in ("{answer}", "no fields", "{question", "{question}{0}"):
+        with pytest.raises(MaskstoreError, match="--template"):
+            evaluate.check_template(bad)
+
+
+def test_wilson_interval():
+    lo, hi = evaluate.wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = evaluate.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert evaluate.wilson(0, 0) == (0.0, 1.0)
 
 
 def test_mc_csv_errors(tmp_path):
@@ -219,19 +244,64 @@ def test_cli_run_eval_similarity(tmp_path, tiny_dir, calib_files, cli):
         tiny_dir,
         "--mc",
         calib_files["mc"],
-        "--no-chat",
+        "--template",
+        "llama2",
+        "--per-item",
+        tmp_path / "items.jsonl",
         "--json",
     )
     assert code == 0, err
-    rows = json.loads(out)["rows"]
-    assert [r["setting"] for r in rows] == [
-        "base model",
-        "prompt only",
-        "prompt only",
-        "mask",
-        "mask",
+    doc = json.loads(out)
+    rows = doc["rows"]
+    assert doc["keys"] == {"introvert": "matching", "extrovert": "not_matching"}
+    assert [(r["setting"], r["persona"]) for r in rows] == [
+        ("base", "introvert"),
+        ("base", "extrovert"),
+        ("prompt", "introvert"),
+        ("prompt", "extrovert"),
+        ("mask", "introvert"),
+        ("mask", "extrovert"),
+        ("mask+prompt", "introvert"),
+        ("mask+prompt", "extrovert"),
     ]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    for r in rows:
+        for k in ("accuracy", "accuracy_norm"):
+            lo, hi = r[f"{k}_ci95"]
+            assert 0.0 <= lo <= r[k] <= hi <= 1.0
+    lines = [json.loads(x) for x in (tmp_path / "items.jsonl").read_text().splitlines()]
+    n = doc["items"]
+    assert len(lines) == n * len(rows)
+    mask_intro = [x for x in lines if (x["setting"], x["persona"]) == ("mask", "introvert")]
+    assert sum(x["choice"] == x["key"] for x in mask_intro) / n == rows[4]["accuracy"]
+    # an imported bundle has no pair roles: the key must be named, not guessed
+    for p in ("introvert", "extrovert"):
+        masks = tmp_path / "pt"
+        masks.mkdir(exist_ok=True)
+        b = open_bundle(tmp_path / "b")
+        for m in b.modules:
+            torch.save(torch.from_numpy(b.read_mask(p, m)), masks / f"M_{p}_{m}.pt")
+    code, out, err = cli(
+        "import-pt", tmp_path / "pt", "--out", tmp_path / "imp", "--model", tiny_dir
+    )
+    assert code == 0, err
+    base = ["eval", tmp_path / "imp", "--model", tiny_dir, "--mc", calib_files["mc"]]
+    code, out, err = cli(*base, "--no-chat")
+    assert code == 2 and "--key PERSONA=matching" in err
+    code, out, err = cli(*base, "--no-chat", "--key", "extrovert=not_matching", "--json")
+    assert code == 0, err
+    imported = json.loads(out)
+    assert imported["keys"] == {"extrovert": "not_matching"}  # no recorded opposite
+    code, out, err = cli(
+        "eval", tmp_path / "b", "--model", tiny_dir, "--mc", calib_files["mc"], "--no-chat",
+        "--json",
+    )  # fmt: skip
+    built = {(r["setting"], r["persona"]): r for r in json.loads(out)["rows"]}
+    for r in imported["rows"]:  # the same bits, keyed the same way: the same answers
+        assert r == built[(r["setting"], r["persona"])]
+    code, out, err = cli(
+        *base, "--per-item", tmp_path / "nowhere" / "x.jsonl", "--key", "introvert"
+    )
+    assert code == 2 and "does not exist" in err
     png = tmp_path / "sim.png"
     code, out, err = cli(
         "similarity",
