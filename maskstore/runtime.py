@@ -1,11 +1,14 @@
 """Persona masks in a live model: attach a bundle, switch persona in place, never reload.
 
-Each masked ``nn.Linear`` keeps one pristine copy of its weight (the first time a persona touches
-it, the original storage becomes the pristine copy and the Parameter gets a fresh one). Switching
-writes ``W = W0 * G`` in place with ``G = M + gamma (1 - M)``, so the ``Parameter`` objects never
-change and their storage stays put from the first switch on (hooks, optimizers and compiled graphs
-keep working), and the forward pass does no extra work. Masks are read lazily per module and cached packed, 1 bit a
-weight, in an LRU bounded by bytes.
+Switching writes ``W = W0 * G`` in place with ``G = M + gamma (1 - M)``, so the ``Parameter``
+objects never change and their storage stays put from the first switch on (hooks, optimizers and
+compiled graphs keep working), and the forward pass does no extra work.
+
+Memory grows with what can be lost: each masked ``nn.Linear`` keeps the base values of only the
+positions some persona used so far prunes (packed positions plus values, optionally on another
+device with ``pristine="cpu"``), never a full copy. A switch rewrites only the weights whose gate
+changes (``A xor B``), on CPU with a compiled kernel (:mod:`maskstore._switch`). Masks are read
+lazily per module and cached packed, 1 bit a weight, in an LRU bounded by bytes.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from .bits import unpack_torch
+from .bits import packed_width, pad_mask, unpack, unpack_torch
 from .errors import MaskstoreError
 from .format import Bundle
 from .modules import check_untied, weights_hash
@@ -64,6 +68,24 @@ class _PackedCache:
         return CacheInfo(len(self._d), self.bytes, self.limit, self.hits, self.misses)
 
 
+@dataclass
+class _Saved:
+    """What a masked module keeps to restore its base weight: the base values of the stored
+    positions (every position a persona used so far prunes), packed like a mask, in row-major
+    order with each row's offset into ``vals``."""
+
+    stored: np.ndarray  # (out, ceil(in/8)) uint8
+    off: np.ndarray  # (out + 1,) int64
+    vals: torch.Tensor  # (n_stored,) in the weight's dtype, on the pristine device
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.nbytes + self.off.nbytes + self.vals.numel() * self.vals.element_size()
+
+
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
 class MaskHandle:
     """Personas of a bundle attached to a live model. Create with :func:`attach`."""
 
@@ -74,12 +96,16 @@ class MaskHandle:
         cache_bytes: int = 512 << 20,
         check_weights: bool = False,
         untie: bool = False,
+        pristine: str | torch.device | None = None,
     ) -> None:
+        """See :func:`attach`."""
         self.model = model
         self.bundle = bundle
         self.modules = _match(model, bundle, check_weights)
         check_untied(model, self.modules, untie)
-        self._pristine: dict[str, torch.Tensor] = {}
+        self.pristine_device = None if pristine is None else torch.device(pristine)
+        self._saved: dict[str, _Saved] = {}
+        self._gate: dict[str, np.ndarray | None] = {}  # each module's current packed mask
         self._cache = _PackedCache(cache_bytes)
         self.active: str | None = None
         self.gamma: float = 0.0
@@ -93,22 +119,29 @@ class MaskHandle:
         return self._cache.info()
 
     def memory_overhead(self) -> int:
-        """Bytes held beyond the model: pristine weight copies plus the packed cache."""
-        return (
-            sum(t.numel() * t.element_size() for t in self._pristine.values()) + self._cache.bytes
-        )
+        """Bytes held beyond the model: the base values of the positions some persona used so
+        far prunes (with their packed positions), plus the packed-mask cache."""
+        return sum(v.nbytes for v in self._saved.values()) + self._cache.bytes
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        """Module ``name``'s base weight (a new tensor when a persona is active)."""
+        w = self.modules[name].weight.detach()
+        saved = self._saved.get(name)
+        if saved is None or self._gate.get(name) is None and self.active is None:
+            return w
+        base = w.clone()
+        where = unpack_torch(torch.from_numpy(saved.stored), w.shape[1]).to(w.device)
+        base[where] = saved.vals.to(w.device)
+        return base
 
     # ---- switching
-    def _load(self, persona: str) -> dict[str, torch.Tensor]:
+    def _load(self, persona: str) -> dict[str, np.ndarray]:
         """Every packed mask of ``persona`` for the attached modules (verified; may raise)."""
         if getattr(self.bundle, "is_recipe", None) and self.bundle.is_recipe(persona):
-            # a recipe persona: recompute its masks from this model's pristine weights (digests
+            # a recipe persona: recompute its masks from this model's base weights (digests
             # are checked against the recorded ones)
-            def weights(name: str) -> torch.Tensor:
-                return self._pristine.get(name, self.modules[name].weight)
-
-            packed = self.bundle.recipe_masks(persona, weights)
-            return {n: torch.from_numpy(p) for n, p in packed.items() if n in self.modules}
+            packed = self.bundle.recipe_masks(persona, self.base_weight)
+            return {n: p for n, p in packed.items() if n in self.modules}
         masks = {}
         for name in self.bundle.persona_modules(persona):
             if name not in self.modules:
@@ -116,62 +149,128 @@ class MaskHandle:
             t = self._cache.get((persona, name))
             if t is None:
                 t = torch.from_numpy(self.bundle.read_packed(persona, name))
-            masks[name] = t
+            masks[name] = t.numpy()
         return masks
 
     def use(self, persona: str | None, gamma: float = 0.0) -> None:
         """Switch to ``persona`` (None: the base model) with soft gate ``gamma`` in [0, 1].
 
-        The masks are all read and verified before any weight changes: on an error the model is
-        left exactly as it was.
+        Only the weights whose gate changes are written (between related personas, a few
+        percent of them). The masks are all read and verified before any weight changes: on an
+        error the model is left exactly as it was.
         """
         if not (isinstance(gamma, int | float) and 0.0 <= gamma <= 1.0):
             raise MaskstoreError(f"gamma must be in [0, 1], got {gamma!r}")
-        if persona is None:
-            self._restore_all()
-            self.active, self.gamma = None, 0.0
-            return
-        if persona not in self.bundle.personas:
+        if persona is not None and persona not in self.bundle.personas:
             raise MaskstoreError(
                 f"unknown persona {persona!r}; known: {', '.join(self.bundle.personas) or 'none'}"
             )
-        masks = self._load(persona)
+        masks = {} if persona is None else self._load(persona)
+        gamma = 0.0 if persona is None else float(gamma)
         try:
             with torch.no_grad():
                 for name, mod in self.modules.items():
-                    w = mod.weight
-                    if name not in self._pristine:
-                        # Keep the original storage as the pristine copy and give the Parameter
-                        # (the same object) a fresh one: weights loaded from safetensors are
-                        # often memory-mapped, and writing into them page-faults copy-on-write
-                        # page by page (about 1 s for 106M weights).
-                        self._pristine[name] = w.data
-                        w.data = w.data.clone()
-                    base = self._pristine[name]
-                    packed = masks.get(name)
-                    if packed is None:
-                        w.copy_(base)
-                        continue
-                    keep = unpack_torch(packed.to(w.device, non_blocking=True), mod.in_features)
-                    if gamma == 0.0:
-                        torch.mul(base, keep, out=w)
-                    else:
-                        gate = torch.where(keep, 1.0, gamma).to(w.dtype)
-                        torch.mul(base, gate, out=w)
+                    self._switch(name, mod, masks.get(name), gamma)
         except BaseException:
             self._restore_all()
-            self.active, self.gamma = None, 0.0
             raise
-        for name, t in masks.items():
-            self._cache.put((persona, name), t)
-        self.active, self.gamma = persona, float(gamma)
+        if persona is not None:
+            for name, t in masks.items():
+                self._cache.put((persona, name), torch.from_numpy(t))
+        self.active, self.gamma = persona, gamma
 
     set_adapter = use  # PEFT-style name
 
+    def _switch(self, name: str, mod: nn.Linear, new: np.ndarray | None, gamma: float) -> None:
+        """Module ``name`` from its current gate to ``new`` (None: all kept) with ``gamma``."""
+        cur = self._gate.get(name)
+        if cur is None and new is None:
+            return  # base to base
+        w = mod.weight
+        saved = self._saved.get(name)
+        if saved is None:
+            # Give the Parameter (the same object) a fresh storage before the first write:
+            # weights loaded from safetensors are often memory-mapped, and writing into them
+            # page-faults copy-on-write page by page (about 1 s for 106M weights).
+            w.data = w.data.clone()
+            rows, width = w.shape[0], packed_width(w.shape[1])
+            saved = _Saved(
+                np.zeros((rows, width), np.uint8),
+                np.zeros(rows + 1, np.int64),
+                torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
+            )
+        if new is not None:  # every position the new gate prunes must have its base value kept
+            extra = np.bitwise_and(np.invert(new), pad_mask(w.shape[1]))
+            np.bitwise_and(extra, np.invert(saved.stored), out=extra)
+            if extra.any():
+                saved = self._grow(w, saved, extra)
+        self._saved[name] = saved
+        # positions to rewrite: where the kept bit changes, or, when gamma changes, every
+        # position either gate prunes
+        same_gamma = cur is None or new is None or self.gamma == gamma
+        if self._fast(w, saved):
+            from . import _switch
+
+            _switch.apply(
+                _raw(w.data),
+                saved.stored,
+                saved.off,
+                _raw(saved.vals),
+                cur,
+                new,
+                _rounded(gamma, w.dtype),
+                same_gamma,
+                False,
+                w.dtype == torch.bfloat16,
+            )
+        else:
+            where = unpack_torch(torch.from_numpy(saved.stored).to(w.device), w.shape[1])
+            vals = saved.vals.to(w.device)
+            if new is None:
+                w[where] = vals
+            else:
+                keep = unpack_torch(torch.from_numpy(new).to(w.device), w.shape[1])[where]
+                w[where] = vals * torch.where(keep, 1.0, gamma).to(w.dtype)
+        self._gate[name] = new
+
+    def _fast(self, w: torch.Tensor, saved: _Saved) -> bool:
+        return (
+            w.device.type == "cpu"
+            and saved.vals.device.type == "cpu"
+            and w.dtype in _BITS
+            and w.is_contiguous()
+        )
+
+    def _grow(self, w: torch.Tensor, saved: _Saved, extra: np.ndarray) -> _Saved:
+        """Store the base values of ``extra`` positions too (they hold base values now)."""
+        if self._fast(w, saved):
+            from . import _switch
+
+            stored, off, vals = _switch.grow(
+                _raw(w.data), saved.stored, saved.off, _raw(saved.vals), extra
+            )
+            return _Saved(stored, off, torch.from_numpy(vals).view(w.dtype))
+        base = w.detach().clone()
+        width = w.shape[1]
+        if saved.vals.numel():
+            base[unpack_torch(torch.from_numpy(saved.stored).to(w.device), width)] = saved.vals.to(
+                w.device
+            )
+        stored = saved.stored | extra
+        where = unpack_torch(torch.from_numpy(stored).to(w.device), width)
+        counts = torch.from_numpy(unpack(stored, width)).sum(dim=1)
+        off = np.zeros(w.shape[0] + 1, np.int64)
+        np.cumsum(counts.numpy(), out=off[1:])
+        vals = base[where].to(saved.vals.device)
+        return _Saved(stored, off, vals)
+
     def _restore_all(self) -> None:
+        """Every module back to its base weight, bit for bit."""
         with torch.no_grad():
-            for name, base in self._pristine.items():
-                self.modules[name].weight.copy_(base)
+            for name, mod in self.modules.items():
+                if self._gate.get(name) is not None:
+                    self._switch(name, mod, None, 0.0)
+        self.active, self.gamma = None, 0.0
 
     @contextlib.contextmanager
     def persona(self, name: str | None, gamma: float = 0.0) -> Iterator[MaskHandle]:
@@ -188,14 +287,24 @@ class MaskHandle:
         return self.persona(None)
 
     def detach(self) -> None:
-        """Restore the base weights and drop the pristine copies and the cache."""
+        """Restore the base weights and drop the stored values and the cache."""
         self._restore_all()
-        self._pristine.clear()
+        self._saved.clear()
+        self._gate.clear()
         self._cache = _PackedCache(self._cache.limit)
-        self.active, self.gamma = None, 0.0
 
     def __repr__(self) -> str:
         return f"MaskHandle(active={self.active!r}, gamma={self.gamma}, personas={self.personas})"
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A CPU float32 or bfloat16 tensor as numpy (bfloat16 as its uint16 bits), sharing memory."""
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _rounded(gamma: float, dtype: torch.dtype) -> float:
+    """``gamma`` as the weight's dtype holds it (torch rounds the gate to that dtype)."""
+    return float(torch.tensor(gamma, dtype=torch.float32).to(dtype).float())
 
 
 def _match(model: nn.Module, bundle: Bundle, check_weights: bool) -> dict[str, nn.Linear]:
@@ -231,6 +340,7 @@ def attach(
     cache_bytes: int = 512 << 20,
     check_weights: bool = False,
     untie: bool = False,
+    pristine: str | torch.device | None = None,
 ) -> MaskHandle:
     """Attach a bundle's personas to ``model`` (reads metadata only).
 
@@ -242,9 +352,11 @@ def attach(
         check_weights: also compare the weights hash recorded at build time.
         untie: give a masked module whose weight another module shares (a tied ``lm_head``)
             its own copy; without it such a bundle is refused.
+        pristine: device for the base values that switching overwrites (default: the
+            weight's), e.g. ``"cpu"`` for a model on a GPU.
     Returns:
         A :class:`MaskHandle` with the base model active.
     """
     if not isinstance(bundle, Bundle):
         bundle = open_bundle(bundle)
-    return MaskHandle(model, bundle, cache_bytes, check_weights, untie)
+    return MaskHandle(model, bundle, cache_bytes, check_weights, untie, pristine)

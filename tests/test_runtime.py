@@ -328,3 +328,77 @@ def test_cli_run_eval_similarity(tmp_path, tiny_dir, calib_files, cli):
         "run", tmp_path / "b", "--model", tiny_dir, "--prompt", "hi", "--gamma", "2"
     )
     assert code == 2 and "gamma" in err
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_delta_switching_writes_the_gate_bit_for_bit(setup, dtype):
+    """Any sequence of personas and gammas gives torch.mul(base, gate) exactly, and the base
+    comes back bit for bit (signed zeros and NaN included); float32 and bfloat16 take the
+    compiled kernel, float16 the generic path."""
+    model, mods, masks, base, path = setup
+    model.to(dtype)
+    first = next(iter(mods.values()))
+    with torch.no_grad():  # values a sloppy restore would lose: -0.0, NaN, inf
+        first.weight[0, :3] = torch.tensor([-0.0, float("nan"), float("inf")], dtype=dtype)
+    base = {n: m.weight.detach().clone() for n, m in mods.items()}
+    h = maskstore.attach(model, path)
+    seq = [("a", 0.0), ("b", 0.0), ("a", 0.3), ("a", 0.0), ("half", 0.7), (None, 0.0),
+           ("b", 0.5), ("b", 0.25), ("half", 0.0), ("a", 1.0)]  # fmt: skip
+    for p, g in seq:
+        h.use(p, g)
+        for n, m in mods.items():
+            if p is None or n not in masks[p]:
+                want = base[n]
+            else:
+                gate = torch.where(torch.from_numpy(masks[p][n]), 1.0, g).to(dtype)
+                want = torch.mul(base[n], gate)
+            same = _bits(m.weight) == _bits(want)
+            assert (same | (m.weight.isnan() & want.isnan())).all(), (p, g, n)
+    h.use(None)
+    assert all(torch.equal(_bits(m.weight), _bits(base[n])) for n, m in mods.items())
+
+
+def test_memory_grows_with_the_union_of_pruned_positions(setup):
+    """The handle keeps base values only where some persona used so far prunes."""
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path, cache_bytes=0)
+    assert h.memory_overhead() == 0
+    h.use("half")
+    pruned = {n: ~masks["half"][n] for n in masks["half"]}
+    packed = sum(((m.in_features + 7) // 8) * m.out_features for m in mods.values())
+    vals = sum(int(p.sum()) * 4 for p in pruned.values())
+    assert (
+        vals
+        < h.memory_overhead()
+        <= vals + packed + 8 * sum(m.out_features + 1 for m in mods.values())
+    )
+    h.use("a")
+    h.use("b")
+    union = 0
+    for n in mods:
+        u = ~masks["a"][n] | ~masks["b"][n]
+        if n in masks["half"]:
+            u |= ~masks["half"][n]
+        union += int(u.sum())
+    total = sum(m.weight.numel() for m in mods.values()) * 4
+    assert (
+        union * 4
+        < h.memory_overhead()
+        <= 1.1 * union * 4 + packed + 8 * sum(m.out_features + 1 for m in mods.values())
+    )
+    assert h.memory_overhead() < 0.9 * total  # a full copy would be 100%
+    h.detach()
+    assert h.memory_overhead() == 0
+
+
+def test_pristine_values_on_another_device(setup):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path, pristine="cpu")
+    h.use("a", 0.5)
+    h.use("b")
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())

@@ -97,6 +97,18 @@ def main() -> None:
                 ),
             )
         )
+    b = ms(BuildConfig("wanda", 0.5), pair=False)  # the default, the Wanda paper's token norm
+    for p in sides:
+        want = {n: ref.wanda(mods[n].weight, mean[p][n], 0.5) for n in names}
+        rows.append(
+            (
+                "wanda --norm tokens (default)",
+                p,
+                *agreement(
+                    b, p, {n: w[0] for n, w in want.items()}, {n: w[1] for n, w in want.items()}
+                ),
+            )
+        )
     for phi in ("softplus", "relu"):
         b = ms(BuildConfig("contrastive-wanda", phi=phi))
         for i, p in enumerate(sides):
