@@ -20,7 +20,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 THREADS = max(1, min(4, os.cpu_count() or 1))
 _POOL = ThreadPoolExecutor(max_workers=THREADS)
@@ -62,97 +64,107 @@ def _grow(w, stored, off, vals, extra, new_stored, new_off, new_vals, r0, r1):  
                     k_new += 1
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _todo(s, c, n, same_gamma, full):  # pragma: no cover - compiled
-    if full:
-        return s
-    if same_gamma:
-        return (c ^ n) & s
-    return (~(c & n)) & s & 0xFF
+@intrinsic
+def _popcount(typingctx, x):  # pragma: no cover - compiled
+    """The number of set bits of an unsigned integer (one instruction)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return x(x), codegen
 
 
 @njit(nogil=True, cache=True)
 def _apply_f32(
-    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, full, r0, r1
+    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, r0, r1
 ):  # pragma: no cover - compiled
-    """``w = base * gate_new`` at the stored positions whose gate differs from ``cur``'s."""
-    pop = _POP
+    """``w = base * gate_new`` at the stored positions whose gate differs from ``cur``'s.
+
+    ``stored``, ``cur`` and ``new`` are packed rows viewed as unsigned words (uint64 when a
+    row's bytes divide by 8, else uint8): a word with nothing to rewrite costs a few
+    instructions, and each rewritten weight finds its base value by a popcount.
+    """
     g = np.float32(g_new)
+    unit = np.float32(1.0)
+    nw = stored.shape[1]
+    zero = stored.dtype.type(0)
+    one = stored.dtype.type(1)
+    ones = ~zero
+    bits = stored.itemsize * 8
     for i in range(r0, r1):
-        k = off[i]
-        for b in range(stored.shape[1]):
+        k = np.int64(off[i])
+        for b in range(nw):
             s = stored[i, b]
-            if s == 0:
+            if s == zero:
                 continue
-            c = 0xFF if cur_base else cur[i, b]
-            n = 0xFF if new_base else new[i, b]
-            d = _todo(s, c, n, same_gamma, full)
-            if d == 0:
-                k += pop[s]
-                continue
-            for bit in range(8):
-                m = 1 << bit
-                if s & m:
-                    if d & m:
-                        if n & m:
-                            w[i, b * 8 + bit] = vals[k]
-                        else:
-                            w[i, b * 8 + bit] = vals[k] * g
-                    k += 1
+            c = ones if cur_base else cur[i, b]
+            n = ones if new_base else new[i, b]
+            d = ((c ^ n) if same_gamma else ~(c & n)) & s
+            while d != zero:
+                low = d & (zero - d)
+                j = b * bits + np.int64(trailing_zeros(d))
+                idx = k + np.int64(_popcount(s & (low - one)))
+                w[i, j] = vals[idx] * (unit if n & low else g)  # x * 1 is x: no branch
+                d ^= low
+            k += np.int64(_popcount(s))
 
 
 @njit(nogil=True, cache=True)
 def _apply_bf16(
-    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, full, r0, r1
+    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, r0, r1
 ):  # pragma: no cover - compiled
     """As :func:`_apply_f32` on bfloat16 bits: the product in float32, rounded to nearest even."""
-    pop = _POP
     g = np.float32(g_new)
     tf = np.empty(1, np.float32)
     tu = tf.view(np.uint32)
+    nw = stored.shape[1]
+    zero = stored.dtype.type(0)
+    one = stored.dtype.type(1)
+    ones = ~zero
+    bits = stored.itemsize * 8
     for i in range(r0, r1):
-        k = off[i]
-        for b in range(stored.shape[1]):
+        k = np.int64(off[i])
+        for b in range(nw):
             s = stored[i, b]
-            if s == 0:
+            if s == zero:
                 continue
-            c = 0xFF if cur_base else cur[i, b]
-            n = 0xFF if new_base else new[i, b]
-            d = _todo(s, c, n, same_gamma, full)
-            if d == 0:
-                k += pop[s]
-                continue
-            for bit in range(8):
-                m = 1 << bit
-                if s & m:
-                    if d & m:
-                        v = vals[k]
-                        if not (n & m):
-                            tu[0] = np.uint32(v) << np.uint32(16)
-                            tf[0] = tf[0] * g
-                            u = tu[0]
-                            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                                v = np.uint16(0xFFFF)  # NaN, as torch's vectorised rounding
-                            else:
-                                u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-                                v = np.uint16(u >> np.uint32(16))
-                        w[i, b * 8 + bit] = v
-                    k += 1
+            c = ones if cur_base else cur[i, b]
+            n = ones if new_base else new[i, b]
+            d = ((c ^ n) if same_gamma else ~(c & n)) & s
+            while d != zero:
+                low = d & (zero - d)
+                j = b * bits + np.int64(trailing_zeros(d))
+                v = vals[k + np.int64(_popcount(s & (low - one)))]
+                if not (n & low):
+                    tu[0] = np.uint32(v) << np.uint32(16)
+                    tf[0] = tf[0] * g
+                    u = tu[0]
+                    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                        v = np.uint16(0xFFFF)  # NaN, as torch's vectorised rounding
+                    else:
+                        u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+                        v = np.uint16(u >> np.uint32(16))
+                w[i, j] = v
+                d ^= low
+            k += np.int64(_popcount(s))
 
 
-def _blocks(rows: int, work: int) -> list[tuple[int, int]]:
-    if THREADS == 1 or work < 1 << 16 or rows < 2:
-        return [(0, rows)]
-    step = -(-rows // THREADS)
-    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+def _words(a: np.ndarray) -> np.ndarray:
+    """Packed rows as uint64 words when each row's bytes divide by 8 (else the bytes)."""
+    if a.shape[1] % 8 == 0 and a.flags.c_contiguous:
+        return a.view(np.uint64)
+    return a
 
 
 def _run(kernel, args: tuple, rows: int, work: int) -> None:
-    blocks = _blocks(rows, work)
-    if len(blocks) == 1:
+    """One kernel over row blocks, a block a thread (used by the cold path, :func:`grow`)."""
+    if THREADS == 1 or work < 1 << 16 or rows < 2:
         kernel(*args, 0, rows)
         return
-    list(_POOL.map(lambda b: kernel(*args, *b), blocks))
+    step = -(-rows // THREADS)
+    list(_POOL.map(lambda r: kernel(*args, r, min(rows, r + step)), range(0, rows, step)))
 
 
 def grow(
@@ -179,7 +191,7 @@ def grow(
     return new_stored, new_off, new_vals
 
 
-def apply(
+def job(
     w: np.ndarray,
     stored: np.ndarray,
     off: np.ndarray,
@@ -188,23 +200,56 @@ def apply(
     new: np.ndarray | None,
     gamma: float,
     same_gamma: bool,
-    full: bool,
     bf16: bool,
-) -> None:
-    """Write ``base * gate(new, gamma)`` into ``w`` where the gate differs from ``cur``'s
-    (None: the base model; ``full``: at every stored position)."""
+) -> tuple:
+    """One module's switch for :func:`run`: write ``base * gate(new, gamma)`` into ``w`` where
+    the gate differs from ``cur``'s (None: the base model): where the kept bit changes, or,
+    unless ``same_gamma``, at every position either gate prunes."""
+    stored = _words(stored)
     dummy = stored[:1]
     args = (
         w,
         stored,
         off,
         vals,
-        dummy if cur is None else cur,
-        dummy if new is None else new,
+        dummy if cur is None else _words(cur),
+        dummy if new is None else _words(new),
         cur is None,
         new is None,
         float(gamma),
         bool(same_gamma),
-        bool(full),
     )
-    _run(_apply_bf16 if bf16 else _apply_f32, args, stored.shape[0], stored.size * 8)
+    return (_apply_bf16 if bf16 else _apply_f32), args, stored.shape[0], stored.nbytes
+
+
+def run(jobs: list[tuple]) -> None:
+    """Run module switches on ``THREADS`` threads: large modules split into row blocks, the
+    blocks dealt largest first to the least loaded thread."""
+    total = sum(j[3] for j in jobs)
+    if not total:
+        return
+    target = max(total // (THREADS * 4), 1 << 14)
+    tasks = []
+    for kernel, args, rows, nbytes in jobs:
+        parts = max(1, min(rows, nbytes // target))
+        step = -(-rows // parts)
+        for r in range(0, rows, step):
+            tasks.append(
+                (nbytes * min(step, rows - r) // rows, kernel, args, r, min(rows, r + step))
+            )
+    if THREADS == 1 or len(tasks) == 1:
+        for _, kernel, args, r0, r1 in tasks:
+            kernel(*args, r0, r1)
+        return
+    lanes: list[list] = [[] for _ in range(THREADS)]
+    load = [0] * THREADS
+    for t in sorted(tasks, key=lambda t: -t[0]):
+        i = load.index(min(load))
+        lanes[i].append(t)
+        load[i] += t[0]
+
+    def lane(ts: list) -> None:
+        for _, kernel, args, r0, r1 in ts:
+            kernel(*args, r0, r1)
+
+    list(_POOL.map(lane, lanes))

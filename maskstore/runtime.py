@@ -14,6 +14,7 @@ lazily per module and cached packed, 1 bit a weight, in an LRU bounded by bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,6 +83,12 @@ class _Saved:
     def nbytes(self) -> int:
         return self.stored.nbytes + self.off.nbytes + self.vals.numel() * self.vals.element_size()
 
+    def raw(self) -> np.ndarray:
+        """``vals`` as numpy (bfloat16 as its bits), made once."""
+        if getattr(self, "_vals_np", None) is None:
+            self._vals_np = _raw(self.vals)
+        return self._vals_np
+
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
@@ -106,6 +113,7 @@ class MaskHandle:
         self.pristine_device = None if pristine is None else torch.device(pristine)
         self._saved: dict[str, _Saved] = {}
         self._gate: dict[str, np.ndarray | None] = {}  # each module's current packed mask
+        self._covered: set[tuple[str, str]] = set()  # (persona, module) whose pruned are stored
         self._cache = _PackedCache(cache_bytes)
         self.active: str | None = None
         self.gamma: float = 0.0
@@ -169,8 +177,13 @@ class MaskHandle:
         gamma = 0.0 if persona is None else float(gamma)
         try:
             with torch.no_grad():
+                jobs: list[tuple] = []
                 for name, mod in self.modules.items():
-                    self._switch(name, mod, masks.get(name), gamma)
+                    self._switch(name, mod, masks.get(name), gamma, persona or "", jobs)
+                if jobs:
+                    from . import _switch
+
+                    _switch.run(jobs)
         except BaseException:
             self._restore_all()
             raise
@@ -181,8 +194,18 @@ class MaskHandle:
 
     set_adapter = use  # PEFT-style name
 
-    def _switch(self, name: str, mod: nn.Linear, new: np.ndarray | None, gamma: float) -> None:
-        """Module ``name`` from its current gate to ``new`` (None: all kept) with ``gamma``."""
+    def _switch(
+        self,
+        name: str,
+        mod: nn.Linear,
+        new: np.ndarray | None,
+        gamma: float,
+        key: str,
+        jobs: list[tuple],
+    ) -> None:
+        """Module ``name`` from its current gate to ``new`` (None: all kept) with ``gamma``;
+        ``key`` names the persona whose gate ``new`` is. Compiled switches are appended to
+        ``jobs`` (run together after the loop); others happen here."""
         cur = self._gate.get(name)
         if cur is None and new is None:
             return  # base to base
@@ -199,11 +222,13 @@ class MaskHandle:
                 np.zeros(rows + 1, np.int64),
                 torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
             )
-        if new is not None:  # every position the new gate prunes must have its base value kept
+        if new is not None and (key, name) not in self._covered:
+            # every position the new gate prunes must have its base value kept
             extra = np.bitwise_and(np.invert(new), pad_mask(w.shape[1]))
             np.bitwise_and(extra, np.invert(saved.stored), out=extra)
             if extra.any():
                 saved = self._grow(w, saved, extra)
+            self._covered.add((key, name))
         self._saved[name] = saved
         # positions to rewrite: where the kept bit changes, or, when gamma changes, every
         # position either gate prunes
@@ -211,17 +236,18 @@ class MaskHandle:
         if self._fast(w, saved):
             from . import _switch
 
-            _switch.apply(
-                _raw(w.data),
-                saved.stored,
-                saved.off,
-                _raw(saved.vals),
-                cur,
-                new,
-                _rounded(gamma, w.dtype),
-                same_gamma,
-                False,
-                w.dtype == torch.bfloat16,
+            jobs.append(
+                _switch.job(
+                    _raw(w.data),
+                    saved.stored,
+                    saved.off,
+                    saved.raw(),
+                    cur,
+                    new,
+                    _rounded(gamma, w.dtype),
+                    same_gamma,
+                    w.dtype == torch.bfloat16,
+                )
             )
         else:
             where = unpack_torch(torch.from_numpy(saved.stored).to(w.device), w.shape[1])
@@ -266,10 +292,15 @@ class MaskHandle:
 
     def _restore_all(self) -> None:
         """Every module back to its base weight, bit for bit."""
+        jobs: list[tuple] = []
         with torch.no_grad():
             for name, mod in self.modules.items():
                 if self._gate.get(name) is not None:
-                    self._switch(name, mod, None, 0.0)
+                    self._switch(name, mod, None, 0.0, "", jobs)
+            if jobs:
+                from . import _switch
+
+                _switch.run(jobs)
         self.active, self.gamma = None, 0.0
 
     @contextlib.contextmanager
@@ -291,6 +322,7 @@ class MaskHandle:
         self._restore_all()
         self._saved.clear()
         self._gate.clear()
+        self._covered.clear()
         self._cache = _PackedCache(self._cache.limit)
 
     def __repr__(self) -> str:
@@ -302,6 +334,7 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
 
 
+@functools.lru_cache(maxsize=64)
 def _rounded(gamma: float, dtype: torch.dtype) -> float:
     """``gamma`` as the weight's dtype holds it (torch rounds the gate to that dtype)."""
     return float(torch.tensor(gamma, dtype=torch.float32).to(dtype).float())
