@@ -120,6 +120,16 @@ def build(
         bool, typer.Option(help="give a tied lm_head its own weight copy so it can be masked")
     ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    offload: Annotated[
+        bool,
+        typer.Option(help="load one decoder block at a time from the safetensors files"),
+    ] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="e.g. 8GiB: offload when the weights are larger; hidden states past a quarter spill to disk"
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
     codec: Annotated[str, typer.Option(help="zstd, blosc, gzip, none")] = "zstd",
     chunk_mib: Annotated[float, typer.Option(help="packed MiB per chunk")] = 2.0,
@@ -133,11 +143,14 @@ def build(
         PersonaStats,
         check_pairs,
         collect_stats,
+        collector,
+        finish_stats,
         stats_from_bundle,
         write_bundle,
     )
-    from maskstore.models import load_model
+    from maskstore.models import load_model, load_tokenizer, model_folder, torch_dtype
     from maskstore.modules import check_untied, maskable_modules
+    from maskstore.offload import LayerwiseModel, checkpoint_bytes, parse_bytes
 
     t0 = time.perf_counter()
     for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size)):
@@ -177,8 +190,21 @@ def build(
     check_pairs(names if source else list(data), pairs, config)
     times: dict[str, float] = {}
 
-    with console.status("loading model"):
-        mdl, tok = load_model(model, dtype=dtype, device=device)
+    budget = parse_bytes(max_memory) if max_memory is not None else None
+    folder = model_folder(model)
+    layerwise = None
+    if offload or (budget is not None and checkpoint_bytes(folder) > budget):
+        from maskstore.models import check_device
+
+        check_device(device)
+        with console.status("reading the model's structure"):
+            layerwise = LayerwiseModel(
+                folder, torch_dtype(dtype), device, budget=(budget or 4 << 30) // 4
+            )
+            mdl, tok = layerwise.model, load_tokenizer(folder)
+    else:
+        with console.status("loading model"):
+            mdl, tok = load_model(folder, dtype=dtype, device=device)
     times["load model"] = time.perf_counter() - t0
     mods = maskable_modules(mdl, only=only, pattern=modules, include_lm_head=include_lm_head)
     check_untied(mdl, mods, untie)
@@ -186,6 +212,26 @@ def build(
     t1 = time.perf_counter()
     if source is not None:
         stats = stats_from_bundle(source, names, mods)
+    elif layerwise is not None:
+        chosen = {n: cal.choose(smp, samples, seed) for n, smp in data.items()}
+        batches = {
+            n: list(cal.batches(tok, c, max_tokens, batch_size, chat_template))
+            for n, c in chosen.items()
+        }
+        collectors = {n: collector(mods, config) for n in data}
+        with progress() as bar:
+            task = bar.add_task("calibrating, one block at a time", total=len(layerwise.layers))
+            layerwise.collect(collectors, batches, progress=lambda k: bar.advance(task, k))
+        stats = []
+        for n, c in chosen.items():
+            st = finish_stats(collectors[n], config)
+            calib = {
+                "digest": cal.samples_digest(c),
+                "samples": len(c),
+                "tokens": next(iter(st.values())).tokens,
+                "source": f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}",
+            }
+            stats.append(PersonaStats(n, st, calib))
     else:
         stats = []
         with progress() as bar:
@@ -222,6 +268,7 @@ def build(
             progress=lambda k: bar.advance(task, k),
             chunk_bytes=max(1, int(chunk_mib * (1 << 20))),
             codec=codec,
+            weight_of=None if layerwise is None else layerwise.weight,
         )
     times["scoring + write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0

@@ -155,9 +155,22 @@ def collect_stats(
 ) -> dict[str, ChannelStats]:
     """One calibration pass: :class:`ChannelStats` per module, plus what the method derives from
     Gram matrices (SparseGPT's ``[H^-1]_jj``; the Gram matrices are dropped after use)."""
+    coll = collector(modules, config)
+    coll.run(model, batches, progress)
+    return finish_stats(coll, config)
+
+
+def collector(modules: Mapping[str, nn.Linear], config: BuildConfig | None) -> StatsCollector:
+    """A statistics collector for ``modules`` that keeps what the method needs."""
     finish = config.spec.finish if config is not None else None
-    coll = StatsCollector(modules, gram=finish is not None)
-    stats = coll.run(model, batches, progress)
+    return StatsCollector(modules, gram=finish is not None)
+
+
+def finish_stats(coll: StatsCollector, config: BuildConfig | None) -> dict[str, ChannelStats]:
+    """A collector's statistics after the pass: what the method derives from Gram matrices is
+    added, and empty or non-finite statistics are refused."""
+    stats = coll.stats
+    finish = config.spec.finish if config is not None else None
     if finish is not None:
         done: dict[str, tuple[str, Any]] = {}
         for name, st in stats.items():
@@ -264,10 +277,13 @@ def write_personas(
     progress: Progress = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
+    weight_of: Callable[[str], torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """Score, select and write every persona into an open (writable) bundle, one module at a
     time.
 
+    Args:
+        weight_of: ``name -> weight`` when the modules' weights are not in memory (offload).
     Returns:
         persona name -> its committed metadata.
     """
@@ -296,7 +312,8 @@ def write_personas(
         kept = dict.fromkeys(writers, 0)
         zero = dict.fromkeys(writers, 0)
         for name, mod in modules.items():
-            masks = masks_for_module(mod.weight, personas, pairs, name, config, zero)
+            weight = mod.weight if weight_of is None else weight_of(name)
+            masks = masks_for_module(weight, personas, pairs, name, config, zero)
             for p in personas:
                 w = writers[p.name]
                 kept[p.name] += int(masks[p.name].sum())
@@ -334,9 +351,12 @@ def write_bundle(
     progress: Progress = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
+    weight_of: Callable[[str], torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """Score and write ``personas`` into a new bundle at ``out`` (atomically).
 
+    Args:
+        weight_of: ``name -> weight`` when the modules' weights are not in memory (offload).
     Returns:
         persona name -> its committed metadata.
     """
@@ -345,10 +365,18 @@ def write_bundle(
     for p in personas:
         check_persona_name(p.name)
     check_pairs([p.name for p in personas], list(pairs), config)
-    fp = model_fingerprint(model, dict(modules), hash_weights=True)
+    fp = model_fingerprint(model, dict(modules), hash_weights=True, weight_of=weight_of)
     with create_bundle(out, fp, force=force) as bundle:
         return write_personas(
-            bundle, modules, personas, list(pairs), config, progress, chunk_bytes, codec
+            bundle,
+            modules,
+            personas,
+            list(pairs),
+            config,
+            progress,
+            chunk_bytes,
+            codec,
+            weight_of,
         )
 
 

@@ -7,7 +7,8 @@ same tensor (q/k/v, gate/up) reduce it once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -73,21 +74,34 @@ class StatsCollector:
         self._mask: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, dict, str] | None = None
 
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        """Fold module ``name``'s input ``x`` of the current batch (see :meth:`batch`)."""
+        if self._last is not None and self._last[0] is x:
+            _, red, group = self._last  # same tensor as the previous module: reduce once
+        else:
+            red, group = _reduce(x, self._mask, self.gram), name
+            self._last = (x, red, group)  # strong ref: its address cannot be reused meanwhile
+            if self.gram:
+                if group in self.grams:
+                    self.grams[group] += red["gram"]
+                else:
+                    self.grams[group] = red["gram"]
+        self.group_of[name] = group
+        self.stats[name].add_batch(red["sum"], red["sumsq"], red["norms"], red["tokens"])
+
+    @contextlib.contextmanager
+    def batch(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Observe one batch whose padding is ``mask`` (B, T) (None: no padding)."""
+        self._mask = mask
+        try:
+            yield
+        finally:
+            self._mask = None
+            self._last = None
+
     def _hook(self, name: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if self._last is not None and self._last[0] is x:
-                _, red, group = self._last  # same tensor as the previous module: reduce once
-            else:
-                red, group = _reduce(x, self._mask, self.gram), name
-                self._last = (x, red, group)  # strong ref: its address cannot be reused meanwhile
-                if self.gram:
-                    if group in self.grams:
-                        self.grams[group] += red["gram"]
-                    else:
-                        self.grams[group] = red["gram"]
-            self.group_of[name] = group
-            self.stats[name].add_batch(red["sum"], red["sumsq"], red["norms"], red["tokens"])
+            self.observe(name, args[0])
 
         return hook
 
@@ -105,15 +119,17 @@ class StatsCollector:
             with torch.inference_mode():
                 for batch in batches:
                     if isinstance(batch, torch.Tensor):
-                        ids, self._mask = batch, None
-                        model(ids.to(device))
+                        with self.batch(None):
+                            model(batch.to(device))
+                        n = batch.shape[0]
                     else:
-                        ids, self._mask = batch["input_ids"], batch.get("attention_mask")
-                        kw = {} if self._mask is None else {"attention_mask": self._mask.to(device)}
-                        model(input_ids=ids.to(device), use_cache=False, **kw)
-                    self._last = None
+                        ids, mask = batch["input_ids"], batch.get("attention_mask")
+                        kw = {} if mask is None else {"attention_mask": mask.to(device)}
+                        with self.batch(mask):
+                            model(input_ids=ids.to(device), use_cache=False, **kw)
+                        n = ids.shape[0]
                     if progress:
-                        progress(ids.shape[0])
+                        progress(n)
         finally:
             for h in handles:
                 h.remove()

@@ -91,6 +91,38 @@ def check_device(device: str) -> None:
         raise MaskstoreError(f"--device {device}: MPS is not available here; use cpu")
 
 
+def model_folder(path: str | os.PathLike | None) -> Path:
+    """A local Hugging Face model folder (None: the embedded SmolLM2-135M), checked."""
+    folder = embedded_model_dir() if path is None else Path(path)
+    if not (folder / "config.json").is_file():
+        raise MaskstoreError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The folder's tokenizer, with a pad token (EOS when it has none)."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise MaskstoreError(f"cannot load the tokenizer from {folder}: {msg}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(dtype: str):
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` as a torch dtype (else a one-line error)."""
+    import torch
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MaskstoreError(f"unknown --dtype {dtype!r}: use float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a local Hugging Face folder, or the embedded default.
 

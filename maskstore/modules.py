@@ -130,7 +130,9 @@ def tied_to(model: nn.Module, name: str) -> str | None:
     target = dict(model.named_modules())[name].weight
     for other, mod in model.named_modules(remove_duplicate=False):
         w = getattr(mod, "weight", None)
-        if other != name and w is not None and w.data_ptr() == target.data_ptr():
+        if other == name or w is None:
+            continue
+        if w is target or (w.device.type != "meta" and w.data_ptr() == target.data_ptr()):
             return other
     return None
 
@@ -163,21 +165,29 @@ def check_untied(model: nn.Module, names, untie: bool = False) -> list[str]:
     return done
 
 
-def weights_hash(modules: dict[str, nn.Linear]) -> str:
+def weights_hash(modules: dict[str, nn.Linear], weight_of=None) -> str:
     """xxh3-128 over the masked weights: names, shapes and float32 values, in model order
-    (the same value for a model in any dtype that holds the same float32 numbers)."""
+    (the same value for a model in any dtype that holds the same float32 numbers).
+
+    Args:
+        weight_of: ``name -> weight`` for modules whose weights are elsewhere (offloaded).
+    """
     import torch
 
     x = xxhash.xxh3_128()
     for name, mod in modules.items():
-        w = mod.weight.detach().to("cpu", torch.float32).contiguous()
+        w = mod.weight if weight_of is None else weight_of(name)
+        w = w.detach().to("cpu", torch.float32).contiguous()
         x.update(f"{name}:{tuple(w.shape)}".encode())
         x.update(w.view(torch.uint8).numpy().data)
     return x.hexdigest()
 
 
 def model_fingerprint(
-    model: nn.Module, modules: dict[str, nn.Linear] | None = None, hash_weights: bool = False
+    model: nn.Module,
+    modules: dict[str, nn.Linear] | None = None,
+    hash_weights: bool = False,
+    weight_of=None,
 ) -> dict:
     """The fingerprint stored in a bundle: architecture, masked module names and shapes."""
     modules = modules if modules is not None else maskable_modules(model)
@@ -186,5 +196,5 @@ def model_fingerprint(
         "modules": {n: [m.out_features, m.in_features] for n, m in modules.items()},
     }
     if hash_weights:
-        fp["weights_xxh3"] = weights_hash(modules)
+        fp["weights_xxh3"] = weights_hash(modules, weight_of)
     return fp
