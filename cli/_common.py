@@ -34,7 +34,7 @@ def emit_json(doc: object) -> None:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
-def progress() -> Progress:
+def progress(disable: bool = False) -> Progress:
     """A transient progress bar on stderr (hidden when stderr is not a terminal)."""
     from rich.progress import (
         BarColumn,
@@ -51,6 +51,7 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
+        disable=disable,
     )
 
 

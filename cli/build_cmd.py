@@ -138,13 +138,14 @@ def build(
 ) -> None:
     """Build persona masks from a model and calibration data (or from stored statistics)."""
     from maskstore import calibration as cal
+    from maskstore import distributed
     from maskstore.build import (
         BuildConfig,
         PersonaStats,
         check_pairs,
-        collect_stats,
         collector,
         finish_stats,
+        masks_for_module,
         stats_from_bundle,
         write_bundle,
     )
@@ -190,6 +191,11 @@ def build(
     check_pairs(names if source else list(data), pairs, config)
     times: dict[str, float] = {}
 
+    rank, size = distributed.world()
+    if size > 1:
+        distributed.init(device)
+        if rank != 0:
+            console.quiet = True
     budget = parse_bytes(max_memory) if max_memory is not None else None
     folder = model_folder(model)
     layerwise = None
@@ -212,16 +218,33 @@ def build(
     t1 = time.perf_counter()
     if source is not None:
         stats = stats_from_bundle(source, names, mods)
-    elif layerwise is not None:
+    else:
         chosen = {n: cal.choose(smp, samples, seed) for n, smp in data.items()}
+        # each rank takes every size-th batch; one process takes them all
         batches = {
-            n: list(cal.batches(tok, c, max_tokens, batch_size, chat_template))
+            n: distributed.shard(
+                list(cal.batches(tok, c, max_tokens, batch_size, chat_template)), rank, size
+            )
             for n, c in chosen.items()
         }
-        collectors = {n: collector(mods, config) for n in data}
-        with progress() as bar:
-            task = bar.add_task("calibrating, one block at a time", total=len(layerwise.layers))
-            layerwise.collect(collectors, batches, progress=lambda k: bar.advance(task, k))
+        collectors = {n: collector(mods, config, record=size > 1) for n in data}
+        with progress(disable=rank != 0) as bar:
+            if layerwise is not None:
+                task = bar.add_task("calibrating, block by block", total=len(layerwise.layers))
+                layerwise.collect(collectors, batches, progress=lambda k: bar.advance(task, k))
+            else:
+                for n, bs in batches.items():
+                    task = bar.add_task(
+                        f"calibrating {n}", total=sum(len(b["input_ids"]) for _, b in bs)
+                    )
+                    collectors[n].run(
+                        mdl,
+                        [b for _, b in bs],
+                        progress=lambda k, t=task: bar.advance(t, k),
+                        indices=[i for i, _ in bs],
+                    )
+        if size > 1:
+            distributed.gather_stats(collectors)
         stats = []
         for n, c in chosen.items():
             st = finish_stats(collectors[n], config)
@@ -232,29 +255,23 @@ def build(
                 "source": f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}",
             }
             stats.append(PersonaStats(n, st, calib))
-    else:
-        stats = []
-        with progress() as bar:
-            for n, smp in data.items():
-                chosen = cal.choose(smp, samples, seed)
-                task = bar.add_task(f"calibrating {n}", total=len(chosen))
-                st = collect_stats(
-                    mdl,
-                    mods,
-                    cal.batches(tok, chosen, max_tokens, batch_size, chat_template),
-                    config,
-                    progress=lambda k, t=task: bar.advance(t, k),
-                )
-                calib = {
-                    "digest": cal.samples_digest(chosen),
-                    "samples": len(chosen),
-                    "tokens": next(iter(st.values())).tokens,
-                    "source": f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}",
-                }
-                stats.append(PersonaStats(n, st, calib))
     times["calibration"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    weight_of = None if layerwise is None else layerwise.weight
+    masks_of = None
+    if size > 1:  # modules split across ranks for selection; rank 0 writes
+
+        def select(name: str):
+            zero = {p.name: 0 for p in stats}
+            w = mods[name].weight if weight_of is None else weight_of(name)
+            return masks_for_module(w, stats, pairs, name, config, zero), zero
+
+        gathered = distributed.gather_masks(list(mods), select, rank, size)
+        if rank != 0:
+            distributed.finish()
+            return
+        masks_of = gathered.__getitem__
     with progress() as bar:
         task = bar.add_task("scoring and writing", total=len(mods))
         metas = write_bundle(
@@ -268,8 +285,11 @@ def build(
             progress=lambda k: bar.advance(task, k),
             chunk_bytes=max(1, int(chunk_mib * (1 << 20))),
             codec=codec,
-            weight_of=None if layerwise is None else layerwise.weight,
+            weight_of=weight_of,
+            masks_of=masks_of,
         )
+    if size > 1:
+        distributed.finish()
     times["scoring + write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
 

@@ -160,10 +160,13 @@ def collect_stats(
     return finish_stats(coll, config)
 
 
-def collector(modules: Mapping[str, nn.Linear], config: BuildConfig | None) -> StatsCollector:
-    """A statistics collector for ``modules`` that keeps what the method needs."""
+def collector(
+    modules: Mapping[str, nn.Linear], config: BuildConfig | None, record: bool = False
+) -> StatsCollector:
+    """A statistics collector for ``modules`` that keeps what the method needs (``record``:
+    each batch's sums apart, for ranks that gather them)."""
     finish = config.spec.finish if config is not None else None
-    return StatsCollector(modules, gram=finish is not None)
+    return StatsCollector(modules, gram=finish is not None, record=record)
 
 
 def finish_stats(coll: StatsCollector, config: BuildConfig | None) -> dict[str, ChannelStats]:
@@ -278,12 +281,15 @@ def write_personas(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
     weight_of: Callable[[str], torch.Tensor] | None = None,
+    masks_of: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, int]]] | None = None,
 ) -> dict[str, dict]:
     """Score, select and write every persona into an open (writable) bundle, one module at a
     time.
 
     Args:
         weight_of: ``name -> weight`` when the modules' weights are not in memory (offload).
+        masks_of: ``name -> (masks, zero_kept)`` when the masks were selected elsewhere (by
+            other ranks); default: selected here.
     Returns:
         persona name -> its committed metadata.
     """
@@ -312,8 +318,13 @@ def write_personas(
         kept = dict.fromkeys(writers, 0)
         zero = dict.fromkeys(writers, 0)
         for name, mod in modules.items():
-            weight = mod.weight if weight_of is None else weight_of(name)
-            masks = masks_for_module(weight, personas, pairs, name, config, zero)
+            if masks_of is not None:
+                masks, zeros = masks_of(name)
+                for p, z in zeros.items():
+                    zero[p] += z
+            else:
+                weight = mod.weight if weight_of is None else weight_of(name)
+                masks = masks_for_module(weight, personas, pairs, name, config, zero)
             for p in personas:
                 w = writers[p.name]
                 kept[p.name] += int(masks[p.name].sum())
@@ -352,11 +363,13 @@ def write_bundle(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
     weight_of: Callable[[str], torch.Tensor] | None = None,
+    masks_of: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, int]]] | None = None,
 ) -> dict[str, dict]:
     """Score and write ``personas`` into a new bundle at ``out`` (atomically).
 
     Args:
         weight_of: ``name -> weight`` when the modules' weights are not in memory (offload).
+        masks_of: ``name -> (masks, zero_kept)`` selected elsewhere (see :func:`write_personas`).
     Returns:
         persona name -> its committed metadata.
     """
@@ -377,6 +390,7 @@ def write_bundle(
             chunk_bytes,
             codec,
             weight_of,
+            masks_of,
         )
 
 

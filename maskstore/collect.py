@@ -8,6 +8,7 @@ same tensor (q/k/v, gate/up) reduce it once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -65,9 +66,14 @@ class StatsCollector:
         gram: also accumulate the Gram matrix ``X^T X`` per module (for SparseGPT).
     """
 
-    def __init__(self, modules: Mapping[str, nn.Linear], gram: bool = False) -> None:
+    def __init__(
+        self, modules: Mapping[str, nn.Linear], gram: bool = False, record: bool = False
+    ) -> None:
         self.modules = dict(modules)
         self.gram = gram
+        self.record = record  # keep each batch's sums apart (``partials``) for a later replay
+        self.partials: dict[str, list[tuple[int, dict]]] = {n: [] for n in self.modules}
+        self._index = 0
         self.stats = {n: ChannelStats.zeros(m.in_features) for n, m in self.modules.items()}
         self.grams: dict[str, np.ndarray] = {}  # X^T X per input group (first module's name)
         self.group_of: dict[str, str] = {}  # module -> the module whose input it shares
@@ -87,17 +93,30 @@ class StatsCollector:
                 else:
                     self.grams[group] = red["gram"]
         self.group_of[name] = group
-        self.stats[name].add_batch(red["sum"], red["sumsq"], red["norms"], red["tokens"])
+        if self.record:
+            self.partials[name].append((self._index, red))
+        else:
+            self.stats[name].add_batch(red["sum"], red["sumsq"], red["norms"], red["tokens"])
 
     @contextlib.contextmanager
-    def batch(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Observe one batch whose padding is ``mask`` (B, T) (None: no padding)."""
-        self._mask = mask
+    def batch(self, mask: torch.Tensor | None, index: int = 0) -> Iterator[None]:
+        """Observe one batch whose padding is ``mask`` (B, T) (None: no padding); ``index`` is
+        its place in the whole calibration set (recorded with its partial sums)."""
+        self._mask, self._index = mask, index
         try:
             yield
         finally:
             self._mask = None
             self._last = None
+
+    def replay(self, partials: Mapping[str, list[tuple[int, dict]]]) -> dict[str, ChannelStats]:
+        """Fold recorded per-batch sums (from every rank) in calibration order, as one process
+        folds them batch by batch: the same float64 operations in the same order."""
+        for name, parts in partials.items():
+            st = self.stats[name]
+            for _, red in sorted(parts, key=lambda p: p[0]):
+                st.add_batch(red["sum"], red["sumsq"], red["norms"], red["tokens"])
+        return self.stats
 
     def _hook(self, name: str):
         def hook(_mod: nn.Module, args: tuple) -> None:
@@ -110,22 +129,26 @@ class StatsCollector:
         model: nn.Module,
         batches: Iterable[Batch],
         progress: Callable[[int], None] | None = None,
+        indices: Iterable[int] | None = None,
     ) -> dict[str, ChannelStats]:
         """Run ``model`` over ``batches`` (dicts with ``input_ids``/``attention_mask``, or tensors
-        of token ids) and return the statistics per module."""
+        of token ids) and return the statistics per module; ``indices`` are the batches' places
+        in the whole calibration set (when recording for a replay)."""
+        order = iter(indices) if indices is not None else itertools.count()
         handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
         device = next(model.parameters()).device
         try:
             with torch.inference_mode():
                 for batch in batches:
+                    index = next(order)
                     if isinstance(batch, torch.Tensor):
-                        with self.batch(None):
+                        with self.batch(None, index):
                             model(batch.to(device))
                         n = batch.shape[0]
                     else:
                         ids, mask = batch["input_ids"], batch.get("attention_mask")
                         kw = {} if mask is None else {"attention_mask": mask.to(device)}
-                        with self.batch(mask):
+                        with self.batch(mask, index):
                             model(input_ids=ids.to(device), use_cache=False, **kw)
                         n = ids.shape[0]
                     if progress:

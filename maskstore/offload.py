@@ -152,12 +152,12 @@ class LayerwiseModel:
     def collect(
         self,
         collectors: Mapping[str, StatsCollector],
-        batches: Mapping[str, list[Batch]],
+        batches: Mapping[str, list[tuple[int, Batch]]],
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Run every persona's batches through the model block by block; each persona's
-        ``collector`` sees its own batches' inputs of the watched modules."""
-        inputs: list[tuple[str, torch.Tensor | None, tuple, dict]] = []  # per batch
+        """Run every persona's ``(index, batch)`` pairs through the model block by block; each
+        persona's ``collector`` sees its own batches' inputs of the watched modules."""
+        inputs: list[tuple[str, int, torch.Tensor | None, tuple, dict]] = []  # per batch
         embed = self.model.get_input_embeddings()
         self._load(embed)
         first = self.layers[0]
@@ -168,7 +168,7 @@ class LayerwiseModel:
         handle = first.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             for persona, bs in batches.items():
-                for batch in bs:
+                for index, batch in bs:
                     if isinstance(batch, torch.Tensor):
                         ids, mask = batch, None
                     else:
@@ -178,7 +178,7 @@ class LayerwiseModel:
                         self.model(input_ids=ids.to(self.device), use_cache=False, **kw)
                     except _Stop as stop:
                         args, kwargs = stop.args
-                        inputs.append((persona, mask, args, kwargs))
+                        inputs.append((persona, index, mask, args, kwargs))
                     else:  # pragma: no cover - the hook always fires
                         raise MaskstoreError("the first decoder block never ran")
         finally:
@@ -186,7 +186,7 @@ class LayerwiseModel:
             self._unload(embed)
         states = _States(self.budget)
         try:
-            for i, (_, _, args, _) in enumerate(inputs):
+            for i, (_, _, _, args, _) in enumerate(inputs):
                 states.put(i, args[0])
             watched = {}
             for c in collectors.values():
@@ -203,10 +203,10 @@ class LayerwiseModel:
             try:
                 for layer in self.layers:
                     self._load(layer)
-                    for i, (persona, mask, args, kwargs) in enumerate(inputs):
+                    for i, (persona, index, mask, args, kwargs) in enumerate(inputs):
                         coll = collectors[persona]
                         current[0] = coll
-                        with coll.batch(mask):
+                        with coll.batch(mask, index):
                             out = layer(states.get(i).to(self.device), *args[1:], **kwargs)
                         states.put(i, out[0] if isinstance(out, tuple) else out)
                     self._unload(layer)
