@@ -135,20 +135,25 @@ def main() -> None:
 
 
 def related_bundle(model) -> Path:
-    """One persona at sparsity 0.2 and 0.25, scored from the same statistics (Wanda)."""
+    return related_bundle_for(model, BUNDLE, "introvert")
+
+
+def related_bundle_for(model, source: Path, persona: str) -> Path:
+    """``persona``'s statistics scored at sparsity 0.2 and 0.25 (Wanda): personas ``s20`` and
+    ``s25``, which differ in about 5% of weights."""
     from maskstore import create_bundle
     from maskstore.build import BuildConfig, masks_for_module, stats_from_bundle
     from maskstore.modules import model_fingerprint
 
     out = Path(tempfile.mkdtemp()) / "related.zarr"
     mods = maskstore.maskable_modules(model)
-    stats = stats_from_bundle(maskstore.open(BUNDLE), ["introvert"], mods)
+    stats = stats_from_bundle(maskstore.open(source), [persona], mods)
     with create_bundle(out, model_fingerprint(model, mods, hash_weights=True)) as b:
         for name, sp in (("s20", 0.2), ("s25", 0.25)):
             cfg = BuildConfig("wanda", sp)
             with b.persona_writer(name, method="wanda", sparsity=sp, params=cfg.params()) as w:
                 for m, mod in mods.items():
-                    w.write_mask(m, masks_for_module(mod.weight, stats, [], m, cfg)["introvert"])
+                    w.write_mask(m, masks_for_module(mod.weight, stats, [], m, cfg)[persona])
     return out
 
 

@@ -30,6 +30,24 @@ from .collect import Batch, StatsCollector
 from .errors import MaskstoreError
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks under 32 MiB in its heap,
+    so a process that loads and frees block after block would otherwise hold them all)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 class _Stop(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
@@ -54,12 +72,20 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_MAX_HEADER = 100 << 20
+
+
 class _Weights:
-    """Tensors by name from a folder's safetensors files, read on demand (memory-mapped)."""
+    """Tensors by name from a folder's safetensors files, each read with plain file reads into
+    its own memory when asked (no memory map: pages of blocks already done must not stay
+    resident)."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -67,17 +93,56 @@ class _Weights:
             files = [f.name for f in sorted(folder.glob("*.safetensors"))]
         if not files:
             raise MaskstoreError(f"{folder} has no .safetensors weights: offloading reads them")
-        self._handles = [safe_open(folder / f, framework="pt", device="cpu") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._where: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
+        for f in files:
+            path = folder / f
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 < n <= min(_MAX_HEADER, size - 8):
+                    raise MaskstoreError(f"{path} is not a safetensors file (bad header size)")
+                try:
+                    header = json.loads(fh.read(n))
+                except ValueError:
+                    raise MaskstoreError(f"{path} has a damaged safetensors header") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    dtype = _DTYPES[info["dtype"]]
+                    shape = [int(x) for x in info["shape"]]
+                    start, end = (int(x) for x in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise MaskstoreError(
+                        f"{path}: tensor {name!r} has a bad header entry"
+                    ) from None
+                numel = 1
+                for x in shape:
+                    numel *= x
+                if (
+                    min(shape, default=1) < 0
+                    or end - start != numel * dtype.itemsize
+                    or not 0 <= start <= end <= size - 8 - n
+                ):
+                    raise MaskstoreError(f"{path}: tensor {name!r} lies outside the file")
+                self._where[name] = (path, 8 + n + start, dtype, shape, end - start)
 
     def get(self, name: str) -> torch.Tensor:
         try:
-            return self._where[name].get_tensor(name)
+            path, offset, dtype, shape, nbytes = self._where[name]
         except KeyError:
             raise MaskstoreError(
                 f"the checkpoint has no tensor {name!r}: this architecture's weights are named "
                 "differently; build without --offload"
             ) from None
+        out = torch.empty(shape, dtype=dtype)
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != nbytes:
+                raise MaskstoreError(f"{path} ends inside tensor {name!r}: the file is truncated")
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -132,6 +197,7 @@ class LayerwiseModel:
         key = f"{name}.weight"
         if key not in self.weights and name == "lm_head":
             key = f"{self._prefix[id(self.model.get_input_embeddings())]}.weight"
+        release_memory()  # the previous module's weight and scores are free by now
         return self.weights.get(key).to(self.dtype)
 
     def _load(self, module: nn.Module) -> None:
@@ -146,6 +212,7 @@ class LayerwiseModel:
 
     def _unload(self, module: nn.Module) -> None:
         module.to("meta")
+        release_memory()
 
     # ---- calibration
     @torch.inference_mode()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one run (under 8 minutes on one GPU):
+#   - tests/gpu: switching on CUDA (bitwise restore, pristine values on the CPU), scoring on
+#     CUDA against the CPU kernel, float64 statistics from CUDA against the CPU's;
+#   - an offloaded build of a 1.1B-parameter model on the GPU, and its runtime figures.
+# Run from the repository root after scripts/setup.sh (torch with CUDA: pip install torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
+python -m pytest tests/gpu -q -p no:cacheprovider
+python benchmarks/bench_scale.py --device cuda
