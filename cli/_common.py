@@ -29,8 +29,14 @@ def safe(text: object, one_line: bool = False) -> str:
     return escape(s.replace("\n", " ") if one_line else s)
 
 
+JSON_SCHEMA_VERSION = 1  # of the documents --json prints: snake_case keys, "persona" for a name
+
+
 def emit_json(doc: object) -> None:
-    """The one JSON document a ``--json`` command prints on stdout."""
+    """The one JSON document a ``--json`` command prints on stdout (objects carry
+    ``schema_version``)."""
+    if isinstance(doc, dict):
+        doc = {"schema_version": JSON_SCHEMA_VERSION, **doc}
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 

@@ -12,13 +12,29 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from maskstore._version import __version__
+
+        typer.echo(f"maskstore {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Store, compare, version and serve persona masks over LLM weights."""
     # A callback keeps typer in group mode when a command line loads one command module
     # (maskstore.cli.main imports only the module of the command asked for).

@@ -211,7 +211,7 @@ def build(
     else:
         with console.status("loading model"):
             mdl, tok = load_model(folder, dtype=dtype, device=device)
-    times["load model"] = time.perf_counter() - t0
+    times["load_model"] = time.perf_counter() - t0
     mods = maskable_modules(mdl, only=only, pattern=modules, include_lm_head=include_lm_head)
     check_untied(mdl, mods, untie)
 
@@ -290,7 +290,7 @@ def build(
         )
     if size > 1:
         distributed.finish()
-    times["scoring + write"] = time.perf_counter() - t2
+    times["scoring_write"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
 
     b = open_bundle(out)
@@ -330,4 +330,4 @@ def build(
             fmt_bytes(r["stats_bytes"]),
         )
     console.print(t)
-    console.print("  ".join(f"{k}: {v:.1f}s" for k, v in times.items()))
+    console.print("  ".join(f"{k.replace('_', ' ')}: {v:.1f}s" for k, v in times.items()))

@@ -54,7 +54,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
         size = b.nbytes_on_disk(p, "masks")
         doc["personas"].append(
             {
-                "name": p,
+                "persona": p,
                 "method": meta["method"],
                 "sparsity": meta["sparsity"],
                 "realised_sparsity": 1 - kept / numel if numel else None,
@@ -80,7 +80,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
     )
     for p in doc["personas"]:
         t.add_row(
-            safe(p["name"]),
+            safe(p["persona"]),
             safe(p["method"]),
             f"{p['realised_sparsity']:.3f}",
             str(p["modules"]),
@@ -312,7 +312,7 @@ def _op_command(op: str, doc: str, nargs: int):
         if json_out:
             emit_json(
                 {
-                    "name": as_,
+                    "persona": as_,
                     "op": op,
                     "operands": operands,
                     "kept": kept,

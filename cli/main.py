@@ -47,6 +47,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     )
 
 
+def _json_error(message: str, code: int) -> None:
+    """With ``--json``, an error is also a JSON object on stdout."""
+    if "--json" in sys.argv[1:]:
+        from ._common import emit_json
+
+        emit_json({"error": " ".join(message.split()), "exit_code": code})
+
+
 def main() -> None:
     """Console entry point: one-line errors (exit 2 for bad input), never a traceback."""
     warnings.showwarning = _show_warning
@@ -69,6 +77,7 @@ def main() -> None:
             highlight=False,
             soft_wrap=True,
         )
+        _json_error(e.format_message(), 2)
         sys.exit(2)
     except click_exc.ClickException as e:
         err_console.print(f"[red]error:[/] {safe(e.format_message(), one_line=True)}")
@@ -80,6 +89,7 @@ def main() -> None:
         err_console.print(
             f"[red]error:[/] {safe(e, one_line=True)}", highlight=False, soft_wrap=True
         )
+        _json_error(str(e), 2)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")

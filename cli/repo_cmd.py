@@ -121,13 +121,25 @@ def log(
 
 @app.command()
 def tag(
-    name: str,
+    name: Annotated[str | None, typer.Argument(help="new tag name (omit to list)")] = None,
     version: Annotated[str, typer.Argument(help="version, tag or branch (default main)")] = "main",
     sign: SignOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Name a version; tags never move. --sign signs the tag with an SSH key."""
+    """Name a version (tags never move; --sign signs it with an SSH key), or list the tags."""
+    if name is None:
+        tags = dict(sorted(open_repo(repo).tags().items()))
+        if json_out:
+            emit_json({"tags": tags})
+            return
+        for n, v in tags.items():
+            console.print(f"{safe(n)}  {safe(v[:12])}")
+        return
     vid = open_repo(repo).tag(name, version, sign=sign)
+    if json_out:
+        emit_json({"tag": name, "version": vid, "signed": bool(sign)})
+        return
     console.print(f"tag {safe(name)} -> {vid[:12]}" + (" (signed)" if sign else ""))
 
 
@@ -148,6 +160,7 @@ def branch(
     version: Annotated[str, typer.Argument(help="where it starts")] = "main",
     delete: Annotated[bool, typer.Option("--delete", help="delete the branch")] = False,
     repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
 ) -> None:
     """List branches, start one at a version, or delete one."""
     r = open_repo(repo)
@@ -158,7 +171,11 @@ def branch(
         console.print(f"deleted branch {safe(name)}")
         return
     if name is None:
-        for n, v in sorted(r.branches().items()):
+        branches = dict(sorted(r.branches().items()))
+        if json_out:
+            emit_json({"branches": branches})
+            return
+        for n, v in branches.items():
             console.print(f"{safe(n)}  {safe(v[:12])}")
         return
     if r.branch_head(name) is not None:

@@ -161,3 +161,36 @@ def test_export_zip_naming_refs_outside_is_refused_by_the_cli(small, tmp_path, c
     code, _, err = cli("import", tmp_path / "v.zip", "--repo", tmp_path / "other")
     _one_line(code, err, "not a tag or branch")
     assert not (tmp_path / "X").exists()
+
+
+def test_version_short_help_and_json_errors(small, tmp_path, cli):
+    from maskstore import __version__
+
+    code, out, err = cli("--version")
+    assert code == 0 and out.strip() == f"maskstore {__version__}"
+    code, out, err = cli("info", "-h")
+    assert code == 0 and "--json" in out
+    # with --json, an error is also one JSON object on stdout (and one line on stderr)
+    code, out, err = cli("info", tmp_path / "missing.zarr", "--json")
+    _one_line(code, err, "no bundle")
+    doc = json.loads(out)
+    assert doc["exit_code"] == 2 and "no bundle" in doc["error"] and doc["schema_version"] == 1
+    code, out, err = cli("info", small, "--nope", "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+    code, out, err = cli("info", small, "--json")
+    doc = json.loads(out)
+    assert doc["schema_version"] == 1 and doc["personas"][0]["persona"] == "a"
+
+
+def test_tags_and_branches_are_listed(small, tmp_path, cli):
+    repo = tmp_path / "repo"
+    assert cli("commit", small, "-m", "one", "--repo", repo)[0] == 0
+    for name in ("v2", "v1"):
+        assert cli("tag", name, "--repo", repo)[0] == 0
+    code, out, err = cli("tag", "--repo", repo)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["v1", "v2"]
+    code, out, err = cli("tag", "--repo", repo, "--json")
+    tags = json.loads(out)["tags"]
+    assert set(tags) == {"v1", "v2"} and tags["v1"] == tags["v2"]
+    code, out, err = cli("branch", "--repo", repo, "--json")
+    assert set(json.loads(out)["branches"]) == {"main"}
