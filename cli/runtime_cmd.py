@@ -25,10 +25,18 @@ ModelOpt = Annotated[
 UntieOpt = Annotated[
     bool, typer.Option(help="give a masked lm_head tied to the embeddings its own weight copy")
 ]
+CheckOpt = Annotated[
+    bool,
+    typer.Option(help="compare the model's weights with the hash the bundle recorded"),
+]
 
 
 def _attach(
-    bundle: Path, model: Path | None, device: str = "cpu", untie: bool = False
+    bundle: Path,
+    model: Path | None,
+    device: str = "cpu",
+    untie: bool = False,
+    check_weights: bool = True,
 ) -> tuple[MaskHandle, object]:
     from maskstore.models import load_model
     from maskstore.runtime import attach
@@ -36,7 +44,7 @@ def _attach(
     b = open_bundle(bundle)
     with console.status("loading model"):
         mdl, tok = load_model(model, device=device)
-    return attach(mdl, b, untie=untie), tok
+    return attach(mdl, b, untie=untie, check_weights=None if check_weights else False), tok
 
 
 def _writable(path: Path | None, flag: str) -> None:
@@ -73,7 +81,13 @@ def run(
         str | None, typer.Option(help="persona to use (default: base model)")
     ] = None,
     compare: Annotated[
-        bool, typer.Option(help="base model and every persona side by side")
+        bool,
+        typer.Option(
+            help="base model and --persona (A,B,...; default: every built one) side by side"
+        ),
+    ] = False,
+    all_personas: Annotated[
+        bool, typer.Option("--all", help="with --compare, also personas made by set operations")
     ] = False,
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option()] = 60,
@@ -81,13 +95,25 @@ def run(
     model: ModelOpt = None,
     device: Annotated[str, typer.Option()] = "cpu",
     untie: UntieOpt = False,
+    check_weights: CheckOpt = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate (greedy) with a persona on, or compare the base model with every persona."""
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
     b = open_bundle(bundle)
-    names: list[str | None] = [None, *b.personas] if compare else [persona]
+    if compare:  # the base model and the named persona(s), else every persona built or imported
+        chosen = [p for p in persona.split(",") if p] if persona else None
+        if chosen is None:
+            derived = {"union", "intersect", "subtract", "xor", "complement"}
+            chosen = [
+                p
+                for p in b.personas
+                if all_personas or b.persona(p)["provenance"]["op"] not in derived
+            ]
+        names: list[str | None] = [None, *chosen]
+    else:
+        names = [persona]
     for n in names:
         if n is not None:
             b.persona(n)  # unknown names fail before the model loads
@@ -95,7 +121,7 @@ def run(
         raise MaskstoreError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not prompt.strip():
         raise MaskstoreError("--prompt is empty: give the text to answer")
-    handle, tok = _attach(bundle, model, device, untie)
+    handle, tok = _attach(bundle, model, device, untie, check_weights)
     outputs = {}
     for n in names:
         handle.use(n, gamma)
@@ -177,6 +203,7 @@ def eval_cmd(
     model: ModelOpt = None,
     device: Annotated[str, typer.Option()] = "cpu",
     untie: UntieOpt = False,
+    check_weights: CheckOpt = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Persona alignment on a multiple-choice set: base model, persona prompt, masks, and masks
@@ -207,7 +234,7 @@ def eval_cmd(
         n, text = d.split("=", 1)
         descr[n] = text
     keys_for = {p: [it.matching if m else it.flipped() for it in items] for p, m in matches.items()}
-    handle, tok = _attach(bundle, model, device, untie)
+    handle, tok = _attach(bundle, model, device, untie, check_weights)
     plan = [("base", p, None, system_prompt) for p in keys_for]
     plan += [("prompt", p, None, descr[p]) for p in keys_for]
     plan += [("mask", p, p, system_prompt) for p in keys_for]
@@ -281,6 +308,7 @@ def similarity(
     model: ModelOpt = None,
     device: Annotated[str, typer.Option()] = "cpu",
     untie: UntieOpt = False,
+    check_weights: CheckOpt = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer cosine similarity of hidden states under personas A and B (paper, sec. 3.4)."""
@@ -292,7 +320,7 @@ def similarity(
     bnd.persona(a), bnd.persona(b)
     from maskstore import evaluate
 
-    handle, tok = _attach(bundle, model, device, untie)
+    handle, tok = _attach(bundle, model, device, untie, check_weights)
     cos = evaluate.layer_cosine(handle, tok, lines, a, b)
     if png is not None:
         try:

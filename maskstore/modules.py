@@ -145,10 +145,19 @@ def check_untied(model: nn.Module, names, untie: bool = False) -> list[str]:
 
     done = []
     named = dict(model.named_modules())
+    owners: dict[object, list[str]] = {}  # weight (or its storage address) -> module names
+    for n, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            key = id(w) if w.device.type == "meta" else w.data_ptr()
+            owners.setdefault(key, []).append(n)
     for name in names:
-        other = tied_to(model, name)
-        if other is None:
+        w = named[name].weight
+        key = id(w) if w.device.type == "meta" else w.data_ptr()
+        others = [n for n in owners.get(key, []) if n != name]
+        if not others:
             continue
+        other = others[0]
         if not untie:
             raise MaskstoreError(
                 f"{name} shares its weight with {other} (tied embeddings), so masking it would "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class MaskHandle:
         model: nn.Module,
         bundle: Bundle,
         cache_bytes: int = 512 << 20,
-        check_weights: bool = False,
+        check_weights: bool | None = None,
         untie: bool = False,
         pristine: str | torch.device | None = None,
     ) -> None:
@@ -340,7 +341,7 @@ def _rounded(gamma: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(gamma, dtype=torch.float32).to(dtype).float())
 
 
-def _match(model: nn.Module, bundle: Bundle, check_weights: bool) -> dict[str, nn.Linear]:
+def _match(model: nn.Module, bundle: Bundle, check_weights: bool | None) -> dict[str, nn.Linear]:
     """The model's modules named by the bundle, after checking names and shapes match."""
     named = dict(model.named_modules())
     out = {}
@@ -358,20 +359,40 @@ def _match(model: nn.Module, bundle: Bundle, check_weights: bool) -> dict[str, n
                 f"{(info.out_features, info.in_features)} in the bundle: wrong model"
             )
         out[name] = mod
+    # the hash runs in model order, as at build time (a version's fingerprint is key-sorted)
+    order = {n: i for i, n in enumerate(named)}
+    out = dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
     want = bundle.fingerprint.get("weights_xxh3")
-    if check_weights:
-        if not want:
-            raise MaskstoreError("the bundle records no weights hash: attach without check_weights")
-        if weights_hash(out) != want:
-            raise MaskstoreError("the model's weights differ from those the bundle was built on")
+    if check_weights and not want:
+        raise MaskstoreError("the bundle records no weights hash: attach without check_weights")
+    if (check_weights or check_weights is None) and want and weights_hash(out) != want:
+        half = {m.weight.dtype for m in out.values()} - {torch.float32}
+        if check_weights is None and half:
+            # a float32 build attached in lower precision hashes differently too: say so
+            warnings.warn(
+                f"the model's weights do not hash as at build time; expected if the bundle was "
+                f"built in another dtype (these are {', '.join(sorted(map(str, half)))}), else "
+                "this is another model; check_weights=False (--no-check-weights) silences this",
+                WeightsWarning,
+                stacklevel=3,
+            )
+        else:
+            raise MaskstoreError(
+                "the model's weights differ from those the bundle was built on: load the model "
+                "it was built on, or pass --no-check-weights (check_weights=False)"
+            )
     return out
+
+
+class WeightsWarning(UserWarning):
+    """A half-precision model whose weights do not hash as the bundle recorded."""
 
 
 def attach(
     model: nn.Module,
     bundle: Bundle | str,
     cache_bytes: int = 512 << 20,
-    check_weights: bool = False,
+    check_weights: bool | None = None,
     untie: bool = False,
     pristine: str | torch.device | None = None,
 ) -> MaskHandle:
@@ -382,7 +403,11 @@ def attach(
             (the bundle may mask only some of them).
         bundle: a :class:`Bundle` or a path.
         cache_bytes: bound of the packed-mask cache.
-        check_weights: also compare the weights hash recorded at build time.
+        check_weights: compare the model's weights with the hash recorded at build time (one
+            streaming pass, a module at a time); None (default): when the bundle records one
+            (a float32 mismatch is refused; a half-precision one only warns, since a float32
+            build hashes differently once rounded); True: refuse any mismatch and bundles
+            without a hash; False: skip.
         untie: give a masked module whose weight another module shares (a tied ``lm_head``)
             its own copy; without it such a bundle is refused.
         pristine: device for the base values that switching overwrites (default: the

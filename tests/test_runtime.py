@@ -88,6 +88,9 @@ def test_cache_is_packed_and_bounded(setup):
     h.use("a")
     info = h.cache_info()
     assert info.bytes <= 2000 + max(m.weight.numel() // 8 + m.out_features for m in mods.values())
+    with pytest.raises(MaskstoreError, match="weights differ"):  # "a" is on: not the base model
+        maskstore.attach(model, path)
+    h.detach()
     big = maskstore.attach(model, path)
     big.use("a")
     big.use("b")
@@ -345,7 +348,7 @@ def test_delta_switching_writes_the_gate_bit_for_bit(setup, dtype):
     with torch.no_grad():  # values a sloppy restore would lose: -0.0, NaN, inf
         first.weight[0, :3] = torch.tensor([-0.0, float("nan"), float("inf")], dtype=dtype)
     base = {n: m.weight.detach().clone() for n, m in mods.items()}
-    h = maskstore.attach(model, path)
+    h = maskstore.attach(model, path, check_weights=False)  # the weights were edited above
     seq = [("a", 0.0), ("b", 0.0), ("a", 0.3), ("a", 0.0), ("half", 0.7), (None, 0.0),
            ("b", 0.5), ("b", 0.25), ("half", 0.0), ("a", 1.0)]  # fmt: skip
     for p, g in seq:
@@ -402,3 +405,17 @@ def test_pristine_values_on_another_device(setup):
     h.use("b")
     h.use(None)
     assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+
+
+def test_weights_are_checked_by_default(setup):
+    """A bundle that records its model's weights refuses another float32 model unless asked,
+    and warns (cannot tell) for a half-precision one."""
+    model, mods, masks, base, path = setup
+    other = tiny_llama(seed=9)
+    with pytest.raises(MaskstoreError, match="--no-check-weights"):
+        maskstore.attach(other, path)
+    maskstore.attach(other, path, check_weights=False).use("a")
+    with pytest.warns(maskstore.runtime.WeightsWarning, match="bfloat16"):
+        maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path)
+    with pytest.raises(MaskstoreError, match="weights differ"):
+        maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path, check_weights=True)
