@@ -377,6 +377,26 @@ def import_pt_cmd(
         console.print(f"skipped {skipped} lm_head file(s) (--skip-lm-head)")
 
 
+@app.command("export-pt")
+def export_pt_cmd(
+    bundle: Path,
+    out: Annotated[Path, typer.Option("--out", help="folder to create")],
+    persona: Annotated[
+        list[str] | None, typer.Option(help="persona to export (repeat; default: all)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write personas as the research code's M_{persona}_{module}.pt bool tensors."""
+    from maskstore.importers import export_pt
+
+    n = export_pt(open_bundle(bundle), out, persona, force=force)
+    if json_out:
+        emit_json({"out": str(out), "files": n})
+        return
+    console.print(f"wrote {n} file(s) to {safe(out)}")
+
+
 @app.command()
 def pack(
     bundle: Path,

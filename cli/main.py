@@ -21,7 +21,9 @@ from .app import app
 COMMANDS = {
     "build": "build_cmd",
     **dict.fromkeys(
-        ("info verify overlap diff union intersect subtract xor complement import-pt pack").split(),
+        (
+            "info verify overlap diff union intersect subtract xor complement import-pt export-pt pack"
+        ).split(),
         "bundle_cmd",
     ),
     **dict.fromkeys(

@@ -1,7 +1,8 @@
-"""Import the research code's layout: one ``torch.save``d bool tensor per module per persona.
+"""The research code's layout: one ``torch.save``d bool tensor per module per persona.
 
-Files are named ``M_{persona}_{module}.pt``. They are read with ``torch.load(weights_only=True)``
-only, so a file holding anything but plain tensors is refused and nothing in it is executed.
+Files are named ``M_{persona}_{module}.pt``. :func:`import_pt` reads them with
+``torch.load(weights_only=True)`` only, so a file holding anything but plain tensors is refused
+and nothing in it is executed; :func:`export_pt` writes them.
 """
 
 from __future__ import annotations
@@ -129,3 +130,44 @@ def import_pt(
                     if module in mods:
                         w.write_mask(module, _load_tensor(mods[module]))
     return list(files), skipped
+
+
+def export_pt(
+    bundle,
+    out: str | os.PathLike,
+    personas: list[str] | None = None,
+    force: bool = False,
+) -> int:
+    """Write ``personas`` (default: all) of ``bundle`` as ``M_{persona}_{module}.pt`` bool tensors
+    into the new folder ``out`` (written beside it, then renamed into place).
+
+    Returns:
+        The number of files written.
+    """
+    import shutil
+
+    from .writer import temp_sibling
+
+    out = Path(out)
+    names = list(personas or bundle.personas)
+    for p in names:
+        bundle.persona(p)  # unknown names fail before anything is written
+    if out.exists() and not force:
+        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+    if not out.parent.is_dir():
+        raise MaskstoreError(f"{out.parent} does not exist: create it first")
+    tmp = temp_sibling(out)
+    tmp.mkdir()
+    n = 0
+    try:
+        for p in names:
+            for module in bundle.persona_modules(p):
+                torch.save(bundle.read_mask(p, module, as_torch=True), tmp / f"M_{p}_{module}.pt")
+                n += 1
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return n

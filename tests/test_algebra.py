@@ -7,7 +7,7 @@ from conftest import random_fingerprint, random_masks, write_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maskstore import algebra
+from maskstore import algebra, create_bundle
 from maskstore.errors import MaskstoreError
 from maskstore.importers import import_pt
 from maskstore.opener import open_bundle
@@ -239,3 +239,27 @@ def test_import_pt_refuses_pickle_payload(tmp_path, cli, monkeypatch):
     torch.save(torch.zeros(3, 3), src / "M_a_model.layers.0.mlp.up_proj.pt")
     code, out, err = cli("import-pt", src, "--out", tmp_path / "b")
     assert code == 2 and "not a 0/1 mask" in err
+
+
+def test_export_pt_round_trips_with_import_pt(tmp_path, rng, cli):
+    fp = {"architecture": "T", "modules": {"model.layers.0.mlp.up_proj": [12, 19],
+                                           "model.layers.1.self_attn.q_proj": [8, 8]}}  # fmt: skip
+    masks = {p: {m: rng.random(tuple(s)) < 0.5 for m, s in fp["modules"].items()} for p in "ab"}
+    src = tmp_path / "src.zarr"
+    with create_bundle(src, fp) as b:
+        for p, mm in masks.items():
+            with b.persona_writer(p, method="t") as w:
+                for m, arr in mm.items():
+                    w.write_mask(m, arr)
+    code, out, err = cli("export-pt", src, "--out", tmp_path / "pt", "--json")
+    assert code == 0 and json.loads(out)["files"] == 4, err
+    names, _ = import_pt(tmp_path / "pt", tmp_path / "back.zarr", architecture="T")
+    a, b = open_bundle(src), open_bundle(tmp_path / "back.zarr")
+    assert sorted(names) == ["a", "b"]
+    for p in "ab":
+        for m in fp["modules"]:
+            assert b.persona(p)["modules"][m]["mask"] == a.persona(p)["modules"][m]["mask"]
+    code, out, err = cli("export-pt", src, "--out", tmp_path / "pt")
+    assert code == 2 and "already exists" in err
+    code, out, err = cli("export-pt", src, "--out", tmp_path / "pt2", "--persona", "zz")
+    assert code == 2 and not (tmp_path / "pt2").exists()
