@@ -293,20 +293,21 @@ def _version_diff(d: dict, json_out: bool) -> None:
         console.print(t)
 
 
-def _op_command(op: str, doc: str, nargs: int):
+def _op_command(op: str, doc: str):
     def cmd(
         bundle: Path,
-        operands: Annotated[list[str], typer.Argument(help="persona name(s)")],
+        operands: Annotated[list[str], typer.Argument(help="persona names")],
         as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
         force: Annotated[
             bool, typer.Option(help="replace an existing persona of that name")
         ] = False,
         json_out: JsonOpt = False,
+        at_least: Annotated[
+            int | None, typer.Option(help="vote: keep a weight where K operands keep it")
+        ] = None,
     ) -> None:
-        if len(operands) != nargs:
-            raise MaskstoreError(f"{op} takes {nargs} persona(s), got {len(operands)}")
         b = open_bundle(bundle, writable=True)
-        meta = algebra.apply_op(b, op, operands, as_, overwrite=force)
+        meta = algebra.apply_op(b, op, operands, as_, overwrite=force, at_least=at_least)
         kept = sum(e["kept"] for e in meta["modules"].values())
         numel = sum(b.modules[m].numel for m in meta["modules"])
         if json_out:
@@ -329,11 +330,12 @@ def _op_command(op: str, doc: str, nargs: int):
     app.command(op)(cmd)
 
 
-_op_command("union", "Write A or B as a new persona.", 2)
-_op_command("intersect", "Write A and B as a new persona.", 2)
-_op_command("subtract", "Write A minus B as a new persona.", 2)
-_op_command("xor", "Write A xor B as a new persona.", 2)
-_op_command("complement", "Write not A as a new persona.", 1)
+_op_command("union", "Write A or B (or more) as a new persona.")
+_op_command("intersect", "Write A and B (and more) as a new persona.")
+_op_command("subtract", "Write A minus B as a new persona.")
+_op_command("xor", "Write A xor B as a new persona.")
+_op_command("complement", "Write not A as a new persona.")
+_op_command("vote", "Write the weights at least K of the personas keep (--at-least K).")
 
 
 @app.command("import-pt")

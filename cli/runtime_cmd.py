@@ -105,7 +105,7 @@ def run(
     if compare:  # the base model and the named persona(s), else every persona built or imported
         chosen = [p for p in persona.split(",") if p] if persona else None
         if chosen is None:
-            derived = {"union", "intersect", "subtract", "xor", "complement"}
+            derived = {"union", "intersect", "subtract", "xor", "complement", "vote"}
             chosen = [
                 p
                 for p in b.personas

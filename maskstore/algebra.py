@@ -248,26 +248,49 @@ _BINARY: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] =
     "subtract": lambda a, b, out: np.bitwise_and(a, np.invert(b, out=out), out=out),
     "xor": lambda a, b, out: np.bitwise_xor(a, b, out=out),
 }
-OPS = (*_BINARY, "complement")
+OPS = (*_BINARY, "complement", "vote")
+_NARY = ("union", "intersect", "vote")  # any number of operands from 2 (vote: from 1)
+
+
+def _arity(op: str, n: int, at_least: int | None) -> None:
+    if op == "complement":
+        ok, want = n == 1, "1 persona"
+    elif op in ("subtract", "xor"):
+        ok, want = n == 2, "2 personas"
+    elif op == "vote":
+        ok, want = n >= 1, "at least 1 persona"
+    else:
+        ok, want = n >= 2, "at least 2 personas"
+    if not ok:
+        raise MaskstoreError(f"{op} takes {want}, got {n}")
+    if op == "vote" and not (isinstance(at_least, int) and 1 <= at_least <= n):
+        raise MaskstoreError(f"vote needs --at-least K with 1 <= K <= {n}, got {at_least}")
+    if op != "vote" and at_least is not None:
+        raise MaskstoreError("--at-least is for vote")
 
 
 def apply_op(
-    bundle: Bundle, op: str, operands: list[str], name: str, overwrite: bool = False
+    bundle: Bundle,
+    op: str,
+    operands: list[str],
+    name: str,
+    overwrite: bool = False,
+    at_least: int | None = None,
 ) -> dict:
     """Write ``op(operands)`` as a new persona ``name`` of the same (directory) bundle.
 
     Args:
-        op: union, intersect, subtract (A minus B), xor or complement (one operand).
+        op: union or intersect (2 or more operands), subtract (A minus B), xor, complement
+            (one operand), or vote (a weight is kept where ``at_least`` operands keep it).
         operands: persona names in ``bundle``.
         name: the new persona's name; its provenance records ``op`` and the operand digests.
+        at_least: vote's K (1 <= K <= number of operands).
     Returns:
         The new persona's metadata.
     """
     if op not in OPS:
         raise MaskstoreError(f"unknown operation {op!r}: use one of {', '.join(OPS)}")
-    want = 1 if op == "complement" else 2
-    if len(operands) != want:
-        raise MaskstoreError(f"{op} takes {want} persona(s), got {len(operands)}")
+    _arity(op, len(operands), at_least)
     if not hasattr(bundle, "persona_writer"):
         raise MaskstoreError(
             f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
@@ -282,7 +305,7 @@ def apply_op(
         ],
     }
     sp = [m["sparsity"] for m in metas]
-    params = {"operands": operands}
+    params = {"operands": operands} | ({"at_least": at_least} if op == "vote" else {})
     with bundle.persona_writer(
         name,
         method=op,
@@ -292,18 +315,27 @@ def apply_op(
         overwrite=overwrite,
     ) as w:
         for module in modules:
-            w.write_packed_blocks(module, _op_blocks(refs, module, op))
+            w.write_packed_blocks(module, _op_blocks(refs, module, op, at_least))
         return w.meta
 
 
-def _op_blocks(refs: list[Ref], module: str, op: str) -> Iterator[np.ndarray]:
+def _op_blocks(
+    refs: list[Ref], module: str, op: str, at_least: int | None = None
+) -> Iterator[np.ndarray]:
     pad = pad_mask(refs[0].bundle.modules[module].in_features)
     for blocks in _lockstep(refs, module):
         out = np.empty_like(blocks[0])
         if op == "complement":
             np.invert(blocks[0], out=out)
+        elif op == "vote":  # count each bit over the operands, a row block at a time
+            count = np.zeros((blocks[0].shape[0], blocks[0].shape[1] * 8), np.uint16)
+            for b in blocks:
+                count += np.unpackbits(b, axis=1, bitorder="little")
+            out = np.packbits(count >= at_least, axis=1, bitorder="little")
         else:
             _BINARY[op](blocks[0], blocks[1], out)
+            for b in blocks[2:]:  # union and intersect fold left over more operands
+                _BINARY[op](out, b, out)
         np.bitwise_and(out, pad, out=out)  # padding bits stay zero
         yield out
 

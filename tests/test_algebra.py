@@ -80,13 +80,15 @@ def test_ops_match_numpy(tmp_path_factory, seed, op):
     write_bundle(path, fp, masks, chunk_bytes=int(rng.integers(16, 400)))
     b = open_bundle(path, writable=True)
     operands = ["a"] if op == "complement" else ["a", "b"]
-    meta = algebra.apply_op(b, op, operands, "out")
+    k = int(rng.integers(1, 3)) if op == "vote" else None
+    meta = algebra.apply_op(b, op, operands, "out", at_least=k)
     ref = {
         "union": np.logical_or,
         "intersect": np.logical_and,
         "xor": np.logical_xor,
         "subtract": lambda x, y: x & ~y,
         "complement": lambda x: ~x,
+        "vote": lambda x, y: (x.astype(int) + y) >= k,
     }[op]
     b = open_bundle(path)
     for m in fp["modules"]:
@@ -263,3 +265,30 @@ def test_export_pt_round_trips_with_import_pt(tmp_path, rng, cli):
     assert code == 2 and "already exists" in err
     code, out, err = cli("export-pt", src, "--out", tmp_path / "pt2", "--persona", "zz")
     assert code == 2 and not (tmp_path / "pt2").exists()
+
+
+def test_nary_union_intersect_and_vote(tmp_path, rng, cli):
+    fp = {"architecture": "T", "modules": {"model.layers.0.mlp.up_proj": [13, 21]}}
+    m = "model.layers.0.mlp.up_proj"
+    masks = {p: {m: rng.random((13, 21)) < 0.5} for p in "abcd"}
+    path = write_bundle(tmp_path / "b.zarr", fp, masks)
+    stack = np.stack([masks[p][m] for p in "abc"])
+    for args, want in (
+        (["union", "a", "b", "c"], stack.any(0)),
+        (["intersect", "a", "b", "c"], stack.all(0)),
+        (["vote", "a", "b", "c", "--at-least", "2"], stack.sum(0) >= 2),
+    ):
+        code, out, err = cli(args[0], path, *args[1:], "--as", f"{args[0]}3", "--json")
+        assert code == 0, err
+        assert np.array_equal(open_bundle(path).read_mask(f"{args[0]}3", m), want), args[0]
+    meta = open_bundle(path).persona("vote3")
+    assert meta["provenance"]["op"] == "vote" and meta["params"]["at_least"] == 2
+    for bad, phrase in (
+        (["vote", "a", "b", "--at-least", "3"], "1 <= K <= 2"),
+        (["vote", "a", "b"], "--at-least K"),
+        (["union", "a"], "at least 2 personas"),
+        (["xor", "a", "b", "c"], "takes 2 personas"),
+        (["union", "a", "b", "--at-least", "1"], "--at-least is for vote"),
+    ):
+        code, out, err = cli(bad[0], path, *bad[1:], "--as", "x")
+        assert code == 2 and phrase in err, (bad, err)
