@@ -80,7 +80,13 @@ def build(
     ] = None,
     pair: Annotated[list[str] | None, typer.Option(help="opposing personas POS:NEG")] = None,
     model: Annotated[
-        Path | None, typer.Option(help="local HF model folder (default: embedded SmolLM2-135M)")
+        Path | None,
+        typer.Option(
+            help="HF model folder, or Hub id from the local cache (default: embedded SmolLM2-135M)"
+        ),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="with a Hub id: branch, tag or commit (default main)")
     ] = None,
     from_stats: Annotated[
         Path | None, typer.Option(help="reuse statistics stored in this bundle")
@@ -197,7 +203,7 @@ def build(
         if rank != 0:
             console.quiet = True
     budget = parse_bytes(max_memory) if max_memory is not None else None
-    folder = model_folder(model)
+    folder = model_folder(None if model is None else str(model), revision)
     layerwise = None
     if offload or (budget is not None and checkpoint_bytes(folder) > budget):
         from maskstore.models import check_device

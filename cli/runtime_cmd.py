@@ -18,7 +18,10 @@ from ._common import console, emit_json, safe
 from .app import JsonOpt, app
 
 ModelOpt = Annotated[
-    Path | None, typer.Option(help="local HF model folder (default: embedded SmolLM2-135M)")
+    Path | None,
+    typer.Option(
+        help="HF model folder, or Hub id from the local cache (default: embedded SmolLM2-135M)"
+    ),
 ]
 
 
@@ -43,7 +46,7 @@ def _attach(
 
     b = open_bundle(bundle)
     with console.status("loading model"):
-        mdl, tok = load_model(model, device=device)
+        mdl, tok = load_model(None if model is None else str(model), device=device)
     return attach(mdl, b, untie=untie, check_weights=None if check_weights else False), tok
 
 

@@ -1,4 +1,5 @@
-"""Loading models: any local Hugging Face folder, or the embedded SmolLM2-135M.
+"""Loading models: a local Hugging Face folder, a Hub id from the local cache, or the embedded
+SmolLM2-135M.
 
 Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers is imported.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -91,9 +93,41 @@ def check_device(device: str) -> None:
         raise MaskstoreError(f"--device {device}: MPS is not available here; use cpu")
 
 
-def model_folder(path: str | os.PathLike | None) -> Path:
-    """A local Hugging Face model folder (None: the embedded SmolLM2-135M), checked."""
-    folder = embedded_model_dir() if path is None else Path(path)
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(home) / "hub"
+
+
+def model_folder(path: str | os.PathLike | None, revision: str | None = None) -> Path:
+    """A local Hugging Face model folder, checked: a folder, a Hub id (``org/name``) found in
+    the local hub cache (never downloaded; ``revision`` a branch, tag or commit), or None for
+    the embedded SmolLM2-135M."""
+    if path is None:
+        return embedded_model_dir()
+    folder = Path(path)
+    if not folder.exists() and _REPO_ID.fullmatch(str(path)):
+        from huggingface_hub import snapshot_download
+
+        cache = hub_cache()
+        try:
+            folder = Path(
+                snapshot_download(
+                    str(path), revision=revision, cache_dir=cache, local_files_only=True
+                )
+            )
+        except Exception:  # noqa: BLE001 - not cached, in any of the ways the hub says it
+            at = f" at revision {revision}" if revision else ""
+            raise MaskstoreError(
+                f"{path}{at} is not in the Hugging Face cache {cache}: download it once "
+                f"(huggingface-cli download {path}) or pass a local folder"
+            ) from None
     if not (folder / "config.json").is_file():
         raise MaskstoreError(f"{folder} is not a Hugging Face model folder (no config.json)")
     return folder
@@ -123,20 +157,25 @@ def torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
+def load_model(
+    path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+):
     """Load ``(model, tokenizer)`` from a local Hugging Face folder, or the embedded default.
 
     Args:
-        path: a folder with ``config.json`` and weights; None for the embedded SmolLM2-135M.
+        path: a folder with ``config.json`` and weights, a Hub id in the local hub cache, or
+            None for the embedded SmolLM2-135M.
+        revision: with a Hub id, its branch, tag or commit (default main).
         dtype: float32, bfloat16 or float16.
         device: cpu, cuda, cuda:1, ...
     """
     import torch
 
     check_device(device)
-    folder = embedded_model_dir() if path is None else Path(path)
-    if not (folder / "config.json").is_file():
-        raise MaskstoreError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    folder = model_folder(path, revision)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MaskstoreError(f"unknown --dtype {dtype!r}: use float32, bfloat16 or float16")
     _quiet_transformers()

@@ -140,3 +140,32 @@ def test_tie_warning_names_the_share(tmp_path):
     msgs = [str(w.message) for w in caught if issubclass(w.category, TieWarning)]
     assert msgs and all("scored exactly 0" in m and "%" in m for m in msgs)
     assert len(msgs) <= 2  # softplus scores are never 0: only the relu build warns
+
+
+def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, cli, calib_files, monkeypatch):
+    """``--model org/name`` is found in the hub cache's layout (refs -> snapshots), never
+    downloaded; a missing id names the cache it searched."""
+    from _tiny import save_tiny
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--test-org--tiny"
+    save_tiny(repo / "snapshots" / commit, seed=3)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    args = ["build", "--persona", f"a={calib_files['introvert']}", "--samples", "4"]
+    code, out, err = cli(*args, "--model", "test-org/tiny", "--out", tmp_path / "a.zarr")
+    assert code == 0, err
+    code, out, err = cli(
+        *args, "--model", "test-org/tiny", "--revision", commit, "--out", tmp_path / "b.zarr"
+    )
+    assert code == 0, err
+    assert open_bundle(tmp_path / "a.zarr").digest == open_bundle(tmp_path / "b.zarr").digest
+    code, out, err = cli(*args, "--model", "test-org/absent", "--out", tmp_path / "c.zarr")
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "test-org/absent" in line and str(cache) in line
+    code, out, err = cli(
+        *args, "--model", "test-org/tiny", "--revision", "v9", "--out", tmp_path / "d.zarr"
+    )
+    assert code == 2 and "at revision v9" in err
