@@ -97,6 +97,14 @@ def main() -> None:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            msg = (
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                "AWS_PROFILE), and AWS_ENDPOINT_URL for a server other than AWS"
+            )
+            err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            _json_error(msg, 2)
+            sys.exit(2)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         err_console.print(
             f"[red]error:[/] {type(e).__name__}: {safe(msg, one_line=True)}",

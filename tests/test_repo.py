@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny import byte_tokenizer, tiny_llama
-from conftest import write_bundle
+from conftest import random_masks, write_bundle
 
 import maskstore
 from maskstore import calibration as cal
@@ -330,3 +330,23 @@ def test_gc_export_import_and_version_diff(tmp_path, rng, fp, cli):
     assert [e["message"] for e in json.loads(out)] == ["one"]
     code, out, err = cli("checkout", "nope", "--out", tmp_path / "x", "--repo", repo)
     assert code == 2 and "unknown version" in err
+
+
+def test_s3_without_credentials_is_a_user_error(tmp_path, rng, fp, s3_server, cli):
+    write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
+    repo = tmp_path / "repo"
+    assert cli("commit", tmp_path / "b", "-m", "one", "--repo", repo)[0] == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {
+        "AWS_ENDPOINT_URL": s3_server["AWS_ENDPOINT_URL"],
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "maskstore.cli", "push", "s3://masks/nocreds", "main",
+         "--repo", str(repo)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "no S3 credentials" in lines[0], r.stderr
