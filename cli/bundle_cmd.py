@@ -47,6 +47,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
         "weights": sum(m.numel for m in b.modules.values()),
         "personas": [],
     }
+    is_recipe = getattr(b, "is_recipe", lambda _p: False)
     for p in b.personas:
         meta = b.persona(p)
         numel = sum(b.modules[m].numel for m in meta["modules"])
@@ -64,6 +65,7 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
                 "stats_bytes": b.nbytes_on_disk(p, "stats"),
                 "bits_per_weight": 8 * size / numel if numel else None,
                 "has_stats": b.has_stats(p),
+                "recipe": bool(is_recipe(p)),
                 "op": meta["provenance"]["op"],
                 "digest": meta["digest"],
             }
@@ -75,19 +77,30 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
         f"[bold]{safe(bundle)}[/]  {safe(doc['architecture'])}, {doc['modules']} modules, "
         f"{doc['weights']:,} weights\ndigest {doc['digest']}"
     )
+    from rich import box
+    from rich.table import Column
+
     t = Table(
-        "persona", "method", "sparsity", "modules", "on disk", "bits/weight", "stats", "digest"
+        Column("persona", overflow="fold", min_width=10),  # names wrap, never "extrov…"
+        Column("method", overflow="fold", min_width=6),
+        *(
+            Column(h, no_wrap=True, min_width=len(h), justify="right")
+            for h in ("sparsity", "modules", "on disk", "bits/w", "stats")
+        ),
+        Column("digest", no_wrap=True, min_width=12),
+        box=box.SIMPLE_HEAD,
     )
     for p in doc["personas"]:
+        recipe = is_recipe(p["persona"])
         t.add_row(
             safe(p["persona"]),
             safe(p["method"]),
             f"{p['realised_sparsity']:.3f}",
             str(p["modules"]),
-            fmt_bytes(p["mask_bytes"]),
-            f"{p['bits_per_weight']:.3f}",
+            "recipe" if recipe else fmt_bytes(p["mask_bytes"]),
+            "recipe" if recipe else f"{p['bits_per_weight']:.3f}",
             fmt_bytes(p["stats_bytes"]) if p["has_stats"] else "-",
-            p["digest"][:16],
+            p["digest"][:12],
         )
     console.print(t)
 

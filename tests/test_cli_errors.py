@@ -194,3 +194,20 @@ def test_tags_and_branches_are_listed(small, tmp_path, cli):
     assert set(tags) == {"v1", "v2"} and tags["v1"] == tags["v2"]
     code, out, err = cli("branch", "--repo", repo, "--json")
     assert set(json.loads(out)["branches"]) == {"main"}
+
+
+def test_info_wraps_long_names_at_80_columns(tmp_path, rng):
+    long = "extrovert_with_a_rather_long_persona_name"
+    masks = {long: {m: rng.random(tuple(s)) < 0.5 for m, s in FP["modules"].items()}}
+    path = write_bundle(tmp_path / "w.zarr", FP, masks)
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "maskstore.cli", "info", str(path)],
+        capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    assert r.returncode == 0 and "…" not in r.stdout, r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    rows = r.stdout.splitlines()[4:]  # the table's rows after the title, header and rule
+    assert long in "".join(line[:13].strip() for line in rows)
