@@ -29,7 +29,7 @@ COMMANDS = {
     **dict.fromkeys(
         "init commit log tag sign branch checkout push pull export import gc".split(), "repo_cmd"
     ),
-    **dict.fromkeys(("run", "eval", "similarity"), "runtime_cmd"),
+    **dict.fromkeys(("run", "eval", "similarity", "export-model"), "runtime_cmd"),
 }
 
 

@@ -355,3 +355,36 @@ def similarity(
     console.print(t)
     if png is not None:
         console.print(f"plot written to {safe(png)}")
+
+
+@app.command("export-model")
+def export_model_cmd(
+    bundle: Path,
+    persona: Annotated[str, typer.Argument(help="the persona to apply")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint folder to create")],
+    gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
+    model: ModelOpt = None,
+    untie: UntieOpt = False,
+    check_weights: CheckOpt = True,
+    force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the model with a persona applied as a standalone Hugging Face checkpoint."""
+    from maskstore.export import export_model
+
+    if not 0.0 <= gamma <= 1.0:
+        raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
+    b = open_bundle(bundle)
+    b.persona(persona)
+    _writable(out, "--out")
+    if out.exists() and not force:
+        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+    handle, tok = _attach(bundle, model, "cpu", untie, check_weights)
+    handle.detach()
+    export_model(
+        handle.model, tok, b, persona, out, gamma, check_weights=False, untie=untie, force=force
+    )
+    if json_out:
+        emit_json({"out": str(out), "persona": persona, "gamma": gamma})
+        return
+    console.print(f"wrote {safe(out)}: {safe(persona)} applied (gamma {gamma:g})")
