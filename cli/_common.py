@@ -69,11 +69,13 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def heat(value: float, metric: str) -> str:
-    """A number coloured on a red-yellow-green scale (fractions; higher is greener)."""
+def heat(value: float, metric: str, lo: float = 0.0, hi: float = 1.0) -> str:
+    """A number coloured on a red-yellow-green scale from ``lo`` to ``hi`` (the range of the
+    values shown, so close values still get different colours; higher is greener)."""
     if metric in ("intersection", "hamming"):
         return f"{value:,}"
-    v = max(0.0, min(1.0, float(value)))
+    span = hi - lo
+    v = 0.5 if span <= 0 else max(0.0, min(1.0, (float(value) - lo) / span))
     if metric == "diff_ratio":
         v = 1.0 - v
     r = int(255 * min(1.0, 2 * (1 - v)))

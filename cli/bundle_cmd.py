@@ -181,9 +181,15 @@ def overlap(
     personas: Annotated[list[str] | None, typer.Argument(help="NAME or OTHER_BUNDLE#NAME")] = None,
     by: Annotated[str, typer.Option(help="model, kind, layer or module")] = "model",
     metric: Annotated[str, typer.Option(help=", ".join(algebra.METRICS))] = "jaccard",
+    png: Annotated[
+        Path | None, typer.Option(help="also draw a pair x layer heatmap to this PNG")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """All-pairs overlap matrix of personas, as a heatmap table."""
+    """All-pairs overlap matrix of personas, as a heatmap table (colours fitted to the data)."""
+    from ._plots import check_png
+
+    check_png(png)
     if by not in algebra.GROUPINGS:
         raise MaskstoreError(f"unknown --by {by!r}: use one of {', '.join(algebra.GROUPINGS)}")
     if metric not in algebra.METRICS:
@@ -195,11 +201,27 @@ def overlap(
         raise MaskstoreError("overlap needs at least two personas")
     counts = _count(refs)
     pairs = algebra.pairs_report(refs, counts, by=by)
+    key = algebra.metric_name(metric)
+    if png is not None:
+        from ._plots import overlap_heatmap
+
+        per_layer = algebra.pairs_report(refs, counts, by="layer")
+        layers = sorted(per_layer[0]["groups"], key=lambda k: int(k) if k.isdigit() else -1)
+        overlap_heatmap(
+            [f"{p['a']} vs {p['b']}" for p in per_layer],
+            layers,
+            [[p["groups"][g][key] for g in layers] for p in per_layer],
+            key,
+            png,
+        )
     if json_out:
         emit_json({"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs})
         return
-    key = algebra.metric_name(metric)
     groups = ["model"] if by == "model" else list(algebra.aggregate(counts, by))
+    shown = [
+        (p if by == "model" else p["groups"][g])[key] for p in pairs for g in groups
+    ]  # the colour scale spans the values on screen
+    lo, hi = min(shown), max(shown)
     for g in groups:
         t = Table(title=f"{key} ({by}: {g})" if by != "model" else key, show_lines=False)
         t.add_column("")
@@ -215,9 +237,11 @@ def overlap(
                 if r.label == c.label:
                     cells.append("[dim]-[/]")
                 else:
-                    cells.append(heat(lookup[(r.label, c.label)], key))
+                    cells.append(heat(lookup[(r.label, c.label)], key, lo, hi))
             t.add_row(safe(r.label), *cells)
         console.print(t)
+    if png is not None:
+        console.print(f"heatmap written to {safe(png)}")
 
 
 @app.command()
@@ -234,10 +258,17 @@ def diff(
     repo: Annotated[
         Path, typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository for --versions")
     ] = Path(".maskstore"),
+    png: Annotated[
+        Path | None,
+        typer.Option(help="also plot the per-layer ratio, attention against MLP, to this PNG"),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Differential ratio of two personas: overall, attention, MLP and per layer (Table 2); or,
     with --versions, which personas and modules changed between two versions and by how much."""
+    from ._plots import check_png
+
+    check_png(png)
     if versions:
         from maskstore.repo import open_repo
 
@@ -253,6 +284,20 @@ def diff(
     rec = algebra.pairs_report(refs, counts, by="kind")[0]
     layers = algebra.pairs_report(refs, counts, by="layer")[0]["groups"]
     rec["layers"] = layers
+    if png is not None:
+        from ._plots import diff_by_layer
+
+        series = {}
+        for kind in ("attn", "mlp"):
+            sub = [c for c in counts if c.kind == kind]
+            if sub:
+                series[kind] = {
+                    layer: algebra.pair_metrics(int(m[0, 0]), int(m[1, 1]), int(m[0, 1]), t)[
+                        "diff_ratio"
+                    ]
+                    for layer, (t, m) in algebra.aggregate(sub, "layer").items()
+                }
+        diff_by_layer(series, f"{a} vs {b}: differential ratio by layer", png)
     if json_out:
         emit_json(rec)
         return
@@ -280,9 +325,14 @@ def diff(
     lt.add_column("layer", justify="right")
     lt.add_column("diff ratio", justify="right")
     lt.add_column("jaccard", justify="right")
+    ratios = [g["diff_ratio"] for g in layers.values()]
     for k, g in layers.items():
-        lt.add_row(k, heat(g["diff_ratio"], "diff_ratio"), f"{g['jaccard']:.4f}")
+        lt.add_row(
+            k, heat(g["diff_ratio"], "diff_ratio", min(ratios), max(ratios)), f"{g['jaccard']:.4f}"
+        )
     console.print(lt)
+    if png is not None:
+        console.print(f"figure written to {safe(png)}")
 
 
 def _version_diff(d: dict, json_out: bool) -> None:

@@ -292,3 +292,21 @@ def test_nary_union_intersect_and_vote(tmp_path, rng, cli):
     ):
         code, out, err = cli(bad[0], path, *bad[1:], "--as", "x")
         assert code == 2 and phrase in err, (bad, err)
+
+
+def test_overlap_and_diff_pngs_and_fitted_colours(tmp_path, rng, cli):
+    fp = random_fingerprint(rng, n_layers=3)
+    path = write_bundle(tmp_path / "b.zarr", fp, random_masks(rng, fp, ["a", "b", "c"]))
+    code, out, err = cli("overlap", path, "--png", tmp_path / "o.png")
+    assert code == 0, err
+    code, out, err = cli("diff", path, "a", "b", "--png", tmp_path / "d.png")
+    assert code == 0, err
+    for f in ("o.png", "d.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a folder that does not exist fails before any compute, in one line
+    code, out, err = cli("overlap", path, "--png", tmp_path / "nowhere" / "o.png")
+    assert code == 2 and "does not exist" in err
+    from maskstore.cli._common import heat
+
+    # close values get different colours once the scale spans the values shown
+    assert heat(0.936, "jaccard", 0.936, 0.948)[:18] != heat(0.948, "jaccard", 0.936, 0.948)[:18]
