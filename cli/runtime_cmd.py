@@ -124,11 +124,16 @@ def run(
         raise MaskstoreError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not prompt.strip():
         raise MaskstoreError("--prompt is empty: give the text to answer")
+    from ._common import progress
+
     handle, tok = _attach(bundle, model, device, untie, check_weights)
     outputs = {}
-    for n in names:
-        handle.use(n, gamma)
-        outputs[n or "base"] = _generate(handle, tok, prompt, max_new_tokens, chat)
+    with progress(disable=json_out) as bar:
+        task = bar.add_task("generating", total=len(names))
+        for n in names:
+            handle.use(n, gamma)
+            outputs[n or "base"] = _generate(handle, tok, prompt, max_new_tokens, chat)
+            bar.advance(task)
     handle.use(None)
     if json_out:
         emit_json({"prompt": prompt, "gamma": gamma, "outputs": outputs})
@@ -243,7 +248,7 @@ def eval_cmd(
     plan += [("mask", p, p, system_prompt) for p in keys_for]
     plan += [("mask+prompt", p, p, descr[p]) for p in keys_for]
     rows, records = [], []
-    with progress() as bar:
+    with progress(disable=json_out) as bar:
         task = bar.add_task("evaluating", total=2 * len(items) * (len(plan) - len(keys_for) + 1))
         done: dict[tuple, evaluate.Scores] = {}
         for setting, persona, mask, system in plan:
@@ -323,8 +328,14 @@ def similarity(
     bnd.persona(a), bnd.persona(b)
     from maskstore import evaluate
 
+    from ._common import progress
+
     handle, tok = _attach(bundle, model, device, untie, check_weights)
-    cos = evaluate.layer_cosine(handle, tok, lines, a, b)
+    with progress(disable=json_out) as bar:
+        task = bar.add_task("comparing hidden states", total=len(lines))
+        cos = evaluate.layer_cosine(
+            handle, tok, lines, a, b, progress=lambda k: bar.advance(task, k)
+        )
     if png is not None:
         try:
             import matplotlib

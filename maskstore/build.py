@@ -426,6 +426,7 @@ def build(
     config: BuildConfig | None = None,
     modules: Mapping[str, nn.Linear] | None = None,
     force: bool = False,
+    progress: Callable[[str, int], None] | None = None,
 ) -> Path:
     """Build a bundle from any ``torch.nn.Module`` and token batches per persona.
 
@@ -436,6 +437,8 @@ def build(
         out: the bundle directory to create (atomically).
         pairs: opposing personas ``(p+, p-)`` for the contrastive methods.
         modules: the ``nn.Linear`` modules to mask (default: all but LM head and embeddings).
+        progress: ``(stage, n)`` after each step: ``"calibrating <persona>"`` with the samples
+            done, then ``"scoring"`` with the modules done (off by default; the CLI draws bars).
     Returns:
         The bundle path.
     """
@@ -445,11 +448,20 @@ def build(
         check_persona_name(n)
     check_pairs(list(calibration), list(pairs), config)
     modules = dict(modules) if modules is not None else maskable_modules(model)
-    personas = [
-        PersonaStats(name, collect_stats(model, modules, batches, config))
-        for name, batches in calibration.items()
-    ]
-    write_bundle(out, model, modules, personas, pairs=list(pairs), config=config, force=force)
+    personas = []
+    for name, batches in calibration.items():
+        step = (lambda k, s=f"calibrating {name}": progress(s, k)) if progress else None
+        personas.append(PersonaStats(name, collect_stats(model, modules, batches, config, step)))
+    write_bundle(
+        out,
+        model,
+        modules,
+        personas,
+        pairs=list(pairs),
+        config=config,
+        force=force,
+        progress=(lambda k: progress("scoring", k)) if progress else None,
+    )
     return Path(out)
 
 

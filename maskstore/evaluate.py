@@ -230,7 +230,13 @@ def per_item(scores: Scores, keys: list[str], **fields) -> list[dict]:
 
 @torch.inference_mode()
 def layer_cosine(
-    handle: MaskHandle, tok, texts: list[str], a: str, b: str, batch_size: int = 8
+    handle: MaskHandle,
+    tok,
+    texts: list[str],
+    a: str,
+    b: str,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Per layer (embeddings first), the mean over non-padding tokens of the cosine similarity of
     hidden states under persona ``a`` and persona ``b`` on the same texts."""
@@ -261,6 +267,8 @@ def layer_cosine(
             s = (cos * m).sum(dim=(1, 2)).double().cpu()
             sums = s if sums is None else sums + s
             count += int(m.sum())
+            if progress:
+                progress(len(texts[i : i + batch_size]))
     finally:
         handle.use(*prev)
     return (sums / count).tolist()

@@ -169,3 +169,20 @@ def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, cli, calib_files, m
         *args, "--model", "test-org/tiny", "--revision", "v9", "--out", tmp_path / "d.zarr"
     )
     assert code == 2 and "at revision v9" in err
+
+
+def test_api_build_reports_progress_when_asked(tmp_path):
+    model = tiny_llama(seed=6)
+    events: dict[str, int] = {}
+    cal = {"a": _batches(1, n=3), "b": _batches(2, n=2)}
+    build(
+        model,
+        cal,
+        tmp_path / "p.zarr",
+        progress=lambda s, k: events.update({s: events.get(s, 0) + k}),
+    )
+    assert events == {
+        "calibrating a": 6,
+        "calibrating b": 4,
+        "scoring": len(maskable_modules(model)),
+    }
