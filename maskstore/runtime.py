@@ -17,7 +17,7 @@ import contextlib
 import functools
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +92,7 @@ class _Saved:
 
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+_WEIGHTED = object()  # a module's gate is a weighted combination (not one packed mask)
 
 
 class MaskHandle:
@@ -161,8 +162,11 @@ class MaskHandle:
             masks[name] = t.numpy()
         return masks
 
-    def use(self, persona: str | None, gamma: float = 0.0) -> None:
+    def use(self, persona: str | Mapping[str, float] | None, gamma: float = 0.0) -> None:
         """Switch to ``persona`` (None: the base model) with soft gate ``gamma`` in [0, 1].
+
+        A mapping ``{"a": 0.7, "b": 0.3}`` (weights summing to 1) applies the weighted soft
+        combination ``G = sum_p w_p G_p`` (as PEFT's ``add_weighted_adapter``, at switch time).
 
         Only the weights whose gate changes are written (between related personas, a few
         percent of them). The masks are all read and verified before any weight changes: on an
@@ -170,6 +174,9 @@ class MaskHandle:
         """
         if not (isinstance(gamma, int | float) and 0.0 <= gamma <= 1.0):
             raise MaskstoreError(f"gamma must be in [0, 1], got {gamma!r}")
+        if isinstance(persona, Mapping):
+            self._use_weighted(dict(persona), float(gamma))
+            return
         if persona is not None and persona not in self.bundle.personas:
             raise MaskstoreError(
                 f"unknown persona {persona!r}; known: {', '.join(self.bundle.personas) or 'none'}"
@@ -195,6 +202,50 @@ class MaskHandle:
 
     set_adapter = use  # PEFT-style name
 
+    def _use_weighted(self, weights: dict[str, float], gamma: float) -> None:
+        """``W = W0 * sum_p w_p G_p`` at every position some of the personas prune."""
+        if not weights:
+            raise MaskstoreError("a weighted combination needs at least one persona")
+        for p, w in weights.items():
+            if p not in self.bundle.personas:
+                raise MaskstoreError(
+                    f"unknown persona {p!r}; known: {', '.join(self.bundle.personas) or 'none'}"
+                )
+            if not (isinstance(w, int | float) and w >= 0):
+                raise MaskstoreError(f"weight of {p!r} must be a number >= 0, got {w!r}")
+        if abs(sum(weights.values()) - 1.0) > 1e-6:
+            raise MaskstoreError(
+                f"weights must sum to 1 (kept weights stay unchanged), got {sum(weights.values())}"
+            )
+        masks = {p: self._load(p) for p in weights}
+        self.use(None)
+        try:
+            with torch.no_grad():
+                for name, mod in self.modules.items():
+                    w = mod.weight
+                    saved = self._saved.get(name)
+                    for p in weights:
+                        if name in masks[p]:
+                            saved = self._cover(name, mod, masks[p][name], p)
+                    if saved is None or not saved.vals.numel():
+                        continue
+                    width = w.shape[1]
+                    where = unpack_torch(torch.from_numpy(saved.stored), width).to(w.device)
+                    gate = torch.zeros(saved.vals.numel(), dtype=torch.float32, device=w.device)
+                    for p, wt in weights.items():
+                        if name in masks[p]:
+                            keep = unpack_torch(torch.from_numpy(masks[p][name]), width)
+                            g = torch.where(keep.to(w.device)[where], 1.0, gamma)
+                        else:
+                            g = torch.ones_like(gate)
+                        gate += float(wt) * g
+                    w[where] = (saved.vals.to(w.device).float() * gate).to(w.dtype)
+                    self._gate[name] = _WEIGHTED
+        except BaseException:
+            self._restore_all()
+            raise
+        self.active, self.gamma = dict(weights), gamma
+
     def _switch(
         self,
         name: str,
@@ -208,29 +259,13 @@ class MaskHandle:
         ``key`` names the persona whose gate ``new`` is. Compiled switches are appended to
         ``jobs`` (run together after the loop); others happen here."""
         cur = self._gate.get(name)
+        if cur is _WEIGHTED:  # back to the base values first (the gate was not binary)
+            self._restore_generic(mod.weight, self._saved[name])
+            self._gate[name] = cur = None
         if cur is None and new is None:
             return  # base to base
         w = mod.weight
-        saved = self._saved.get(name)
-        if saved is None:
-            # Give the Parameter (the same object) a fresh storage before the first write:
-            # weights loaded from safetensors are often memory-mapped, and writing into them
-            # page-faults copy-on-write page by page (about 1 s for 106M weights).
-            w.data = w.data.clone()
-            rows, width = w.shape[0], packed_width(w.shape[1])
-            saved = _Saved(
-                np.zeros((rows, width), np.uint8),
-                np.zeros(rows + 1, np.int64),
-                torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
-            )
-        if new is not None and (key, name) not in self._covered:
-            # every position the new gate prunes must have its base value kept
-            extra = np.bitwise_and(np.invert(new), pad_mask(w.shape[1]))
-            np.bitwise_and(extra, np.invert(saved.stored), out=extra)
-            if extra.any():
-                saved = self._grow(w, saved, extra)
-            self._covered.add((key, name))
-        self._saved[name] = saved
+        saved = self._cover(name, mod, new, key)
         # positions to rewrite: where the kept bit changes, or, when gamma changes, every
         # position either gate prunes
         same_gamma = cur is None or new is None or self.gamma == gamma
@@ -259,6 +294,35 @@ class MaskHandle:
                 keep = unpack_torch(torch.from_numpy(new).to(w.device), w.shape[1])[where]
                 w[where] = vals * torch.where(keep, 1.0, gamma).to(w.dtype)
         self._gate[name] = new
+
+    def _cover(self, name: str, mod: nn.Linear, new: np.ndarray | None, key: str) -> _Saved:
+        """Module ``name``'s stored base values, grown to every position ``new`` prunes."""
+        w = mod.weight
+        saved = self._saved.get(name)
+        if saved is None:
+            # Give the Parameter (the same object) a fresh storage before the first write:
+            # weights loaded from safetensors are often memory-mapped, and writing into them
+            # page-faults copy-on-write page by page (about 1 s for 106M weights).
+            w.data = w.data.clone()
+            rows, width = w.shape[0], packed_width(w.shape[1])
+            saved = _Saved(
+                np.zeros((rows, width), np.uint8),
+                np.zeros(rows + 1, np.int64),
+                torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
+            )
+        if new is not None and (key, name) not in self._covered:
+            # every position the new gate prunes must have its base value kept
+            extra = np.bitwise_and(np.invert(new), pad_mask(w.shape[1]))
+            np.bitwise_and(extra, np.invert(saved.stored), out=extra)
+            if extra.any():
+                saved = self._grow(w, saved, extra)
+            self._covered.add((key, name))
+        self._saved[name] = saved
+        return saved
+
+    def _restore_generic(self, w: torch.Tensor, saved: _Saved) -> None:
+        where = unpack_torch(torch.from_numpy(saved.stored).to(w.device), w.shape[1])
+        w[where] = saved.vals.to(w.device)
 
     def _fast(self, w: torch.Tensor, saved: _Saved) -> bool:
         return (

@@ -419,3 +419,29 @@ def test_weights_are_checked_by_default(setup):
         maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path)
     with pytest.raises(MaskstoreError, match="weights differ"):
         maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path, check_weights=True)
+
+
+def test_weighted_combination_at_switch_time(setup):
+    """use({"a": 0.7, "b": 0.3}) gives W0 * (0.7 G_a + 0.3 G_b); any switch after it and the
+    base restore are exact."""
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    h.use("half")
+    h.use({"a": 0.7, "b": 0.3}, gamma=0.1)
+    for n, m in mods.items():
+        gate = torch.zeros(m.weight.shape)
+        for p, wt in (("a", 0.7), ("b", 0.3)):
+            gate += wt * torch.where(torch.from_numpy(masks[p][n]), 1.0, 0.1)
+        assert torch.equal(m.weight, base[n] * gate), n
+    assert h.active == {"a": 0.7, "b": 0.3}
+    h.use("a")
+    assert all(
+        torch.equal(m.weight, base[n] * torch.from_numpy(masks["a"][n])) for n, m in mods.items()
+    )
+    h.use({"a": 0.5, "b": 0.5})
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+    for bad, phrase in (({"a": 0.7, "b": 0.7}, "sum to 1"), ({"zz": 1.0}, "unknown persona"),
+                        ({"a": -1.0, "b": 2.0}, ">= 0"), ({}, "at least one")):  # fmt: skip
+        with pytest.raises(MaskstoreError, match=phrase):
+            h.use(bad)
