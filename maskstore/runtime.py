@@ -378,6 +378,52 @@ class MaskHandle:
         finally:
             self.use(prev, prev_gamma)
 
+    @contextlib.contextmanager
+    def mixed(self, personas: list[str | None], gamma: float = 0.0) -> Iterator[MaskHandle]:
+        """One forward pass in which row ``i`` of every batch uses ``personas[i]`` (None: the
+        base model), PEFT's ``adapter_names=``: inside the block, ``model(...)`` and
+        ``model.generate(...)`` group each masked Linear's rows by persona and apply that
+        persona's gated weight to them. Each distinct persona's gated weights are made once
+        for the block (memory: one weight copy per persona besides the base); the model is
+        at its base weights inside and returns to what was active after.
+        """
+        if not personas:
+            raise MaskstoreError("mixed() needs one persona (or None) per row of the batch")
+        names = list(dict.fromkeys(p for p in personas if p is not None))
+        for p in names:
+            if p not in self.bundle.personas:
+                raise MaskstoreError(
+                    f"unknown persona {p!r}; known: {', '.join(self.bundle.personas) or 'none'}"
+                )
+        prev, prev_gamma = self.active, self.gamma
+        masks = {p: self._load(p) for p in names}
+        self.use(None)
+        rows = {
+            p: torch.tensor([i for i, q in enumerate(personas) if q == p], dtype=torch.long)
+            for p in [None, *names]
+        }
+        rows = {p: r for p, r in rows.items() if r.numel()}
+        patched = []
+        try:
+            with torch.no_grad():
+                for name, mod in self.modules.items():
+                    w = mod.weight.detach()
+                    gated = {None: w}
+                    for p in names:
+                        if name in masks[p]:
+                            keep = unpack_torch(torch.from_numpy(masks[p][name]), w.shape[1])
+                            gate = torch.where(keep.to(w.device), 1.0, gamma).to(w.dtype)
+                            gated[p] = torch.mul(w, gate)
+                        else:
+                            gated[p] = w
+                    mod.forward = _grouped_forward(mod, gated, rows, len(personas))
+                    patched.append(mod)
+            yield self
+        finally:
+            for mod in patched:
+                del mod.forward
+            self.use(prev, prev_gamma)
+
     def disable_adapter(self) -> contextlib.AbstractContextManager[MaskHandle]:
         """PEFT-style: the base model inside the block."""
         return self.persona(None)
@@ -392,6 +438,27 @@ class MaskHandle:
 
     def __repr__(self) -> str:
         return f"MaskHandle(active={self.active!r}, gamma={self.gamma}, personas={self.personas})"
+
+
+def _grouped_forward(mod: nn.Linear, gated: dict, rows: dict, batch: int):
+    """``mod``'s forward with each group of batch rows through its own persona's weight."""
+    bias = mod.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != batch:
+            raise MaskstoreError(
+                f"mixed() was given {batch} personas but the batch has {x.shape[0]} rows"
+            )
+        if len(rows) == 1:
+            (p,) = rows
+            return nn.functional.linear(x, gated[p], bias)
+        out = x.new_empty((*x.shape[:-1], mod.out_features))
+        for p, idx in rows.items():
+            idx = idx.to(x.device)
+            out[idx] = nn.functional.linear(x[idx], gated[p], bias)
+        return out
+
+    return forward
 
 
 def _raw(t: torch.Tensor) -> np.ndarray:

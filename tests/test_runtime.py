@@ -445,3 +445,31 @@ def test_weighted_combination_at_switch_time(setup):
                         ({"a": -1.0, "b": 2.0}, ">= 0"), ({}, "at least one")):  # fmt: skip
         with pytest.raises(MaskstoreError, match=phrase):
             h.use(bad)
+
+
+def test_mixed_persona_batch_equals_each_persona_alone(setup):
+    """Row i of one forward pass uses persona i: each row's logits equal running that persona
+    on those rows alone (float32; equal to 1e-5, the other layers see a larger batch)."""
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    h.use("half")
+    ids = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(1))
+    rows = ["a", None, "b", "a", "half"]
+    with torch.no_grad(), h.mixed(rows):
+        mixed = model(ids).logits
+        assert h.active is None
+        gen = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert h.active == "half"
+    for p in ("a", None, "b", "half"):
+        idx = [i for i, q in enumerate(rows) if q == p]
+        with torch.no_grad(), h.persona(p):
+            alone = model(ids[idx]).logits
+            gen_alone = model.generate(
+                ids[idx, :4], max_new_tokens=3, do_sample=False, pad_token_id=0
+            )
+        assert torch.allclose(mixed[idx], alone, atol=1e-5, rtol=1e-5), p
+        assert torch.equal(gen[idx], gen_alone), p
+    with pytest.raises(MaskstoreError, match="5 personas but the batch has 2 rows"):
+        with torch.no_grad(), h.mixed(rows):
+            model(ids[:2])
+    assert all(m.forward.__func__ is type(m).forward for m in mods.values())
