@@ -152,10 +152,17 @@ def build(
         collector,
         finish_stats,
         masks_for_module,
+        model_source,
         stats_from_bundle,
         write_bundle,
     )
-    from maskstore.models import load_model, load_tokenizer, model_folder, torch_dtype
+    from maskstore.models import (
+        DEFAULT_MODEL,
+        load_model,
+        load_tokenizer,
+        model_folder,
+        torch_dtype,
+    )
     from maskstore.modules import check_untied, maskable_modules
     from maskstore.offload import LayerwiseModel, checkpoint_bytes, parse_bytes
 
@@ -293,6 +300,13 @@ def build(
             codec=codec,
             weight_of=weight_of,
             masks_of=masks_of,
+            source={
+                "model": str(model) if model is not None else f"embedded:{DEFAULT_MODEL}",
+                "revision": revision or model_source(mdl).get("revision")
+                if layerwise is None
+                else revision,
+                "dtype": dtype,
+            },
         )
     if size > 1:
         distributed.finish()

@@ -35,9 +35,18 @@ def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
 
 
 @app.command()
-def info(bundle: Path, json_out: JsonOpt = False) -> None:
+def info(
+    bundle: Path,
+    card: Annotated[
+        bool, typer.Option("--card", help="a short human-readable card of each persona")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """Personas, modules, sizes on disk, bits per weight and digests."""
     b = open_bundle(bundle)
+    if card:
+        _card(b, bundle, json_out)
+        return
     doc = {
         "path": str(bundle),
         "digest": b.digest,
@@ -103,6 +112,47 @@ def info(bundle: Path, json_out: JsonOpt = False) -> None:
             p["digest"][:12],
         )
     console.print(t)
+
+
+def _card(b, bundle: Path, json_out: bool) -> None:
+    """What each persona is, what it was made from, and how to use it."""
+    src = b.model_source or {}
+    model = src.get("model") or f"unrecorded ({b.fingerprint['architecture']})"
+    with_model = f" --model {model}" if src.get("model") and ":" not in model else ""
+    cards = []
+    for p in b.personas:
+        meta = b.persona(p)
+        cal = meta.get("calibration") or {}
+        params = ", ".join(f"{k}={v}" for k, v in sorted(meta["params"].items()))
+        cards.append(
+            {
+                "persona": p,
+                "method": meta["method"],
+                "params": params,
+                "sparsity": meta["sparsity"],
+                "data": (
+                    f"{cal.get('samples', '?')} samples, {cal.get('tokens', '?')} tokens, digest "
+                    f"{cal.get('digest', '?')} ({cal.get('source', '')})"
+                    if cal
+                    else f"none recorded ({meta['provenance']['op']})"
+                ),
+                "model": model,
+                "revision": src.get("revision"),
+                "dtype": src.get("dtype"),
+                "weights_xxh3": b.fingerprint.get("weights_xxh3"),
+                "digest": meta["digest"],
+                "load": f"maskstore run {bundle} --persona {p}{with_model} --prompt ...; "
+                f"maskstore.attach(model, {str(bundle)!r}).use({p!r})",
+            }
+        )
+    if json_out:
+        emit_json({"cards": cards})
+        return
+    for c in cards:
+        console.print(f"[bold]{safe(c['persona'])}[/]  ({safe(bundle)})")
+        for k in ("method", "params", "sparsity", "data", "model", "revision", "dtype",
+                  "weights_xxh3", "digest", "load"):  # fmt: skip
+            console.print(f"  {k:>12}: {safe(c[k])}", highlight=False, soft_wrap=True)
 
 
 @app.command()

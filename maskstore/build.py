@@ -15,6 +15,7 @@ tests all call these.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -364,12 +365,15 @@ def write_bundle(
     codec: str = "zstd",
     weight_of: Callable[[str], torch.Tensor] | None = None,
     masks_of: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, int]]] | None = None,
+    source: dict | None = None,
 ) -> dict[str, dict]:
     """Score and write ``personas`` into a new bundle at ``out`` (atomically).
 
     Args:
         weight_of: ``name -> weight`` when the modules' weights are not in memory (offload).
         masks_of: ``name -> (masks, zero_kept)`` selected elsewhere (see :func:`write_personas`).
+        source: where the base model came from (``model``, ``revision``, ``dtype``); default:
+            the model's ``name_or_path`` and dtype when it has them.
     Returns:
         persona name -> its committed metadata.
     """
@@ -379,7 +383,9 @@ def write_bundle(
         check_persona_name(p.name)
     check_pairs([p.name for p in personas], list(pairs), config)
     fp = model_fingerprint(model, dict(modules), hash_weights=True, weight_of=weight_of)
-    with create_bundle(out, fp, force=force) as bundle:
+    if source is None:
+        source = model_source(model)
+    with create_bundle(out, fp, force=force, source=source) as bundle:
         return write_personas(
             bundle,
             modules,
@@ -392,6 +398,50 @@ def write_bundle(
             weight_of,
             masks_of,
         )
+
+
+def model_source(model: nn.Module, revision: str | None = None) -> dict:
+    """``{"model", "revision", "dtype"}`` as far as the model knows them."""
+    out: dict = {}
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if name:
+        out["model"] = str(name)
+        snap = re.search(r"/snapshots/([0-9a-f]{40})(/|$)", str(name))
+        out["revision"] = revision or (snap.group(1) if snap else None)
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        out["dtype"] = str(p.dtype).removeprefix("torch.")
+    return out
+
+
+class _Recorder:
+    """Passes token batches through while hashing them (xxh3) and counting samples and tokens:
+    the calibration record of an API build."""
+
+    def __init__(self, batches: Iterable[Batch]) -> None:
+        import xxhash
+
+        self.batches, self.samples, self.tokens = batches, 0, 0
+        self._h = xxhash.xxh3_128()
+
+    def __iter__(self):
+        for b in self.batches:
+            ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
+            mask = None if isinstance(b, torch.Tensor) else b.get("attention_mask")
+            self._h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+            if mask is not None:
+                self._h.update(mask.detach().cpu().to(torch.int8).contiguous().numpy().tobytes())
+            self.samples += int(ids.shape[0])
+            self.tokens += int(ids.numel() if mask is None else mask.sum())
+            yield b
+
+    def record(self) -> dict:
+        return {
+            "digest": self._h.hexdigest(),
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "source": "api: token batches (digest over input_ids and attention_mask)",
+        }
 
 
 def stats_from_bundle(
@@ -451,7 +501,9 @@ def build(
     personas = []
     for name, batches in calibration.items():
         step = (lambda k, s=f"calibrating {name}": progress(s, k)) if progress else None
-        personas.append(PersonaStats(name, collect_stats(model, modules, batches, config, step)))
+        rec = _Recorder(batches)
+        st = collect_stats(model, modules, rec, config, step)
+        personas.append(PersonaStats(name, st, rec.record()))
     write_bundle(
         out,
         model,

@@ -319,6 +319,11 @@ class Bundle:
     def fingerprint(self) -> dict:
         return self.meta["model"]
 
+    @property
+    def model_source(self) -> dict | None:
+        """Where the base model came from (``model``, ``revision``, ``dtype``), if recorded."""
+        return self.meta.get("source")
+
     @cached_property
     def fingerprint_digest(self) -> str:
         """xxh3-128 of the fingerprint; each persona records the one it was written for."""

@@ -122,8 +122,10 @@ def _array_meta(
     }
 
 
-def _write_root(path: Path, fingerprint: dict) -> None:
+def _write_root(path: Path, fingerprint: dict, source: dict | None = None) -> None:
     meta = {"format_version": FORMAT_VERSION, "model": fingerprint}
+    if source:
+        meta["source"] = source
     validate("bundle", meta, "new bundle")
     _write_json(path / "zarr.json", _group({"maskstore": meta}))
     _write_json(path / "personas" / "zarr.json", _group())
@@ -139,9 +141,16 @@ class create_bundle:
         path: destination directory (must not exist unless ``force``).
         fingerprint: the model fingerprint (see :func:`maskstore.model_fingerprint`).
         force: replace an existing bundle on success.
+        source: where the base model came from: ``model`` (id or path), ``revision``, ``dtype``.
     """
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict, force: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fingerprint: dict,
+        force: bool = False,
+        source: dict | None = None,
+    ) -> None:
         self.path = Path(path)
         if self.path.exists() and not force:
             raise MaskstoreError(
@@ -151,7 +160,7 @@ class create_bundle:
             raise MaskstoreError(f"{self.path} exists and is not a bundle: refusing to replace it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temp_sibling(self.path)
-        _write_root(self._tmp, fingerprint)
+        _write_root(self._tmp, fingerprint, source)
         self.bundle = WritableBundle(self._tmp)
 
     def __enter__(self) -> WritableBundle:

@@ -249,3 +249,23 @@ def test_cli_build_bad_files_and_existing_output(tmp_path, tiny_dir, calib_files
     assert code == 2 and "already exists" in err and open_bundle(tmp_path / "o").digest == digest
     code, _, err = _cli_build(cli, tiny_dir, tmp_path / "o", *ok, "--sparsity", "0.9", "--force")
     assert code == 0 and open_bundle(tmp_path / "o").digest != digest
+
+
+def test_bundles_record_their_model_and_print_a_card(tmp_path, tiny_dir, calib_files, cli):
+    out = tmp_path / "c.zarr"
+    code, _, err = cli("build", "--model", tiny_dir, "--persona", f"a={calib_files['introvert']}",
+                       "--samples", "4", "--dtype", "bfloat16", "--out", out)  # fmt: skip
+    assert code == 0, err
+    b = open_bundle(out)
+    assert b.model_source == {"model": str(tiny_dir), "revision": None, "dtype": "bfloat16"}
+    code, stdout, err = cli("info", out, "--card", "--json")
+    (card,) = json.loads(stdout)["cards"]
+    assert card["model"] == str(tiny_dir) and card["dtype"] == "bfloat16"
+    assert card["data"].startswith("4 samples") and f"--model {tiny_dir}" in card["load"]
+    assert card["weights_xxh3"] == b.fingerprint["weights_xxh3"]
+    # an API build records its calibration too: a digest of the token batches it saw
+    model = tiny_llama(seed=2)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 9))} for _ in range(3)]
+    build(model, {"x": batches}, tmp_path / "api.zarr")
+    cal = open_bundle(tmp_path / "api.zarr").persona("x")["calibration"]
+    assert cal["samples"] == 6 and cal["tokens"] == 54 and len(cal["digest"]) == 32
