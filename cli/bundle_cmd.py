@@ -466,6 +466,7 @@ def import_pt_cmd(
         bool, typer.Option(help="leave out M_*_lm_head.pt files (mask.py writes them)")
     ] = False,
     force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Convert the research code's pickled bool tensors into a bundle (weights_only loading)."""
     from maskstore.importers import import_pt
@@ -487,6 +488,9 @@ def import_pt_cmd(
         fingerprint=fingerprint,
         skip_lm_head=skip_lm_head,
     )
+    if json_out:
+        emit_json({"out": str(out), "personas": names, "skipped_lm_head": skipped})
+        return
     console.print(f"imported {len(names)} persona(s) into {safe(out)}: {safe(', '.join(names))}")
     if skipped:
         console.print(f"skipped {skipped} lm_head file(s) (--skip-lm-head)")
@@ -517,9 +521,13 @@ def pack(
     bundle: Path,
     out: Annotated[Path, typer.Argument(help="the .zip to write")],
     force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Copy a directory bundle into one read-only .zip bundle."""
     from maskstore.writer import pack_zip
 
     pack_zip(bundle, out, force=force)
+    if json_out:
+        emit_json({"out": str(out), "bytes": out.stat().st_size})
+        return
     console.print(f"wrote {safe(out)} ({fmt_bytes(out.stat().st_size)})")

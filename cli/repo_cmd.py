@@ -37,10 +37,13 @@ RequireOpt = Annotated[
 
 
 @app.command()
-def init(repo: RepoOpt = DEFAULT_REPO) -> None:
+def init(repo: RepoOpt = DEFAULT_REPO, json_out: JsonOpt = False) -> None:
     """Create a repository folder."""
     init_repo(repo)
-    console.print(f"repository ready at {repo}")
+    if json_out:
+        emit_json({"repo": str(repo)})
+        return
+    console.print(f"repository ready at {safe(repo)}")
 
 
 @app.command()
@@ -99,14 +102,19 @@ def log(
     json_out: JsonOpt = False,
 ) -> None:
     """History of a branch (or any version), newest first."""
-    entries = open_repo(repo).log(ref)
-    if json_out:
-        emit_json(entries)
-        return
-    tags: dict[str, list[str]] = {}
     r = open_repo(repo)
+    entries = r.log(ref)
+    tags: dict[str, list[str]] = {}
     for name, v in {**r.tags(), **r.branches()}.items():
         tags.setdefault(v, []).append(name)
+    if json_out:
+        emit_json(
+            {
+                "ref": ref,
+                "versions": [e | {"refs": sorted(tags.get(e["version"], []))} for e in entries],
+            }
+        )
+        return
     t = Table("version", "refs", "created", "personas", "message")
     for e in entries:
         t.add_row(
@@ -148,9 +156,13 @@ def sign_cmd(
     name: Annotated[str, typer.Argument(help="tag or branch")],
     key: Annotated[Path, typer.Option("--key", help="SSH private key")],
     repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
 ) -> None:
     """Sign a tag or branch where it points now (ssh-keygen -Y sign)."""
     vid = open_repo(repo).sign(name, key)
+    if json_out:
+        emit_json({"ref": name, "version": vid, "signed": True})
+        return
     console.print(f"signed {safe(name)} -> {vid[:12]}")
 
 
@@ -196,6 +208,7 @@ def checkout(
     ] = False,
     force: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
     repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
 ) -> None:
     """Write a version as a plain bundle."""
     r = open_repo(repo)
@@ -206,6 +219,9 @@ def checkout(
 
         mdl, _ = load_model(model)
     r.checkout(version, out, model=mdl, force=force)
+    if json_out:
+        emit_json({"version": snap.version, "out": str(out)})
+        return
     console.print(f"checked out {snap.version[:12]} to {safe(out)}")
 
 
@@ -271,9 +287,13 @@ def export(
     out: Annotated[Path, typer.Argument(help="the .zip to write")],
     force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
     repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
 ) -> None:
     """One .zip holding a version and everything it needs."""
     open_repo(repo).export(version, out, force=force)
+    if json_out:
+        emit_json({"version": version, "out": str(out), "bytes": out.stat().st_size})
+        return
     console.print(f"wrote {safe(out)} ({fmt_bytes(out.stat().st_size)})")
 
 
@@ -283,10 +303,14 @@ def import_cmd(
     require_signed: RequireOpt = False,
     allowed_signers: AllowedOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
 ) -> None:
     """Bring the versions and refs of an export .zip into the repository (verified)."""
     allowed = str(allowed_signers) if allowed_signers else None
     names = init_repo(repo).import_(path, require_signed or None, allowed)
+    if json_out:
+        emit_json({"imported": list(names), "from": str(path)})
+        return
     console.print(f"imported {safe(', '.join(names))} from {safe(path)}")
 
 

@@ -311,3 +311,21 @@ def test_the_command_table_names_every_command_and_loads_only_its_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['maskstore.cli.bundle_cmd']"
+
+
+def test_every_command_takes_json():
+    """--json on every command: one vocabulary for scripts (schema_version in each document)."""
+    import importlib
+    import inspect
+
+    from maskstore.cli import main
+    from maskstore.cli.app import app
+
+    for module in set(main.COMMANDS.values()):
+        importlib.import_module(f"maskstore.cli.{module}")
+    missing = [
+        c.name or c.callback.__name__
+        for c in app.registered_commands
+        if "json_out" not in inspect.signature(c.callback).parameters
+    ]
+    assert missing == []

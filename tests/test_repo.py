@@ -327,7 +327,9 @@ def test_gc_export_import_and_version_diff(tmp_path, rng, fp, cli):
     r.checkout("v1", tmp_path / "co")
     assert open_bundle(tmp_path / "co").digest == open_bundle(tmp_path / "b1").digest
     code, out, err = cli("log", "--repo", repo, "--json")
-    assert [e["message"] for e in json.loads(out)] == ["one"]
+    doc = json.loads(out)
+    assert [e["message"] for e in doc["versions"]] == ["one"]
+    assert doc["versions"][0]["refs"] == ["main", "v1"] and doc["schema_version"] == 1
     code, out, err = cli("checkout", "nope", "--out", tmp_path / "x", "--repo", repo)
     assert code == 2 and "unknown version" in err
 
