@@ -233,6 +233,7 @@ class LayerwiseModel:
             raise _Stop(args, kwargs)
 
         handle = first.register_forward_pre_hook(capture, with_kwargs=True)
+        states = _States(self.budget)
         try:
             for persona, bs in batches.items():
                 for index, batch in bs:
@@ -245,16 +246,17 @@ class LayerwiseModel:
                         self.model(input_ids=ids.to(self.device), use_cache=False, **kw)
                     except _Stop as stop:
                         args, kwargs = stop.args
-                        inputs.append((persona, index, mask, args, kwargs))
+                        states.put(len(inputs), args[0])  # hidden states: RAM or disk
+                        inputs.append((persona, index, mask, args[1:], kwargs))
                     else:  # pragma: no cover - the hook always fires
                         raise MaskstoreError("the first decoder block never ran")
+        except BaseException:
+            states.close()
+            raise
         finally:
             handle.remove()
             self._unload(embed)
-        states = _States(self.budget)
         try:
-            for i, (_, _, _, args, _) in enumerate(inputs):
-                states.put(i, args[0])
             watched = {}
             for c in collectors.values():
                 watched.update(c.modules)
@@ -274,7 +276,7 @@ class LayerwiseModel:
                         coll = collectors[persona]
                         current[0] = coll
                         with coll.batch(mask, index):
-                            out = layer(states.get(i).to(self.device), *args[1:], **kwargs)
+                            out = layer(states.get(i).to(self.device), *args, **kwargs)
                         states.put(i, out[0] if isinstance(out, tuple) else out)
                     self._unload(layer)
                     if progress:

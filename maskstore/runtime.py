@@ -137,7 +137,7 @@ class MaskHandle:
         """Module ``name``'s base weight (a new tensor when a persona is active)."""
         w = self.modules[name].weight.detach()
         saved = self._saved.get(name)
-        if saved is None or self._gate.get(name) is None and self.active is None:
+        if saved is None or self._gate.get(name) is None:  # the module holds its base weight
             return w
         base = w.clone()
         where = unpack_torch(torch.from_numpy(saved.stored), w.shape[1]).to(w.device)
