@@ -10,16 +10,14 @@ gamma, and the base weights' hash.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
 from ._version import __version__
-from .errors import MaskstoreError
 from .format import Bundle
 from .runtime import attach
-from .writer import temp_sibling
+from .writer import new_folder
 
 
 def export_model(
@@ -47,37 +45,26 @@ def export_model(
 
     out = Path(out)
     meta = bundle.persona(persona)  # unknown names fail before anything is written
-    if out.exists() and not force:
-        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
-    if not out.parent.is_dir():
-        raise MaskstoreError(f"{out.parent} does not exist: create it first")
     h = attach(model, bundle, check_weights=check_weights, untie=untie)
-    tmp = temp_sibling(out)
     try:
-        h.use(persona, gamma)
-        tmp.mkdir()
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        metadata = {
-            "format": "pt",
-            "maskstore.version": __version__,
-            "maskstore.persona": persona,
-            "maskstore.persona_digest": meta["digest"],
-            "maskstore.bundle_digest": bundle.digest,
-            "maskstore.gamma": repr(float(gamma)),
-            "maskstore.base_weights_xxh3": str(bundle.fingerprint.get("weights_xxh3")),
-        }
-        save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with new_folder(out, force) as tmp:
+            h.use(persona, gamma)
+            model.config.save_pretrained(tmp)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            metadata = {
+                "format": "pt",
+                "maskstore.version": __version__,
+                "maskstore.persona": persona,
+                "maskstore.persona_digest": meta["digest"],
+                "maskstore.bundle_digest": bundle.digest,
+                "maskstore.gamma": repr(float(gamma)),
+                "maskstore.base_weights_xxh3": str(bundle.fingerprint.get("weights_xxh3")),
+            }
+            save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
     finally:
         h.detach()
     return out

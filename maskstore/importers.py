@@ -144,30 +144,15 @@ def export_pt(
     Returns:
         The number of files written.
     """
-    import shutil
+    from .writer import new_folder
 
-    from .writer import temp_sibling
-
-    out = Path(out)
     names = list(personas or bundle.personas)
     for p in names:
         bundle.persona(p)  # unknown names fail before anything is written
-    if out.exists() and not force:
-        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
-    if not out.parent.is_dir():
-        raise MaskstoreError(f"{out.parent} does not exist: create it first")
-    tmp = temp_sibling(out)
-    tmp.mkdir()
     n = 0
-    try:
+    with new_folder(out, force) as tmp:
         for p in names:
             for module in bundle.persona_modules(p):
                 torch.save(bundle.read_mask(p, module, as_torch=True), tmp / f"M_{p}_{module}.pt")
                 n += 1
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return n

@@ -8,6 +8,7 @@ directly; zarr writes the others (gzip, blosc), imported only then.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -533,3 +534,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def new_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """A folder written beside ``out`` and renamed into place when the block succeeds (an
+    existing ``out`` is replaced then, only with ``force``); removed when the block fails."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+    if not out.parent.is_dir():
+        raise MaskstoreError(f"{out.parent} does not exist: create it first")
+    tmp = temp_sibling(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
