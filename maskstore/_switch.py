@@ -76,47 +76,31 @@ def _popcount(typingctx, x):  # pragma: no cover - compiled
     return x(x), codegen
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _gated_bf16(v, g, tf, tu):  # pragma: no cover - compiled
+    """bfloat16 bits ``v`` times ``g``: the product in float32, rounded to nearest even."""
+    tu[0] = np.uint32(v) << np.uint32(16)
+    tf[0] = tf[0] * g
+    u = tu[0]
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0xFFFF)  # NaN, as torch's vectorised rounding
+    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(u >> np.uint32(16))
+
+
 @njit(nogil=True, cache=True)
-def _apply_f32(
-    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, r0, r1
+def _apply(
+    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, bf16, r0, r1
 ):  # pragma: no cover - compiled
     """``w = base * gate_new`` at the stored positions whose gate differs from ``cur``'s.
 
     ``stored``, ``cur`` and ``new`` are packed rows viewed as unsigned words (uint64 when a
     row's bytes divide by 8, else uint8): a word with nothing to rewrite costs a few
-    instructions, and each rewritten weight finds its base value by a popcount.
+    instructions, and each rewritten weight finds its base value by a popcount. ``w`` and
+    ``vals`` are float32, or bfloat16 as uint16 bits (``bf16``).
     """
     g = np.float32(g_new)
     unit = np.float32(1.0)
-    nw = stored.shape[1]
-    zero = stored.dtype.type(0)
-    one = stored.dtype.type(1)
-    ones = ~zero
-    bits = stored.itemsize * 8
-    for i in range(r0, r1):
-        k = np.int64(off[i])
-        for b in range(nw):
-            s = stored[i, b]
-            if s == zero:
-                continue
-            c = ones if cur_base else cur[i, b]
-            n = ones if new_base else new[i, b]
-            d = ((c ^ n) if same_gamma else ~(c & n)) & s
-            while d != zero:
-                low = d & (zero - d)
-                j = b * bits + np.int64(trailing_zeros(d))
-                idx = k + np.int64(_popcount(s & (low - one)))
-                w[i, j] = vals[idx] * (unit if n & low else g)  # x * 1 is x: no branch
-                d ^= low
-            k += np.int64(_popcount(s))
-
-
-@njit(nogil=True, cache=True)
-def _apply_bf16(
-    w, stored, off, vals, cur, new, cur_base, new_base, g_new, same_gamma, r0, r1
-):  # pragma: no cover - compiled
-    """As :func:`_apply_f32` on bfloat16 bits: the product in float32, rounded to nearest even."""
-    g = np.float32(g_new)
     tf = np.empty(1, np.float32)
     tu = tf.view(np.uint32)
     nw = stored.shape[1]
@@ -137,16 +121,13 @@ def _apply_bf16(
                 low = d & (zero - d)
                 j = b * bits + np.int64(trailing_zeros(d))
                 v = vals[k + np.int64(_popcount(s & (low - one)))]
-                if not (n & low):
-                    tu[0] = np.uint32(v) << np.uint32(16)
-                    tf[0] = tf[0] * g
-                    u = tu[0]
-                    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                        v = np.uint16(0xFFFF)  # NaN, as torch's vectorised rounding
-                    else:
-                        u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-                        v = np.uint16(u >> np.uint32(16))
-                w[i, j] = v
+                keep = (n & low) != zero
+                if not bf16:
+                    w[i, j] = v * (unit if keep else g)  # x * 1 is x: no branch
+                elif keep:
+                    w[i, j] = v
+                else:
+                    w[i, j] = _gated_bf16(v, g, tf, tu)
                 d ^= low
             k += np.int64(_popcount(s))
 
@@ -218,8 +199,9 @@ def job(
         new is None,
         float(gamma),
         bool(same_gamma),
+        bool(bf16),
     )
-    return (_apply_bf16 if bf16 else _apply_f32), args, stored.shape[0], stored.nbytes
+    return _apply, args, stored.shape[0], stored.nbytes
 
 
 def run(jobs: list[tuple]) -> None:
