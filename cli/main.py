@@ -27,7 +27,8 @@ COMMANDS = {
         "bundle_cmd",
     ),
     **dict.fromkeys(
-        "init commit log tag sign branch checkout push pull export import gc".split(), "repo_cmd"
+        "init commit log tag sign branch checkout push pull merge export import gc".split(),
+        "repo_cmd",
     ),
     **dict.fromkeys(("run", "eval", "similarity", "export-model"), "runtime_cmd"),
 }
@@ -49,12 +50,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     )
 
 
-def _json_error(message: str, code: int) -> None:
-    """With ``--json``, an error is also a JSON object on stdout."""
+def _json_error(message: str, code: int, extra: dict | None = None) -> None:
+    """With ``--json``, an error is also a JSON object on stdout (a merge conflict adds the
+    ``conflicts`` it names)."""
     if "--json" in sys.argv[1:]:
         from ._common import emit_json
 
-        emit_json({"error": " ".join(message.split()), "exit_code": code})
+        emit_json({"error": " ".join(message.split()), "exit_code": code, **(extra or {})})
 
 
 def main() -> None:
@@ -91,7 +93,8 @@ def main() -> None:
         err_console.print(
             f"[red]error:[/] {safe(e, one_line=True)}", highlight=False, soft_wrap=True
         )
-        _json_error(str(e), 2)
+        conflicts = getattr(e, "conflicts", None)
+        _json_error(str(e), 2, {"conflicts": conflicts} if conflicts else None)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")

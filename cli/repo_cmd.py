@@ -30,6 +30,14 @@ AllowedOpt = Annotated[
         help="ssh allowed-signers file (default: trust.allowed_signers in the repo's config.json)",
     ),
 ]
+OursOpt = Annotated[
+    list[str] | None,
+    typer.Option("--ours", help="in a merge, keep the local side of this conflicting persona"),
+]
+TheirsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--theirs", help="in a merge, take the other side of this conflicting persona"),
+]
 RequireOpt = Annotated[
     bool,
     typer.Option("--require-signed", help="refuse refs without a signature by an allowed signer"),
@@ -115,12 +123,13 @@ def log(
             }
         )
         return
-    t = Table("version", "refs", "created", "personas", "message")
+    t = Table("version", "parents", "refs", "created", "personas", "message")
     for e in entries:
         t.add_row(
             e["version"][:12],
+            " + ".join(p[:8] for p in e["parents"]),
             safe(", ".join(sorted(tags.get(e["version"], [])))),
-            safe(e["created"]),
+            safe(e["created"][:16].replace("T", " ")),
             safe(", ".join(e["personas"])),
             safe(e["message"]),
         )
@@ -225,8 +234,29 @@ def checkout(
     console.print(f"checked out {snap.version[:12]} to {safe(out)}")
 
 
+_OUTCOME = {
+    "created": "new here",
+    "up-to-date": "already up to date",
+    "fast-forward": "fast-forwarded",
+    "ahead": "the local branch already contains it",
+    "forced": "reset to the remote's head (--force)",
+    "merged": "merged",
+    "tag": "tag",
+}
+
+
+def _merge_doc(res) -> dict:
+    return {
+        "version": res.version,
+        "base": res.base,
+        "taken": res.taken,
+        "removed": res.removed,
+        "resolved": res.resolved,
+    }
+
+
 def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
-    with progress() as bar:
+    with progress(disable=json_out) as bar:
         task = bar.add_task(f"{verb}ing {ref}", total=None)
         rep = run(lambda k: bar.advance(task, k))
     doc = {
@@ -236,6 +266,9 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
         "bytes": rep.bytes,
         "skipped": rep.skipped,
     }
+    if verb == "pull":
+        doc |= {"outcome": rep.outcome, "version": rep.version}
+        doc["merge"] = _merge_doc(rep.merge) if rep.merge else None
     if json_out:
         emit_json(doc)
         return
@@ -244,6 +277,25 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
         f"{verb}ed {safe(ref)} {'to' if verb == 'push' else 'from'} {safe(remote)}: {rep.objects} objects, "
         f"{fmt_bytes(rep.bytes)} moved, {rep.skipped} already {where}"
     )
+    if verb == "pull" and rep.outcome != "tag":
+        console.print(f"{safe(ref)} -> {rep.version[:12]}: {_OUTCOME[rep.outcome]}")
+    if rep.merge:
+        _print_merge(rep.merge)
+
+
+def _print_merge(res) -> None:
+    sides: dict[str, list[str]] = {}
+    for p, side in res.taken.items():
+        if p not in res.resolved:
+            sides.setdefault(side, []).append(p)
+    for side in ("ours", "theirs", "both"):
+        if sides.get(side):
+            label = {"ours": "kept ours", "theirs": "took theirs", "both": "same on both"}[side]
+            console.print(f"  {label}: {safe(', '.join(sides[side]))}")
+    if res.removed:
+        console.print(f"  removed: {safe(', '.join(res.removed))}")
+    for p, side in res.resolved.items():
+        console.print(f"  conflict {safe(p)}: kept {side}")
 
 
 @app.command()
@@ -264,21 +316,67 @@ def pull(
     ref: Annotated[str, typer.Argument(help="tag or branch")] = "main",
     require_signed: RequireOpt = False,
     allowed_signers: AllowedOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="reset the local branch to the remote's head")
+    ] = False,
+    ours: OursOpt = None,
+    theirs: TheirsOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
     json_out: JsonOpt = False,
 ) -> None:
-    """Fetch a tag or branch from a remote; every object is verified on arrival."""
+    """Fetch a tag or branch from a remote; every object is verified on arrival.
+
+    A local branch that has diverged from the remote's is merged persona by persona: a persona
+    changed on one side only is taken from that side; one changed on both sides is a conflict
+    that --ours NAME or --theirs NAME resolves. The merge is a version with two parents."""
     r = init_repo(repo)
     allowed = str(allowed_signers) if allowed_signers else None
     _transfer(
         "pull",
         lambda cb: r.pull(
-            remote, ref, progress=cb, require_signed=require_signed or None, allowed_signers=allowed
+            remote,
+            ref,
+            progress=cb,
+            require_signed=require_signed or None,
+            allowed_signers=allowed,
+            force=force,
+            ours=tuple(ours or ()),
+            theirs=tuple(theirs or ()),
         ),
         remote,
         ref,
         json_out,
     )
+
+
+@app.command()
+def merge(
+    ref: Annotated[str, typer.Argument(help="version, tag or branch to merge in")],
+    into: Annotated[str, typer.Option("--into", help="branch that receives the merge")] = "main",
+    ours: OursOpt = None,
+    theirs: TheirsOpt = None,
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge a version into a branch persona by persona (conflicts: --ours / --theirs)."""
+    r = open_repo(repo)
+    res = r.merge(ref, into, tuple(ours or ()), tuple(theirs or ()))
+    head = r.resolve(into)
+    if json_out:
+        emit_json(
+            {
+                "branch": into,
+                "version": head,
+                "outcome": "merged" if res else "fast-forward-or-up-to-date",
+                "merge": _merge_doc(res) if res else None,
+            }
+        )
+        return
+    if res is None:
+        console.print(f"{safe(into)} -> {head[:12]}: no merge needed")
+        return
+    console.print(f"{safe(into)} -> {head[:12]}: merged {safe(ref)}")
+    _print_merge(res)
 
 
 @app.command()

@@ -47,6 +47,7 @@ __all__ = [
     "BundleSource",
     "ModuleInfo",
     "StoreSource",
+    "bundle_digest",
     "check_persona_name",
     "persona_digest",
     "validate",
@@ -80,6 +81,13 @@ def validate(kind: str, meta: Any, where: str) -> None:
             f"{where}: metadata fails {kind}.schema.json: {err.message}; "
             "the bundle is damaged or was written by another tool"
         ) from None
+
+
+def bundle_digest(fingerprint: dict, personas: dict[str, str]) -> str:
+    """xxh3-128 over the format version, the fingerprint and each persona's digest."""
+    return metadata_digest(
+        {"format_version": FORMAT_VERSION, "model": fingerprint, "personas": personas}
+    )
 
 
 def persona_digest(meta: dict) -> str:
@@ -377,12 +385,8 @@ class Bundle:
     @property
     def digest(self) -> str:
         """Bundle digest: xxh3-128 over format version, fingerprint and persona digests."""
-        return metadata_digest(
-            {
-                "format_version": FORMAT_VERSION,
-                "model": self.fingerprint,
-                "personas": {p: self.persona(p)["digest"] for p in self.personas},
-            }
+        return bundle_digest(
+            self.fingerprint, {p: self.persona(p)["digest"] for p in self.personas}
         )
 
     # ---- arrays

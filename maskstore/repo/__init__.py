@@ -16,7 +16,7 @@ so a killed commit or push leaves every ref pointing at a complete version.
 One module a concept: :mod:`.objects` (chunks and manifests), :mod:`.refs` (tags and branches),
 :mod:`.commit` (versions and xor deltas), :mod:`.snapshot` (reading a version as a bundle,
 checkout), :mod:`.history` (log, diff), :mod:`.transfer` (push, pull, export, import),
-:mod:`.maintenance` (gc, verify). :class:`Repository` is the thin front over them.
+:mod:`.merge` (three-way merges by persona), :mod:`.maintenance` (gc, verify). :class:`Repository` is the thin front over them.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..hashing import canonical_json
 from ..stores import Store, open_store
 from . import commit as _commit
 from . import history, maintenance, signing, transfer
+from .merge import MergeConflict, MergeResult, merge
 from .objects import REPO_FORMAT, REPO_MARKER, Objects
 from .refs import Refs
 from .snapshot import MAX_DELTA_DEPTH, Snapshot, VersionSource
@@ -192,10 +193,41 @@ class Repository:
         progress: Progress = None,
         require_signed: bool | None = None,
         allowed_signers: str | None = None,
-    ):
+        force: bool = False,
+        ours: tuple[str, ...] = (),
+        theirs: tuple[str, ...] = (),
+    ) -> TransferReport:
         """Fetch tag or branch ``ref`` from a remote (or an export zip); verify everything, and
-        with ``require_signed`` its signature too."""
-        return transfer.pull(self, remote, ref, progress, require_signed, allowed_signers)
+        with ``require_signed`` its signature too. A diverged local branch is merged persona
+        by persona (conflicts resolved by ``ours``/``theirs``), or reset with ``force``."""
+        return transfer.pull(
+            self, remote, ref, progress, require_signed, allowed_signers, force, ours, theirs
+        )
+
+    def merge(
+        self,
+        ref: str,
+        into: str = "main",
+        ours: tuple[str, ...] = (),
+        theirs: tuple[str, ...] = (),
+    ) -> MergeResult | None:
+        """Merge version ``ref`` into branch ``into`` persona by persona. Returns the merge's
+        record (None when ``into`` already contains ``ref`` or fast-forwards to it)."""
+        vid, cur = self.resolve(ref), self.refs.get("branches", into)
+        if cur is None:
+            raise MaskstoreError(f"no branch {into!r} to merge into")
+        if vid in set(history.ancestors(self, cur)):
+            return None
+        with self.store.lock("gc", shared=True):
+            if cur in set(history.ancestors(self, vid)):
+                self.refs.set_branch(into, vid, cur)
+                return None
+            res = merge(
+                self, cur, vid, f"merge {ref} into {into}", tuple(ours), tuple(theirs),
+                advice=f"maskstore merge {ref} --into {into} --ours NAME or --theirs NAME",
+            )  # fmt: skip
+            self.refs.set_branch(into, res.version, cur)
+        return res
 
     def export(self, ref: str, out: str | os.PathLike, force: bool = False) -> Path:
         return transfer.export(self, ref, out, force)
@@ -260,6 +292,8 @@ def open_version(spec: str) -> Snapshot:
 
 __all__ = [
     "MAX_DELTA_DEPTH",
+    "MergeConflict",
+    "MergeResult",
     "Repository",
     "Snapshot",
     "TransferReport",

@@ -21,6 +21,7 @@ from ..stores import RefConflict, Store, ZipStore, open_store
 from ..writer import temp_sibling
 from . import signing
 from .history import ancestors
+from .merge import MergeResult, merge
 from .objects import (
     REPO_FORMAT,
     REPO_MARKER,
@@ -41,9 +42,18 @@ Progress = Callable[[int], None] | None
 
 @dataclass
 class TransferReport:
+    """What a push or pull moved and, for a pulled branch, what became of the local one.
+
+    ``outcome``: ``created``, ``up-to-date``, ``fast-forward``, ``ahead`` (the local branch
+    already contains the remote's head), ``merged``, ``forced`` or ``tag``; ``version``: where
+    the ref points now; ``merge``: the persona-by-persona record of a merge."""
+
     objects: int
     bytes: int
     skipped: int
+    outcome: str = ""
+    version: str = ""
+    merge: MergeResult | None = None
 
 
 def needed(
@@ -135,7 +145,7 @@ def update_ref(
     if cur_v and cur_v not in set(ancestors(repo, vid, history)):
         raise RefConflict(
             f"branch {name!r} on {dst.url} is at {cur_v[:12]}, which {vid[:12]} does not contain: "
-            "pull first, then push"
+            f"merge it here with maskstore pull {dst.url} {name}, then push again"
         )
     dst.swap(f"refs/branches/{name}", vid.encode(), cur)
 
@@ -194,11 +204,18 @@ def pull(
     progress: Progress = None,
     require_signed: bool | None = None,
     allowed_signers: str | None = None,
-):
+    force: bool = False,
+    ours: tuple[str, ...] = (),
+    theirs: tuple[str, ...] = (),
+) -> TransferReport:
     """Fetch tag or branch ``ref`` from a remote (or an export zip) with what it needs.
 
     With ``require_signed`` (default: the repository's ``trust.require_signed``), the ref must
-    carry a signature that ``allowed_signers`` (default: ``trust.allowed_signers``) accepts."""
+    carry a signature that ``allowed_signers`` (default: ``trust.allowed_signers``) accepts.
+
+    A local branch behind the remote's fast-forwards; one that has diverged from it is merged
+    persona by persona (:func:`maskstore.repo.merge.merge`; ``ours``/``theirs`` name the side
+    kept for each conflicting persona), or with ``force`` reset to the remote's head."""
     check_ref_name(ref)
     src = remote if isinstance(remote, Store) else open_store(remote)
     kind = Refs(src, src.url).kind_of(ref)
@@ -223,8 +240,52 @@ def pull(
         for v in versions:
             check_metadata(repo, v)
         _copy_signature(src, repo.store, kind, ref, vid)
-        update_ref(repo, repo.store, repo.store, ref, vid, kind)
+        if kind == "tags":
+            update_ref(repo, repo.store, repo.store, ref, vid, kind)
+            rep.outcome, rep.version = "tag", vid
+        else:
+            _integrate(repo, rep, src.url, ref, vid, force, tuple(ours), tuple(theirs))
     return rep
+
+
+def _integrate(
+    repo: Repository,
+    rep: TransferReport,
+    url: str,
+    name: str,
+    vid: str,
+    force: bool,
+    ours: tuple[str, ...],
+    theirs: tuple[str, ...],
+) -> None:
+    """Move local branch ``name`` to take in the remote's head ``vid`` (records it in ``rep``)."""
+    cur = repo.refs.get("branches", name)
+    rep.version = vid
+    if cur is None:
+        rep.outcome = "created"
+    elif cur == vid:
+        rep.outcome = "up-to-date"
+        return
+    elif force:
+        rep.outcome = "forced"
+    elif cur in set(ancestors(repo, vid)):
+        rep.outcome = "fast-forward"
+    elif vid in set(ancestors(repo, cur)):
+        rep.outcome, rep.version = "ahead", cur
+        return
+    else:
+        rep.merge = merge(
+            repo,
+            cur,
+            vid,
+            f"merge {name} from {url}",
+            ours,
+            theirs,
+            advice=f"maskstore pull {url} {name} --ours NAME or --theirs NAME, or take the "
+            "remote's branch whole with --force",
+        )
+        rep.outcome, rep.version = "merged", rep.merge.version
+    repo.refs.set_branch(name, rep.version, cur)
 
 
 def export(repo: Repository, ref: str, out: str | os.PathLike, force: bool = False) -> Path:

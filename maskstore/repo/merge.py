@@ -1,0 +1,153 @@
+"""Merging two versions persona by persona (a three-way merge against their common ancestor).
+
+A persona is compared by its metadata digest, which pins its method, parameters, statistics and
+every mask digest. Against the merge base, a persona changed (or added, or removed) on one side
+only is taken from that side; one changed identically on both sides is taken once; one changed
+differently on both sides is a conflict, resolved by naming the side to keep. The merged version
+reuses both sides' objects (no chunk is read or written) and has both versions as parents.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from .._version import __version__
+from ..errors import MaskstoreError
+from ..format import FORMAT_VERSION, bundle_digest
+from .history import ancestors
+from .snapshot import check_metadata
+
+if TYPE_CHECKING:
+    from . import Repository
+
+
+class MergeConflict(MaskstoreError):
+    """Personas changed differently on both sides; ``conflicts`` names them."""
+
+    def __init__(self, message: str, conflicts: list[str]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
+@dataclass
+class MergeResult:
+    """What a merge did: the new version and, per persona, the side it came from."""
+
+    version: str
+    base: str | None
+    taken: dict[str, str] = field(default_factory=dict)  # persona -> "ours" | "theirs" | "both"
+    removed: list[str] = field(default_factory=list)
+    resolved: dict[str, str] = field(default_factory=dict)  # conflicts and the side chosen
+
+
+def merge_base(repo: Repository, a: str, b: str) -> str | None:
+    """The nearest version both ``a`` and ``b`` descend from (None when they share none)."""
+    mine = set(ancestors(repo, a))
+    return next((v for v in ancestors(repo, b) if v in mine), None)
+
+
+def _digests(man: dict | None) -> dict[str, str]:
+    if man is None:
+        return {}
+    return {p: pe["meta"]["digest"] for p, pe in man["personas"].items()}
+
+
+def _entry(man: dict, vid: str, persona: str) -> dict:
+    """A persona's manifest entry, its same-version delta bases pinned to ``vid`` (in the
+    merged version, a base named without a version would mean the merged version's persona)."""
+    pe = _copy.deepcopy(man["personas"][persona])
+    for e in pe["arrays"].values():
+        if "delta" in e and e["delta"]["version"] is None:
+            e["delta"]["version"] = vid
+    return pe
+
+
+def merge(
+    repo: Repository,
+    ours: str,
+    theirs: str,
+    message: str,
+    take_ours: tuple[str, ...] = (),
+    take_theirs: tuple[str, ...] = (),
+    advice: str = "",
+) -> MergeResult:
+    """Merge version ``theirs`` into ``ours`` (full ids, both in ``repo``); returns the merged
+    version, written but not yet pointed at by any ref.
+
+    Args:
+        take_ours, take_theirs: personas in conflict and the side to keep for each.
+        advice: how a conflict message tells the user to resolve it (the command line).
+
+    Raises:
+        MergeConflict: personas changed differently on both sides and not resolved.
+        MaskstoreError: the two sides are for different models, or the options contradict.
+    """
+    both = set(take_ours) & set(take_theirs)
+    if both:
+        raise MaskstoreError(
+            f"{', '.join(sorted(both))} named in both --ours and --theirs: choose one side"
+        )
+    m_o, m_t = repo.objects.manifest(ours), repo.objects.manifest(theirs)
+    if m_o["root"]["model"] != m_t["root"]["model"]:
+        raise MaskstoreError(
+            f"{ours[:12]} and {theirs[:12]} hold masks for different models: they cannot be "
+            "merged (pull --force takes the remote's branch instead)"
+        )
+    base = merge_base(repo, ours, theirs)
+    d_b = _digests(repo.objects.manifest(base) if base else None)
+    d_o, d_t = _digests(m_o), _digests(m_t)
+    names = sorted(set(d_b) | set(d_o) | set(d_t))
+    unknown = sorted((set(take_ours) | set(take_theirs)) - set(names))
+    if unknown:
+        raise MaskstoreError(
+            f"no persona {', '.join(map(repr, unknown))} on either side: check the names"
+        )
+    res = MergeResult(version="", base=base)
+    personas: dict[str, dict] = {}
+    conflicts: list[str] = []
+    for p in names:
+        b, o, t = d_b.get(p), d_o.get(p), d_t.get(p)
+        if o == t:
+            side = "both"
+        elif o == b:
+            side = "theirs"
+        elif t == b:
+            side = "ours"
+        elif p in take_ours:
+            side = res.resolved[p] = "ours"
+        elif p in take_theirs:
+            side = res.resolved[p] = "theirs"
+        else:
+            conflicts.append(p)
+            continue
+        man, vid, digest = (m_t, theirs, t) if side == "theirs" else (m_o, ours, o)
+        if digest is None:
+            res.removed.append(p)
+            continue
+        personas[p] = _entry(man, vid, p)
+        res.taken[p] = side
+    if conflicts:
+        raise MergeConflict(
+            f"{len(conflicts)} persona(s) changed differently on both sides: "
+            f"{', '.join(conflicts)}; keep one side of each with {advice}",
+            conflicts,
+        )
+    man = {
+        "format": 1,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "parents": [ours, theirs],
+        "message": message,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bundle_digest": bundle_digest(
+            m_o["root"]["model"], {p: pe["meta"]["digest"] for p, pe in personas.items()}
+        ),
+        "root": m_o["root"],
+        "personas": personas,
+    }
+    res.version = repo.objects.put_manifest(man)
+    check_metadata(repo, res.version)
+    return res
