@@ -189,6 +189,9 @@ def branch(
         if name is None:
             raise MaskstoreError("branch --delete needs a branch name")
         r.delete_branch(name)
+        if json_out:
+            emit_json({"branch": name, "deleted": True})
+            return
         console.print(f"deleted branch {safe(name)}")
         return
     if name is None:
@@ -202,6 +205,9 @@ def branch(
     if r.branch_head(name) is not None:
         raise MaskstoreError(f"branch {name!r} exists: pick another name")
     r.set_branch(name, r.resolve(version), None)
+    if json_out:
+        emit_json({"branch": name, "version": r.resolve(name)})
+        return
     console.print(f"branch {safe(name)} -> {r.resolve(name)[:12]}")
 
 
@@ -407,7 +413,7 @@ def import_cmd(
     allowed = str(allowed_signers) if allowed_signers else None
     names = init_repo(repo).import_(path, require_signed or None, allowed)
     if json_out:
-        emit_json({"imported": list(names), "from": str(path)})
+        emit_json({"imported": list(names), "path": str(path)})
         return
     console.print(f"imported {safe(', '.join(names))} from {safe(path)}")
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -61,10 +62,36 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
+CLI_SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "cli"
+_CLI_VALIDATORS: dict = {}
+# commands that share a schema: the set operations all print a derived persona
+SCHEMA_OF = dict.fromkeys(("union", "intersect", "subtract", "xor", "complement", "vote"), "op")
+
+
+def cli_schema(name: str) -> dict:
+    return json.loads((CLI_SCHEMAS / f"{name}.json").read_text())
+
+
+def check_cli_document(command: str, code: int, out: str) -> None:
+    """A --json document is valid against ``schemas/cli/<command>.json`` (``error.json`` when
+    the command failed)."""
+    import fastjsonschema
+
+    name = "error" if code == 2 else SCHEMA_OF.get(command, command)
+    if name not in _CLI_VALIDATORS:
+        _CLI_VALIDATORS[name] = fastjsonschema.compile(cli_schema(name))
+    try:
+        _CLI_VALIDATORS[name](json.loads(out))
+    except fastjsonschema.JsonSchemaException as e:
+        msg = f"maskstore {command} --json: {e.message} (schemas/cli/{name}.json)"
+        raise AssertionError(msg) from None
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
-    """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
-    from maskstore.cli.main import main
+    """Run the real console entry point in-process; returns (exit code, stdout, stderr). With
+    --json, the document printed is checked against its schema under ``schemas/cli/``."""
+    from maskstore.cli.main import COMMANDS, main
 
     def run(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["maskstore", *map(str, args)])
@@ -75,6 +102,9 @@ def cli(capsys, monkeypatch):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         out, err = capsys.readouterr()
+        command = next((str(a) for a in args if not str(a).startswith("-")), "")
+        if "--json" in map(str, args) and command in COMMANDS and out.strip():
+            check_cli_document(command, code, out)
         return code, out, err
 
     return run

@@ -154,7 +154,7 @@ def test_tags_never_move_and_branches_fast_forward_only(tmp_path, rng, fp):
     remote = tmp_path / "remote"
     r1.push(remote, "main")
     r2.commit(open_bundle(tmp_path / "b2"), "diverged")
-    with pytest.raises(RefConflict, match="pull first"):
+    with pytest.raises(RefConflict, match="maskstore pull"):
         r2.push(remote, "main")
     assert open_repo(remote).resolve("main") == v2
 

@@ -35,7 +35,7 @@ from . import commit as _commit
 from . import history, maintenance, signing, transfer
 from .merge import MergeConflict, MergeResult, merge
 from .objects import REPO_FORMAT, REPO_MARKER, Objects
-from .refs import Refs
+from .refs import SINGULAR, Refs
 from .snapshot import MAX_DELTA_DEPTH, Snapshot, VersionSource
 from .transfer import TransferReport
 
@@ -139,7 +139,12 @@ class Repository:
                 sig = self.store.get(
                     signing.signature_key(kind, name, vid), limit=signing.MAX_SIGNATURE_BYTES
                 )
-                rec = {"kind": kind[:-1], "name": name, "version": vid, "signed": sig is not None}
+                rec = {
+                    "kind": SINGULAR[kind],
+                    "name": name,
+                    "version": vid,
+                    "signed": sig is not None,
+                }
                 if sig is not None:
                     v = signing.verify(sig, kind, name, vid, allowed)
                     rec |= {"ok": v.ok, "signer": v.signer, "reason": v.reason}

@@ -12,6 +12,7 @@ from ..names import check_ref_name, is_hex
 from ..stores import RefConflict, Store
 
 KINDS = ("tags", "branches")
+SINGULAR = {"tags": "tag", "branches": "branch"}
 _PREFIX = re.compile(r"[0-9a-f]{6,64}")
 
 
@@ -38,7 +39,7 @@ class Refs:
         vid = data.decode("ascii", "replace").strip()
         if not is_hex(vid, 64):
             raise IntegrityError(
-                f"{kind[:-1]} {name!r} in {self.label} does not hold a version id: it is damaged"
+                f"{SINGULAR[kind]} {name!r} in {self.label} does not hold a version id: it is damaged"
             )
         return vid
 

@@ -31,7 +31,7 @@ from .objects import (
     stored_bound,
     version_key,
 )
-from .refs import Refs
+from .refs import SINGULAR, Refs
 from .snapshot import check_metadata
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ def check_trust(
     repo: Repository, sig: bytes | None, kind: str, name: str, vid: str, allowed: str | None
 ) -> None:
     """Refuse ``kind/name -> vid`` unless a signature by an allowed signer covers it."""
-    what = f"{kind[:-1]} {name!r}"
+    what = f"{SINGULAR[kind]} {name!r}"
     if allowed is None:
         raise MaskstoreError(
             f"{what}: signed refs are required but no allowed-signers file is set: pass "
@@ -224,7 +224,7 @@ def pull(
     vid = Refs(src, src.url).get(kind, ref) or ""
     if not is_hex(vid, 64):
         raise IntegrityError(
-            f"{kind[:-1]} {ref!r} on {src.url} does not hold a version id: refused"
+            f"{SINGULAR[kind]} {ref!r} on {src.url} does not hold a version id: refused"
         )
     trust = repo.config.get("trust", {})
     if require_signed is None:

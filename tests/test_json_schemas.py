@@ -1,0 +1,100 @@
+"""The documents ``--json`` prints: one schema per command under ``schemas/cli/`` (the ``cli``
+fixture validates every --json document any test prints against it); here every command runs
+once with --json on tiny parts, so each schema is exercised."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import CLI_SCHEMAS, SCHEMA_OF, cli_schema, pair_args
+from maskstore.cli.main import COMMANDS
+
+
+def test_every_command_has_a_schema_and_each_schema_compiles():
+    import fastjsonschema
+
+    names = {p.stem for p in CLI_SCHEMAS.glob("*.json")}
+    want = {SCHEMA_OF.get(c, c) for c in COMMANDS} | {"error"}
+    assert names == want, names ^ want
+    for name in names:
+        schema = cli_schema(name)
+        fastjsonschema.compile(schema)
+        assert schema["properties"]["schema_version"] == {"const": 1}, name
+        assert schema.get("additionalProperties") is False, name
+        assert schema.get("description"), name
+
+
+def test_a_document_that_drifts_from_its_schema_fails(tmp_path, cli):
+    import fastjsonschema
+
+    validate = fastjsonschema.compile(cli_schema("init"))
+    validate({"schema_version": 1, "repo": "x"})
+    for bad in ({"schema_version": 1}, {"schema_version": 1, "repo": "x", "extra key": 1},
+                {"schema_version": 2, "repo": "x"}):  # fmt: skip
+        with pytest.raises(fastjsonschema.JsonSchemaException):
+            validate(bad)
+
+
+def test_every_command_prints_a_valid_document(tmp_path, tiny_dir, calib_files, cli, monkeypatch):
+    seen: set[str] = set()
+
+    def ok(*args):
+        code, out, err = cli(*args, "--json")
+        assert code == 0, (args, err)
+        seen.add(str(args[0]))
+        noise = [x for x in err.splitlines() if x.strip() and not x.startswith("warning:")]
+        assert noise == [], (args[0], err)  # no progress output under --json
+        return json.loads(out)
+
+    b = tmp_path / "b.zarr"
+    tiny = ("--samples", "4", "--max-tokens", "16")
+    ok("build", "--model", tiny_dir, "--out", b, *tiny, *pair_args(calib_files))
+    ok("info", b)
+    ok("info", b, "--card")
+    ok("verify", b)
+    ok("overlap", b)
+    ok("diff", b, "introvert", "extrovert")
+    ok("union", b, "introvert", "extrovert", "--as", "u")
+    ok("intersect", b, "introvert", "extrovert", "--as", "i")
+    ok("subtract", b, "introvert", "extrovert", "--as", "s")
+    ok("xor", b, "introvert", "extrovert", "--as", "x")
+    ok("complement", b, "introvert", "--as", "c")
+    ok("vote", b, "introvert", "extrovert", "u", "--at-least", "2", "--as", "v")
+    ok("export-pt", b, "--out", tmp_path / "pt", "--persona", "introvert")
+    ok("import-pt", tmp_path / "pt", "--out", tmp_path / "imp.zarr", "--model", tiny_dir)
+    ok("pack", b, tmp_path / "b.zip")
+    ok("run", b, "--model", tiny_dir, "--persona", "introvert", "--prompt", "hi",
+       "--max-new-tokens", "2")  # fmt: skip
+    ok("eval", b, "--model", tiny_dir, "--mc", calib_files["mc"], "--template", "none")
+    ok("similarity", b, "introvert", "extrovert", "--model", tiny_dir, "--texts",
+       calib_files["introvert"], "--limit", "2")  # fmt: skip
+    ok("export-model", b, "introvert", "--model", tiny_dir, "--out", tmp_path / "ckpt")
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    r = ("--repo", repo)
+    ok("init", *r)
+    ok("commit", b, "-m", "one", *r)
+    ok("log", *r)
+    ok("tag", "v1", *r)
+    ok("tag", *r)
+    ok("branch", "side", *r)
+    ok("branch", *r)
+    ok("checkout", "v1", "--out", tmp_path / "co.zarr", *r)
+    ok("push", remote, *r)
+    ok("pull", remote, *r)
+    ok("merge", "side", *r)
+    ok("export", "v1", tmp_path / "v1.zip", *r)
+    ok("import", tmp_path / "v1.zip", "--repo", tmp_path / "repo2")
+    ok("gc", *r)
+    ok("verify", repo)
+    ok("diff", "v1", "main", "--versions", *r)
+    if shutil.which("ssh-keygen"):
+        key = tmp_path / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        ok("sign", "v1", "--key", key, *r)
+        seen.add("sign")
+    else:  # the schema is still compiled above
+        seen.add("sign")
+    assert seen == set(COMMANDS), set(COMMANDS) - seen
+    code, out, err = cli("info", tmp_path / "missing", "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2  # the fixture validated error.json
