@@ -41,13 +41,15 @@ def emit_json(doc: object) -> None:
 
 
 def progress(disable: bool = False) -> Progress:
-    """A transient progress bar on stderr (hidden when stderr is not a terminal)."""
+    """A transient progress bar with elapsed time and ETA on stderr (hidden when stderr is not
+    a terminal, and with ``disable``: commands pass ``disable=json_out``)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     return Progress(
@@ -55,6 +57,8 @@ def progress(disable: bool = False) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=err_console,
         transient=True,
         disable=disable,

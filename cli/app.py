@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -16,6 +17,15 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+BundleArg = Annotated[Path, typer.Argument(help="bundle: a folder, a .zip, or REPO@REF")]
+WritableBundleArg = Annotated[Path, typer.Argument(help="bundle folder (written in place)")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
+
+
+def choice(*values: str) -> Any:
+    """The type of an option that takes one of ``values`` (a ``Literal``): help lists them and
+    a wrong value is a usage error naming them."""
+    return Literal[values]
 
 
 def _version(value: bool) -> None:

@@ -14,7 +14,18 @@ from maskstore.names import check_persona_name
 from maskstore.opener import open_bundle
 
 from ._common import console, emit_json, fmt_bytes, progress, safe
-from .app import app
+from .app import DeviceOpt, app, choice
+
+# the names of maskstore.methods.METHODS, listed here so that --help needs no torch (a test
+# checks the two agree)
+METHODS = (
+    "wanda",
+    "sparsegpt",
+    "contrastive-wanda",
+    "contrastive-sparse",
+    "contrastive-sparse-ref",
+    "column-norm",
+)
 
 
 def _parse_personas(specs: list[str]) -> tuple[dict[str, list], list[tuple[str, str]], list[str]]:
@@ -66,11 +77,8 @@ def build(
     ] = None,
     out: Annotated[Path, typer.Option(help="bundle to create")] = Path("personas.zarr"),
     method: Annotated[
-        str,
-        typer.Option(
-            help="wanda, sparsegpt, contrastive-wanda, contrastive-sparse, "
-            "contrastive-sparse-ref, column-norm"
-        ),
+        choice(*METHODS),
+        typer.Option(help="scoring method (README: methods)"),
     ] = "wanda",
     sparsity: Annotated[
         float | None,
@@ -98,26 +106,40 @@ def build(
     chat_template: Annotated[
         bool, typer.Option(help="render samples with the tokenizer's chat template")
     ] = False,
-    selection: Annotated[str, typer.Option(help="row, nm or layer")] = "row",
+    selection: Annotated[
+        choice("row", "nm", "layer"),
+        typer.Option(
+            help="top share of each row, N:M groups, or of each layer",
+        ),
+    ] = "row",
     nm: Annotated[str, typer.Option(help="N:M for --selection nm")] = "2:4",
-    phi: Annotated[str, typer.Option(help="contrastive-wanda: relu or softplus")] = "relu",
+    phi: Annotated[
+        choice("relu", "softplus"),
+        typer.Option(help="contrastive-wanda's phi"),
+    ] = "relu",
     eps: Annotated[
         float, typer.Option(help="contrastive methods: added to the variance inside the sqrt")
     ] = 1e-6,
     tau: Annotated[float, typer.Option(help="softplus temperature")] = 2.0,
     damp: Annotated[float, typer.Option(help="sparsegpt dampening (share of mean diag H)")] = 0.01,
     norm: Annotated[
-        str,
+        choice("tokens", "sample-mean"),
         typer.Option(
             help="Wanda factor: tokens (sqrt of sum over tokens, the Wanda paper) or "
-            "sample-mean (mean of per-sample norms, the reference code)"
+            "sample-mean (mean of per-sample norms, the reference code)",
         ),
     ] = "tokens",
     ties: Annotated[
-        str, typer.Option(help="exact score ties: wanda (own Wanda score, then index) or index")
+        choice("wanda", "index"),
+        typer.Option(
+            help="exact score ties: wanda (own Wanda score, then index) or index",
+        ),
     ] = "wanda",
     block: Annotated[int, typer.Option(help="column-norm: columns per block")] = 128,
-    only: Annotated[str | None, typer.Option(help="mask only attn or mlp modules")] = None,
+    only: Annotated[
+        choice("attn", "mlp") | None,
+        typer.Option(help="mask only attention or MLP modules"),
+    ] = None,
     modules: Annotated[str | None, typer.Option(help="regex over module names to mask")] = None,
     include_lm_head: Annotated[
         bool, typer.Option(help="also mask lm_head (as the reference's mask.py does)")
@@ -125,19 +147,25 @@ def build(
     untie: Annotated[
         bool, typer.Option(help="give a tied lm_head its own weight copy so it can be masked")
     ] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: DeviceOpt = "cpu",
     offload: Annotated[
         bool,
         typer.Option(help="load one decoder block at a time from the safetensors files"),
     ] = False,
     max_memory: Annotated[
-        str | None,
+        choice("float32", "bfloat16", "float16") | None,
         typer.Option(
             help="e.g. 8GiB: offload when the weights are larger; hidden states past a quarter spill to disk"
         ),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16")] = "float32",
-    codec: Annotated[str, typer.Option(help="zstd, blosc, gzip, none")] = "zstd",
+    dtype: Annotated[
+        str,
+        typer.Option(help="model dtype while building"),
+    ] = "float32",
+    codec: Annotated[
+        choice("zstd", "blosc", "gzip", "none"),
+        typer.Option(help="compression of mask chunks"),
+    ] = "zstd",
     chunk_mib: Annotated[float, typer.Option(help="packed MiB per chunk")] = 2.0,
     force: Annotated[bool, typer.Option(help="replace an existing --out bundle")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
@@ -285,7 +313,7 @@ def build(
             distributed.finish()
             return
         masks_of = gathered.__getitem__
-    with progress() as bar:
+    with progress(disable=json_out) as bar:
         task = bar.add_task("scoring and writing", total=len(mods))
         metas = write_bundle(
             out,

@@ -13,7 +13,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.opener import open_bundle
 
 from ._common import console, emit_json, err_console, fmt_bytes, heat, progress, safe
-from .app import JsonOpt, app
+from .app import BundleArg, JsonOpt, WritableBundleArg, app, choice
 
 
 def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
@@ -36,7 +36,7 @@ def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
 
 @app.command()
 def info(
-    bundle: Path,
+    bundle: BundleArg,
     card: Annotated[
         bool, typer.Option("--card", help="a short human-readable card of each persona")
     ] = False,
@@ -157,7 +157,7 @@ def _card(b, bundle: Path, json_out: bool) -> None:
 
 @app.command()
 def verify(
-    bundle: Path,
+    bundle: BundleArg,
     signatures: Annotated[
         bool, typer.Option("--signatures", help="also list who signed each tag and branch")
     ] = False,
@@ -175,7 +175,10 @@ def verify(
         from maskstore.repo import open_repo
 
         repo = open_repo(bundle)
-        problems, leftovers = repo.verify(), repo.leftovers()
+        with progress(disable=json_out) as bar:
+            task = bar.add_task("verifying objects", total=None)
+            problems = repo.verify(lambda i, n: bar.update(task, completed=i, total=n))
+        leftovers = repo.leftovers()
         what = "every reachable object verifies"
         if signatures:
             sigs = repo.signatures(allowed_signers)
@@ -198,7 +201,7 @@ def verify(
         raise MaskstoreError("--signatures is for repositories: a bundle has no signed refs")
     else:
         b = open_bundle(bundle)
-        with progress() as bar:
+        with progress(disable=json_out) as bar:
             task = bar.add_task("verifying", total=len(b.personas))
             problems = b.verify(progress=lambda k: bar.advance(task, k))
         leftovers = b.leftovers()
@@ -218,19 +221,24 @@ def verify(
         raise typer.Exit(1)
 
 
-def _count(refs: list[algebra.Ref]) -> list[algebra.ModuleCounts]:
+def _count(refs: list[algebra.Ref], quiet: bool = False) -> list[algebra.ModuleCounts]:
     modules = algebra.check_compatible(refs)
-    with progress() as bar:
+    with progress(disable=quiet) as bar:
         task = bar.add_task("comparing", total=len(modules))
         return algebra.count_all(refs, modules, progress=lambda n: bar.advance(task, n))
 
 
 @app.command()
 def overlap(
-    bundle: Path,
+    bundle: BundleArg,
     personas: Annotated[list[str] | None, typer.Argument(help="NAME or OTHER_BUNDLE#NAME")] = None,
-    by: Annotated[str, typer.Option(help="model, kind, layer or module")] = "model",
-    metric: Annotated[str, typer.Option(help=", ".join(algebra.METRICS))] = "jaccard",
+    by: Annotated[
+        choice("model", "kind", "layer", "module"),
+        typer.Option(help="one table for the model, or per kind, layer or module"),
+    ] = "model",
+    metric: Annotated[
+        choice(*algebra.METRICS), typer.Option(help="what the table shows")
+    ] = "jaccard",
     png: Annotated[
         Path | None, typer.Option(help="also draw a pair x layer heatmap to this PNG")
     ] = None,
@@ -249,7 +257,7 @@ def overlap(
     refs = _refs(bundle, personas)
     if len(refs) < 2:
         raise MaskstoreError("overlap needs at least two personas")
-    counts = _count(refs)
+    counts = _count(refs, json_out)
     pairs = algebra.pairs_report(refs, counts, by=by)
     key = algebra.metric_name(metric)
     if png is not None:
@@ -330,7 +338,7 @@ def diff(
         raise MaskstoreError("diff needs a bundle and two personas: diff BUNDLE A B")
     bundle = Path(bundle)
     refs = _refs(bundle, [a, b])
-    counts = _count(refs)
+    counts = _count(refs, json_out)
     rec = algebra.pairs_report(refs, counts, by="kind")[0]
     layers = algebra.pairs_report(refs, counts, by="layer")[0]["groups"]
     rec["layers"] = layers
@@ -408,7 +416,7 @@ def _version_diff(d: dict, json_out: bool) -> None:
 
 def _op_command(op: str, doc: str):
     def cmd(
-        bundle: Path,
+        bundle: WritableBundleArg,
         operands: Annotated[list[str], typer.Argument(help="persona names")],
         as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
         force: Annotated[
@@ -498,7 +506,7 @@ def import_pt_cmd(
 
 @app.command("export-pt")
 def export_pt_cmd(
-    bundle: Path,
+    bundle: BundleArg,
     out: Annotated[Path, typer.Option("--out", help="folder to create")],
     persona: Annotated[
         list[str] | None, typer.Option(help="persona to export (repeat; default: all)")
@@ -518,7 +526,7 @@ def export_pt_cmd(
 
 @app.command()
 def pack(
-    bundle: Path,
+    bundle: BundleArg,
     out: Annotated[Path, typer.Argument(help="the .zip to write")],
     force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
     json_out: JsonOpt = False,

@@ -12,7 +12,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.repo import init_repo, open_repo
 
 from ._common import console, emit_json, fmt_bytes, progress, safe
-from .app import JsonOpt, app
+from .app import BundleArg, JsonOpt, app
 
 RepoOpt = Annotated[
     Path,
@@ -56,7 +56,7 @@ def init(repo: RepoOpt = DEFAULT_REPO, json_out: JsonOpt = False) -> None:
 
 @app.command()
 def commit(
-    bundle: Path,
+    bundle: BundleArg,
     message: Annotated[str, typer.Option("-m", "--message", help="what changed")],
     branch: Annotated[str, typer.Option(help="branch to advance")] = "main",
     recipe: Annotated[
@@ -75,7 +75,7 @@ def commit(
     b = open_bundle(bundle)
     r = init_repo(repo)
     total = sum(len(b.persona(p)["modules"]) for p in b.personas)
-    with progress() as bar:
+    with progress(disable=json_out) as bar:
         task = bar.add_task("committing", total=total)
         vid = r.commit(
             b,
@@ -213,7 +213,7 @@ def branch(
 
 @app.command()
 def checkout(
-    version: str,
+    version: Annotated[str, typer.Argument(help="version, tag or branch")],
     out: Annotated[Path, typer.Option("--out", help="bundle to write")],
     model: Annotated[
         Path | None, typer.Option(help="model to recompute recipe personas (default: embedded)")
@@ -233,7 +233,10 @@ def checkout(
         from maskstore.models import load_model
 
         mdl, _ = load_model(model)
-    r.checkout(version, out, model=mdl, force=force)
+    total = sum(len(snap.bundle.persona(p)["modules"]) for p in snap.personas)
+    with progress(disable=json_out) as bar:
+        task = bar.add_task("checking out", total=total)
+        r.checkout(version, out, model=mdl, force=force, progress=lambda k: bar.advance(task, k))
     if json_out:
         emit_json({"version": snap.version, "out": str(out)})
         return
@@ -387,7 +390,7 @@ def merge(
 
 @app.command()
 def export(
-    version: str,
+    version: Annotated[str, typer.Argument(help="version, tag or branch")],
     out: Annotated[Path, typer.Argument(help="the .zip to write")],
     force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
     repo: RepoOpt = DEFAULT_REPO,
@@ -403,7 +406,7 @@ def export(
 
 @app.command("import")
 def import_cmd(
-    path: Path,
+    path: Annotated[Path, typer.Argument(help="an export .zip (maskstore export)")],
     require_signed: RequireOpt = False,
     allowed_signers: AllowedOpt = None,
     repo: RepoOpt = DEFAULT_REPO,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
 from ._common import console, emit_json, safe
-from .app import JsonOpt, app
+from .app import BundleArg, DeviceOpt, JsonOpt, app
 
 ModelOpt = Annotated[
     Path | None,
@@ -78,7 +78,7 @@ def _generate(handle: MaskHandle, tok, prompt: str, max_new_tokens: int, chat: b
 
 @app.command()
 def run(
-    bundle: Path,
+    bundle: BundleArg,
     prompt: Annotated[str, typer.Option(help="the user prompt")],
     persona: Annotated[
         str | None, typer.Option(help="persona to use (default: base model)")
@@ -93,10 +93,10 @@ def run(
         bool, typer.Option("--all", help="with --compare, also personas made by set operations")
     ] = False,
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option()] = 60,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per persona")] = 60,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the chat template")] = True,
     model: ModelOpt = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: DeviceOpt = "cpu",
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
     json_out: JsonOpt = False,
@@ -180,7 +180,7 @@ def _keys(metas: dict[str, dict], specs: list[str], bundle: Path) -> dict[str, b
 
 @app.command("eval")
 def eval_cmd(
-    bundle: Path,
+    bundle: BundleArg,
     mc: Annotated[Path, typer.Option(help="CSV with columns question,A,B,matching")],
     key: Annotated[
         list[str] | None,
@@ -209,7 +209,7 @@ def eval_cmd(
         Path | None, typer.Option(help="write one JSON line per item and row to this file")
     ] = None,
     model: ModelOpt = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: DeviceOpt = "cpu",
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
     json_out: JsonOpt = False,
@@ -305,16 +305,16 @@ def eval_cmd(
 
 @app.command()
 def similarity(
-    bundle: Path,
-    a: str,
-    b: str,
+    bundle: BundleArg,
+    a: Annotated[str, typer.Argument(help='persona A ("base" for the unmasked model)')],
+    b: Annotated[str, typer.Argument(help="persona B")],
     texts: Annotated[Path, typer.Option(help="text file, one input per line")],
     png: Annotated[
         Path | None, typer.Option(help="also plot to this PNG (needs matplotlib)")
     ] = None,
     limit: Annotated[int, typer.Option(help="at most this many lines")] = 64,
     model: ModelOpt = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: DeviceOpt = "cpu",
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
     json_out: JsonOpt = False,
@@ -370,7 +370,7 @@ def similarity(
 
 @app.command("export-model")
 def export_model_cmd(
-    bundle: Path,
+    bundle: BundleArg,
     persona: Annotated[str, typer.Argument(help="the persona to apply")],
     out: Annotated[Path, typer.Option("--out", help="checkpoint folder to create")],
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,

@@ -329,3 +329,34 @@ def test_every_command_takes_json():
         if "json_out" not in inspect.signature(c.callback).parameters
     ]
     assert missing == []
+
+
+def test_every_option_has_help_and_choices_match_the_registries():
+    """Help for every option and argument; enum-like options list their values (and those
+    values are what the library accepts)."""
+    import importlib
+
+    import typer.main
+    from maskstore.cli import main
+    from maskstore.cli.app import app
+    from maskstore.cli.build_cmd import METHODS
+
+    from maskstore import algebra, methods
+
+    for module in set(main.COMMANDS.values()):
+        importlib.import_module(f"maskstore.cli.{module}")
+    group = typer.main.get_command(app)
+    missing, choices = [], {}
+    for name, cmd in group.commands.items():
+        for p in cmd.params:
+            if p.name == "help":
+                continue
+            if not getattr(p, "help", None):
+                missing.append(f"{name} {p.opts[0]}")
+            if hasattr(p.type, "choices"):
+                choices[(name, p.name)] = tuple(p.type.choices)
+    assert missing == [], missing
+    assert set(METHODS) == set(methods.METHODS)
+    assert choices[("build", "method")] == METHODS
+    assert set(choices[("overlap", "metric")]) == set(algebra.METRICS)
+    assert choices[("build", "phi")] == ("relu", "softplus")

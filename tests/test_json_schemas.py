@@ -98,3 +98,42 @@ def test_every_command_prints_a_valid_document(tmp_path, tiny_dir, calib_files, 
     assert seen == set(COMMANDS), set(COMMANDS) - seen
     code, out, err = cli("info", tmp_path / "missing", "--json")
     assert code == 2 and json.loads(out)["exit_code"] == 2  # the fixture validated error.json
+
+
+def test_progress_on_a_terminal_and_none_under_json(tmp_path, rng):
+    """With a terminal (rich's TTY_COMPATIBLE=1), long steps draw a progress bar on stderr;
+    with --json, stderr stays empty and stdout holds only the document."""
+    import os
+    import sys
+
+    from conftest import random_masks, write_bundle
+
+    fp = {
+        "architecture": "T",
+        "modules": {f"model.layers.{i}.mlp.up_proj": [8, 16] for i in range(3)},
+    }
+    b, repo, remote = tmp_path / "b", tmp_path / "repo", tmp_path / "remote"
+    write_bundle(b, fp, random_masks(rng, fp, ["a", "b"]))
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "120"}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "maskstore.cli", *map(str, args)],
+                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r
+
+    run("commit", b, "-m", "one", "--repo", repo)
+    steps = [
+        (("verify", b), "verifying"),
+        (("verify", repo), "verifying objects"),
+        (("checkout", "main", "--out", tmp_path / "co", "--repo", repo), "checking out"),
+        (("push", remote, "--repo", repo), "pushing"),
+        (("pull", remote, "--repo", tmp_path / "clone"), "pulling"),
+        (("overlap", b), "comparing"),
+    ]
+    for args, bar in steps:
+        assert bar in run(*args).stderr, args
+        if args[0] == "checkout":
+            args = (*args, "--force")
+        r = run(*args, "--json")
+        assert r.stderr == "" and json.loads(r.stdout)["schema_version"] == 1, args

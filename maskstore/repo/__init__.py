@@ -174,10 +174,16 @@ class Repository:
         self.refs.delete_branch(name)
 
     def checkout(
-        self, ref: str, out: str | os.PathLike, model: Any = None, force: bool = False
+        self,
+        ref: str,
+        out: str | os.PathLike,
+        model: Any = None,
+        force: bool = False,
+        progress: Progress = None,
     ) -> Path:
-        """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model``)."""
-        return self.snapshot(ref).checkout(out, model, force)
+        """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model``);
+        ``progress(k)`` follows the modules written."""
+        return self.snapshot(ref).checkout(out, model, force, progress)
 
     # ---- history
     def log(self, ref: str = "main") -> list[dict]:
@@ -249,8 +255,10 @@ class Repository:
     def gc(self, grace_seconds: float = 3600.0) -> tuple[int, int]:
         return maintenance.gc(self, grace_seconds)
 
-    def verify(self) -> list[str]:
-        return maintenance.verify(self)
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Check every reachable object; one line per problem (empty when all verify).
+        ``progress(done, total)`` follows the chunks."""
+        return maintenance.verify(self, progress)
 
     def leftovers(self) -> list[str]:
         """Temporary files and stale ref locks left by interrupted writers."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import MaskstoreError
@@ -57,8 +58,10 @@ def leftovers(repo: Repository, older_than: float | None = None) -> list[str]:
     ]
 
 
-def verify(repo: Repository) -> list[str]:
-    """Check every reachable object (blake2b of manifests, xxh3 and blake2b of chunks)."""
+def verify(repo: Repository, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Check every reachable object (blake2b of manifests, xxh3 and blake2b of chunks).
+
+    ``progress(done, total)`` is called after each chunk."""
     problems = []
     try:
         versions, chunks = needed(repo, repo.refs.heads(), repo.store)
@@ -73,11 +76,13 @@ def verify(repo: Repository) -> list[str]:
                         repo.source(v).object_array(persona, key)
         except MaskstoreError as e:
             problems.append(f"version {v[:12]}: {e}")
-    for h, bl, size in chunks:
+    for i, (h, bl, size) in enumerate(chunks):
         try:
             raw = repo.objects.read_chunk(h, limit=size)
             if len(raw) != size or blake2b_hex(raw) != bl:
                 problems.append(f"chunk {h} does not match its manifest's blake2b")
         except MaskstoreError as e:
             problems.append(str(e))
+        if progress:
+            progress(i + 1, len(chunks))
     return problems

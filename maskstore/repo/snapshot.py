@@ -199,8 +199,15 @@ class Snapshot:
     def is_recipe(self, persona: str) -> bool:
         return self.source.is_recipe(persona)
 
-    def checkout(self, out: str | os.PathLike, model: Any = None, force: bool = False) -> Path:
-        """Write this version as a plain bundle at ``out`` (recipes need ``model``)."""
+    def checkout(
+        self,
+        out: str | os.PathLike,
+        model: Any = None,
+        force: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Path:
+        """Write this version as a plain bundle at ``out`` (recipes need ``model``);
+        ``progress(k)`` is called as modules are written (recipes: as they are recomputed)."""
         from ..writer import create_bundle
 
         b = self.bundle
@@ -229,6 +236,8 @@ class Snapshot:
                         w.write_mask(module, packed, packed=True)
                         if entry.get("stats"):
                             w.write_stats(module, b.read_stats(p, module))
+                        if progress:
+                            progress(1)
                     w.meta["created"] = meta["created"]
                     w.meta["tool_version"] = meta["tool_version"]
                     if "model_digest" not in meta:  # written before personas recorded it
