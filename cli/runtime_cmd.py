@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
 from ._common import console, emit_json, safe
-from .app import BundleArg, DeviceOpt, JsonOpt, app
+from .app import BundleArg, DeviceOpt, JsonOpt, app, choice
 
 ModelOpt = Annotated[
     Path | None,
@@ -104,6 +104,10 @@ def run(
     """Generate (greedy) with a persona on, or compare the base model with every persona."""
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
+    if format == "compressed-tensors" and gamma != 0:
+        raise MaskstoreError(
+            "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"
+        )
     b = open_bundle(bundle)
     if compare:  # the base model and the named persona(s), else every persona built or imported
         chosen = [p for p in persona.split(",") if p] if persona else None
@@ -378,6 +382,13 @@ def export_model_cmd(
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
+    format: Annotated[
+        choice("safetensors", "compressed-tensors"),
+        typer.Option(
+            "--format",
+            help="dense safetensors, or compressed-tensors' sparse-bitmask (vLLM; --gamma 0)",
+        ),
+    ] = "safetensors",
     json_out: JsonOpt = False,
 ) -> None:
     """Write the model with a persona applied as a standalone Hugging Face checkpoint."""
@@ -385,6 +396,10 @@ def export_model_cmd(
 
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
+    if format == "compressed-tensors" and gamma != 0:
+        raise MaskstoreError(
+            "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"
+        )
     b = open_bundle(bundle)
     b.persona(persona)
     _writable(out, "--out")
@@ -393,9 +408,10 @@ def export_model_cmd(
     handle, tok = _attach(bundle, model, "cpu", untie, check_weights)
     handle.detach()
     export_model(
-        handle.model, tok, b, persona, out, gamma, check_weights=False, untie=untie, force=force
-    )
+        handle.model, tok, b, persona, out, gamma, check_weights=False, untie=untie, force=force,
+        format=format,
+    )  # fmt: skip
     if json_out:
-        emit_json({"out": str(out), "persona": persona, "gamma": gamma})
+        emit_json({"out": str(out), "persona": persona, "gamma": gamma, "format": format})
         return
     console.print(f"wrote {safe(out)}: {safe(persona)} applied (gamma {gamma:g})")

@@ -5,6 +5,12 @@ weights ``W * G`` (``G = M + gamma (1 - M)``), so ``AutoModelForCausalLM.from_pr
 any server that reads Hugging Face checkpoints) loads the persona with no maskstore at run time.
 The safetensors metadata records where it came from: the persona, its digest, the bundle's,
 gamma, and the base weights' hash.
+
+With ``format="compressed-tensors"`` each masked weight is stored in the ``sparse-bitmask``
+format of the compressed-tensors library (what vLLM reads): ``<module>.shape``, ``.compressed`` (the kept values, row by row), ``.bitmask`` (the mask, each
+row packed little-endian into bytes) and ``.row_offsets``, and ``config.json`` gains the
+``quantization_config`` that names the format. The bitmask is the persona's mask itself, not
+``W != 0``, so kept weights that are zero (or -0.0) come back bit for bit.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from ._version import __version__
+from .errors import MaskstoreError
 from .format import Bundle
 from .runtime import attach
 from .writer import new_folder
@@ -30,6 +39,7 @@ def export_model(
     check_weights: bool | None = None,
     untie: bool = False,
     force: bool = False,
+    format: str = "safetensors",
 ) -> Path:
     """Write ``model`` with ``persona`` applied as a Hugging Face checkpoint folder at ``out``
     (written beside it, then renamed into place); the model is left as it was.
@@ -38,11 +48,21 @@ def export_model(
         model: a transformers model (``save_pretrained`` is used for its config).
         tokenizer: saved alongside (None: no tokenizer files).
         check_weights: as :func:`maskstore.attach`.
+        format: ``safetensors`` (dense weights) or ``compressed-tensors`` (the masked weights
+            in the sparse-bitmask format; needs ``gamma=0``, as the format stores zeros
+            implicitly).
     Returns:
         The folder.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
+    if format not in FORMATS:
+        raise MaskstoreError(f"unknown export format {format!r}: use {' or '.join(FORMATS)}")
+    if format == "compressed-tensors" and gamma != 0:
+        raise MaskstoreError(
+            "the compressed-tensors sparse-bitmask format stores pruned weights as zeros: "
+            "export it with --gamma 0"
+        )
     out = Path(out)
     meta = bundle.persona(persona)  # unknown names fail before anything is written
     h = attach(model, bundle, check_weights=check_weights, untie=untie)
@@ -64,7 +84,64 @@ def export_model(
                 "maskstore.gamma": repr(float(gamma)),
                 "maskstore.base_weights_xxh3": str(bundle.fingerprint.get("weights_xxh3")),
             }
-            save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
+            if format == "safetensors":
+                save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
+            else:
+                masked = list(meta["modules"])
+                state = _bitmask_state(model, bundle, persona, masked)
+                metadata["maskstore.format"] = format
+                save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+                kept = sum(e["kept"] for e in meta["modules"].values())
+                numel = sum(bundle.modules[m].numel for m in masked)
+                _add_sparsity_config(tmp / "config.json", masked, 1 - kept / numel)
     finally:
         h.detach()
     return out
+
+
+FORMATS = ("safetensors", "compressed-tensors")
+
+
+def _bitmask_state(
+    model: nn.Module, bundle: Bundle, persona: str, masked: list[str]
+) -> dict[str, torch.Tensor]:
+    """The model's state dict with each masked weight in the sparse-bitmask layout (tied
+    tensors stored once, under their first name, as ``save_model`` does)."""
+    state: dict[str, torch.Tensor] = {}
+    seen = set()
+    targets = {f"{m}.weight": m for m in masked}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if key in seen and name not in targets:
+            continue
+        seen.add(key)
+        if name not in targets:
+            state[name] = t.detach().contiguous()
+            continue
+        m = targets[name]
+        mask = bundle.read_mask(persona, m)  # (out, in) bool
+        keep = torch.from_numpy(mask)
+        counts = keep.sum(dim=1)
+        state[f"{m}.shape"] = torch.tensor(list(t.shape))
+        state[f"{m}.compressed"] = t.detach()[keep].contiguous()  # row-major: row by row
+        state[f"{m}.bitmask"] = torch.from_numpy(np.packbits(mask, axis=-1, bitorder="little"))
+        state[f"{m}.row_offsets"] = torch.cumsum(counts, 0) - counts
+    return state
+
+
+def _add_sparsity_config(config_json: Path, masked: list[str], sparsity: float) -> None:
+    """``quantization_config`` naming the sparse-bitmask format for the masked modules."""
+    import json
+
+    doc = json.loads(config_json.read_text())
+    doc["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {
+            "format": "sparse-bitmask",
+            "targets": masked,
+            "ignore": [],
+            "global_sparsity": sparsity,
+            "sparsity_structure": "unstructured",
+        },
+    }
+    config_json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

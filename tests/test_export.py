@@ -1,7 +1,11 @@
 """A persona exported as a Hugging Face checkpoint loads with transformers, bit for bit."""
 
 import json
+import os
+import shutil
 
+import numpy as np
+import pytest
 import torch
 from _tiny import tiny_llama
 from conftest import pair_args
@@ -53,3 +57,63 @@ def test_export_model_leaves_the_live_model_as_it_was(tmp_path):
     export_model(model, None, open_bundle(tmp_path / "b.zarr"), "a", tmp_path / "ckpt")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+def test_compressed_tensors_export_decompresses_bit_for_bit(tmp_path, tiny_dir, calib_files, cli):
+    """The sparse-bitmask checkpoint, read back by the compressed-tensors library's own
+    decompressor, gives every weight bit for bit (kept zeros and -0.0 included)."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    code, out, err = cli("build", "--model", tiny_dir, "--out", tmp_path / "b.zarr",
+                         "--samples", "8", "--max-tokens", "32", *pair_args(calib_files))  # fmt: skip
+    assert code == 0, err
+    # a kept weight that is exactly -0.0 and one that is 0.0: W != 0 would lose both
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    b = open_bundle(tmp_path / "b.zarr")
+    mod = next(iter(b.persona("introvert")["modules"]))
+    keep = b.read_mask("introvert", mod)
+    rows, cols = np.nonzero(keep)
+    w = dict(base.named_modules())[mod].weight
+    with torch.no_grad():
+        w[rows[0], cols[0]] = -0.0
+        w[rows[1], cols[1]] = 0.0
+    base.save_pretrained(tmp_path / "base")
+    tok_files = [f for f in os.listdir(tiny_dir) if f.startswith(("tokenizer", "special"))]
+    for f in tok_files:
+        shutil.copy(tiny_dir / f, tmp_path / "base" / f)
+    code, out, err = cli("export-model", tmp_path / "b.zarr", "introvert", "--model",
+                         tmp_path / "base", "--format", "compressed-tensors", "--out",
+                         tmp_path / "ct", "--no-check-weights", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["format"] == "compressed-tensors"
+    comp = ModelCompressor.from_pretrained(str(tmp_path / "ct"))
+    assert comp is not None and comp.sparsity_config.format == "sparse-bitmask"
+    got = dict(comp.sparsity_compressor.decompress(str(tmp_path / "ct")))
+    want = {}
+    for name, p in base.named_parameters():
+        mod_name = name.rsplit(".", 1)[0]
+        if mod_name in b.modules and name.endswith("weight"):
+            m = torch.from_numpy(b.read_mask("introvert", mod_name))
+            want[name] = torch.where(m, p, torch.zeros_like(p))
+        else:
+            want[name] = p
+    masked = [n for n in want if n.rsplit(".", 1)[0] in b.modules]
+    assert len(masked) == len(b.persona("introvert")["modules"]) and set(masked) <= set(got)
+    for name, t in want.items():
+        if name == "lm_head.weight" and name not in got:  # tied: stored once
+            continue
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].view(torch.int32), t.detach().view(torch.int32)), name
+    assert got[f"{mod}.weight"][rows[0], cols[0]].view(torch.int32) == -(2**31)  # -0.0 kept
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        assert f.metadata()["maskstore.format"] == "compressed-tensors"
+        dense = sum(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".compressed"))
+    assert dense == sum(e["kept"] for e in b.persona("introvert")["modules"].values())
+    assert ct.__version__
+    code, out, err = cli("export-model", tmp_path / "b.zarr", "introvert", "--model", tiny_dir,
+                         "--format", "compressed-tensors", "--gamma", "0.5",
+                         "--out", tmp_path / "ct2")  # fmt: skip
+    assert code == 2 and "--gamma 0" in err and not (tmp_path / "ct2").exists()
