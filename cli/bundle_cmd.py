@@ -417,7 +417,9 @@ def _version_diff(d: dict, json_out: bool) -> None:
 def _op_command(op: str, doc: str):
     def cmd(
         bundle: WritableBundleArg,
-        operands: Annotated[list[str], typer.Argument(help="persona names")],
+        operands: Annotated[
+            list[str], typer.Argument(help="personas: NAME, or OTHER_BUNDLE#NAME of the same model")
+        ],
         as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
         force: Annotated[
             bool, typer.Option(help="replace an existing persona of that name")
@@ -428,7 +430,8 @@ def _op_command(op: str, doc: str):
         ] = None,
     ) -> None:
         b = open_bundle(bundle, writable=True)
-        meta = algebra.apply_op(b, op, operands, as_, overwrite=force, at_least=at_least)
+        ops = [_refs(bundle, [o])[0] if "#" in o else o for o in operands]
+        meta = algebra.apply_op(b, op, ops, as_, overwrite=force, at_least=at_least)
         kept = sum(e["kept"] for e in meta["modules"].values())
         numel = sum(b.modules[m].numel for m in meta["modules"])
         if json_out:
@@ -457,6 +460,49 @@ _op_command("subtract", "Write A minus B as a new persona.")
 _op_command("xor", "Write A xor B as a new persona.")
 _op_command("complement", "Write not A as a new persona.")
 _op_command("vote", "Write the weights at least K of the personas keep (--at-least K).")
+
+
+@app.command()
+def blend(
+    bundle: WritableBundleArg,
+    weights: Annotated[list[str], typer.Argument(help="NAME=WEIGHT for each persona (sum 1)")],
+    as_: Annotated[str, typer.Option("--as", help="name of the new persona")],
+    force: Annotated[bool, typer.Option(help="replace an existing persona of that name")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Store the weighted soft combination G = sum w_p G_p as a persona (run/attach apply it
+    by name, like PEFT's add_weighted_adapter)."""
+    parsed: dict[str, float] = {}
+    for spec in weights:
+        name, sep, w = spec.rpartition("=")
+        try:
+            parsed[name] = float(w)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise MaskstoreError(f"blend takes NAME=WEIGHT, got {spec!r} (e.g. introvert=0.7)")
+    b = open_bundle(bundle, writable=True)
+    meta = algebra.blend(b, parsed, as_, overwrite=force)
+    kept = sum(e["kept"] for e in meta["modules"].values())
+    numel = sum(b.modules[m].numel for m in meta["modules"])
+    if json_out:
+        emit_json(
+            {
+                "persona": as_,
+                "op": "blend",
+                "operands": list(parsed),
+                "weights": parsed,
+                "kept": kept,
+                "total": numel,
+                "digest": meta["digest"],
+            }
+        )
+        return
+    mix = " + ".join(f"{w:g}*{safe(n)}" for n, w in parsed.items())
+    console.print(
+        f"wrote persona [bold]{safe(as_)}[/] = {mix}: some operand keeps {kept / numel:.4f} of "
+        f"{numel:,} weights"
+    )
 
 
 @app.command("import-pt")

@@ -269,10 +269,21 @@ def _arity(op: str, n: int, at_least: int | None) -> None:
         raise MaskstoreError("--at-least is for vote")
 
 
+def _operand(bundle: Bundle, op: str | Ref) -> tuple[Ref, str]:
+    """An operand as a :class:`Ref` and the name provenance records for it: ``NAME`` in
+    ``bundle``, or a ``Ref`` into another bundle of the same model (recorded as
+    ``<its folder name>#NAME``; its digest pins the content)."""
+    if isinstance(op, Ref):
+        if op.bundle is bundle:
+            return op, op.name
+        return op, f"{op.bundle.path.name}#{op.name}"
+    return Ref(bundle, op), op
+
+
 def apply_op(
     bundle: Bundle,
     op: str,
-    operands: list[str],
+    operands: list[str | Ref],
     name: str,
     overwrite: bool = False,
     at_least: int | None = None,
@@ -282,7 +293,8 @@ def apply_op(
     Args:
         op: union or intersect (2 or more operands), subtract (A minus B), xor, complement
             (one operand), or vote (a weight is kept where ``at_least`` operands keep it).
-        operands: persona names in ``bundle``.
+        operands: persona names in ``bundle``, or :class:`Ref` s to personas of other bundles
+            of the same model.
         name: the new persona's name; its provenance records ``op`` and the operand digests.
         at_least: vote's K (1 <= K <= number of operands).
     Returns:
@@ -295,17 +307,18 @@ def apply_op(
         raise MaskstoreError(
             f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
         )
-    refs = [Ref(bundle, p) for p in operands]
+    refs, labels = zip(*(_operand(bundle, o) for o in operands), strict=True)
+    refs = list(refs)
     modules = check_compatible(refs)
-    metas = [bundle.persona(p) for p in operands]
+    metas = [r.bundle.persona(r.name) for r in refs]
     provenance = {
         "op": op,
         "operands": [
-            {"name": p, "digest": m["digest"]} for p, m in zip(operands, metas, strict=True)
+            {"name": p, "digest": m["digest"]} for p, m in zip(labels, metas, strict=True)
         ],
     }
     sp = [m["sparsity"] for m in metas]
-    params = {"operands": operands} | ({"at_least": at_least} if op == "vote" else {})
+    params = {"operands": list(labels)} | ({"at_least": at_least} if op == "vote" else {})
     with bundle.persona_writer(
         name,
         method=op,
@@ -346,7 +359,63 @@ __all__ = [
     "Ref",
     "aggregate",
     "apply_op",
+    "blend",
+    "check_blend_weights",
     "count_all",
     "pair_metrics",
     "pairs_report",
 ]
+
+
+def blend(bundle: Bundle, weights: dict[str, float], name: str, overwrite: bool = False) -> dict:
+    """Store the weighted soft combination ``G = sum_p w_p G_p`` as persona ``name`` (as PEFT's
+    ``add_weighted_adapter``): its params hold the weights, its provenance the operands'
+    digests, and its mask their union (where any operand keeps a weight, so ``G > gamma``).
+    :meth:`maskstore.MaskHandle.use` applies it by name.
+
+    Args:
+        weights: persona (of ``bundle``) -> weight >= 0; the weights sum to 1.
+    Returns:
+        The new persona's metadata.
+    """
+    check_blend_weights(bundle, weights)
+    if not hasattr(bundle, "persona_writer"):
+        raise MaskstoreError(
+            f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
+        )
+    names = list(weights)
+    refs = [Ref(bundle, p) for p in names]
+    modules = check_compatible(refs)
+    provenance = {
+        "op": "blend",
+        "operands": [{"name": p, "digest": bundle.persona(p)["digest"]} for p in names],
+    }
+    with bundle.persona_writer(
+        name,
+        method="blend",
+        params={"weights": {p: float(w) for p, w in weights.items()}},
+        sparsity=None,
+        provenance=provenance,
+        overwrite=overwrite,
+    ) as w:
+        for module in modules:  # the union: kept where at least one operand keeps
+            w.write_packed_blocks(module, _op_blocks(refs, module, "vote", 1))
+        return w.meta
+
+
+def check_blend_weights(bundle: Bundle, weights: dict[str, float]) -> None:
+    """Weights of a blend: known personas of ``bundle``, numbers >= 0 that sum to 1."""
+    if not weights:
+        raise MaskstoreError("a weighted combination needs at least one persona")
+    for p, w in weights.items():
+        if p not in bundle.personas:
+            known = ", ".join(bundle.personas) or "none"
+            raise MaskstoreError(f"unknown persona {p!r}; known: {known}")
+        if bundle.persona(p)["method"] == "blend":
+            raise MaskstoreError(f"{p!r} is itself a blend: blend the personas it combines")
+        if not (isinstance(w, int | float) and not isinstance(w, bool) and w >= 0):
+            raise MaskstoreError(f"weight of {p!r} must be a number >= 0, got {w!r}")
+    if abs(sum(weights.values()) - 1.0) > 1e-6:
+        raise MaskstoreError(
+            f"weights must sum to 1 (kept weights stay unchanged), got {sum(weights.values())}"
+        )

@@ -146,9 +146,13 @@ def export_pt(
     """
     from .writer import new_folder
 
-    names = list(personas or bundle.personas)
+    # a blend is a soft gate, not a mask: the research layout has no place for it
+    names = list(personas or [p for p in bundle.personas if bundle.persona(p)["method"] != "blend"])
     for p in names:
-        bundle.persona(p)  # unknown names fail before anything is written
+        if bundle.persona(p)["method"] == "blend":  # unknown names fail before any write
+            raise MaskstoreError(
+                f"{p!r} is a blend (a soft gate), not a mask: export-model applies it"
+            )
     n = 0
     with new_folder(out, force) as tmp:
         for p in names:

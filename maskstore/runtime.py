@@ -181,6 +181,10 @@ class MaskHandle:
             raise MaskstoreError(
                 f"unknown persona {persona!r}; known: {', '.join(self.bundle.personas) or 'none'}"
             )
+        if persona is not None and (weights := self._blend_weights(persona)) is not None:
+            self._use_weighted(weights, float(gamma))
+            self.active = persona
+            return
         masks = {} if persona is None else self._load(persona)
         gamma = 0.0 if persona is None else float(gamma)
         try:
@@ -202,21 +206,21 @@ class MaskHandle:
 
     set_adapter = use  # PEFT-style name
 
+    def _blend_weights(self, persona: str) -> dict[str, float] | None:
+        """The weights of a stored blend (:func:`maskstore.algebra.blend`), None for a mask."""
+        meta = self.bundle.persona(persona)
+        if meta["method"] != "blend":
+            return None
+        weights = meta["params"].get("weights")
+        if not isinstance(weights, dict):
+            raise MaskstoreError(f"blend {persona!r} records no weights: rebuild it")
+        return dict(weights)
+
     def _use_weighted(self, weights: dict[str, float], gamma: float) -> None:
         """``W = W0 * sum_p w_p G_p`` at every position some of the personas prune."""
-        if not weights:
-            raise MaskstoreError("a weighted combination needs at least one persona")
-        for p, w in weights.items():
-            if p not in self.bundle.personas:
-                raise MaskstoreError(
-                    f"unknown persona {p!r}; known: {', '.join(self.bundle.personas) or 'none'}"
-                )
-            if not (isinstance(w, int | float) and w >= 0):
-                raise MaskstoreError(f"weight of {p!r} must be a number >= 0, got {w!r}")
-        if abs(sum(weights.values()) - 1.0) > 1e-6:
-            raise MaskstoreError(
-                f"weights must sum to 1 (kept weights stay unchanged), got {sum(weights.values())}"
-            )
+        from .algebra import check_blend_weights
+
+        check_blend_weights(self.bundle, weights)
         masks = {p: self._load(p) for p in weights}
         self.use(None)
         try:
@@ -390,6 +394,11 @@ class MaskHandle:
         if not personas:
             raise MaskstoreError("mixed() needs one persona (or None) per row of the batch")
         names = list(dict.fromkeys(p for p in personas if p is not None))
+        for p in names:
+            if p in self.bundle.personas and self._blend_weights(p) is not None:
+                raise MaskstoreError(
+                    f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
+                )
         for p in names:
             if p not in self.bundle.personas:
                 raise MaskstoreError(

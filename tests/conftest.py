@@ -65,7 +65,9 @@ def rng() -> np.random.Generator:
 CLI_SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "cli"
 _CLI_VALIDATORS: dict = {}
 # commands that share a schema: the set operations all print a derived persona
-SCHEMA_OF = dict.fromkeys(("union", "intersect", "subtract", "xor", "complement", "vote"), "op")
+SCHEMA_OF = dict.fromkeys(
+    ("union", "intersect", "subtract", "xor", "complement", "vote", "blend"), "op"
+)
 
 
 def cli_schema(name: str) -> dict:

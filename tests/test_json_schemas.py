@@ -61,8 +61,11 @@ def test_every_command_prints_a_valid_document(tmp_path, tiny_dir, calib_files, 
     ok("xor", b, "introvert", "extrovert", "--as", "x")
     ok("complement", b, "introvert", "--as", "c")
     ok("vote", b, "introvert", "extrovert", "u", "--at-least", "2", "--as", "v")
+    ok("blend", b, "introvert=0.7", "extrovert=0.3", "--as", "bl")
     ok("export-pt", b, "--out", tmp_path / "pt", "--persona", "introvert")
     ok("import-pt", tmp_path / "pt", "--out", tmp_path / "imp.zarr", "--model", tiny_dir)
+    doc = ok("xor", b, "introvert", f"{tmp_path / 'imp.zarr'}#introvert", "--as", "same")
+    assert doc["kept"] == 0  # an operand from another bundle of the same model
     ok("pack", b, tmp_path / "b.zip")
     ok("run", b, "--model", tiny_dir, "--persona", "introvert", "--prompt", "hi",
        "--max-new-tokens", "2")  # fmt: skip

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from _tiny import byte_tokenizer, tiny_llama
@@ -445,6 +446,44 @@ def test_weighted_combination_at_switch_time(setup):
                         ({"a": -1.0, "b": 2.0}, ">= 0"), ({}, "at least one")):  # fmt: skip
         with pytest.raises(MaskstoreError, match=phrase):
             h.use(bad)
+
+
+def test_stored_blend_is_a_persona_with_provenance(setup, tmp_path, cli):
+    """``blend`` stores the weighted combination as a persona: use("mix") equals
+    use({"a": 0.7, "b": 0.3}) bit for bit, provenance pins the operands, the mask is their
+    union, and the tools that need a binary mask refuse it in one line."""
+    model, mods, masks, base, path = setup
+    code, out, err = cli("blend", path, "a=0.7", "b=0.3", "--as", "mix", "--json")
+    assert code == 0, err
+    b = open_bundle(path)
+    meta = b.persona("mix")
+    assert meta["method"] == "blend" and meta["params"]["weights"] == {"a": 0.7, "b": 0.3}
+    assert [o["digest"] for o in meta["provenance"]["operands"]] == [
+        b.persona(p)["digest"] for p in ("a", "b")
+    ]
+    for n in mods:
+        assert np.array_equal(b.read_mask("mix", n), masks["a"][n] | masks["b"][n])
+    h = maskstore.attach(model, path)
+    h.use({"a": 0.7, "b": 0.3}, gamma=0.1)
+    want = {n: m.weight.clone() for n, m in mods.items()}
+    h.use("a")
+    h.use("mix", gamma=0.1)
+    assert h.active == "mix"
+    assert all(torch.equal(m.weight, want[n]) for n, m in mods.items())
+    with pytest.raises(MaskstoreError, match="blend"):
+        with h.mixed(["mix", "a"]):
+            pass
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+    for args, phrase in (
+        (("blend", path, "a=0.5", "b=0.6", "--as", "bad"), "sum to 1"),
+        (("blend", path, "a", "--as", "bad"), "NAME=WEIGHT"),
+        (("blend", path, "mix=1", "--as", "bad"), "itself a blend"),
+        (("export-pt", path, "--out", tmp_path / "pt", "--persona", "mix"), "soft gate"),
+    ):
+        code, out, err = cli(*args)
+        assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pt").exists() and "bad" not in open_bundle(path).personas
 
 
 def test_mixed_persona_batch_equals_each_persona_alone(setup):
