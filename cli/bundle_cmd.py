@@ -513,8 +513,14 @@ def import_pt_cmd(
         Path | None,
         typer.Option(help="model the masks are for: its fingerprint is recorded (and checked)"),
     ] = None,
+    like: Annotated[
+        Path | None,
+        typer.Option(
+            "--like", help="a bundle of the same model: its fingerprint is recorded (no model load)"
+        ),
+    ] = None,
     architecture: Annotated[
-        str, typer.Option(help="architecture recorded when no --model is given")
+        str, typer.Option(help="architecture recorded when neither --model nor --like is given")
     ] = "imported",
     skip_lm_head: Annotated[
         bool, typer.Option(help="leave out M_*_lm_head.pt files (mask.py writes them)")
@@ -526,6 +532,10 @@ def import_pt_cmd(
     from maskstore.importers import import_pt
 
     fingerprint = None
+    if model is not None and like is not None:
+        raise MaskstoreError("give --model or --like, not both")
+    if like is not None:
+        fingerprint = open_bundle(like).fingerprint
     if model is not None:
         from maskstore.models import load_model
         from maskstore.modules import maskable_modules, model_fingerprint

@@ -375,12 +375,18 @@ class Bundle:
         """True when the persona stores no mask bits (a repository recipe)."""
         return self.source.is_recipe(persona)
 
-    def recipe_masks(self, persona: str, weights: Callable[[str], Any]) -> dict[str, np.ndarray]:
-        """A recipe persona's packed masks, recomputed from model weights (see the repository)."""
+    def recipe_masks(
+        self,
+        persona: str,
+        weights: Callable[[str], Any],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """A recipe persona's packed masks, recomputed from model weights (see the repository);
+        ``progress(1)`` after each module."""
         fn = getattr(self.source, "recipe_masks", None)
         if fn is None:
             raise MaskstoreError(f"persona {persona!r} in {self.path} is not a recipe")
-        return fn(persona, weights)
+        return fn(persona, weights, progress)
 
     @property
     def digest(self) -> str:

@@ -265,6 +265,17 @@ def test_export_pt_round_trips_with_import_pt(tmp_path, rng, cli):
     assert code == 2 and "already exists" in err
     code, out, err = cli("export-pt", src, "--out", tmp_path / "pt2", "--persona", "zz")
     assert code == 2 and not (tmp_path / "pt2").exists()
+    # --like: the imported bundle takes the source's fingerprint, so the two compare
+    code, out, err = cli("import-pt", tmp_path / "pt", "--out", tmp_path / "like.zarr",
+                         "--like", src)  # fmt: skip
+    assert code == 0, err
+    assert open_bundle(tmp_path / "like.zarr").fingerprint == a.fingerprint
+    code, out, err = cli("diff", src, "a", f"{tmp_path / 'like.zarr'}#a", "--json")
+    assert code == 0 and json.loads(out)["hamming"] == 0, err
+    code, out, err = cli("import-pt", tmp_path / "pt", "--out", tmp_path / "x.zarr",
+                         "--architecture", "Other")  # fmt: skip
+    code, out, err = cli("diff", src, "a", f"{tmp_path / 'x.zarr'}#a")
+    assert code == 2 and "Other" in err  # without it the two are for different models
 
 
 def test_nary_union_intersect_and_vote(tmp_path, rng, cli):

@@ -80,7 +80,8 @@ class Refs:
             have = self.get("tags", name)
             if have != vid:
                 raise RefConflict(
-                    f"tag {name!r} already points at {(have or '')[:12]}: tags never move"
+                    f"tag {name!r} already points at {(have or '')[:12]}: tags never move; "
+                    f"choose another name (maskstore tag NEW_NAME {vid[:12]})"
                 )
 
     def set_branch(self, name: str, vid: str, expected: str | None) -> None:

@@ -133,8 +133,14 @@ class VersionSource(BundleSource):
                     total += sum(self.repo.objects.size(h) for h, _ in e.get("chunks", []))
         return total
 
-    def recipe_masks(self, persona: str, weights: Callable[[str], Any]) -> dict[str, np.ndarray]:
-        """Recompute a recipe persona's packed masks from model weights; check every digest."""
+    def recipe_masks(
+        self,
+        persona: str,
+        weights: Callable[[str], Any],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Recompute a recipe persona's packed masks from model weights; check every digest
+        (``progress(1)`` after each module)."""
         from ..build import BuildConfig, PersonaStats, masks_for_module
 
         bundle = Bundle(source=self)
@@ -160,6 +166,8 @@ class VersionSource(BundleSource):
                     "the model's weights differ from the ones it was built on"
                 )
             out[module] = packed
+            if progress:
+                progress(1)
         return out
 
 
@@ -221,7 +229,7 @@ class Snapshot:
                         raise MaskstoreError(
                             f"persona {p!r} is stored as a recipe: pass --model to recompute it"
                         )
-                    recipe = b.recipe_masks(p, lambda m: named[m].weight)
+                    recipe = b.recipe_masks(p, lambda m: named[m].weight, progress)
                 w = nb.persona_writer(
                     p,
                     method=meta["method"],
@@ -236,7 +244,7 @@ class Snapshot:
                         w.write_mask(module, packed, packed=True)
                         if entry.get("stats"):
                             w.write_stats(module, b.read_stats(p, module))
-                        if progress:
+                        if progress and not recipe:  # a recipe's modules counted as computed
                             progress(1)
                     w.meta["created"] = meta["created"]
                     w.meta["tool_version"] = meta["tool_version"]

@@ -135,7 +135,8 @@ def update_ref(
             have = refs.get("tags", name) or ""
             if have != vid:
                 raise RefConflict(
-                    f"tag {name!r} is {have[:12]} on {dst.url}, not {vid[:12]}: tags never move"
+                    f"tag {name!r} is {have[:12]} on {dst.url}, not {vid[:12]}: tags never move; "
+                    f"name this version anew (maskstore tag NEW_NAME {vid[:12]}) and send that"
                 )
         return
     cur = dst.get(f"refs/branches/{name}")
