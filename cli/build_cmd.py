@@ -153,13 +153,13 @@ def build(
         typer.Option(help="load one decoder block at a time from the safetensors files"),
     ] = False,
     max_memory: Annotated[
-        choice("float32", "bfloat16", "float16") | None,
+        str | None,
         typer.Option(
             help="e.g. 8GiB: offload when the weights are larger; hidden states past a quarter spill to disk"
         ),
     ] = None,
     dtype: Annotated[
-        str,
+        choice("float32", "bfloat16", "float16"),
         typer.Option(help="model dtype while building"),
     ] = "float32",
     codec: Annotated[

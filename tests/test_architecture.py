@@ -360,3 +360,7 @@ def test_every_option_has_help_and_choices_match_the_registries():
     assert choices[("build", "method")] == METHODS
     assert set(choices[("overlap", "metric")]) == set(algebra.METRICS)
     assert choices[("build", "phi")] == ("relu", "softplus")
+    assert choices[("build", "dtype")] == ("float32", "bfloat16", "float16")
+    assert choices[("build", "only")] == ("attn", "mlp")
+    free = {("build", "max_memory"), ("build", "nm"), ("eval", "template"), ("build", "device")}
+    assert not free & set(choices)  # free-form values stay free

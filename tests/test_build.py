@@ -202,7 +202,7 @@ def test_cli_build_from_files_and_from_stats(tmp_path, tiny_dir, calib_files, cl
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "magic"], "unknown method"),
+        (["--method", "magic"], "is not one of 'wanda'"),
         (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
         (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
         (["--modules", "nomatch_xyz"], "matches no maskable"),
