@@ -369,20 +369,22 @@ def merge(
 ) -> None:
     """Merge a version into a branch persona by persona (conflicts: --ours / --theirs)."""
     r = open_repo(repo)
+    before = r.branch_head(into)
     res = r.merge(ref, into, tuple(ours or ()), tuple(theirs or ()))
     head = r.resolve(into)
+    outcome = "merged" if res else ("up-to-date" if head == before else "fast-forward")
     if json_out:
         emit_json(
             {
                 "branch": into,
                 "version": head,
-                "outcome": "merged" if res else "fast-forward-or-up-to-date",
+                "outcome": outcome,
                 "merge": _merge_doc(res) if res else None,
             }
         )
         return
     if res is None:
-        console.print(f"{safe(into)} -> {head[:12]}: no merge needed")
+        console.print(f"{safe(into)} -> {head[:12]}: {outcome} (no merge needed)")
         return
     console.print(f"{safe(into)} -> {head[:12]}: merged {safe(ref)}")
     _print_merge(res)

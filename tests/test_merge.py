@@ -164,3 +164,23 @@ def test_cli_pull_merge_conflict_json_and_log(tmp_path, rng, cli):
     assert code == 0 and " + " in out  # the merge shows both parents
     code, out, _ = cli("log", "--repo", tmp_path / "r2", "--json")
     assert len(json.loads(out)["versions"][0]["parents"]) == 2
+
+
+def test_cli_merge_of_local_branches(tmp_path, rng, cli):
+    r = init_repo(tmp_path / "r")
+    start = _masks(rng, ["a", "b"])
+    _commit(r, tmp_path / "b0", start, "start")
+    r.set_branch("exp", r.resolve("main"), None)
+    _commit(r, tmp_path / "b1", start | _masks(rng, ["a"]), "main: new a")
+    r.commit(open_bundle(write_bundle(tmp_path / "b2", FP, start | _masks(rng, ["b"]))), "x", "exp")
+    repo = ("--repo", tmp_path / "r")
+    code, out, err = cli("merge", "exp", "--into", "main", *repo, "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["outcome"] == "merged", err
+    assert doc["merge"]["taken"] == {"a": "ours", "b": "theirs"}
+    code, out, err = cli("merge", "exp", "--into", "main", *repo, "--json")
+    assert json.loads(out)["outcome"] == "up-to-date"
+    code, out, err = cli("merge", "main", "--into", "exp", *repo)
+    assert code == 0 and "fast-forward" in out and r.resolve("exp") == r.resolve("main")
+    code, out, err = cli("merge", "main", "--into", "nope", *repo)
+    assert code == 2 and "no branch 'nope'" in err
