@@ -275,29 +275,34 @@ def overlap(
     if json_out:
         emit_json({"by": by, "metric": metric, "personas": [r.label for r in refs], "pairs": pairs})
         return
-    groups = ["model"] if by == "model" else list(algebra.aggregate(counts, by))
-    shown = [
-        (p if by == "model" else p["groups"][g])[key] for p in pairs for g in groups
-    ]  # the colour scale spans the values on screen
-    lo, hi = min(shown), max(shown)
-    for g in groups:
-        t = Table(title=f"{key} ({by}: {g})" if by != "model" else key, show_lines=False)
+    if by == "model":  # the persona x persona matrix
+        shown = [p[key] for p in pairs]  # the colour scale spans the values on screen
+        t = Table(title=key)
         t.add_column("")
         for r in refs:
             t.add_column(safe(r.label), justify="right")
         lookup = {}
         for p in pairs:
-            rec = p if by == "model" else p["groups"][g]
-            lookup[(p["a"], p["b"])] = lookup[(p["b"], p["a"])] = rec[key]
+            lookup[(p["a"], p["b"])] = lookup[(p["b"], p["a"])] = p[key]
         for r in refs:
-            cells = []
-            for c in refs:
-                if r.label == c.label:
-                    cells.append("[dim]-[/]")
-                else:
-                    cells.append(heat(lookup[(r.label, c.label)], key, lo, hi))
+            cells = [
+                "[dim]-[/]"
+                if r.label == c.label
+                else heat(lookup[(r.label, c.label)], key, min(shown), max(shown))
+                for c in refs
+            ]
             t.add_row(safe(r.label), *cells)
-        console.print(t)
+    else:  # one table: a row per kind, layer or module, a column per pair
+        groups = list(algebra.aggregate(counts, by))
+        shown = [p["groups"][g][key] for p in pairs for g in groups]
+        t = Table(title=f"{key} by {by}")
+        t.add_column(by)
+        for p in pairs:
+            t.add_column(f"{safe(p['a'])} vs {safe(p['b'])}", justify="right", overflow="fold")
+        for g in groups:
+            cells = [heat(p["groups"][g][key], key, min(shown), max(shown)) for p in pairs]
+            t.add_row(safe(g), *cells)
+    console.print(t)
     if png is not None:
         console.print(f"heatmap written to {safe(png)}")
 

@@ -178,6 +178,10 @@ def test_cli_overlap_and_diff_json(tmp_path, rng, cli):
     assert set(d["layers"]) == {"0", "1"}
     code, out, err = cli("overlap", tmp_path / "b", "--metric", "diff")
     assert code == 0 and "a" in out
+    code, out, err = cli("overlap", tmp_path / "b", "--by", "layer")  # one table, not one a layer
+    assert code == 0 and out.count("jaccard by layer") == 1 and out.count("a vs b") == 1
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
+    assert rows == ["0", "1"], out
     code, out, err = cli("xor", tmp_path / "b", "a", "b", "--as", "ab")
     assert code == 0 and "ab" in open_bundle(tmp_path / "b").personas
     code, out, err = cli("xor", tmp_path / "b", "a", "b", "--as", "ab")
