@@ -104,10 +104,6 @@ def run(
     """Generate (greedy) with a persona on, or compare the base model with every persona."""
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
-    if format == "compressed-tensors" and gamma != 0:
-        raise MaskstoreError(
-            "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"
-        )
     b = open_bundle(bundle)
     if compare:  # the base model and the named persona(s), else every persona built or imported
         chosen = [p for p in persona.split(",") if p] if persona else None
