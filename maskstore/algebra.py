@@ -269,6 +269,13 @@ def _arity(op: str, n: int, at_least: int | None) -> None:
         raise MaskstoreError("--at-least is for vote")
 
 
+def _check_writable(bundle: Bundle) -> None:
+    if not hasattr(bundle, "persona_writer"):
+        raise MaskstoreError(
+            f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
+        )
+
+
 def _operand(bundle: Bundle, op: str | Ref) -> tuple[Ref, str]:
     """An operand as a :class:`Ref` and the name provenance records for it: ``NAME`` in
     ``bundle``, or a ``Ref`` into another bundle of the same model (recorded as
@@ -303,10 +310,7 @@ def apply_op(
     if op not in OPS:
         raise MaskstoreError(f"unknown operation {op!r}: use one of {', '.join(OPS)}")
     _arity(op, len(operands), at_least)
-    if not hasattr(bundle, "persona_writer"):
-        raise MaskstoreError(
-            f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
-        )
+    _check_writable(bundle)
     refs, labels = zip(*(_operand(bundle, o) for o in operands), strict=True)
     refs = list(refs)
     modules = check_compatible(refs)
@@ -379,10 +383,7 @@ def blend(bundle: Bundle, weights: dict[str, float], name: str, overwrite: bool 
         The new persona's metadata.
     """
     check_blend_weights(bundle, weights)
-    if not hasattr(bundle, "persona_writer"):
-        raise MaskstoreError(
-            f"{bundle.path} was opened read-only: open it with open_bundle(path, writable=True)"
-        )
+    _check_writable(bundle)
     names = list(weights)
     refs = [Ref(bundle, p) for p in names]
     modules = check_compatible(refs)
