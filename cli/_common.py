@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rich.progress import Progress
+
+    from maskstore.algebra import Ref
 
 console = Console()
 err_console = Console(stderr=True)
@@ -85,3 +89,24 @@ def heat(value: float, metric: str, lo: float = 0.0, hi: float = 1.0) -> str:
     r = int(255 * min(1.0, 2 * (1 - v)))
     g = int(255 * min(1.0, 2 * v))
     return f"[rgb({r},{g},60)]{value:.4f}[/]"
+
+
+def persona_refs(bundle_path: Path, personas: list[str] | None) -> list[Ref]:
+    """Persona arguments: ``NAME`` (in BUNDLE) or ``OTHER_BUNDLE#NAME``; every name is checked
+    (an unknown one fails listing the known ones)."""
+    from maskstore import algebra
+    from maskstore.opener import open_bundle
+
+    base = open_bundle(bundle_path)
+    others: dict[str, object] = {}
+    refs = []
+    for p in base.personas if personas is None else personas:
+        if "#" in p:
+            path, name = p.rsplit("#", 1)
+            b = others.setdefault(path, open_bundle(path))
+            refs.append(algebra.Ref(b, name))  # type: ignore[arg-type]
+        else:
+            refs.append(algebra.Ref(base, p))
+    for r in refs:
+        r.bundle.persona(r.name)
+    return refs

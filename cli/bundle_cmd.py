@@ -12,26 +12,17 @@ from maskstore import algebra
 from maskstore.errors import MaskstoreError
 from maskstore.opener import open_bundle
 
-from ._common import console, emit_json, err_console, fmt_bytes, heat, progress, safe
+from ._common import (
+    console,
+    emit_json,
+    err_console,
+    fmt_bytes,
+    heat,
+    persona_refs,
+    progress,
+    safe,
+)
 from .app import BundleArg, JsonOpt, WritableBundleArg, app, choice
-
-
-def _refs(bundle_path: Path, personas: list[str] | None) -> list[algebra.Ref]:
-    """Persona arguments: ``NAME`` (in BUNDLE) or ``OTHER_BUNDLE#NAME``."""
-    base = open_bundle(bundle_path)
-    others: dict[str, object] = {}
-    names = personas or base.personas
-    refs = []
-    for p in names:
-        if "#" in p:
-            path, name = p.rsplit("#", 1)
-            b = others.setdefault(path, open_bundle(path))
-            refs.append(algebra.Ref(b, name))  # type: ignore[arg-type]
-        else:
-            refs.append(algebra.Ref(base, p))
-    for r in refs:
-        r.bundle.persona(r.name)  # unknown names fail here, listing the known ones
-    return refs
 
 
 @app.command()
@@ -254,7 +245,7 @@ def overlap(
         raise MaskstoreError(
             f"unknown --metric {metric!r}: use one of {', '.join(algebra.METRICS)}"
         )
-    refs = _refs(bundle, personas)
+    refs = persona_refs(bundle, personas)
     if len(refs) < 2:
         raise MaskstoreError("overlap needs at least two personas")
     counts = _count(refs, json_out)
@@ -342,7 +333,7 @@ def diff(
     if b is None:
         raise MaskstoreError("diff needs a bundle and two personas: diff BUNDLE A B")
     bundle = Path(bundle)
-    refs = _refs(bundle, [a, b])
+    refs = persona_refs(bundle, [a, b])
     counts = _count(refs, json_out)
     rec = algebra.pairs_report(refs, counts, by="kind")[0]
     layers = algebra.pairs_report(refs, counts, by="layer")[0]["groups"]
@@ -435,7 +426,7 @@ def _op_command(op: str, doc: str):
         ] = None,
     ) -> None:
         b = open_bundle(bundle, writable=True)
-        ops = [_refs(bundle, [o])[0] if "#" in o else o for o in operands]
+        ops = [persona_refs(bundle, [o])[0] if "#" in o else o for o in operands]
         meta = algebra.apply_op(b, op, ops, as_, overwrite=force, at_least=at_least)
         kept = sum(e["kept"] for e in meta["modules"].values())
         numel = sum(b.modules[m].numel for m in meta["modules"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,7 +17,7 @@ from maskstore.opener import open_bundle
 if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
-from ._common import console, emit_json, safe
+from ._common import console, emit_json, persona_refs, safe
 from .app import BundleArg, DeviceOpt, JsonOpt, app, choice
 
 ModelOpt = Annotated[
@@ -48,6 +51,23 @@ def _attach(
     with console.status("loading model"):
         mdl, tok = load_model(None if model is None else str(model), device=device)
     return attach(mdl, b, untie=untie, check_weights=None if check_weights else False), tok
+
+
+@contextmanager
+def _gathered(bundle: Path, specs: list[str]) -> Iterator[tuple[Path, dict[str, str]]]:
+    """The bundle to attach and each persona argument's name in it: with ``OTHER_BUNDLE#NAME``
+    arguments, every named persona is copied into a temporary bundle of the same model (masks
+    only). Every name is checked before the model loads."""
+    refs = persona_refs(bundle, specs)
+    if not any("#" in s for s in specs):
+        yield bundle, {s: s for s in specs}
+        return
+    from maskstore import algebra
+
+    with tempfile.TemporaryDirectory(prefix="maskstore-") as tmp:
+        out = Path(tmp) / "gathered.zarr"
+        names = algebra.gather(refs, out)
+        yield out, dict(zip(specs, names, strict=True))
 
 
 def _writable(path: Path | None, flag: str) -> None:
@@ -108,7 +128,7 @@ def run(
     if compare:  # the base model and the named persona(s), else every persona built or imported
         chosen = [p for p in persona.split(",") if p] if persona else None
         if chosen is None:
-            derived = {"union", "intersect", "subtract", "xor", "complement", "vote"}
+            derived = {"union", "intersect", "subtract", "xor", "complement", "vote", "blend"}
             chosen = [
                 p
                 for p in b.personas
@@ -117,24 +137,22 @@ def run(
         names: list[str | None] = [None, *chosen]
     else:
         names = [persona]
-    for n in names:
-        if n is not None:
-            b.persona(n)  # unknown names fail before the model loads
     if max_new_tokens < 1:
         raise MaskstoreError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not prompt.strip():
         raise MaskstoreError("--prompt is empty: give the text to answer")
     from ._common import progress
 
-    handle, tok = _attach(bundle, model, device, untie, check_weights)
     outputs = {}
-    with progress(disable=json_out) as bar:
-        task = bar.add_task("generating", total=len(names))
-        for n in names:
-            handle.use(n, gamma)
-            outputs[n or "base"] = _generate(handle, tok, prompt, max_new_tokens, chat)
-            bar.advance(task)
-    handle.use(None)
+    with _gathered(bundle, [n for n in names if n is not None]) as (path, local):
+        handle, tok = _attach(path, model, device, untie, check_weights)
+        with progress(disable=json_out) as bar:
+            task = bar.add_task("generating", total=len(names))
+            for n in names:
+                handle.use(local[n] if n is not None else None, gamma)
+                outputs[n or "base"] = _generate(handle, tok, prompt, max_new_tokens, chat)
+                bar.advance(task)
+        handle.use(None)
     if json_out:
         emit_json({"prompt": prompt, "gamma": gamma, "outputs": outputs})
         return
@@ -324,18 +342,17 @@ def similarity(
 
     _writable(png, "--png")
     lines = [s.text for s in read_samples(texts)][:limit]
-    bnd = open_bundle(bundle)
-    bnd.persona(a), bnd.persona(b)
     from maskstore import evaluate
 
     from ._common import progress
 
-    handle, tok = _attach(bundle, model, device, untie, check_weights)
-    with progress(disable=json_out) as bar:
-        task = bar.add_task("comparing hidden states", total=len(lines))
-        cos = evaluate.layer_cosine(
-            handle, tok, lines, a, b, progress=lambda k: bar.advance(task, k)
-        )
+    with _gathered(bundle, [a, b]) as (path, local):
+        handle, tok = _attach(path, model, device, untie, check_weights)
+        with progress(disable=json_out) as bar:
+            task = bar.add_task("comparing hidden states", total=len(lines))
+            cos = evaluate.layer_cosine(
+                handle, tok, lines, local[a], local[b], progress=lambda k: bar.advance(task, k)
+            )
     if png is not None:
         try:
             import matplotlib
@@ -371,7 +388,7 @@ def similarity(
 @app.command("export-model")
 def export_model_cmd(
     bundle: BundleArg,
-    persona: Annotated[str, typer.Argument(help="the persona to apply")],
+    persona: Annotated[str, typer.Argument(help="the persona to apply (or OTHER_BUNDLE#NAME)")],
     out: Annotated[Path, typer.Option("--out", help="checkpoint folder to create")],
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
     model: ModelOpt = None,
@@ -392,6 +409,9 @@ def export_model_cmd(
 
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
+    if "#" in persona:  # OTHER_BUNDLE#NAME: that bundle's persona
+        other, persona = persona.rsplit("#", 1)
+        bundle = Path(other)
     if format == "compressed-tensors" and gamma != 0:
         raise MaskstoreError(
             "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"

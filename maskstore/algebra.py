@@ -10,6 +10,7 @@ follows from those and the number of positions ``total`` (out * in, padding excl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -365,6 +366,7 @@ __all__ = [
     "apply_op",
     "blend",
     "check_blend_weights",
+    "gather",
     "count_all",
     "pair_metrics",
     "pairs_report",
@@ -402,6 +404,39 @@ def blend(bundle: Bundle, weights: dict[str, float], name: str, overwrite: bool 
         for module in modules:  # the union: kept where at least one operand keeps
             w.write_packed_blocks(module, _op_blocks(refs, module, "vote", 1))
         return w.meta
+
+
+def gather(refs: list[Ref], out: str | os.PathLike) -> list[str]:
+    """Copy personas of several bundles of one model into a new bundle at ``out`` (so that one
+    :class:`~maskstore.runtime.MaskHandle` can switch between them). Masks only; metadata and
+    digests as they were. A name taken twice gets a ``.2``, ``.3``... suffix.
+
+    Returns:
+        The name of each ref's copy, in order.
+    """
+    from .writer import create_bundle
+
+    check_compatible(refs)
+    names: list[str] = []
+    with create_bundle(out, refs[0].bundle.fingerprint) as nb:
+        for r in refs:
+            meta = r.bundle.persona(r.name)
+            if meta["method"] == "blend":
+                raise MaskstoreError(
+                    f"{r.label} is a blend: use it from its own bundle, with its operands"
+                )
+            name, k = r.name, 1
+            while name in names:
+                k += 1
+                name = f"{r.name}.{k}"
+            names.append(name)
+            keep = ("method", "params", "sparsity", "calibration", "provenance")
+            with nb.persona_writer(name, **{f: meta[f] for f in keep}) as w:
+                for module in meta["modules"]:
+                    w.write_packed_blocks(
+                        module, (b for _, b in r.bundle.iter_chunks(r.name, module))
+                    )
+    return names
 
 
 def check_blend_weights(bundle: Bundle, weights: dict[str, float]) -> None:

@@ -325,3 +325,26 @@ def test_overlap_and_diff_pngs_and_fitted_colours(tmp_path, rng, cli):
 
     # close values get different colours once the scale spans the values shown
     assert heat(0.936, "jaccard", 0.936, 0.948)[:18] != heat(0.948, "jaccard", 0.936, 0.948)[:18]
+
+
+def test_gather_copies_personas_of_several_bundles(tmp_path, rng):
+    fp = random_fingerprint(rng)
+    m1, m2 = random_masks(rng, fp, ["a", "b"]), random_masks(rng, fp, ["a"])
+    b1 = open_bundle(write_bundle(tmp_path / "b1", fp, m1))
+    b2 = open_bundle(write_bundle(tmp_path / "b2", fp, m2))
+    refs = [algebra.Ref(b1, "a"), algebra.Ref(b2, "a"), algebra.Ref(b1, "b")]
+    assert algebra.gather(refs, tmp_path / "g") == ["a", "a.2", "b"]
+    g = open_bundle(tmp_path / "g")
+    for name, ref, masks in (
+        ("a", refs[0], m1["a"]),
+        ("a.2", refs[1], m2["a"]),
+        ("b", refs[2], m1["b"]),
+    ):
+        assert g.persona(name)["digest"] == ref.bundle.persona(ref.name)["digest"]
+        for m, arr in masks.items():
+            assert np.array_equal(g.read_mask(name, m), arr)
+    other = random_fingerprint(rng)
+    b3 = open_bundle(write_bundle(tmp_path / "b3", other, random_masks(rng, other, ["c"])))
+    with pytest.raises(MaskstoreError):
+        algebra.gather([refs[0], algebra.Ref(b3, "c")], tmp_path / "g2")
+    assert not (tmp_path / "g2").exists()

@@ -512,3 +512,36 @@ def test_mixed_persona_batch_equals_each_persona_alone(setup):
         with torch.no_grad(), h.mixed(rows):
             model(ids[:2])
     assert all(m.forward.__func__ is type(m).forward for m in mods.values())
+
+
+def test_personas_of_other_bundles_in_run_similarity_and_export(
+    tmp_path, tiny_dir, calib_files, cli
+):
+    """``OTHER_BUNDLE#NAME`` in run, similarity and export-model gives what one bundle holding
+    both personas gives."""
+    tiny = ("--model", tiny_dir, "--samples", "4", "--max-tokens", "16")
+    both, one, two = tmp_path / "both.zarr", tmp_path / "one.zarr", tmp_path / "two.zarr"
+    intro, extro = (f"{n}={calib_files[n]}" for n in ("introvert", "extrovert"))
+    for out, personas in ((both, (intro, extro)), (one, (intro,)), (two, (extro,))):
+        args = [a for p in personas for a in ("--persona", p)]
+        assert cli("build", *tiny, *args, "--out", out)[0] == 0
+    run = ("--model", tiny_dir, "--prompt", "hi", "--max-new-tokens", "3", "--compare", "--json")
+    code, out, err = cli("run", one, "--persona", f"introvert,{two}#extrovert", *run)
+    assert code == 0, err
+    code, want, _ = cli("run", both, "--persona", "introvert,extrovert", *run)
+    got, want = json.loads(out)["outputs"], json.loads(want)["outputs"]
+    assert list(got) == ["base", "introvert", f"{two}#extrovert"]  # keyed as given
+    assert list(got.values()) == list(want.values())
+    sim = ("--model", tiny_dir, "--texts", calib_files["introvert"], "--limit", "2", "--json")
+    code, out, err = cli("similarity", one, "introvert", f"{two}#extrovert", *sim)
+    assert code == 0, err
+    layers = json.loads(out)["layers"]
+    assert (
+        layers == json.loads(cli("similarity", both, "introvert", "extrovert", *sim)[1])["layers"]
+    )
+    assert min(layers) < 0.9999  # the two masks really differ, so the copies were applied
+    code, out, err = cli("export-model", one, f"{two}#extrovert", "--model", tiny_dir,
+                         "--out", tmp_path / "ckpt", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["persona"] == "extrovert", err
+    code, out, err = cli("run", one, "--persona", f"{two}#nobody", "--prompt", "hi")
+    assert code == 2 and "unknown persona 'nobody'" in err
