@@ -267,7 +267,7 @@ def _merge_doc(res) -> dict:
 def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
     with progress(disable=json_out) as bar:
         task = bar.add_task(f"{verb}ing {ref}", total=None)
-        rep = run(lambda k: bar.advance(task, k))
+        rep = run(lambda done, total: bar.update(task, completed=done, total=total))
     doc = {
         "remote": remote,
         "ref": ref,

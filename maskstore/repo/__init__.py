@@ -41,7 +41,8 @@ from .refs import SINGULAR, Refs
 from .snapshot import MAX_DELTA_DEPTH, Snapshot, VersionSource
 from .transfer import TransferReport
 
-Progress = Callable[[int], None] | None
+Progress = Callable[[int], None] | None  # progress(k): k more units done
+Transfer = Callable[[int, int], None] | None  # progress(done, total)
 
 
 class Repository:
@@ -195,15 +196,16 @@ class Repository:
         return history.diff(self, a, b)
 
     # ---- transfers
-    def push(self, remote: str | Store, ref: str = "main", progress: Progress = None):
-        """Send tag or branch ``ref`` and what it needs; only missing objects move."""
+    def push(self, remote: str | Store, ref: str = "main", progress: Transfer = None):
+        """Send tag or branch ``ref`` and what it needs; only missing objects move
+        (``progress(done, total)`` follows the chunks)."""
         return transfer.push(self, remote, ref, progress)
 
     def pull(
         self,
         remote: str | Store,
         ref: str = "main",
-        progress: Progress = None,
+        progress: Transfer = None,
         require_signed: bool | None = None,
         allowed_signers: str | None = None,
         force: bool = False,
@@ -257,7 +259,7 @@ class Repository:
     def gc(self, grace_seconds: float = 3600.0) -> tuple[int, int]:
         return maintenance.gc(self, grace_seconds)
 
-    def verify(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    def verify(self, progress: Transfer = None) -> list[str]:
         """Check every reachable object; one line per problem (empty when all verify).
         ``progress(done, total)`` follows the chunks."""
         return maintenance.verify(self, progress)

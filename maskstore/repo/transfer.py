@@ -37,7 +37,8 @@ from .snapshot import check_metadata
 if TYPE_CHECKING:
     from . import Repository
 
-Progress = Callable[[int], None] | None
+# progress(done, total): chunks checked or moved so far, of all the versions need
+Progress = Callable[[int, int], None] | None
 
 
 @dataclass
@@ -89,11 +90,14 @@ def needed(
 def copy(
     repo: Repository, src: Store, dst: Store, vids: list[str], progress: Progress = None
 ) -> TransferReport:
-    """Copy what ``dst`` lacks; every object is verified (xxh3 and blake2b) before it lands."""
+    """Copy what ``dst`` lacks; every object is verified (xxh3 and blake2b) before it lands
+    (``progress(done, total)`` follows the chunks)."""
     versions, chunks = needed(repo, vids, src)
     have = set(dst.list("chunks/")) | set(dst.list("versions/"))
     moved = nbytes = skipped = 0
-    for h, bl, size in chunks:
+    for i, (h, bl, size) in enumerate(chunks):
+        if progress:
+            progress(i, len(chunks))
         key = chunk_key(h)
         if key in have:
             # held already: its content must still be what this manifest's blake2b pins
@@ -110,8 +114,8 @@ def copy(
             )
         dst.put(key, data)
         moved, nbytes = moved + 1, nbytes + len(data)
-        if progress:
-            progress(1)
+    if progress:
+        progress(len(chunks), len(chunks))
     for v in reversed(versions):  # parents before children
         key = version_key(v)
         if key in have:
