@@ -136,7 +136,11 @@ def test_merge_keeps_deltas_of_each_side_readable(tmp_path, rng):
     )
     man = r.manifest(r.resolve("main"))
     assert any("delta" in e for e in man["personas"]["b"]["arrays"].values())
+    chunks, versions = len(r.store.list("chunks/")), len(r.store.list("versions/"))
     res = r.merge("main", into="side", ours=("a",))
+    # the merge reuses both sides' objects: one new manifest, no chunk written
+    assert len(r.store.list("chunks/")) == chunks
+    assert len(r.store.list("versions/")) == versions + 1
     assert res.taken == {"a": "ours", "b": "theirs"}
     assert r.manifest(r.resolve("side"))["parents"] == [side, r.resolve("main")]
     got = r.snapshot("side").bundle
