@@ -399,7 +399,7 @@ def export_model_cmd(
         choice("safetensors", "compressed-tensors"),
         typer.Option(
             "--format",
-            help="dense safetensors, or compressed-tensors' sparse-bitmask (vLLM; --gamma 0)",
+            help="dense safetensors, or compressed-tensors' sparse-bitmask layout (--gamma 0)",
         ),
     ] = "safetensors",
     json_out: JsonOpt = False,

@@ -7,10 +7,12 @@ The safetensors metadata records where it came from: the persona, its digest, th
 gamma, and the base weights' hash.
 
 With ``format="compressed-tensors"`` each masked weight is stored in the ``sparse-bitmask``
-format of the compressed-tensors library (what vLLM reads): ``<module>.shape``, ``.compressed`` (the kept values, row by row), ``.bitmask`` (the mask, each
-row packed little-endian into bytes) and ``.row_offsets``, and ``config.json`` gains the
-``quantization_config`` that names the format. The bitmask is the persona's mask itself, not
-``W != 0``, so kept weights that are zero (or -0.0) come back bit for bit.
+format of the compressed-tensors library (its unstructured-sparsity format, removed from the
+library in 0.15): ``<module>.shape``, ``.compressed`` (the kept values, row by row),
+``.bitmask`` (the mask, each row packed little-endian into bytes) and ``.row_offsets``, and
+``config.json`` gains the ``quantization_config`` that names the format. The bitmask is the
+persona's mask itself, not ``W != 0``, so kept weights that are zero (or -0.0) come back bit
+for bit; pruned weights come back as +0.0.
 """
 
 from __future__ import annotations

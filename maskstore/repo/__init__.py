@@ -10,15 +10,16 @@ Layout of a repository (a local folder, or the same keys on a remote)::
 A **version** is a manifest naming every persona, array and chunk plus all metadata; its id is
 the blake2b-256 of the manifest's canonical JSON, and the manifest records the blake2b of every
 raw chunk next to its xxh3 name, so one trusted id pins every byte. Its ``parents`` are the
-version it was committed on (two for a merge, :mod:`.merge`); a mask stored as an xor delta names
-its base persona and, unless it is in the same version, the base's version id. A chunk identical across
-personas or versions is stored once. Writes are ordered chunks -> manifest -> ref, each atomic,
-so a killed commit or push leaves every ref pointing at a complete version.
+version it was committed on (two for a merge, :mod:`.merge`); a mask stored as an xor delta
+names its base persona and, unless it is in the same version, the base's version id. A chunk
+identical across personas or versions is stored once. Writes are ordered chunks -> manifest ->
+ref, each atomic, so a killed commit or push leaves every ref pointing at a complete version.
 
 One module a concept: :mod:`.objects` (chunks and manifests), :mod:`.refs` (tags and branches),
 :mod:`.commit` (versions and xor deltas), :mod:`.snapshot` (reading a version as a bundle,
 checkout), :mod:`.history` (log, diff), :mod:`.transfer` (push, pull, export, import),
-:mod:`.merge` (three-way merges by persona), :mod:`.maintenance` (gc, verify). :class:`Repository` is the thin front over them.
+:mod:`.merge` (three-way merges by persona), :mod:`.maintenance` (gc, verify).
+:class:`Repository` is the thin front over them.
 """
 
 from __future__ import annotations
