@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -96,7 +98,19 @@ _WEIGHTED = object()  # a module's gate is a weighted combination (not one packe
 
 
 class MaskHandle:
-    """Personas of a bundle attached to a live model. Create with :func:`attach`."""
+    """Personas of a bundle attached to a live model. Create with :func:`attach`.
+
+    One live handle per model: a second :func:`attach` to the same model is refused, naming the
+    live one, until that one is detached. After :meth:`detach` every switching call raises.
+
+    Threads: ``use``, ``persona``, ``mixed`` and ``detach`` are serialised by the handle's
+    re-entrant lock, and a ``with handle.persona(...)`` or ``with handle.mixed(...)`` block
+    holds it for the whole block, so forward passes inside a block see that block's persona
+    while other threads' switches wait. A forward pass outside any block may race with another
+    thread's switch: run concurrent inference inside blocks (or from one thread).
+    :meth:`read_masks` takes no lock (it only reads the bundle), so masks can be loaded on
+    other threads while a block runs.
+    """
 
     def __init__(
         self,
@@ -110,6 +124,7 @@ class MaskHandle:
         """See :func:`attach`."""
         self.model = model
         self.bundle = bundle
+        _claim(model, None)  # refuse a second live handle before the weights check
         self.modules = _match(model, bundle, check_weights)
         check_untied(model, self.modules, untie)
         self.pristine_device = None if pristine is None else torch.device(pristine)
@@ -117,8 +132,30 @@ class MaskHandle:
         self._gate: dict[str, np.ndarray | None] = {}  # each module's current packed mask
         self._covered: set[tuple[str, str]] = set()  # (persona, module) whose pruned are stored
         self._cache = _PackedCache(cache_bytes)
-        self.active: str | None = None
+        self._cache_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._mixing = False
+        self._detached = False
+        self.active: str | dict[str, float] | None = None
         self.gamma: float = 0.0
+        _claim(model, self)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The re-entrant lock that serialises switching (hold it to keep a persona on)."""
+        return self._lock
+
+    @property
+    def detached(self) -> bool:
+        return self._detached
+
+    def _live(self, what: str) -> None:
+        if self._detached:
+            raise MaskstoreError(f"{what}: this handle was detached; attach the bundle again")
+        if self._mixing:
+            raise MaskstoreError(
+                f"{what} inside a mixed() block: leave the block first (blocks do not nest)"
+            )
 
     # ---- introspection
     @property
@@ -145,6 +182,30 @@ class MaskHandle:
         return base
 
     # ---- switching
+    def read_masks(self, persona: str) -> dict[str, np.ndarray]:
+        """Every packed mask of ``persona`` for the attached modules, read and verified
+        (``(out, ceil(in/8))`` uint8 each). Takes no switching lock: call it from a loader
+        thread, then pass the result to :meth:`use` or :meth:`mixed` as ``masks=``.
+
+        Raises:
+            MaskstoreError: an unknown persona, a blend (no mask of its own), damage.
+        """
+        if self._detached:
+            raise MaskstoreError("read_masks: this handle was detached; attach the bundle again")
+        self._check_known(persona)
+        if self._blend_weights(persona) is not None:
+            raise MaskstoreError(f"{persona!r} is a blend (a soft gate), not a mask")
+        if getattr(self.bundle, "is_recipe", None) and self.bundle.is_recipe(persona):
+            with self._lock:  # recomputed from the base weights: no switch may run meanwhile
+                return self._load(persona)
+        return self._load(persona)
+
+    def _check_known(self, persona: str) -> None:
+        if persona not in self.bundle.personas:
+            raise MaskstoreError(
+                f"unknown persona {persona!r}; known: {', '.join(self.bundle.personas) or 'none'}"
+            )
+
     def _load(self, persona: str) -> dict[str, np.ndarray]:
         """Every packed mask of ``persona`` for the attached modules (verified; may raise)."""
         if getattr(self.bundle, "is_recipe", None) and self.bundle.is_recipe(persona):
@@ -156,13 +217,19 @@ class MaskHandle:
         for name in self.bundle.persona_modules(persona):
             if name not in self.modules:
                 continue
-            t = self._cache.get((persona, name))
+            with self._cache_lock:
+                t = self._cache.get((persona, name))
             if t is None:
                 t = torch.from_numpy(self.bundle.read_packed(persona, name))
             masks[name] = t.numpy()
         return masks
 
-    def use(self, persona: str | Mapping[str, float] | None, gamma: float = 0.0) -> None:
+    def use(
+        self,
+        persona: str | Mapping[str, float] | None,
+        gamma: float = 0.0,
+        masks: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         """Switch to ``persona`` (None: the base model) with soft gate ``gamma`` in [0, 1].
 
         A mapping ``{"a": 0.7, "b": 0.3}`` (weights summing to 1) applies the weighted soft
@@ -170,22 +237,39 @@ class MaskHandle:
 
         Only the weights whose gate changes are written (between related personas, a few
         percent of them). The masks are all read and verified before any weight changes: on an
-        error the model is left exactly as it was.
+        error the model is left exactly as it was. ``masks``: the persona's masks as
+        :meth:`read_masks` returned them (else they are read here).
         """
+        with self._lock:
+            self._live("use")
+            self._use(persona, gamma, masks)
+            _mark(self)
+
+    set_adapter = use  # PEFT-style name
+
+    def _use(
+        self,
+        persona: str | Mapping[str, float] | None,
+        gamma: float,
+        masks: Mapping[str, np.ndarray] | None,
+    ) -> None:
         if not (isinstance(gamma, int | float) and 0.0 <= gamma <= 1.0):
             raise MaskstoreError(f"gamma must be in [0, 1], got {gamma!r}")
         if isinstance(persona, Mapping):
             self._use_weighted(dict(persona), float(gamma))
             return
-        if persona is not None and persona not in self.bundle.personas:
-            raise MaskstoreError(
-                f"unknown persona {persona!r}; known: {', '.join(self.bundle.personas) or 'none'}"
-            )
+        if persona is not None:
+            self._check_known(persona)
         if persona is not None and (weights := self._blend_weights(persona)) is not None:
             self._use_weighted(weights, float(gamma))
             self.active = persona
             return
-        masks = {} if persona is None else self._load(persona)
+        if persona is None:
+            masks = {}
+        elif masks is None:
+            masks = self._load(persona)
+        else:
+            masks = {n: m for n, m in masks.items() if n in self.modules}
         gamma = 0.0 if persona is None else float(gamma)
         try:
             with torch.no_grad():
@@ -200,11 +284,10 @@ class MaskHandle:
             self._restore_all()
             raise
         if persona is not None:
-            for name, t in masks.items():
-                self._cache.put((persona, name), torch.from_numpy(t))
+            with self._cache_lock:
+                for name, t in masks.items():
+                    self._cache.put((persona, name), torch.from_numpy(t))
         self.active, self.gamma = persona, gamma
-
-    set_adapter = use  # PEFT-style name
 
     def _blend_weights(self, persona: str) -> dict[str, float] | None:
         """The weights of a stored blend (:func:`maskstore.algebra.blend`), None for a mask."""
@@ -222,7 +305,7 @@ class MaskHandle:
 
         check_blend_weights(self.bundle, weights)
         masks = {p: self._load(p) for p in weights}
-        self.use(None)
+        self._use(None, 0.0, None)
         try:
             with torch.no_grad():
                 for name, mod in self.modules.items():
@@ -374,95 +457,185 @@ class MaskHandle:
 
     @contextlib.contextmanager
     def persona(self, name: str | None, gamma: float = 0.0) -> Iterator[MaskHandle]:
-        """Use ``name`` inside the block, then switch back to what was active."""
-        prev, prev_gamma = self.active, self.gamma
-        self.use(name, gamma)
-        try:
-            yield self
-        finally:
-            self.use(prev, prev_gamma)
+        """Use ``name`` inside the block (holding the lock), then switch back to what was
+        active."""
+        with self._lock:
+            self._live("persona")
+            prev, prev_gamma = self.active, self.gamma
+            self.use(name, gamma)
+            try:
+                yield self
+            finally:
+                if not self._detached:
+                    self.use(prev, prev_gamma)
 
     @contextlib.contextmanager
-    def mixed(self, personas: list[str | None], gamma: float = 0.0) -> Iterator[MaskHandle]:
+    def mixed(
+        self,
+        personas: list[str | None],
+        gamma: float = 0.0,
+        masks: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> Iterator[MaskHandle]:
         """One forward pass in which row ``i`` of every batch uses ``personas[i]`` (None: the
         base model), PEFT's ``adapter_names=``: inside the block, ``model(...)`` and
         ``model.generate(...)`` group each masked Linear's rows by persona and apply that
         persona's gated weight to them. Each distinct persona's gated weights are made once
         for the block (memory: one weight copy per persona besides the base); the model is
         at its base weights inside and returns to what was active after.
+
+        The block holds the handle's lock; blocks do not nest, and ``use`` inside one raises.
+        :meth:`regroup` changes which row uses which of the block's personas (rows leaving a
+        batch). ``masks``: preloaded masks by persona (:meth:`read_masks`).
         """
-        if not personas:
-            raise MaskstoreError("mixed() needs one persona (or None) per row of the batch")
-        names = list(dict.fromkeys(p for p in personas if p is not None))
-        for p in names:
-            if p in self.bundle.personas and self._blend_weights(p) is not None:
+        if not personas or not all(p is None or isinstance(p, str) for p in personas):
+            raise MaskstoreError(
+                "mixed() needs a list with one persona name (or None) per row of the batch"
+            )
+        with self._lock:
+            self._live("mixed")
+            names = list(dict.fromkeys(p for p in personas if p is not None))
+            for p in names:
+                self._check_known(p)
+                if self._blend_weights(p) is not None:
+                    raise MaskstoreError(
+                        f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
+                    )
+            prev, prev_gamma = self.active, self.gamma
+            given = masks or {}
+            loaded = {p: given[p] if p in given else self._load(p) for p in names}
+            self.use(None)
+            self._groups = _Groups()
+            self._group_names = set(names)
+            self.regroup(personas, _started=True)
+            patched = []
+            self._mixing = True
+            try:
+                with torch.no_grad():
+                    for name, mod in self.modules.items():
+                        w = mod.weight.detach()
+                        gated = {None: w}
+                        for p in names:
+                            if name in loaded[p]:
+                                keep = unpack_torch(torch.from_numpy(loaded[p][name]), w.shape[1])
+                                gate = torch.where(keep.to(w.device), 1.0, gamma).to(w.dtype)
+                                gated[p] = torch.mul(w, gate)
+                            else:
+                                gated[p] = w
+                        mod.forward = _grouped_forward(mod, gated, self._groups)
+                        patched.append(mod)
+                yield self
+            finally:
+                for mod in patched:
+                    del mod.forward
+                self._mixing = False
+                self._groups = None
+                if not self._detached:
+                    self.use(prev, prev_gamma)
+
+    def regroup(self, personas: list[str | None], _started: bool = False) -> None:
+        """Inside a :meth:`mixed` block: row ``i`` now uses ``personas[i]`` (each one of the
+        block's personas or None), e.g. after finished rows left the batch."""
+        with self._lock:
+            if not (_started or self._mixing):
+                raise MaskstoreError("regroup() works inside a mixed() block only")
+            if not personas or not all(p is None or isinstance(p, str) for p in personas):
+                raise MaskstoreError("regroup() needs one persona name (or None) per row")
+            extra = {p for p in personas if p is not None} - self._group_names
+            if extra:
                 raise MaskstoreError(
-                    f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
+                    f"regroup(): {', '.join(sorted(extra))} not among the mixed() block's personas"
                 )
-        for p in names:
-            if p not in self.bundle.personas:
-                raise MaskstoreError(
-                    f"unknown persona {p!r}; known: {', '.join(self.bundle.personas) or 'none'}"
-                )
-        prev, prev_gamma = self.active, self.gamma
-        masks = {p: self._load(p) for p in names}
-        self.use(None)
-        rows = {
-            p: torch.tensor([i for i, q in enumerate(personas) if q == p], dtype=torch.long)
-            for p in [None, *names]
-        }
-        rows = {p: r for p, r in rows.items() if r.numel()}
-        patched = []
-        try:
-            with torch.no_grad():
-                for name, mod in self.modules.items():
-                    w = mod.weight.detach()
-                    gated = {None: w}
-                    for p in names:
-                        if name in masks[p]:
-                            keep = unpack_torch(torch.from_numpy(masks[p][name]), w.shape[1])
-                            gate = torch.where(keep.to(w.device), 1.0, gamma).to(w.dtype)
-                            gated[p] = torch.mul(w, gate)
-                        else:
-                            gated[p] = w
-                    mod.forward = _grouped_forward(mod, gated, rows, len(personas))
-                    patched.append(mod)
-            yield self
-        finally:
-            for mod in patched:
-                del mod.forward
-            self.use(prev, prev_gamma)
+            self._groups.rows = [
+                (p, torch.tensor([i for i, q in enumerate(personas) if q == p], dtype=torch.long))
+                for p in dict.fromkeys(personas)
+            ]
+            self._groups.batch = len(personas)
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[MaskHandle]:
         """PEFT-style: the base model inside the block."""
         return self.persona(None)
 
     def detach(self) -> None:
-        """Restore the base weights and drop the stored values and the cache."""
-        self._restore_all()
-        self._saved.clear()
-        self._gate.clear()
-        self._covered.clear()
-        self._cache = _PackedCache(self._cache.limit)
+        """Restore the base weights and drop the stored values and the cache; the handle is
+        spent after (every switching call raises) and the model can be attached again."""
+        with self._lock:
+            if self._detached:
+                return
+            if self._mixing:
+                raise MaskstoreError("detach() inside a mixed() block: leave the block first")
+            self._restore_all()
+            self._saved.clear()
+            self._gate.clear()
+            self._covered.clear()
+            with self._cache_lock:
+                self._cache = _PackedCache(self._cache.limit)
+            self._detached = True
+            _mark(self)
+            _release(self.model, self)
 
     def __repr__(self) -> str:
-        return f"MaskHandle(active={self.active!r}, gamma={self.gamma}, personas={self.personas})"
+        state = "detached, " if self._detached else ""
+        return (
+            f"MaskHandle({state}active={self.active!r}, gamma={self.gamma}, "
+            f"personas={self.personas})"
+        )
 
 
-def _grouped_forward(mod: nn.Linear, gated: dict, rows: dict, batch: int):
+# One live handle per model: the model carries a weak reference to its handle, and the name of
+# the persona its weights hold (so a later attach can say why the weights check fails).
+_OWNER = "_maskstore_handle"
+_MASKED = "_maskstore_masked"
+
+
+def _claim(model: nn.Module, handle: MaskHandle | None) -> None:
+    """Make ``handle`` the model's handle (None: only check that no other one is live)."""
+    ref = getattr(model, _OWNER, None)
+    live = ref() if ref is not None else None
+    if live is not None and live is not handle and not live.detached:
+        raise MaskstoreError(
+            f"this model already has a live handle ({live!r}): use it, or call its detach() "
+            "before attaching again"
+        )
+    if handle is not None:
+        object.__setattr__(model, _OWNER, weakref.ref(handle))
+
+
+def _release(model: nn.Module, handle: MaskHandle) -> None:
+    ref = getattr(model, _OWNER, None)
+    if ref is not None and ref() is handle:
+        object.__delattr__(model, _OWNER)
+
+
+def _mark(handle: MaskHandle) -> None:
+    """Record on the model which persona its weights hold (None: the base weights)."""
+    active = None if handle.detached else handle.active
+    label = None if active is None else (active if isinstance(active, str) else "a blend")
+    object.__setattr__(handle.model, _MASKED, label)
+
+
+@dataclass
+class _Groups:
+    """A mixed() block's rows: ``(persona, row indices)`` per persona, and the batch size
+    (:meth:`MaskHandle.regroup` updates them in place)."""
+
+    rows: list = None  # type: ignore[assignment]
+    batch: int = 0
+
+
+def _grouped_forward(mod: nn.Linear, gated: dict, groups: _Groups):
     """``mod``'s forward with each group of batch rows through its own persona's weight."""
     bias = mod.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        batch, rows = groups.batch, groups.rows
         if x.shape[0] != batch:
             raise MaskstoreError(
                 f"mixed() was given {batch} personas but the batch has {x.shape[0]} rows"
             )
         if len(rows) == 1:
-            (p,) = rows
-            return nn.functional.linear(x, gated[p], bias)
+            return nn.functional.linear(x, gated[rows[0][0]], bias)
         out = x.new_empty((*x.shape[:-1], mod.out_features))
-        for p, idx in rows.items():
+        for p, idx in rows:
             idx = idx.to(x.device)
             out[idx] = nn.functional.linear(x[idx], gated[p], bias)
         return out
@@ -515,6 +688,12 @@ def _match(model: nn.Module, bundle: Bundle, check_weights: bool | None) -> dict
                 "this is another model; check_weights=False (--no-check-weights) silences this",
                 WeightsWarning,
                 stacklevel=3,
+            )
+        elif getattr(model, _MASKED, None) is not None:
+            raise MaskstoreError(
+                f"the model's weights hold persona {getattr(model, _MASKED)!r} of a handle that "
+                "was dropped without detach(): detach handles before attaching again, or "
+                "reload the model"
             )
         else:
             raise MaskstoreError(
