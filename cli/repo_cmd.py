@@ -230,9 +230,9 @@ def checkout(
     snap = r.snapshot(version)
     mdl = None
     if model is not None or with_model or any(snap.is_recipe(p) for p in snap.personas):
-        from maskstore.models import load_model
+        from maskstore.models import load_model, recorded_model
 
-        mdl, _ = load_model(model)
+        mdl, _ = load_model(*recorded_model(snap.bundle.model_source, model))
     total = sum(len(snap.bundle.persona(p)["modules"]) for p in snap.personas)
     with progress(disable=json_out) as bar:
         task = bar.add_task("checking out", total=total)

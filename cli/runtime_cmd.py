@@ -17,7 +17,7 @@ from maskstore.opener import open_bundle
 if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
-from ._common import console, emit_json, persona_refs, safe
+from ._common import console, emit_json, err_console, persona_refs, safe
 from .app import BundleArg, DeviceOpt, JsonOpt, app, choice
 
 ModelOpt = Annotated[
@@ -44,12 +44,14 @@ def _attach(
     untie: bool = False,
     check_weights: bool = True,
 ) -> tuple[MaskHandle, object]:
-    from maskstore.models import load_model
+    from maskstore.models import load_model, recorded_model
     from maskstore.runtime import attach
 
     b = open_bundle(bundle)
+    name, revision = recorded_model(b.model_source, model)
     with console.status("loading model"):
-        mdl, tok = load_model(None if model is None else str(model), device=device)
+        mdl, tok = load_model(name, device=device, revision=revision)
+    err_console.print(f"model: {safe(name or 'embedded SmolLM2-135M-Instruct')}", highlight=False)
     return attach(mdl, b, untie=untie, check_weights=None if check_weights else False), tok
 
 

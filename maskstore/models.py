@@ -133,6 +133,41 @@ def model_folder(path: str | os.PathLike | None, revision: str | None = None) ->
     return folder
 
 
+def recorded_model(
+    source: dict | None, model: str | os.PathLike | None = None, revision: str | None = None
+) -> tuple[str | None, str | None]:
+    """Which model to load for a bundle: ``model`` when given, else the one the bundle recorded
+    (``Bundle.model_source``), else the embedded SmolLM2-135M (None).
+
+    A recorded Hub id is looked up in the local cache at its recorded revision; a recorded
+    folder must still exist. The embedded model's cache folder, recorded on another machine,
+    means the embedded model here.
+
+    Returns:
+        ``(model, revision)`` to pass to :func:`load_model` (``model`` None: the embedded one).
+    Raises:
+        MaskstoreError: the recorded model is not here, naming it and the fix (``model=``).
+    """
+    if model is not None:
+        return str(model), revision
+    rec = (source or {}).get("model")
+    if not rec:
+        return None, revision
+    rec = str(rec)
+    rev = revision or (source or {}).get("revision")
+    if Path(rec).name == DEFAULT_MODEL and Path(rec).parent.name == "models":
+        return None, None  # the embedded model, wherever its cache was
+    if (Path(rec) / "config.json").is_file():
+        return rec, None
+    if _REPO_ID.fullmatch(rec) and not Path(rec).exists():
+        model_folder(rec, rev)  # raises a one-line error when it is not in the cache
+        return rec, rev
+    raise MaskstoreError(
+        f"the bundle was built on {rec!r}, which is not here: pass the model it was built on "
+        "(model=, --model PATH)"
+    )
+
+
 def load_tokenizer(folder: str | os.PathLike):
     """The folder's tokenizer, with a pad token (EOS when it has none)."""
     _quiet_transformers()

@@ -657,19 +657,19 @@ def _rounded(gamma: float, dtype: torch.dtype) -> float:
 def _match(model: nn.Module, bundle: Bundle, check_weights: bool | None) -> dict[str, nn.Linear]:
     """The model's modules named by the bundle, after checking names and shapes match."""
     named = dict(model.named_modules())
+    rec = (bundle.model_source or {}).get("model")
+    wrong = f"wrong model (the bundle was built on {rec})" if rec else "wrong model"
     out = {}
     for name, info in bundle.modules.items():
         mod = named.get(name)
         if mod is None:
-            raise MaskstoreError(
-                f"the model has no module {name!r} that the bundle masks: wrong model"
-            )
+            raise MaskstoreError(f"the model has no module {name!r} that the bundle masks: {wrong}")
         if not isinstance(mod, nn.Linear):
             raise MaskstoreError(f"{name} is a {type(mod).__name__} in the model, not nn.Linear")
         if (mod.out_features, mod.in_features) != (info.out_features, info.in_features):
             raise MaskstoreError(
                 f"{name} is {(mod.out_features, mod.in_features)} in the model but "
-                f"{(info.out_features, info.in_features)} in the bundle: wrong model"
+                f"{(info.out_features, info.in_features)} in the bundle: {wrong}"
             )
         out[name] = mod
     # the hash runs in model order, as at build time (a version's fingerprint is key-sorted)

@@ -657,3 +657,34 @@ def test_threads_switching_while_another_generates(setup):
     assert all(torch.equal(out, want[p]) for p, out in got)
     h.use(None)
     assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+
+
+def test_the_recorded_model_is_the_default(tmp_path, tiny_dir, calib_files, cli, monkeypatch):
+    """A bundle built with ``--model DIR`` runs, evaluates and exports without ``--model``;
+    the command says which model it loaded, and a wrong model's error names the recorded one."""
+    out = tmp_path / "b.zarr"
+    code, _, err = cli("build", "--model", tiny_dir, "--samples", "2", "--max-tokens", "16",
+                       "--persona", f"introvert={calib_files['introvert']}", "--out", out)  # fmt: skip
+    assert code == 0, err
+    code, got, err = cli("run", out, "--persona", "introvert", "--prompt", "hi",
+                         "--max-new-tokens", "3", "--json")  # fmt: skip
+    assert code == 0, err
+    assert f"model: {tiny_dir}" in err
+    _, want, _ = cli("run", out, "--persona", "introvert", "--prompt", "hi",
+                     "--max-new-tokens", "3", "--json", "--model", tiny_dir)  # fmt: skip
+    assert json.loads(got)["outputs"] == json.loads(want)["outputs"]
+    code, _, err = cli("export-model", out, "introvert", "--out", tmp_path / "ckpt")
+    assert code == 0, err
+    other = tmp_path / "other"
+    from _tiny import save_tiny
+
+    save_tiny(other, seed=1, hidden=32, intermediate=40)
+    code, _, err = cli("run", out, "--persona", "introvert", "--prompt", "hi", "--model", other)
+    assert code == 2 and f"the bundle was built on {tiny_dir}" in err, err
+    moved = tmp_path / "moved"
+    tiny_dir.rename(moved)
+    try:
+        code, _, err = cli("run", out, "--persona", "introvert", "--prompt", "hi")
+        assert code == 2 and "which is not here" in err and "--model" in err, err
+    finally:
+        moved.rename(tiny_dir)
