@@ -42,6 +42,7 @@ def emit_json(doc: object) -> None:
     if isinstance(doc, dict):
         doc = {"schema_version": JSON_SCHEMA_VERSION, **doc}
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()  # serve prints its document and keeps running
 
 
 def progress(disable: bool = False) -> Progress:

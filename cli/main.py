@@ -31,6 +31,7 @@ COMMANDS = {
         "repo_cmd",
     ),
     **dict.fromkeys(("run", "eval", "similarity", "export-model"), "runtime_cmd"),
+    "serve": "serve_cmd",
 }
 
 

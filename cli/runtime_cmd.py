@@ -43,6 +43,7 @@ def _attach(
     device: str = "cpu",
     untie: bool = False,
     check_weights: bool = True,
+    quiet: bool = False,
 ) -> tuple[MaskHandle, object]:
     from maskstore.models import load_model, recorded_model
     from maskstore.runtime import attach
@@ -51,7 +52,10 @@ def _attach(
     name, revision = recorded_model(b.model_source, model)
     with console.status("loading model"):
         mdl, tok = load_model(name, device=device, revision=revision)
-    err_console.print(f"model: {safe(name or 'embedded SmolLM2-135M-Instruct')}", highlight=False)
+    if not quiet:  # which model: said on stderr (never under --json)
+        err_console.print(
+            f"model: {safe(name or 'embedded SmolLM2-135M-Instruct')}", highlight=False
+        )
     return attach(mdl, b, untie=untie, check_weights=None if check_weights else False), tok
 
 
@@ -147,7 +151,7 @@ def run(
 
     outputs = {}
     with _gathered(bundle, [n for n in names if n is not None]) as (path, local):
-        handle, tok = _attach(path, model, device, untie, check_weights)
+        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out)
         with progress(disable=json_out) as bar:
             task = bar.add_task("generating", total=len(names))
             for n in names:
@@ -262,7 +266,7 @@ def eval_cmd(
         n, text = d.split("=", 1)
         descr[n] = text
     keys_for = {p: [it.matching if m else it.flipped() for it in items] for p, m in matches.items()}
-    handle, tok = _attach(bundle, model, device, untie, check_weights)
+    handle, tok = _attach(bundle, model, device, untie, check_weights, quiet=json_out)
     plan = [("base", p, None, system_prompt) for p in keys_for]
     plan += [("prompt", p, None, descr[p]) for p in keys_for]
     plan += [("mask", p, p, system_prompt) for p in keys_for]
@@ -349,7 +353,7 @@ def similarity(
     from ._common import progress
 
     with _gathered(bundle, [a, b]) as (path, local):
-        handle, tok = _attach(path, model, device, untie, check_weights)
+        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out)
         with progress(disable=json_out) as bar:
             task = bar.add_task("comparing hidden states", total=len(lines))
             cos = evaluate.layer_cosine(
@@ -423,7 +427,7 @@ def export_model_cmd(
     _writable(out, "--out")
     if out.exists() and not force:
         raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
-    handle, tok = _attach(bundle, model, "cpu", untie, check_weights)
+    handle, tok = _attach(bundle, model, "cpu", untie, check_weights, quiet=json_out)
     handle.detach()
     export_model(
         handle.model, tok, b, persona, out, gamma, check_weights=False, untie=untie, force=force,

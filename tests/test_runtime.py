@@ -669,7 +669,9 @@ def test_the_recorded_model_is_the_default(tmp_path, tiny_dir, calib_files, cli,
     code, got, err = cli("run", out, "--persona", "introvert", "--prompt", "hi",
                          "--max-new-tokens", "3", "--json")  # fmt: skip
     assert code == 0, err
-    assert f"model: {tiny_dir}" in err
+    code, _, err = cli("run", out, "--persona", "introvert", "--prompt", "hi",
+                       "--max-new-tokens", "3")  # fmt: skip
+    assert code == 0 and f"model: {tiny_dir}" in err, err
     _, want, _ = cli("run", out, "--persona", "introvert", "--prompt", "hi",
                      "--max-new-tokens", "3", "--json", "--model", tiny_dir)  # fmt: skip
     assert json.loads(got)["outputs"] == json.loads(want)["outputs"]

@@ -1,0 +1,87 @@
+"""``maskstore serve``: personas over an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from maskstore.errors import MaskstoreError
+
+from ._common import emit_json, err_console, safe
+from .app import DeviceOpt, JsonOpt, app, choice
+
+
+@app.command()
+def serve(
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="bundles to serve: folders, .zip files, REPO@REF (several join)"),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(help="HF model folder or cached Hub id (default: the bundle's recorded one)"),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="with a Hub id: branch, tag or commit")
+    ] = None,
+    dtype: Annotated[
+        choice("float32", "bfloat16", "float16"), typer.Option(help="weights dtype")
+    ] = "float32",  # fmt: skip
+    device: DeviceOpt = "cpu",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="the base model's id in requests (default: its folder name)")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="require 'Authorization: Bearer KEY' (default: $MASKSTORE_API_KEY)"),
+    ] = None,
+    allow_runtime_loading: Annotated[
+        bool,
+        typer.Option("--allow-runtime-loading", help="enable POST /v1/personas/load and unload"),
+    ] = False,
+    cache_bytes: Annotated[
+        int, typer.Option(help="bound of the packed masks held in memory (LRU by persona)")
+    ] = 1 << 30,
+    max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
+    check_weights: Annotated[
+        bool,
+        typer.Option("--check-weights/--no-check-weights", help="check the weights' hash"),
+    ] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve personas over an OpenAI-compatible API: the request's model field names one."""
+    from maskstore.serve import ServeConfig, api_key_from_env, serve
+
+    if not 0 <= port <= 65535:
+        raise MaskstoreError(f"--port {port}: use 0-65535")
+    if max_batch < 1 or cache_bytes < 0:
+        raise MaskstoreError("--max-batch must be >= 1 and --cache-bytes >= 0")
+    cfg = ServeConfig(
+        sources=sources,
+        model=model,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        served_model_name=served_model_name,
+        host=host,
+        port=port,
+        api_key=api_key_from_env(api_key),
+        allow_runtime_loading=allow_runtime_loading,
+        cache_bytes=cache_bytes,
+        max_batch=max_batch,
+        check_weights=check_weights,
+    )
+
+    def log(msg: str) -> None:
+        err_console.print(safe(msg), highlight=False)
+
+    def ready(server, url: str) -> None:
+        if json_out:
+            emit_json({"url": url, "model": server.base_id, "personas": server.catalog.personas})
+        else:
+            log(f"serving {len(server.catalog.personas)} personas and {server.base_id} at {url}/v1")
+
+    serve(cfg, log=log, ready=ready)

@@ -1,0 +1,157 @@
+"""Serving personas over an OpenAI-compatible HTTP API (the ``serve`` extra: FastAPI, uvicorn).
+
+``maskstore serve SOURCE...`` calls :func:`serve`; :func:`build_server` gives the pieces to run
+in-process. One model, one :class:`~maskstore.runtime.MaskHandle` over a :class:`Catalog` of
+every source, one :class:`Engine` thread for all forward passes, and the app of
+:mod:`maskstore.serve.app`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import MaskstoreError
+from .catalog import Catalog, PersonaCache
+from .engine import Engine, Event, Request
+from .metrics import Metrics
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """What :func:`serve` runs (the CLI's options, by keyword)."""
+
+    sources: Sequence[str]
+    model: str | None = None  # default: the model the first source recorded
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    served_model_name: str | None = None  # the base model's id (default: the model's name)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_runtime_loading: bool = False
+    cache_bytes: int = 1 << 30
+    max_batch: int = 16
+    check_weights: bool = True
+
+
+@dataclass
+class Server:
+    """What :func:`build_server` made: the app plus the parts behind it."""
+
+    app: Any
+    engine: Engine
+    catalog: Catalog
+    base_id: str
+    model_name: str
+
+
+def open_sources(sources: Sequence[str]) -> Catalog:
+    """Every source opened (lazily: metadata only) and joined into one catalog."""
+    from ..opener import open_bundle
+
+    if not sources:
+        raise MaskstoreError("serve needs at least one bundle (a folder, a .zip, REPO@REF)")
+    return Catalog((s, open_bundle(s)) for s in sources)
+
+
+def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
+    """Open the sources, load the model (the recorded one by default), attach, start the engine.
+
+    Raises:
+        MaskstoreError: a source that is not a bundle, bundles of different models, a model
+            that is not the one the bundles were built on, ...
+    """
+    from ..models import load_model, recorded_model
+    from ..opener import open_bundle
+    from ..runtime import MaskHandle
+    from .app import create_app
+
+    catalog = open_sources(cfg.sources)
+    name, revision = recorded_model(catalog.model_source, cfg.model, cfg.revision)
+    log(f"loading model {name or 'embedded SmolLM2-135M-Instruct'}")
+    model, tok = load_model(name, dtype=cfg.dtype, device=cfg.device, revision=revision)
+    handle = MaskHandle(model, catalog, cache_bytes=0,
+                        check_weights=None if cfg.check_weights else False)  # fmt: skip
+    base_id = cfg.served_model_name or Path(name or "SmolLM2-135M-Instruct").name
+    if base_id in catalog.personas:
+        raise MaskstoreError(
+            f"a persona is named {base_id!r} like the base model: pass another "
+            "served_model_name (--served-model-name)"
+        )
+    engine = Engine(handle, tok, cache_bytes=cfg.cache_bytes, max_batch=cfg.max_batch)
+    app = create_app(engine, catalog, base_id, api_key=cfg.api_key,
+                     allow_runtime_loading=cfg.allow_runtime_loading,
+                     open_source=open_bundle)  # fmt: skip
+    return Server(app, engine, catalog, base_id, name or "SmolLM2-135M-Instruct")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), refused in one line when taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MaskstoreError(
+            f"cannot listen on {host}:{port}: {e.strerror}; pick another --port"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    cfg: ServeConfig,
+    log: Callable[[str], None] = lambda s: None,
+    ready: Callable[[Server, str], None] | None = None,
+) -> None:
+    """Run the server until SIGINT/SIGTERM (in-flight requests get up to 10 s to finish)."""
+    import uvicorn
+
+    sock = bind(cfg.host, cfg.port)
+    server = build_server(cfg, log)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=10,
+                            lifespan="on")  # fmt: skip
+    userver = uvicorn.Server(config)
+    if ready is not None:
+        _orig = userver.startup
+
+        async def startup(sockets=None) -> None:
+            await _orig(sockets=sockets)
+            ready(server, url)
+
+        userver.startup = startup  # type: ignore[method-assign]
+    try:
+        userver.run(sockets=[sock])
+    finally:
+        server.engine.close()
+        sock.close()
+
+
+def api_key_from_env(key: str | None) -> str | None:
+    """``key``, else ``$MASKSTORE_API_KEY`` (None when neither is set)."""
+    return key or os.environ.get("MASKSTORE_API_KEY") or None
+
+
+__all__ = [
+    "Catalog",
+    "Engine",
+    "Event",
+    "Metrics",
+    "PersonaCache",
+    "Request",
+    "ServeConfig",
+    "Server",
+    "build_server",
+    "serve",
+]

@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP API over an :class:`~maskstore.serve.engine.Engine` (FastAPI).
+
+The ``model`` field of a request names the persona, as vLLM names LoRA adapters; the base
+model's id means no mask. Errors have OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}``: 400 for a malformed body or a prompt past the context, 401 without the API key, 404
+for an unknown persona, 503 when a persona cannot be loaded or the server is stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import MaskstoreError
+from .catalog import Catalog
+from .engine import Engine, Event
+from .engine import Request as GenRequest
+
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_STOPS = 4
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class LoadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    persona: str | None = None
+    source: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          413: "invalid_request_error", 503: "service_unavailable", 500: "internal_error"}  # fmt: skip
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    body = {"message": message, "type": _TYPES.get(status, "error"), "param": param,
+            "code": status}  # fmt: skip
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def create_app(
+    engine: Engine,
+    catalog: Catalog,
+    base_id: str,
+    api_key: str | None = None,
+    allow_runtime_loading: bool = False,
+    open_source: Callable[[str], Any] | None = None,
+) -> FastAPI:
+    """The FastAPI application.
+
+    Args:
+        engine: runs the model (its handle attaches ``catalog``).
+        catalog: the personas served.
+        base_id: the ``model`` name of the base model (no mask).
+        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer KEY``.
+        allow_runtime_loading: enable ``/v1/personas/load`` and ``/v1/personas/unload``.
+        open_source: opens a source named in ``/v1/personas/load`` (as the opener does).
+    """
+    app = FastAPI(title="maskstore", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        msg = first.get("msg", "malformed request body")
+        return error_response(400, f"{where + ': ' if where else ''}{msg}", where)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return error_response(413, f"request body over {MAX_BODY} bytes")
+        if api_key is not None and request.url.path != "/health":
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)")
+        return await call_next(request)
+
+    def persona_of(model: str) -> str | None:
+        if model == base_id:
+            return None
+        if model not in catalog.personas:
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
+        return model
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        def card(mid: str, parent: str | None) -> dict:
+            return {"id": mid, "object": "model", "created": created, "owned_by": "maskstore",
+                    "root": base_id, "parent": parent}  # fmt: skip
+
+        data = [card(base_id, None)] + [card(p, base_id) for p in catalog.personas]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "give one prompt per request", "prompt")
+            prompt = prompt[0]
+        ids = engine.tok(prompt, add_special_tokens=True)["input_ids"]
+        return await _generate(body, ids, "text_completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        if not getattr(engine.tok, "chat_template", None):
+            raise ApiError(400, "the model's tokenizer has no chat template: use /v1/completions")
+        msgs = [{"role": m.role, "content": m.content} for m in body.messages]
+        try:
+            text = engine.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the template's own error, said in one line
+            raise ApiError(400, f"chat template: {' '.join(str(e).split())[:300]}") from None
+        ids = engine.tok(text, add_special_tokens=False)["input_ids"]
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        return await _generate(body, ids, "chat.completion", request)
+
+    async def _generate(body: _Sampling, ids: list[int], kind: str, request: Request):
+        persona = persona_of(body.model)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOPS or any(not s or len(s) > 256 for s in stops):
+            raise ApiError(
+                400, f"stop: up to {MAX_STOPS} non-empty strings of <= 256 chars", "stop"
+            )
+        room = engine.context - len(ids)
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(256, room)
+        if len(ids) + max_tokens > engine.context:
+            raise ApiError(400, engine.context_error(len(ids), max_tokens), "max_tokens")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(ev: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                pass
+
+        req = GenRequest(persona, list(ids), max_tokens, sink, body.temperature, body.top_p,
+                         stops, body.seed)  # fmt: skip
+        engine.submit(req)
+        rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+        if body.stream:
+            return StreamingResponse(
+                _stream(req, events, rid, kind, body.model), media_type="text/event-stream"
+            )
+        text, done = [], None
+        try:
+            while done is None:
+                ev = await events.get()
+                if ev.kind == "delta":
+                    text.append(ev.text)
+                elif ev.kind == "error":
+                    raise ApiError(ev.status, ev.text)
+                else:
+                    done = ev
+        finally:
+            if done is None:
+                req.cancel()
+        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                 "total_tokens": done.prompt_tokens + done.completion_tokens}  # fmt: skip
+        out = "".join(text)
+        if kind == "chat.completion":
+            choice = {"index": 0, "message": {"role": "assistant", "content": out},
+                      "logprobs": None, "finish_reason": done.finish_reason}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": out, "logprobs": None,
+                      "finish_reason": done.finish_reason}  # fmt: skip
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
+                "choices": [choice], "usage": usage}  # fmt: skip
+
+    async def _stream(
+        req: GenRequest, events: asyncio.Queue, rid: str, kind: str, model: str
+    ) -> AsyncIterator[str]:
+        chat = kind == "chat.completion"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else {}
+                if text:
+                    delta["content"] = text
+                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            doc = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                   "choices": [c]}  # fmt: skip
+            return f"data: {json.dumps(doc)}\n\n"
+
+        finished = False
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            while True:
+                ev = await events.get()
+                if ev.kind == "delta":
+                    yield chunk(ev.text, None)
+                elif ev.kind == "error":
+                    err = {"message": ev.text, "type": _TYPES.get(ev.status, "error"),
+                           "param": None, "code": ev.status}  # fmt: skip
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    break
+                else:
+                    yield chunk(None, ev.finish_reason)
+                    break
+            finished = True
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                req.cancel()  # the client went away: free its batch slot
+
+    @app.post("/v1/personas/load")
+    async def load(body: LoadBody) -> dict:
+        if not allow_runtime_loading:
+            raise ApiError(404, "run-time loading is off: start the server with "
+                                "--allow-runtime-loading")  # fmt: skip
+        added: list[str] = []
+        if body.source is not None:
+            if open_source is None:
+                raise ApiError(400, "this server cannot open new sources")
+            try:
+                bundle = await asyncio.to_thread(open_source, body.source)
+                added = catalog.add(body.source, bundle)
+            except MaskstoreError as e:
+                raise ApiError(400, str(e), "source") from None
+        names = [body.persona] if body.persona is not None else added
+        if not names:
+            raise ApiError(400, "give persona (a served name) or source (a bundle)")
+        for p in names:
+            persona_of(p)
+            try:
+                await asyncio.to_thread(engine.load, p)
+            except MaskstoreError as e:
+                raise ApiError(503, f"persona {p!r} could not be loaded: {e}") from None
+        return {"loaded": names}
+
+    @app.post("/v1/personas/unload")
+    async def unload(body: LoadBody) -> dict:
+        if not allow_runtime_loading:
+            raise ApiError(404, "run-time loading is off: start the server with "
+                                "--allow-runtime-loading")  # fmt: skip
+        if body.persona is None:
+            raise ApiError(400, "give the persona to unload", "persona")
+        persona_of(body.persona)
+        engine.unload(body.persona)
+        catalog.remove(body.persona)
+        return {"unloaded": body.persona}
+
+    return app

@@ -1,0 +1,369 @@
+"""The serving engine: one thread runs every forward pass; requests of any personas are decoded
+together in mixed-persona batches.
+
+Reading order:
+
+1. :class:`Request` is one generation: token ids, sampling settings, and a ``sink`` that gets
+   :class:`Event` s (text deltas, the end, or an error) on the engine's thread.
+2. :meth:`Engine.submit` queues it. A persona whose masks are not loaded is read on a loader
+   thread (:meth:`MaskHandle.read_masks`, no lock held), so other personas keep decoding; its
+   requests join the ready queue once loaded (a failed load fails only them, 503).
+3. The engine thread takes the ready requests (up to ``max_batch``, after a short window for
+   others to join), switches in place when the batch has one persona, or opens
+   ``handle.mixed(...)`` when it has several, and decodes step by step with a KV cache. Rows
+   leave at step boundaries (finished, stopped or cancelled): the cache and the row groups are
+   cut down to the rows still running. New requests wait for the next batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MaskstoreError
+from .catalog import PersonaCache
+from .metrics import Metrics
+
+
+@dataclass
+class Event:
+    """What the engine tells a request: ``kind`` is ``delta`` (``text``), ``done``
+    (``finish_reason``, ``prompt_tokens``, ``completion_tokens``) or ``error`` (``status``,
+    ``text`` the message)."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 200
+
+
+@dataclass
+class Request:
+    """One generation. ``persona`` None is the base model; ``temperature`` 0 is greedy."""
+
+    persona: str | None
+    ids: list[int]
+    max_tokens: int
+    sink: Callable[[Event], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled by the engine
+    out: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded output already sent
+    masks: dict | None = None
+
+    def cancel(self) -> None:
+        """The client went away: the row leaves the batch at the next step."""
+        self.cancelled.set()
+
+
+class Engine:
+    """Runs every forward pass of ``handle.model`` on one thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        handle,
+        tokenizer,
+        cache_bytes: int = 1 << 30,
+        max_batch: int = 16,
+        window_s: float = 0.01,
+        loaders: int = 2,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.handle = handle
+        self.tok = tokenizer
+        self.model = handle.model
+        self.device = next(self.model.parameters()).device
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.metrics = metrics or Metrics()
+        self.cache = PersonaCache(cache_bytes, on_evict=self._evicted)
+        self.eos = _eos_ids(self.model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self._ready: queue.Queue[Request | None] = queue.Queue()
+        self._pending: dict[str, list[Request]] = {}  # persona -> requests waiting for its load
+        self._lock = threading.Lock()
+        self._loader = ThreadPoolExecutor(loaders, thread_name_prefix="maskstore-load")
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="maskstore-engine", daemon=True)
+        self._thread.start()
+
+    # ---- requests
+    def submit(self, req: Request) -> None:
+        """Queue ``req``; its events arrive through ``req.sink`` on other threads."""
+        if self._stopping.is_set():
+            req.sink(Event("error", "the server is shutting down", status=503))
+            return
+        if len(req.ids) + req.max_tokens > self.context:
+            req.sink(Event("error", self.context_error(len(req.ids), req.max_tokens), status=400))
+            return
+        self.metrics.inc("maskstore_requests_total", persona=_label(req.persona))
+        if req.persona is None:
+            self._ready.put(req)
+            return
+        masks = self.cache.get(req.persona)
+        if masks is not None:
+            req.masks = masks
+            self._ready.put(req)
+            return
+        with self._lock:
+            waiting = self._pending.setdefault(req.persona, [])
+            waiting.append(req)
+            if len(waiting) == 1:
+                self._loader.submit(self._load, req.persona)
+
+    def context_error(self, prompt: int, max_tokens: int) -> str:
+        return (
+            f"this model's context is {self.context} tokens; the prompt has {prompt} and "
+            f"max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens"
+        )
+
+    def load(self, persona: str) -> None:
+        """Read ``persona``'s masks into the cache now (blocking; raises on failure)."""
+        if self.cache.get(persona) is None:
+            self._put(persona, self._read(persona))
+
+    def unload(self, persona: str) -> bool:
+        """Drop ``persona``'s masks from the cache (requests load it again)."""
+        dropped = self.cache.drop(persona)
+        self.metrics.set("maskstore_persona_cache_bytes", self.cache.bytes)
+        return dropped
+
+    def _read(self, persona: str) -> dict:
+        t0 = time.perf_counter()
+        masks = self.handle.read_masks(persona)
+        self.metrics.observe("maskstore_persona_load_seconds", time.perf_counter() - t0)
+        self.metrics.inc("maskstore_persona_loads_total", persona=persona)
+        return masks
+
+    def _put(self, persona: str, masks: dict) -> None:
+        self.cache.put(persona, masks)
+        self.metrics.set("maskstore_persona_cache_bytes", self.cache.bytes)
+
+    def _load(self, persona: str) -> None:
+        """On a loader thread: read, cache, release the persona's waiting requests."""
+        try:
+            masks = self._read(persona)
+            self._put(persona, masks)
+            err = None
+        except MaskstoreError as e:
+            masks, err = None, f"persona {persona!r} could not be loaded: {e}"
+        except Exception as e:  # noqa: BLE001 - a remote down, a read error: fail its requests
+            masks, err = None, f"persona {persona!r} could not be loaded: {type(e).__name__}: {e}"
+        with self._lock:
+            waiting = self._pending.pop(persona, [])
+        for req in waiting:
+            if err is None:
+                req.masks = masks
+                self._ready.put(req)
+            else:
+                self.metrics.inc("maskstore_load_failures_total", persona=persona)
+                req.sink(Event("error", " ".join(err.split())[:500], status=503))
+
+    def _evicted(self, persona: str) -> None:
+        self.metrics.inc("maskstore_persona_evictions_total", persona=persona)
+
+    # ---- the engine thread
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: requests still queued fail (503), the running batch ends at its next step."""
+        self._stopping.set()
+        self._ready.put(None)
+        self._thread.join(timeout)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            waiting = [r for rs in self._pending.values() for r in rs]
+            self._pending.clear()
+        while True:
+            try:
+                req = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                waiting.append(req)
+        for req in waiting:
+            req.sink(Event("error", "the server is shutting down", status=503))
+
+    def _take(self) -> list[Request]:
+        first = self._ready.get()
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                req = (
+                    self._ready.get(timeout=max(left, 0)) if left > 0 else self._ready.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if req is None:
+                self._ready.put(None)  # leave the stop mark for the loop
+                break
+            batch.append(req)
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            batch = [r for r in self._take() if not r.cancelled.is_set()]
+            if not batch:
+                continue
+            try:
+                self._run(batch)
+            except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                msg = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+                for req in batch:
+                    req.sink(Event("error", f"generation failed: {msg}", status=500))
+
+    def _run(self, batch: list[Request]) -> None:
+        personas = [r.persona for r in batch]
+        names = list(dict.fromkeys(p for p in personas if p is not None))
+        self.metrics.observe("maskstore_batch_rows", len(batch))
+        t0 = time.perf_counter()
+        with self.handle.lock:
+            if len(set(personas)) == 1:  # one persona: switch in place (delta writes)
+                p = personas[0]
+                self.handle.use(p, masks=batch[0].masks if p is not None else None)
+                ctx = contextlib.nullcontext()
+            else:  # several: each masked Linear groups the rows by persona
+                masks = {r.persona: r.masks for r in batch if r.persona is not None}
+                ctx = self.handle.mixed(personas, masks={p: masks[p] for p in names})
+            with ctx:
+                self.metrics.observe("maskstore_switch_seconds", time.perf_counter() - t0)
+                self._decode(batch, mixed=len(set(personas)) > 1)
+
+    @torch.inference_mode()
+    def _decode(self, batch: list[Request], mixed: bool) -> None:
+        n = max(len(r.ids) for r in batch)
+        ids = torch.full((len(batch), n), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding: every row's last token is at -1
+            ids[i, n - len(r.ids) :] = torch.tensor(r.ids, dtype=torch.long)
+            attn[i, n - len(r.ids) :] = 1
+        gens = [_generator(r.seed) for r in batch]
+        rows = list(range(len(batch)))  # which requests the cache's rows are
+        cache = None
+        step_ids = ids
+        while True:
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            out = self.model(
+                input_ids=step_ids.to(self.device),
+                attention_mask=attn.to(self.device),
+                position_ids=pos.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float().cpu()
+            nxt = torch.empty(len(rows), dtype=torch.long)
+            keep = []
+            for j, i in enumerate(rows):
+                r = batch[i]
+                tok = _sample(logits[j], r.temperature, r.top_p, gens[i])
+                nxt[j] = tok
+                if self._advance(r, tok):
+                    keep.append(j)
+            if self._stopping.is_set():
+                for j in keep:
+                    batch[rows[j]].sink(Event("error", "the server is shutting down", status=503))
+                return
+            if not keep:
+                return
+            if len(keep) < len(rows):  # rows leave the batch at this step boundary
+                idx = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(idx.to(self.device))
+                attn, nxt = attn[idx], nxt[idx]
+                rows = [rows[j] for j in keep]
+                if mixed:
+                    self.handle.regroup([batch[i].persona for i in rows])
+            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            step_ids = nxt[:, None]
+
+    def _advance(self, r: Request, tok: int) -> bool:
+        """Add ``tok`` to ``r``'s output and send what became final; False when ``r`` ends."""
+        if r.cancelled.is_set():
+            return False
+        done = None
+        if tok in self.eos:
+            done = "stop"
+        else:
+            r.out.append(tok)
+            self.metrics.inc("maskstore_generated_tokens_total", persona=_label(r.persona))
+        text = self.tok.decode(r.out, skip_special_tokens=True)
+        cut = _first_stop(text, r.stop, r.sent)
+        if cut is not None:
+            text, done = text[:cut], "stop"
+        elif done is None and len(r.out) >= r.max_tokens:
+            done = "length"
+        if done is None:
+            # hold back an unfinished UTF-8 sequence and what could still become a stop string
+            final = len(text.rstrip("\ufffd"))
+            if r.stop:
+                final = min(final, len(text) - max(len(s) for s in r.stop) + 1)
+            if final > r.sent:
+                r.sink(Event("delta", text[r.sent : final]))
+                r.sent = final
+            return True
+        if len(text) > r.sent:
+            r.sink(Event("delta", text[r.sent :]))
+            r.sent = len(text)
+        r.sink(Event("done", finish_reason=done, prompt_tokens=len(r.ids),
+                     completion_tokens=len(r.out)))  # fmt: skip
+        return False
+
+
+def _label(persona: str | None) -> str:
+    return "" if persona is None else persona
+
+
+def _eos_ids(model, tok) -> set[int]:
+    ids = set()
+    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+              tok.eos_token_id):  # fmt: skip
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list | tuple):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    return g
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token from a row's logits: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cut = torch.cumsum(sp, 0) - sp >= top_p  # keep the smallest prefix reaching top_p
+        sp[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Where the first stop string starts in ``text`` (searching from just before ``sent``)."""
+    best = None
+    for s in stops:
+        k = text.find(s, max(0, sent - len(s) + 1))
+        if k >= 0 and (best is None or k < best):
+            best = k
+    return best
