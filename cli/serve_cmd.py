@@ -46,6 +46,10 @@ def serve(
         int, typer.Option(help="bound of the packed masks held in memory (LRU by persona)")
     ] = 1 << 30,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
+    batching: Annotated[
+        choice("mixed", "persona"),
+        typer.Option(help="mixed: any personas in one batch; persona: one persona a batch"),
+    ] = "mixed",
     check_weights: Annotated[
         bool,
         typer.Option("--check-weights/--no-check-weights", help="check the weights' hash"),
@@ -72,6 +76,7 @@ def serve(
         allow_runtime_loading=allow_runtime_loading,
         cache_bytes=cache_bytes,
         max_batch=max_batch,
+        batching=batching,
         check_weights=check_weights,
     )
 

@@ -312,3 +312,65 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and len(err.strip().splitlines()) == 1
     code, _, err = cli("serve", tmp_path, "--port", "70000")
     assert code == 2 and "--port" in err
+
+
+def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
+    """In-process: the engine with mixed batches and with one persona a batch gives every
+    request the tokens it gets alone; persona mode never mixes personas in a batch."""
+    import threading
+
+    from _tiny import byte_tokenizer, tiny_llama
+
+    from maskstore import create_bundle
+    from maskstore.modules import maskable_modules, model_fingerprint
+    from maskstore.opener import open_bundle
+    from maskstore.runtime import MaskHandle
+    from maskstore.serve import Catalog, Engine, Request
+
+    model = tiny_llama(seed=3)
+    mods = maskable_modules(model)
+    with create_bundle(tmp_path / "b", model_fingerprint(model, mods, hash_weights=True)) as b:
+        for p in ("a", "b", "c"):
+            with b.persona_writer(p, method="t") as w:
+                for n, m in mods.items():
+                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
+    tok = byte_tokenizer()
+    handle = MaskHandle(model, Catalog([("b", open_bundle(tmp_path / "b"))]))
+
+    def run(engine: Engine, jobs: list) -> list[str]:
+        done = [threading.Event() for _ in jobs]
+        out = [""] * len(jobs)
+
+        def sink(i):
+            def f(ev):
+                if ev.kind == "delta":
+                    out[i] += ev.text
+                else:
+                    assert ev.kind == "done", ev
+                    done[i].set()
+
+            return f
+
+        for i, (p, prompt, n) in enumerate(jobs):
+            ids = tok(prompt)["input_ids"]
+            engine.submit(Request(p, ids, n, sink(i), temperature=0.0))
+        assert all(d.wait(60) for d in done)
+        return out
+
+    jobs = [("a", "hello", 5), ("b", "hi there you", 7), (None, "x", 3), ("c", "hello", 6),
+            ("a", "more text here", 4), ("b", "q", 8)]  # fmt: skip
+    engines = {m: Engine(handle, tok, batching=m, window_s=0.2) for m in ("mixed", "persona")}
+    try:
+        alone = [run(engines["mixed"], [j])[0] for j in jobs]
+        seen = []
+        orig = engines["persona"]._run
+        engines["persona"]._run = lambda batch: (seen.append({r.persona for r in batch}),
+                                                 orig(batch))  # fmt: skip
+        for mode, engine in engines.items():
+            assert run(engine, jobs) == alone, mode
+        assert seen and all(len(s) == 1 for s in seen) and len(seen) < len(jobs)
+        with pytest.raises(Exception, match="batching"):
+            Engine(handle, tok, batching="nope")
+    finally:
+        for e in engines.values():
+            e.close()

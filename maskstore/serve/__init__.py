@@ -37,6 +37,7 @@ class ServeConfig:
     allow_runtime_loading: bool = False
     cache_bytes: int = 1 << 30
     max_batch: int = 16
+    batching: str = "mixed"  # or "persona": one persona per batch (the baseline mixed beats)
     check_weights: bool = True
 
 
@@ -84,7 +85,8 @@ def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
             f"a persona is named {base_id!r} like the base model: pass another "
             "served_model_name (--served-model-name)"
         )
-    engine = Engine(handle, tok, cache_bytes=cfg.cache_bytes, max_batch=cfg.max_batch)
+    engine = Engine(handle, tok, cache_bytes=cfg.cache_bytes, max_batch=cfg.max_batch,
+                    batching=cfg.batching)  # fmt: skip
     app = create_app(engine, catalog, base_id, api_key=cfg.api_key,
                      allow_runtime_loading=cfg.allow_runtime_loading,
                      open_source=open_bundle)  # fmt: skip

@@ -81,6 +81,7 @@ class Engine:
         window_s: float = 0.01,
         loaders: int = 2,
         metrics: Metrics | None = None,
+        batching: str = "mixed",
     ) -> None:
         self.handle = handle
         self.tok = tokenizer
@@ -88,6 +89,10 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.max_batch = max_batch
         self.window_s = window_s
+        if batching not in ("mixed", "persona"):
+            raise MaskstoreError(f"batching is 'mixed' or 'persona', not {batching!r}")
+        self.batching = batching  # persona: a batch holds one persona's requests only
+        self._held: list[Request] = []  # taken from the queue for a later batch (persona mode)
         self.metrics = metrics or Metrics()
         self.cache = PersonaCache(cache_bytes, on_evict=self._evicted)
         self.eos = _eos_ids(self.model, tokenizer)
@@ -182,9 +187,10 @@ class Engine:
         self._stopping.set()
         self._ready.put(None)
         self._thread.join(timeout)
+        waiting_held, self._held = self._held, []
         self._loader.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            waiting = [r for rs in self._pending.values() for r in rs]
+            waiting = [r for rs in self._pending.values() for r in rs] + waiting_held
             self._pending.clear()
         while True:
             try:

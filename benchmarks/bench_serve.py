@@ -1,0 +1,155 @@
+"""``maskstore serve`` on the embedded SmolLM2-135M, clients over HTTP (the openai package).
+
+Ratios in one run:
+- tokens/s of 16 concurrent clients spread over 1, 4 and 16 personas, against 1 persona;
+- 16 clients over 4 personas with mixed batches against a server that batches one persona at a
+  time (``--batching persona``, the naive baseline);
+- the first request to an uncached persona against the same request once it is cached;
+- the mask cache's bytes per persona against the persona's packed mask bytes, and the server's
+  resident memory growth per persona used.
+
+Personas are random masks at sparsity 0.2 (the serving cost does not depend on how masks were
+scored). Run: python benchmarks/bench_serve.py  (about 5 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+N_PERSONAS = 16
+CLIENTS = 16
+TOKENS = 16
+PROMPT = "Tell me about your plans for the weekend."
+
+
+def make_bundle(path: Path) -> int:
+    """A bundle of ``N_PERSONAS`` random personas of the embedded model; returns the packed
+    mask bytes of one persona."""
+    from maskstore import create_bundle
+    from maskstore.build import model_source
+    from maskstore.models import load_model
+    from maskstore.modules import maskable_modules, model_fingerprint
+
+    model, _ = load_model(None)
+    mods = maskable_modules(model)
+    fp = model_fingerprint(model, mods, hash_weights=True)
+    rng = np.random.default_rng(0)
+    with create_bundle(path, fp, source=model_source(model)) as b:
+        for i in range(N_PERSONAS):
+            with b.persona_writer(f"p{i}", method="random") as w:
+                for n, m in mods.items():
+                    w.write_mask(n, rng.random((m.out_features, m.in_features)) >= 0.2)
+    return sum(m.out_features * ((m.in_features + 7) // 8) for m in mods.values())
+
+
+def start(bundle: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "maskstore.cli", "serve", str(bundle), "--port", "0", "--json",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    doc = ""
+    while not doc.rstrip().endswith("}"):
+        line = p.stdout.readline()
+        if not line:
+            raise SystemExit("the server did not start")
+        doc += line
+    return p, json.loads(doc)["url"]
+
+
+def rss_mib(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
+
+
+def cache_bytes(url: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    return float(re.search(r"^maskstore_persona_cache_bytes (\S+)$", text, re.M).group(1))
+
+
+def main() -> None:
+    import openai
+
+    tmp = Path(tempfile.mkdtemp(prefix="maskstore-bench-serve-"))
+    procs = []
+    try:
+        bundle = tmp / "b.zarr"
+        packed = make_bundle(bundle)
+        proc, url = start(bundle)
+        procs.append(proc)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+        def one(model: str, n: int = TOKENS) -> int:
+            r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n,
+                                          temperature=0)  # fmt: skip
+            return r.usage.completion_tokens
+
+        def burst(personas: list[str]) -> float:
+            jobs = [personas[i % len(personas)] for i in range(CLIENTS)]
+            for p in set(jobs):
+                one(p, 1)  # loaded before the clock starts
+            t = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(CLIENTS) as ex:
+                made = sum(ex.map(one, jobs))
+            return made / (time.perf_counter() - t)
+
+        names = [f"p{i}" for i in range(N_PERSONAS)]
+        rss0 = rss_mib(proc.pid)
+        # first request to an uncached persona against the same request cached
+        t = time.perf_counter()
+        one("p0", 1)
+        cold = time.perf_counter() - t
+        warm = min(_timed(lambda: one("p0", 1)) for _ in range(3))
+        rates = {k: burst(names[:k]) for k in (1, 4, 16)}
+        rss16 = rss_mib(proc.pid)
+        per_persona = cache_bytes(url) / N_PERSONAS
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        naive_proc, naive_url = start(bundle, "--batching", "persona")
+        procs.append(naive_proc)
+        client = openai.OpenAI(base_url=f"{naive_url}/v1", api_key="none", max_retries=0,
+                               timeout=600)  # fmt: skip
+        naive = burst(names[:4])
+        print(f"embedded SmolLM2-135M, {CLIENTS} clients x {TOKENS} tokens, greedy, cpu "
+              f"threads {os.cpu_count()}")  # fmt: skip
+        print("| clients over | tokens/s | vs 1 persona |")
+        print("| --- | --- | --- |")
+        for k, r in rates.items():
+            print(f"| {k} persona{'s' if k > 1 else ''} | {r:.1f} | {r / rates[1]:.2f}x |")
+        print(f"4 personas, one persona a batch (--batching persona): {naive:.1f} tok/s; mixed "
+              f"batches {rates[4] / naive:.2f}x that")  # fmt: skip
+        print(f"first request to an uncached persona: {cold * 1000:.0f} ms against "
+              f"{warm * 1000:.0f} ms cached ({cold / warm:.1f}x)")  # fmt: skip
+        print(f"mask cache per persona: {per_persona / 2**20:.2f} MiB against "
+              f"{packed / 2**20:.2f} MiB packed ({per_persona / packed:.3f}x); server RSS grew "
+              f"{rss16 - rss0:.0f} MiB over {N_PERSONAS} personas "
+              f"({(rss16 - rss0) / N_PERSONAS:.1f} MiB each, mixed-batch weight copies and "
+              "base values included)")  # fmt: skip
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()
