@@ -50,6 +50,13 @@ def serve(
         choice("mixed", "persona"),
         typer.Option(help="mixed: any personas in one batch; persona: one persona a batch"),
     ] = "mixed",
+    ray_replicas: Annotated[
+        int,
+        typer.Option(help="deploy N model replicas on Ray Serve, personas multiplexed (0: off)"),
+    ] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="with --ray-replicas: a Ray cluster ('auto'; default local)")
+    ] = None,
     check_weights: Annotated[
         bool,
         typer.Option("--check-weights/--no-check-weights", help="check the weights' hash"),
@@ -89,4 +96,27 @@ def serve(
         else:
             log(f"serving {len(server.catalog.personas)} personas and {server.base_id} at {url}/v1")
 
+    if ray_replicas < 0:
+        raise MaskstoreError("--ray-replicas must be >= 0")
+    if ray_replicas:
+        from pathlib import Path
+
+        from maskstore.models import recorded_model
+        from maskstore.serve import open_sources
+        from maskstore.serve.ray_serve import run
+
+        if port == 0:
+            raise MaskstoreError("--ray-replicas needs a fixed --port (Ray Serve binds it)")
+        catalog = open_sources(sources)
+        name, _ = recorded_model(catalog.model_source, model, revision)
+        base_id = served_model_name or Path(name or "SmolLM2-135M-Instruct").name
+
+        def ray_ready(url: str) -> None:
+            if json_out:
+                emit_json({"url": url, "model": base_id, "personas": catalog.personas})
+            else:
+                log(f"serving on Ray at {url}/v1")
+
+        run(cfg, ray_replicas, address=ray_address, ready=ray_ready, log=log)
+        return
     serve(cfg, log=log, ready=ready)

@@ -61,17 +61,16 @@ def open_sources(sources: Sequence[str]) -> Catalog:
     return Catalog((s, open_bundle(s)) for s in sources)
 
 
-def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
-    """Open the sources, load the model (the recorded one by default), attach, start the engine.
+def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
+    """Open the sources, load the model (the recorded one by default), attach, start the
+    engine; ``app`` is left None.
 
     Raises:
         MaskstoreError: a source that is not a bundle, bundles of different models, a model
             that is not the one the bundles were built on, ...
     """
     from ..models import load_model, recorded_model
-    from ..opener import open_bundle
     from ..runtime import MaskHandle
-    from .app import create_app
 
     catalog = open_sources(cfg.sources)
     name, revision = recorded_model(catalog.model_source, cfg.model, cfg.revision)
@@ -87,10 +86,19 @@ def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
         )
     engine = Engine(handle, tok, cache_bytes=cfg.cache_bytes, max_batch=cfg.max_batch,
                     batching=cfg.batching)  # fmt: skip
-    app = create_app(engine, catalog, base_id, api_key=cfg.api_key,
-                     allow_runtime_loading=cfg.allow_runtime_loading,
-                     open_source=open_bundle)  # fmt: skip
-    return Server(app, engine, catalog, base_id, name or "SmolLM2-135M-Instruct")
+    return Server(None, engine, catalog, base_id, name or "SmolLM2-135M-Instruct")
+
+
+def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
+    """:func:`build_engine` plus the FastAPI app over it."""
+    from ..opener import open_bundle
+    from .app import create_app
+
+    server = build_engine(cfg, log)
+    server.app = create_app(server.engine, server.catalog, server.base_id, api_key=cfg.api_key,
+                            allow_runtime_loading=cfg.allow_runtime_loading,
+                            open_source=open_bundle)  # fmt: skip
+    return server
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -154,6 +162,7 @@ __all__ = [
     "Request",
     "ServeConfig",
     "Server",
+    "build_engine",
     "build_server",
     "serve",
 ]

@@ -226,8 +226,10 @@ def create_app(
         else:
             choice = {"index": 0, "text": out, "logprobs": None,
                       "finish_reason": done.finish_reason}  # fmt: skip
-        return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
-                "choices": [choice], "usage": usage}  # fmt: skip
+        doc = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
+               "choices": [choice], "usage": usage}  # fmt: skip
+        headers = {"x-maskstore-replica": done.replica} if done.replica else None
+        return JSONResponse(doc, headers=headers)
 
     async def _stream(
         req: GenRequest, events: asyncio.Queue, rid: str, kind: str, model: str

@@ -44,6 +44,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: int = 200
+    replica: str = ""  # which server replica answered (Ray Serve deployments)
 
 
 @dataclass
