@@ -28,6 +28,8 @@ from . import ServeConfig
 from .engine import Event, Request
 from .metrics import Metrics
 
+_REPLICAS: list = []  # the ingress replica's handle to the model replicas (set in its __init__)
+
 
 class RemoteEngine:
     """What the HTTP app needs of an engine, answered by Ray replicas."""
@@ -37,7 +39,14 @@ class RemoteEngine:
         self.context = context
         self.base_id = base_id
         self.metrics = Metrics()
-        self.replicas = None  # a DeploymentHandle, set in the ingress replica
+
+    @property
+    def replicas(self):
+        """The model replicas' DeploymentHandle: the app and the ingress class reach the
+        ingress actor in separate pickles, so they meet in this module's global."""
+        if not _REPLICAS:
+            raise MaskstoreError("the ingress has no model replicas yet")
+        return _REPLICAS[0]
 
     def context_error(self, prompt: int, max_tokens: int) -> str:
         return (
@@ -174,7 +183,11 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
     @serve.ingress(api)
     class Ingress:
         def __init__(self, replicas: Any) -> None:
-            remote.replicas = replicas
+            # this class is pickled by value (with copies of the globals it names): reach the
+            # module itself, as RemoteEngine (pickled by reference) does
+            from maskstore.serve import ray_serve
+
+            ray_serve._REPLICAS[:] = [replicas]
 
     return Ingress.bind(PersonaReplica.bind(cfg))
 
@@ -188,6 +201,7 @@ def run(cfg: ServeConfig, num_replicas: int, address: str | None = None,
     import ray
     from ray import serve
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

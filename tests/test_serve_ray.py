@@ -1,0 +1,103 @@
+"""``maskstore serve --ray-replicas 2`` on a local Ray instance (2 CPUs): the same OpenAI
+routes, each persona a multiplexed model id, so a persona's requests stay on the replica that
+loaded it, and every answer equals the single-process engine's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_serve_routes_personas_to_the_replica_holding_them(tmp_path, tiny_dir, calib_files):
+    from test_serve import _build
+
+    from maskstore.models import load_model
+    from maskstore.opener import open_bundle
+    from maskstore.runtime import MaskHandle
+    from maskstore.serve import Catalog, Engine, Request
+
+    b = tmp_path / "b.zarr"
+    personas = ["p0", "p1", "p2", "p3"]
+    _build(tiny_dir, {p: calib_files["introvert" if i % 2 else "extrovert"]
+                      for i, p in enumerate(personas)}, b)  # fmt: skip
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maskstore.cli", "serve", str(b), "--ray-replicas", "2",
+         "--port", str(port), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        doc = ""
+        while not doc.rstrip().endswith("}"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            doc += line
+        url = json.loads(doc)["url"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [tiny_dir.name, *personas]
+
+        def ask(model: str) -> tuple[str, str]:
+            raw = client.completions.with_raw_response.create(
+                model=model, prompt="Hello there", max_tokens=8, temperature=0
+            )
+            return raw.parse().choices[0].text, raw.headers["x-maskstore-replica"]
+
+        got: dict[str, list[tuple[str, str]]] = {p: [] for p in personas}
+        for _ in range(3):
+            for p in personas:
+                got[p].append(ask(p))
+        threads = [threading.Thread(target=lambda p=p: got[p].append(ask(p))) for p in personas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p, answers in got.items():
+            assert len({r for _, r in answers}) == 1, (p, answers)  # always the same replica
+            assert len({t for t, _ in answers}) == 1, (p, answers)
+        with pytest.raises(openai.NotFoundError):
+            ask("nobody")
+
+        # the same answers as one process running the engine directly
+        model, tok = load_model(str(tiny_dir))
+        engine = Engine(MaskHandle(model, Catalog([("b", open_bundle(b))])), tok)
+        try:
+            for p in personas:
+                out, done = [], threading.Event()
+                ids = tok("Hello there")["input_ids"]
+
+                def sink(ev, out=out, done=done):
+                    out.append(ev.text) if ev.kind == "delta" else done.set()
+
+                engine.submit(Request(p, ids, 8, sink, temperature=0.0))
+                assert done.wait(60)
+                assert "".join(out) == got[p][0][0], p
+        finally:
+            engine.close()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert time.monotonic() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
