@@ -203,22 +203,45 @@ def run(cfg: ServeConfig, num_replicas: int, address: str | None = None,
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=False,
                  include_dashboard=False)  # fmt: skip
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         app = application(cfg, num_replicas=num_replicas,
                           replica_cpus=min(1.0, (os.cpu_count() or 2) / (num_replicas + 1)))  # fmt: skip
         log(f"deploying {num_replicas} replicas on Ray")
         serve.run(app, blocking=False, route_prefix="/", name="maskstore")
+        ours = set() if address else _descendants(os.getpid())
         if ready is not None:
             ready(f"http://{cfg.host}:{cfg.port}")
         stop.wait()
     finally:
+        ours = locals().get("ours") or set()
         serve.shutdown()
         ray.shutdown()
+        for pid in ours:  # the local instance's agents outlive the raylet: end them
+            with _suppress():
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from ``/proc``)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with _suppress():
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
