@@ -92,7 +92,7 @@ def heat(value: float, metric: str, lo: float = 0.0, hi: float = 1.0) -> str:
     return f"[rgb({r},{g},60)]{value:.4f}[/]"
 
 
-def persona_refs(bundle_path: Path, personas: list[str] | None) -> list[Ref]:
+def persona_refs(bundle_path: str | Path, personas: list[str] | None) -> list[Ref]:
     """Persona arguments: ``NAME`` (in BUNDLE) or ``OTHER_BUNDLE#NAME``; every name is checked
     (an unknown one fails listing the known ones)."""
     from maskstore import algebra

@@ -17,7 +17,7 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-BundleArg = Annotated[Path, typer.Argument(help="bundle: a folder, a .zip, or REPO@REF")]
+BundleArg = Annotated[str, typer.Argument(help="bundle: a folder, a .zip, s3://..., or REPO@REF")]
 WritableBundleArg = Annotated[Path, typer.Argument(help="bundle folder (written in place)")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 

@@ -146,6 +146,21 @@ def _card(b, bundle: Path, json_out: bool) -> None:
             console.print(f"  {k:>12}: {safe(c[k])}", highlight=False, soft_wrap=True)
 
 
+def _is_repository(path: str) -> bool:
+    """A repository (or a remote that push wrote) rather than a bundle."""
+    if "://" in path and not path.startswith("file://"):
+        from maskstore.stores import open_store
+
+        store = open_store(path)
+        return store.get("maskstore-repo.json", limit=4096) is not None or (
+            bool(store.list("versions/")) and store.get("zarr.json", limit=1 << 20) is None
+        )
+    p = Path(path.removeprefix("file://"))
+    return (p / "maskstore-repo.json").is_file() or (
+        (p / "versions").is_dir() and not (p / "zarr.json").exists()
+    )
+
+
 @app.command()
 def verify(
     bundle: BundleArg,
@@ -160,9 +175,7 @@ def verify(
 ) -> None:
     """Recompute every digest of a bundle (or of every reachable object of a repository); exit 1
     naming each damaged chunk."""
-    if (bundle / "maskstore-repo.json").is_file() or (
-        (bundle / "versions").is_dir() and not (bundle / "zarr.json").exists()
-    ):
+    if _is_repository(bundle):
         from maskstore.repo import open_repo
 
         repo = open_repo(bundle)
@@ -586,7 +599,9 @@ def pack(
     """Copy a directory bundle into one read-only .zip bundle."""
     from maskstore.writer import pack_zip
 
-    pack_zip(bundle, out, force=force)
+    if "://" in bundle:
+        raise MaskstoreError(f"{safe(bundle)}: pack copies a folder bundle; check it out first")
+    pack_zip(Path(bundle), out, force=force)
     if json_out:
         emit_json({"out": str(out), "bytes": out.stat().st_size})
         return

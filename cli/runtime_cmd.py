@@ -38,7 +38,7 @@ CheckOpt = Annotated[
 
 
 def _attach(
-    bundle: Path,
+    bundle: str | Path,
     model: Path | None,
     device: str = "cpu",
     untie: bool = False,
@@ -60,7 +60,7 @@ def _attach(
 
 
 @contextmanager
-def _gathered(bundle: Path, specs: list[str]) -> Iterator[tuple[Path, dict[str, str]]]:
+def _gathered(bundle: str | Path, specs: list[str]) -> Iterator[tuple[Path, dict[str, str]]]:
     """The bundle to attach and each persona argument's name in it: with ``OTHER_BUNDLE#NAME``
     arguments, every named persona is copied into a temporary bundle of the same model (masks
     only). Every name is checked before the model loads."""
@@ -170,7 +170,7 @@ def run(
     console.print(t)
 
 
-def _keys(metas: dict[str, dict], specs: list[str], bundle: Path) -> dict[str, bool]:
+def _keys(metas: dict[str, dict], specs: list[str], bundle: str | Path) -> dict[str, bool]:
     """persona -> True if the MC file's ``matching`` column is its answer, False if the other.
 
     ``--key P`` or ``--key P=matching`` / ``--key P=not_matching``; without any, the bundle's
@@ -416,8 +416,7 @@ def export_model_cmd(
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
     if "#" in persona:  # OTHER_BUNDLE#NAME: that bundle's persona
-        other, persona = persona.rsplit("#", 1)
-        bundle = Path(other)
+        bundle, persona = persona.rsplit("#", 1)
     if format == "compressed-tensors" and gamma != 0:
         raise MaskstoreError(
             "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"

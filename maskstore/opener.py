@@ -14,25 +14,41 @@ from .writer import WritableBundle
 
 
 def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
-    """Open a bundle directory, a ``.zip`` of one, or a repository version ``REPO@REF``, lazily.
+    """Open a bundle lazily from wherever it lives: a folder, a ``.zip`` of one, an ``s3://``
+    bundle, or a repository version ``REPO@REF`` where REPO is a folder or an ``s3://``
+    repository (a remote that ``push`` wrote).
 
     Args:
         path: the bundle, or ``REPO@REF`` for a stored version (read-only).
-        writable: open a directory bundle for adding personas.
+        writable: open a folder bundle for adding personas.
     Returns:
-        A :class:`Bundle`.
+        A :class:`Bundle` (only the chunks that are read are fetched).
     """
     s = str(path)
-    if (
-        "@" in s
-        and not Path(s).exists()
-        and (Path(s.rsplit("@", 1)[0]) / "maskstore-repo.json").exists()
-    ):
-        if writable:
-            raise MaskstoreError(
-                f"{s} is a stored version and read-only: check it out to modify it"
-            )
-        from .repo import open_version  # the repository loads only for versions
+    remote = "://" in s and not s.startswith("file://")
+    if "@" in s and (remote or not Path(s).exists()):
+        repo, _ = s.rsplit("@", 1)
+        if _is_repo(repo, remote):
+            if writable:
+                raise MaskstoreError(
+                    f"{s} is a stored version and read-only: check it out to modify it"
+                )
+            from .repo import open_version  # the repository loads only for versions
 
-        return open_version(s).bundle
+            return open_version(s).bundle
+    if remote:
+        if writable:
+            raise MaskstoreError(f"{s} is a remote bundle and read-only here: copy it to a folder")
+        from .format import StoreSource
+        from .stores import open_store
+
+        return Bundle(source=StoreSource(open_store(s), s))
     return WritableBundle(path) if writable else Bundle(path)
+
+
+def _is_repo(path: str, remote: bool) -> bool:
+    if not remote:
+        return (Path(path) / "maskstore-repo.json").exists()
+    from .stores import open_store
+
+    return open_store(path).get("maskstore-repo.json", limit=4096) is not None

@@ -182,6 +182,16 @@ class MaskHandle:
         return base
 
     # ---- switching
+    def prepare(self) -> None:
+        """Give every masked weight its own storage now (a copy when it is memory-mapped from
+        the checkpoint), so that the first switch costs what later ones do; a server calls
+        this at start-up instead of making its first request wait."""
+        with self._lock:
+            self._live("prepare")
+            with torch.no_grad():
+                for name, mod in self.modules.items():
+                    self._cover(name, mod, None, "")
+
     def read_masks(self, persona: str) -> dict[str, np.ndarray]:
         """Every packed mask of ``persona`` for the attached modules, read and verified
         (``(out, ceil(in/8))`` uint8 each). Takes no switching lock: call it from a loader

@@ -690,3 +690,22 @@ def test_the_recorded_model_is_the_default(tmp_path, tiny_dir, calib_files, cli,
         assert code == 2 and "which is not here" in err and "--model" in err, err
     finally:
         moved.rename(tiny_dir)
+
+
+def test_prepare_copies_weights_once_and_changes_nothing(setup):
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    h.prepare()
+    ptrs = {n: m.weight.data_ptr() for n, m in mods.items()}
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+    assert h.memory_overhead() == sum(
+        m.out_features * ((m.in_features + 7) // 8) + (m.out_features + 1) * 8
+        for m in mods.values()
+    )  # positions bitmaps and offsets only: no value stored yet
+    h.use("a")
+    assert all(m.weight.data_ptr() == ptrs[n] for n, m in mods.items())  # no second copy
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+    h.detach()
+    with pytest.raises(MaskstoreError, match="detached"):
+        h.prepare()

@@ -374,3 +374,55 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
     finally:
         for e in engines.values():
             e.close()
+
+
+def test_served_from_an_s3_version_and_a_remote_that_goes_down(tmp_path, tiny_dir, calib_files):
+    """Personas served from ``s3://.../repo@v1`` on a moto server of this test's own: while it
+    is up they load; once it is down, a persona not yet loaded gets a 503 and a loaded one
+    keeps answering."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    proc = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        b, repo = tmp_path / "b.zarr", tmp_path / "repo"
+        _build(tiny_dir, {"up": calib_files["introvert"], "late": calib_files["extrovert"]}, b)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="test", aws_secret_access_key="test",
+                     ).create_bucket(Bucket="down")  # fmt: skip
+        for args in (("commit", str(b), "-m", "x"), ("tag", "v1"), ("push", "s3://down/r", "v1")):
+            r = subprocess.run([sys.executable, "-m", "maskstore.cli", *args, "--repo", str(repo)],
+                               capture_output=True, text=True, env={**os.environ, **env})  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        proc, url = start("s3://down/r@v1", env=env)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        assert {m.id for m in c.models.list().data} == {"model", "up", "late"}
+        first = complete(c, "up", "hi", n=4)
+        moto.kill()
+        moto.wait()
+        with pytest.raises(openai.InternalServerError) as e:
+            complete(c, "late", "hi", n=4)
+        assert e.value.status_code == 503
+        assert complete(c, "up", "hi", n=4) == first  # loaded before: still served
+        assert complete(c, "model", "hi", n=2) is not None  # the base model too
+    finally:
+        if proc is not None:
+            stop(proc)
+        if moto.poll() is None:
+            moto.kill()

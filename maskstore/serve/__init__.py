@@ -78,6 +78,7 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
     model, tok = load_model(name, dtype=cfg.dtype, device=cfg.device, revision=revision)
     handle = MaskHandle(model, catalog, cache_bytes=0,
                         check_weights=None if cfg.check_weights else False)  # fmt: skip
+    handle.prepare()  # the first request does not pay for copying memory-mapped weights
     base_id = cfg.served_model_name or Path(name or "SmolLM2-135M-Instruct").name
     if base_id in catalog.personas:
         raise MaskstoreError(
