@@ -100,14 +100,16 @@ def persona_refs(bundle_path: str | Path, personas: list[str] | None) -> list[Re
 
     base = open_bundle(bundle_path)
     others: dict[str, object] = {}
-    refs = []
+    refs, sources = [], []
     for p in base.personas if personas is None else personas:
         if "#" in p:
             path, name = p.rsplit("#", 1)
             b = others.setdefault(path, open_bundle(path))
             refs.append(algebra.Ref(b, name))  # type: ignore[arg-type]
+            sources.append(path)
         else:
             refs.append(algebra.Ref(base, p))
+            sources.append(str(bundle_path))
     for r in refs:
         r.bundle.persona(r.name)
-    return refs
+    return algebra.labelled(refs, sources)

@@ -345,7 +345,7 @@ def diff(
         return
     if b is None:
         raise MaskstoreError("diff needs a bundle and two personas: diff BUNDLE A B")
-    bundle = Path(bundle)
+
     refs = persona_refs(bundle, [a, b])
     counts = _count(refs, json_out)
     rec = algebra.pairs_report(refs, counts, by="kind")[0]

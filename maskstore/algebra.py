@@ -27,14 +27,36 @@ METRICS = ("jaccard", "diff", "pruned_jaccard", "overlap", "intersection", "hamm
 
 @dataclass(frozen=True)
 class Ref:
-    """A persona in a bundle."""
+    """A persona in a bundle; ``source`` names the bundle where the persona's name alone is
+    ambiguous (:func:`labelled`)."""
 
     bundle: Bundle
     name: str
+    source: str | None = None
 
     @property
     def label(self) -> str:
-        return self.name
+        """``NAME``, or ``SOURCE#NAME`` when another operand has the same name."""
+        return self.name if self.source is None else f"{self.source}#{self.name}"
+
+
+def labelled(refs: list[Ref], sources: list[str]) -> list[Ref]:
+    """``refs`` with unambiguous labels: ``NAME`` when no other ref has that name, else
+    ``SOURCE#NAME`` (``sources[i]`` naming ``refs[i]``'s bundle as the user wrote it).
+
+    Raises:
+        MaskstoreError: the same persona of the same source given twice.
+    """
+    count: dict[str, int] = {}
+    for r in refs:
+        count[r.name] = count.get(r.name, 0) + 1
+    out = [Ref(r.bundle, r.name, src if count[r.name] > 1 else None)
+           for r, src in zip(refs, sources, strict=True)]  # fmt: skip
+    labels = [r.label for r in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise MaskstoreError(f"{', '.join(dup)} given twice: name each persona once")
+    return out
 
 
 def check_compatible(refs: list[Ref]) -> list[str]:

@@ -348,3 +348,48 @@ def test_gather_copies_personas_of_several_bundles(tmp_path, rng):
     with pytest.raises(MaskstoreError):
         algebra.gather([refs[0], algebra.Ref(b3, "c")], tmp_path / "g2")
     assert not (tmp_path / "g2").exists()
+
+
+def test_same_named_personas_of_two_sources_are_labelled_by_source(tmp_path, rng, cli):
+    """``overlap A optimist pessimist B#optimist`` labels the two optimists by their bundle, in
+    the table and the JSON, and every number equals the one computed from the masks; the same
+    across repository versions."""
+    from conftest import random_fingerprint, random_masks, write_bundle
+
+    fp = random_fingerprint(rng)
+    ma = random_masks(rng, fp, ["optimist", "pessimist"])
+    mb = random_masks(rng, fp, ["optimist"], p=0.3)
+    a, b = write_bundle(tmp_path / "a", fp, ma), write_bundle(tmp_path / "b", fp, mb)
+    repo = tmp_path / "repo"
+    assert cli("commit", a, "-m", "a", "--repo", repo)[0] == 0
+    assert cli("tag", "v1", "--repo", repo)[0] == 0
+    assert cli("commit", b, "-m", "b", "--repo", repo)[0] == 0
+
+    def jaccard(x: dict, y: dict) -> float:
+        inter = sum(int((x[m] & y[m]).sum()) for m in x)
+        union = sum(int((x[m] | y[m]).sum()) for m in x)
+        return inter / union
+
+    for first, other in ((a, b), (f"{repo}@v1", f"{repo}@main")):
+        code, out, err = cli("overlap", first, "optimist", "pessimist", f"{other}#optimist",
+                             "--json")  # fmt: skip
+        assert code == 0, err
+        doc = json.loads(out)
+        want_labels = [f"{first}#optimist", "pessimist", f"{other}#optimist"]
+        assert doc["personas"] == want_labels
+        masks = dict(zip(want_labels, (ma["optimist"], ma["pessimist"], mb["optimist"]),
+                         strict=True))  # fmt: skip
+        for pair in doc["pairs"]:
+            assert pair["jaccard"] == pytest.approx(jaccard(masks[pair["a"]], masks[pair["b"]]))
+        code, out, err = cli("overlap", first, "optimist", "pessimist", f"{other}#optimist")
+        assert code == 0, err
+        import re
+
+        assert len(re.findall(r"(?<=│)\s*-\s*(?=│)", out)) == 3, out  # the diagonal only
+        assert f"{jaccard(ma['optimist'], mb['optimist']):.4f}" in out
+        code, out, _ = cli("diff", first, "optimist", f"{other}#optimist", "--json")
+        rec = json.loads(out)
+        assert (rec["a"], rec["b"]) == (f"{first}#optimist", f"{other}#optimist")
+        assert rec["jaccard"] == pytest.approx(jaccard(ma["optimist"], mb["optimist"]))
+    code, _, err = cli("overlap", a, "optimist", "optimist")
+    assert code == 2 and "given twice" in err

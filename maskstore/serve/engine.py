@@ -204,23 +204,32 @@ class Engine:
             req.sink(Event("error", "the server is shutting down", status=503))
 
     def _take(self) -> list[Request]:
-        first = self._ready.get()
+        """The next batch: the first ready request and those that arrive within the window
+        (up to ``max_batch``; with ``batching="persona"``, of the first one's persona only,
+        the others held for the next batches in their order)."""
+        held, self._held = self._held, []
+        first = held.pop(0) if held else self._ready.get()
         if first is None:
             return []
         batch = [first]
         deadline = time.monotonic() + self.window_s
         while len(batch) < self.max_batch:
-            left = deadline - time.monotonic()
-            try:
-                req = (
-                    self._ready.get(timeout=max(left, 0)) if left > 0 else self._ready.get_nowait()
-                )
-            except queue.Empty:
-                break
+            if held:
+                req = held.pop(0)
+            else:
+                left = deadline - time.monotonic()
+                try:
+                    req = self._ready.get(timeout=left) if left > 0 else self._ready.get_nowait()
+                except queue.Empty:
+                    break
             if req is None:
                 self._ready.put(None)  # leave the stop mark for the loop
                 break
-            batch.append(req)
+            if self.batching == "persona" and req.persona != first.persona:
+                self._held.append(req)
+            else:
+                batch.append(req)
+        self._held = held + self._held  # the older ones first
         return batch
 
     def _loop(self) -> None:
