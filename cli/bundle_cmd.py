@@ -484,6 +484,8 @@ def blend(
     parsed: dict[str, float] = {}
     for spec in weights:
         name, sep, w = spec.rpartition("=")
+        if name in parsed:
+            raise MaskstoreError(f"{name!r} is given twice: give each persona one weight")
         try:
             parsed[name] = float(w)
         except ValueError:

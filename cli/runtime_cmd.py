@@ -421,11 +421,11 @@ def export_model_cmd(
         raise MaskstoreError(
             "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"
         )
+    from maskstore.writer import check_output_folder
+
     b = open_bundle(bundle)
     b.persona(persona)
-    _writable(out, "--out")
-    if out.exists() and not force:
-        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+    check_output_folder(out, force, protect=(bundle,) if Path(str(bundle)).exists() else ())
     handle, tok = _attach(bundle, model, "cpu", untie, check_weights, quiet=json_out)
     handle.detach()
     export_model(

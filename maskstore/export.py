@@ -69,7 +69,7 @@ def export_model(
     meta = bundle.persona(persona)  # unknown names fail before anything is written
     h = attach(model, bundle, check_weights=check_weights, untie=untie)
     try:
-        with new_folder(out, force) as tmp:
+        with new_folder(out, force, protect=_local(bundle)) as tmp:
             h.use(persona, gamma)
             model.config.save_pretrained(tmp)
             gen = getattr(model, "generation_config", None)
@@ -147,3 +147,9 @@ def _add_sparsity_config(config_json: Path, masked: list[str], sparsity: float) 
         },
     }
     config_json.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _local(bundle) -> tuple[str, ...]:
+    """The bundle's own folder or file, when it is local (an output must never replace it)."""
+    path = getattr(bundle, "path", None)
+    return (str(path),) if path is not None and os.path.exists(str(path)) else ()

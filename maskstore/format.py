@@ -487,6 +487,8 @@ class Bundle:
 
     def read_packed(self, persona: str, module: str) -> np.ndarray:
         """One module's mask as packed ``uint8`` rows ``(out, ceil(in/8))``, verified."""
+        if module not in self.persona(persona)["modules"]:  # metadata checked before allocating
+            raise MaskstoreError(f"persona {persona!r} has no module {module!r}")
         info = self.modules[module]
         out = np.empty((info.out_features, packed_width(info.in_features)), dtype=np.uint8)
         filled = 0

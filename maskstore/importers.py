@@ -38,6 +38,9 @@ def split_name(stem: str) -> tuple[str, str]:
     raise MaskstoreError(f"cannot split {stem!r} into persona and dotted module name")
 
 
+MAX_WEIGHTS = 1 << 34  # of one imported mask
+
+
 def _load_tensor(path: Path) -> torch.Tensor:
     try:
         with warnings.catch_warnings():  # torch warns about the files it refuses
@@ -52,6 +55,20 @@ def _load_tensor(path: Path) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor) or obj.ndim != 2:
         raise MaskstoreError(
             f"{path.name}: holds {type(obj).__name__}, expected one 2-D bool tensor"
+        )
+    if obj.layout != torch.strided:
+        raise MaskstoreError(
+            f"{path.name}: a {obj.layout} tensor; save a dense one (t.to_dense()) to import it"
+        )
+    if obj.device.type == "meta":
+        raise MaskstoreError(f"{path.name}: a meta tensor holds no values; save the real mask")
+    # bound the size before anything is materialised: an expanded (stride-0) view of a few
+    # bytes can claim billions of elements
+    need = obj.numel() * obj.element_size()
+    if obj.numel() > MAX_WEIGHTS or obj.untyped_storage().nbytes() < need:
+        raise MaskstoreError(
+            f"{path.name}: shape {tuple(obj.shape)} is larger than the data the file holds "
+            "(an expanded view?) or than 2^34 weights; save t.contiguous() of a real mask"
         )
     if obj.dtype != torch.bool:
         if obj.dtype.is_floating_point or not bool(((obj == 0) | (obj == 1)).all()):
@@ -154,9 +171,15 @@ def export_pt(
                 f"{p!r} is a blend (a soft gate), not a mask: export-model applies it"
             )
     n = 0
-    with new_folder(out, force) as tmp:
+    with new_folder(out, force, protect=_local(bundle)) as tmp:
         for p in names:
             for module in bundle.persona_modules(p):
                 torch.save(bundle.read_mask(p, module, as_torch=True), tmp / f"M_{p}_{module}.pt")
                 n += 1
     return n
+
+
+def _local(bundle) -> tuple[str, ...]:
+    """The bundle's own folder or file, when it is local (an output must never replace it)."""
+    path = getattr(bundle, "path", None)
+    return (str(path),) if path is not None and os.path.exists(str(path)) else ()

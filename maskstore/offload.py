@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -80,6 +81,19 @@ _DTYPES = {
 _MAX_HEADER = 100 << 20
 
 
+def _open_regular(path: Path):
+    """``path`` opened for reading if it is a regular file (after symlinks, as the Hugging
+    Face cache uses them); a FIFO or device is refused without blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise MaskstoreError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MaskstoreError(f"{path} is not a regular file: refusing to read model weights")
+    return os.fdopen(fd, "rb")
+
+
 class _Weights:
     """Tensors by name from a folder's safetensors files, each read with plain file reads into
     its own memory when asked (no memory map: pages of blocks already done must not stay
@@ -88,7 +102,19 @@ class _Weights:
     def __init__(self, folder: Path) -> None:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                with _open_regular(index) as fh:
+                    weight_map = json.loads(fh.read(_MAX_HEADER))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise MaskstoreError(
+                    f"{index} is not a safetensors index (JSON with a weight_map): restore it"
+                ) from None
+            for f in files:
+                if not isinstance(f, str) or Path(f).name != f or f in (".", ".."):
+                    raise MaskstoreError(
+                        f"{index} names {f!r}, not a file in {folder}: refusing to read it"
+                    )
         else:
             files = [f.name for f in sorted(folder.glob("*.safetensors"))]
         if not files:
@@ -96,8 +122,8 @@ class _Weights:
         self._where: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
         for f in files:
             path = folder / f
-            size = path.stat().st_size
-            with open(path, "rb") as fh:
+            with _open_regular(path) as fh:
+                size = os.fstat(fh.fileno()).st_size
                 head = fh.read(8)
                 n = int.from_bytes(head, "little") if len(head) == 8 else -1
                 if not 0 < n <= min(_MAX_HEADER, size - 8):
@@ -138,7 +164,7 @@ class _Weights:
             ) from None
         out = torch.empty(shape, dtype=dtype)
         buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             fh.seek(offset)
             if fh.readinto(buf) != nbytes:
                 raise MaskstoreError(f"{path} ends inside tensor {name!r}: the file is truncated")

@@ -38,7 +38,7 @@ from .format import (
     validate,
 )
 from .hashing import ArrayHasher, xxh3
-from .names import check_persona_name
+from .names import check_module_name, check_persona_name
 from .stats import ChannelStats
 from .stores import LocalStore
 
@@ -153,6 +153,9 @@ class create_bundle:
         source: dict | None = None,
     ) -> None:
         self.path = Path(path)
+        mods = fingerprint.get("modules") if isinstance(fingerprint, dict) else None
+        for name in mods if isinstance(mods, dict) else ():
+            check_module_name(name)  # the one name rule, at write time: nothing unreadable
         if self.path.exists() and not force:
             raise MaskstoreError(
                 f"{self.path} already exists: choose another --out or pass --force"
@@ -536,22 +539,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def new_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """A folder written beside ``out`` and renamed into place when the block succeeds (an
-    existing ``out`` is replaced then, only with ``force``); removed when the block fails."""
+EXPORT_MARK = ".maskstore-export"  # in every folder new_folder writes: what force may replace
+
+
+def check_output_folder(
+    out: str | os.PathLike, force: bool = False, protect: tuple[str | os.PathLike, ...] = ()
+) -> None:
+    """Refuse, before any work, an output :func:`new_folder` would refuse (see there)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
-    if not out.parent.is_dir():
-        raise MaskstoreError(f"{out.parent} does not exist: create it first")
+    if out.is_symlink():
+        raise MaskstoreError(f"{out} is a symlink: choose another --out")
+    if out.exists():
+        if not force:
+            raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+        if not out.is_dir() or not (out / EXPORT_MARK).is_file():
+            raise MaskstoreError(
+                f"{out} exists and maskstore did not write it: --force replaces only an "
+                "earlier export; remove it yourself or choose another --out"
+            )
+        real = out.resolve()
+        for p in protect:
+            src = Path(p).resolve()
+            if src == real or real in src.parents:
+                raise MaskstoreError(f"{out} holds the source {p}: choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MaskstoreError(f"{parent} is a file: choose another --out")
+            break
+
+
+@contextlib.contextmanager
+def new_folder(
+    out: str | os.PathLike, force: bool = False, protect: tuple[str | os.PathLike, ...] = ()
+) -> Iterator[Path]:
+    """A folder written beside ``out`` (its parents created) and renamed into place when the
+    block succeeds; removed when the block fails.
+
+    An existing ``out`` is replaced only with ``force``, and only when maskstore wrote it (it
+    holds :data:`EXPORT_MARK`): never a folder of other files, a file, a symlink, or one of
+    ``protect`` (the source being exported) or a folder holding one.
+    """
+    out = Path(out)
+    check_output_folder(out, force, protect)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / EXPORT_MARK).write_text('{"written_by": "maskstore"}\n')
         if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+            old = temp_sibling(out)
+            os.rename(out, old)  # out is replaced in one rename; the old one removed after
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -117,3 +117,40 @@ def test_compressed_tensors_export_decompresses_bit_for_bit(tmp_path, tiny_dir, 
                          "--format", "compressed-tensors", "--gamma", "0.5",
                          "--out", tmp_path / "ct2")  # fmt: skip
     assert code == 2 and "--gamma 0" in err and not (tmp_path / "ct2").exists()
+
+
+def test_force_replaces_only_an_earlier_export_never_other_data(tmp_path, tiny_dir, calib_files,
+                                                                cli):  # fmt: skip
+    """``--force`` replaces a folder maskstore exported before; a folder of someone's files, a
+    file, a symlink and the source bundle itself are refused and left as they were; missing
+    parent folders are created."""
+    import os
+
+    b = tmp_path / "b.zarr"
+    assert cli("build", "--model", tiny_dir, "--samples", "2", "--max-tokens", "16",
+               "--persona", f"introvert={calib_files['introvert']}", "--out", b)[0] == 0  # fmt: skip
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    exports = (
+        ("export-pt", b, "--persona", "introvert"),
+        ("export-model", b, "introvert", "--model", tiny_dir),
+        ("export-model", b, "introvert", "--model", tiny_dir, "--format", "compressed-tensors"),
+    )
+    for i, args in enumerate(exports):
+        for target in (theirs, afile, link, b):
+            code, _, err = cli(*args, "--out", target, "--force")
+            assert code == 2 and len(err.strip().splitlines()) == 1, (args, target, err)
+        assert (theirs / "thesis.tex").read_text() == "years of work"
+        assert afile.read_text() == "x" and os.path.islink(link)
+        assert cli("verify", b)[0] == 0
+        out = tmp_path / "new" / "deeper" / f"{args[0]}-{i}"
+        code, _, err = cli(*args, "--out", out)
+        assert code == 0, err  # parents created
+        assert cli(*args, "--out", out)[0] == 2  # exists: --force needed
+        code, _, err = cli(*args, "--out", out, "--force")  # an earlier export: replaced
+        assert code == 0, err

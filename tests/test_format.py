@@ -307,3 +307,73 @@ def test_arrays_reencoded_by_other_tools_read_through_zarr(tmp_path, rng):
     b = open_bundle(tmp_path / "b")
     assert np.array_equal(b.read_mask("a", "l.0.mlp.up_proj"), masks["a"]["l.0.mlp.up_proj"])
     assert b.verify() == [] and b.digest == digest
+
+
+def test_an_edited_fingerprint_is_refused_before_any_allocation(tmp_path, rng):
+    """A fingerprint edited to a huge shape (116 GiB of packed rows) is refused by the persona's
+    model digest before ``read_mask`` allocates anything."""
+    import json
+    import resource
+
+    from conftest import random_fingerprint, random_masks, write_bundle
+
+    from maskstore.errors import IntegrityError
+    from maskstore.opener import open_bundle
+
+    fp = random_fingerprint(rng)
+    b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
+    root = json.loads((b / "zarr.json").read_text())
+    mod = next(iter(fp["modules"]))
+    root["attributes"]["maskstore"]["model"]["modules"][mod] = [1_000_000, 1_000_000]
+    (b / "zarr.json").write_text(json.dumps(root))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(IntegrityError, match="another model fingerprint"):
+        open_bundle(b).read_mask("a", mod)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "..\\\\..\\\\x", "model..x", "a/b", ""])
+def test_module_names_that_cannot_be_read_back_are_refused_at_write_time(tmp_path, bad):
+    from maskstore import create_bundle
+    from maskstore.errors import MaskstoreError
+
+    fp = {"architecture": "T", "modules": {"model.ok": [2, 8], bad: [2, 8]}}
+    with pytest.raises(MaskstoreError, match="invalid module name"):
+        create_bundle(tmp_path / "b", fp)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_import_pt_of_a_file_naming_a_path_is_refused(tmp_path, cli):
+    import torch
+
+    src = tmp_path / "pt"
+    src.mkdir()
+    torch.save(
+        torch.ones(2, 8, dtype=torch.bool), src / "M_p_model.layers.0\\..\\..\\x.mlp.up_proj.pt"
+    )
+    code, _, err = cli("import-pt", src, "--out", tmp_path / "out.zarr")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_import_pt_bounds_tensors_before_materialising(tmp_path, cli):
+    """A 1.8 KB file of an expanded (stride-0) 100000 x 100000 bool tensor, a sparse COO tensor
+    and a meta tensor are each refused in one line, in bounded memory."""
+    import resource
+
+    import torch
+
+    cases = {
+        "expanded": torch.ones(1, 1, dtype=torch.bool).expand(100_000, 100_000),
+        "sparse": torch.eye(4, dtype=torch.bool).to_sparse(),
+        "meta": torch.ones(4, 4, dtype=torch.bool, device="meta"),
+    }
+    for name, t in cases.items():
+        src = tmp_path / name
+        src.mkdir()
+        torch.save(t, src / "M_p_model.layers.0.mlp.up_proj.pt")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        code, _, err = cli("import-pt", src, "--out", tmp_path / f"{name}.zarr")
+        assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 300_000, name
+        assert not (tmp_path / f"{name}.zarr").exists()

@@ -53,3 +53,42 @@ def test_offload_needs_a_layers_list_and_a_size(tmp_path, cli, calib_files, tiny
     )  # fmt: skip
     assert code == 2 and "--max-memory 'lots'" in err
     assert parse_bytes("1.5GiB") == int(1.5 * 2**30) and parse_bytes("500MB") == 500_000_000
+
+
+def test_offload_refuses_fifos_and_hostile_indexes_without_hanging(tmp_path, calib_files, tiny_dir):
+    """``model.safetensors`` a FIFO (nothing would ever write it), an index that is not JSON,
+    one without a weight_map, one naming ``../x.safetensors``: each is one line, exit 2, and
+    nothing hangs."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    def build(folder):
+        return subprocess.run(
+            [sys.executable, "-m", "maskstore.cli", "build", "--model", str(folder), "--offload",
+             "--persona", f"introvert={calib_files['introvert']}", "--samples", "2",
+             "--out", str(tmp_path / f"{folder.name}.zarr")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(tiny_dir, dst)
+        return dst
+
+    fifo = copy("fifo")
+    (fifo / "model.safetensors").unlink()
+    os.mkfifo(fifo / "model.safetensors")
+    cases = {fifo: "not a regular file"}
+    for name, text in (("notjson", "{nope"), ("nomap", '{"metadata": {}}'),
+                       ("escape", '{"weight_map": {"a": "../x.safetensors"}}')):  # fmt: skip
+        d = copy(name)
+        (d / "model.safetensors.index.json").write_text(text)
+        cases[d] = "not a file in" if name == "escape" else "not a safetensors index"
+    (tmp_path / "x.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    for folder, phrase in cases.items():
+        r = build(folder)
+        assert r.returncode == 2 and phrase in r.stderr, (folder.name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / f"{folder.name}.zarr").exists()

@@ -479,6 +479,7 @@ def test_stored_blend_is_a_persona_with_provenance(setup, tmp_path, cli):
         (("blend", path, "a=0.5", "b=0.6", "--as", "bad"), "sum to 1"),
         (("blend", path, "a", "--as", "bad"), "NAME=WEIGHT"),
         (("blend", path, "mix=1", "--as", "bad"), "itself a blend"),
+        (("blend", path, "a=0.5", "a=0.25", "b=0.25", "--as", "bad"), "given twice"),
         (("export-pt", path, "--out", tmp_path / "pt", "--persona", "mix"), "soft gate"),
     ):
         code, out, err = cli(*args)
