@@ -12,7 +12,7 @@ import importlib
 import sys
 import warnings
 
-from maskstore.errors import MaskstoreError
+from maskstore.errors import IntegrityError, MaskstoreError
 
 from ._common import err_console, safe
 from .app import app
@@ -94,25 +94,45 @@ def main() -> None:
         err_console.print(
             f"[red]error:[/] {safe(e, one_line=True)}", highlight=False, soft_wrap=True
         )
+        code = 1 if isinstance(e, IntegrityError) else 2  # 1: damage, 2: bad input
         conflicts = getattr(e, "conflicts", None)
-        _json_error(str(e), 2, {"conflicts": conflicts} if conflicts else None)
-        sys.exit(2)
+        _json_error(str(e), code, {"conflicts": conflicts} if conflicts else None)
+        sys.exit(code)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
-        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-            msg = (
-                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                "AWS_PROFILE), and AWS_ENDPOINT_URL for a server other than AWS"
-            )
-            err_console.print(f"[red]error:[/] {msg}", highlight=False, soft_wrap=True)
-            _json_error(msg, 2)
+        hint = _s3_hint(e)
+        if hint is not None:
+            err_console.print(f"[red]error:[/] {safe(hint)}", highlight=False, soft_wrap=True)
+            _json_error(hint, 2)
             sys.exit(2)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        err_console.print(
-            f"[red]error:[/] {type(e).__name__}: {safe(msg, one_line=True)}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        msg = f"internal error, please report it: {type(e).__name__}: {msg}"
+        err_console.print(f"[red]error:[/] {safe(msg, one_line=True)}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+        _json_error(msg, 3)
+        sys.exit(3)
+
+
+def _s3_hint(e: Exception) -> str | None:
+    """One line naming the bucket or endpoint and the fix for the S3 errors users meet (None
+    for any other error)."""
+    import os
+
+    name, text = type(e).__name__, str(e)
+    url = next((a for a in sys.argv[1:] if a.startswith("s3://")), "s3://...")
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                "AWS_PROFILE), and AWS_ENDPOINT_URL for a server other than AWS")  # fmt: skip
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return f"S3 bucket {bucket!r} does not exist: create it, or check the URL {url}"
+    if name in ("EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError") or (
+        "Could not connect to the endpoint" in text
+    ):
+        where = os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint")
+        return f"cannot reach {where} for {url}: check that it runs (AWS_ENDPOINT_URL)"
+    if name in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or "AccessDenied" in text:
+        return f"S3 refused access to bucket {bucket!r}: check the credentials and its policy"
+    return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -338,8 +341,25 @@ def pull(
     A local branch that has diverged from the remote's is merged persona by persona: a persona
     changed on one side only is taken from that side; one changed on both sides is a conflict
     that --ours NAME or --theirs NAME resolves. The merge is a version with two parents."""
+    fresh = not Path(repo).exists()  # a pull that fails leaves no repository it created
     r = init_repo(repo)
     allowed = str(allowed_signers) if allowed_signers else None
+    with _removed_on_failure(Path(repo) if fresh else None):
+        _pull(r, remote, ref, require_signed, allowed, force, ours, theirs, json_out)
+
+
+@contextmanager
+def _removed_on_failure(path: Path | None) -> Iterator[None]:
+    """Remove ``path`` (a folder this command created) when the block fails."""
+    try:
+        yield
+    except BaseException:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _pull(r, remote, ref, require_signed, allowed, force, ours, theirs, json_out) -> None:
     _transfer(
         "pull",
         lambda cb: r.pull(

@@ -187,9 +187,10 @@ class StoreSource(BundleSource):
         self.label = label or store.url
 
     def root_meta(self) -> dict:
-        return group_attrs(
-            self.store.get("zarr.json"), f"{self.label} is not a readable maskstore bundle"
-        )
+        data = self.store.get("zarr.json")
+        if data is None and hasattr(self.store, "check_bucket"):
+            self.store.check_bucket()  # say so when the whole bucket is missing
+        return group_attrs(data, f"{self.label} is not a readable maskstore bundle")
 
     def persona_names(self) -> list[str]:
         names = []

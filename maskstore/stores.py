@@ -436,6 +436,20 @@ class FsspecStore(Store):
     def _p(self, key: str) -> str:
         return f"{self.root}/{check_key(key, self.url)}"
 
+    def check_bucket(self) -> None:
+        """Raise a one-line error when the URL's bucket does not exist (called once something
+        expected is missing, to say why)."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.invalidate_cache(bucket)
+            ok = self.fs.exists(bucket)
+        except Exception:  # noqa: BLE001 - the question is moot: the caller's error stands
+            return
+        if not ok:
+            raise MaskstoreError(
+                f"S3 bucket {bucket!r} does not exist: create it, or check the URL {self.url}"
+            )
+
     def get(self, key: str, limit: int | None = None) -> bytes | None:
         limit = MAX_OBJECT if limit is None else limit
         try:

@@ -79,7 +79,8 @@ def check_cli_document(command: str, code: int, out: str) -> None:
     the command failed)."""
     import fastjsonschema
 
-    name = "error" if code == 2 else SCHEMA_OF.get(command, command)
+    doc = json.loads(out)
+    name = "error" if isinstance(doc, dict) and "error" in doc else SCHEMA_OF.get(command, command)
     if name not in _CLI_VALIDATORS:
         _CLI_VALIDATORS[name] = fastjsonschema.compile(cli_schema(name))
     try:

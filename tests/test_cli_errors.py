@@ -211,3 +211,48 @@ def test_info_wraps_long_names_at_80_columns(tmp_path, rng):
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
     rows = r.stdout.splitlines()[4:]  # the table's rows after the title, header and rule
     assert long in "".join(line[:13].strip() for line in rows)
+
+
+def test_exit_codes_damage_usage_and_internal_errors(tmp_path, rng, cli, monkeypatch):
+    """Exit 1 for damage met by any command (not only verify), 2 for bad input, 3 for an
+    internal error; each prints a JSON error document under --json."""
+    import json
+
+    from conftest import random_masks, write_bundle
+
+    fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [64, 64]}}
+    b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a", "b"]), codec="none")
+    f = next(p for p in (b / "personas/a/masks/l.0.mlp.up_proj/c").rglob("*") if p.is_file())
+    f.write_bytes(bytes(len(f.read_bytes())))
+    code, out, err = cli("overlap", b, "--json")
+    assert code == 1 and json.loads(out)["exit_code"] == 1 and "chunk 0" in err
+    code, out, _ = cli("overlap", b, "nobody", "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+
+    from maskstore import format as fmt
+
+    def boom(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fmt.Bundle, "personas", property(boom))
+    code, out, err = cli("info", b, "--json")
+    assert code == 3 and json.loads(out)["exit_code"] == 3
+    assert "internal error" in err and "RuntimeError: a bug" in err and len(err.splitlines()) == 1
+
+
+def test_s3_errors_name_the_bucket_and_the_fix(tmp_path, s3_server, cli, monkeypatch):
+    for args in (("info", "s3://no-such-bucket/x@v1"), ("info", "s3://no-such-bucket/x"),
+                 ("pull", "s3://no-such-bucket/team", "--repo", tmp_path / "r")):  # fmt: skip
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "bucket 'no-such-bucket' does not exist" in err, err
+    assert not (tmp_path / "r").exists()  # the failed pull left no repository behind
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing listens there
+    r = subprocess.run([sys.executable, "-m", "maskstore.cli", "info", "s3://masks/x"],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:9" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -225,6 +225,8 @@ def pull(
     src = remote if isinstance(remote, Store) else open_store(remote)
     kind = Refs(src, src.url).kind_of(ref)
     if kind is None:
+        if hasattr(src, "check_bucket"):
+            src.check_bucket()
         raise MaskstoreError(f"{src.url} has no tag or branch {ref!r}")
     vid = Refs(src, src.url).get(kind, ref) or ""
     if not is_hex(vid, 64):
