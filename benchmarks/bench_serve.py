@@ -1,9 +1,9 @@
 """``maskstore serve`` on the embedded SmolLM2-135M, clients over HTTP (the openai package).
 
 Ratios in one run:
-- tokens/s of 16 concurrent clients spread over 1, 4 and 16 personas, against 1 persona;
-- 16 clients over 4 personas with mixed batches against a server that batches one persona at a
-  time (``--batching persona``, the naive baseline);
+- tokens/s of 16 concurrent clients spread over 1, 4 and 16 personas, against 1 persona, for
+  both batching modes: one persona a batch (``--batching persona``, switched in place) and
+  mixed-persona batches (``--batching mixed``, a gated weight copy per persona in the batch);
 - the first request to an uncached persona against the same request once it is cached;
 - the mask cache's bytes per persona against the persona's packed mask bytes, and the server's
   resident memory growth per persona used.
@@ -88,57 +88,53 @@ def main() -> None:
     try:
         bundle = tmp / "b.zarr"
         packed = make_bundle(bundle)
-        proc, url = start(bundle)
-        procs.append(proc)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-
-        def one(model: str, n: int = TOKENS) -> int:
-            r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n,
-                                          temperature=0)  # fmt: skip
-            return r.usage.completion_tokens
-
-        def burst(personas: list[str]) -> float:
-            jobs = [personas[i % len(personas)] for i in range(CLIENTS)]
-            for p in set(jobs):
-                one(p, 1)  # loaded before the clock starts
-            t = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(CLIENTS) as ex:
-                made = sum(ex.map(one, jobs))
-            return made / (time.perf_counter() - t)
-
         names = [f"p{i}" for i in range(N_PERSONAS)]
-        rss0 = rss_mib(proc.pid)
-        # first request to an uncached persona against the same request cached: the server's
-        # first persona, then another one
-        first = _timed(lambda: one("p0", 1))
-        cold = _timed(lambda: one("p1", 1))
-        warm = min(_timed(lambda: one("p1", 1)) for _ in range(3))
-        rates = {k: burst(names[:k]) for k in (1, 4, 16)}
-        rss16 = rss_mib(proc.pid)
-        per_persona = cache_bytes(url) / N_PERSONAS
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        naive_proc, naive_url = start(bundle, "--batching", "persona")
-        procs.append(naive_proc)
-        client = openai.OpenAI(base_url=f"{naive_url}/v1", api_key="none", max_retries=0,
-                               timeout=600)  # fmt: skip
-        naive = burst(names[:4])
-        print(f"embedded SmolLM2-135M, {CLIENTS} clients x {TOKENS} tokens, greedy, cpu "
-              f"threads {os.cpu_count()}")  # fmt: skip
-        print("| clients over | tokens/s | vs 1 persona |")
+        results = {}
+        for mode in ("persona", "mixed"):
+            proc, url = start(bundle, "--batching", mode)
+            procs.append(proc)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                                   timeout=600)  # fmt: skip
+
+            def one(model: str, n: int = TOKENS, client=client) -> int:
+                r = client.completions.create(model=model, prompt=PROMPT, max_tokens=n,
+                                              temperature=0)  # fmt: skip
+                return r.usage.completion_tokens
+
+            def burst(personas: list[str], one=one) -> float:
+                jobs = [personas[i % len(personas)] for i in range(CLIENTS)]
+                for p in set(jobs):
+                    one(p, 1)  # loaded before the clock starts
+                t = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(CLIENTS) as ex:
+                    made = sum(ex.map(one, jobs))
+                return made / (time.perf_counter() - t)
+
+            rss0 = rss_mib(proc.pid)
+            first = _timed(lambda one=one: one("p0", 1))
+            cold = _timed(lambda one=one: one("p1", 1))
+            warm = min(_timed(lambda one=one: one("p1", 1)) for _ in range(3))
+            rates = {k: burst(names[:k]) for k in (1, 4, 16)}
+            rss = rss_mib(proc.pid) - rss0
+            results[mode] = (rates, first, cold, warm, rss, cache_bytes(url) / N_PERSONAS)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        print(f"embedded SmolLM2-135M, {CLIENTS} clients x {TOKENS} tokens, greedy, "
+              f"{os.cpu_count()} CPU cores")  # fmt: skip
+        one_p = results["persona"][0][1]
+        print("| clients over | --batching persona | --batching mixed |")
         print("| --- | --- | --- |")
-        for k, r in rates.items():
-            print(f"| {k} persona{'s' if k > 1 else ''} | {r:.1f} | {r / rates[1]:.2f}x |")
-        print(f"4 personas, one persona a batch (--batching persona): {naive:.1f} tok/s; mixed "
-              f"batches {rates[4] / naive:.2f}x that")  # fmt: skip
-        print(f"first request to an uncached persona: {cold * 1000:.0f} ms against "
-              f"{warm * 1000:.0f} ms cached ({cold / warm:.1f}x); the server's first persona: "
-              f"{first * 1000:.0f} ms")  # fmt: skip
-        print(f"mask cache per persona: {per_persona / 2**20:.2f} MiB against "
-              f"{packed / 2**20:.2f} MiB packed ({per_persona / packed:.3f}x); server RSS grew "
-              f"{rss16 - rss0:.0f} MiB over {N_PERSONAS} personas "
-              f"({(rss16 - rss0) / N_PERSONAS:.1f} MiB each, mixed-batch weight copies and "
-              "base values included)")  # fmt: skip
+        for k in (1, 4, 16):
+            cells = [f"{results[m][0][k]:.1f} tok/s ({results[m][0][k] / one_p:.2f}x)"
+                     for m in ("persona", "mixed")]  # fmt: skip
+            print(f"| {k} persona{'s' if k > 1 else ''} | {cells[0]} | {cells[1]} |")
+        print("(ratios against 1 persona with --batching persona)")
+        for m, (_rates, first, cold, warm, rss, per) in results.items():
+            print(f"--batching {m}: first request to an uncached persona {cold * 1000:.0f} ms "
+                  f"against {warm * 1000:.0f} ms cached ({cold / warm:.1f}x), the server's first "
+                  f"persona {first * 1000:.0f} ms; mask cache {per / packed:.3f}x the packed "
+                  f"mask bytes per persona ({packed / 2**20:.2f} MiB); resident memory grew "
+                  f"{rss:.0f} MiB over {N_PERSONAS} personas ({rss / N_PERSONAS:.1f} MiB each)")  # fmt: skip
     finally:
         for p in procs:
             if p.poll() is None:

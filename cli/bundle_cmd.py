@@ -186,6 +186,13 @@ def verify(
         what = "every reachable object verifies"
         if signatures:
             sigs = repo.signatures(allowed_signers)
+            trusted = allowed_signers or repo.config.get("trust", {}).get("allowed_signers")
+            # with an allowed-signers file, every ref must carry a signature it accepts
+            untrusted = [s for s in sigs if (s["signed"] and not s.get("ok"))
+                         or (not s["signed"] and trusted)]  # fmt: skip
+            for s in untrusted:
+                why = s.get("reason") if s["signed"] else "unsigned"
+                problems.append(f"{s['kind']} {s['name']}: {why} (signer {s.get('signer', '-')})")
             if json_out:
                 emit_json({"path": str(bundle), "ok": not problems, "problems": problems,
                            "leftovers": leftovers, "signatures": sigs})  # fmt: skip

@@ -47,9 +47,9 @@ def serve(
     ] = 1 << 30,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
     batching: Annotated[
-        choice("mixed", "persona"),
-        typer.Option(help="mixed: any personas in one batch; persona: one persona a batch"),
-    ] = "mixed",
+        choice("persona", "mixed"),
+        typer.Option(help="persona: one persona a batch; mixed: any personas in one batch"),
+    ] = "persona",
     ray_replicas: Annotated[
         int,
         typer.Option(help="deploy N model replicas on Ray Serve, personas multiplexed (0: off)"),

@@ -546,6 +546,15 @@ class Bundle:
             except MaskstoreError as e:
                 problems.append(str(e))
                 continue
+            if meta.get("method") == "blend":  # its operands must be the ones it recorded
+                for o in meta.get("provenance", {}).get("operands", []):
+                    name = o.get("name")
+                    have = self.persona(name)["digest"] if name in self.personas else None
+                    if have != o.get("digest"):
+                        problems.append(
+                            f"blend {p!r}: operand {name!r} is not the one it was made from "
+                            "(replaced or removed); blend again"
+                        )
             for module, entry in meta["modules"].items():
                 kinds = [("masks", entry["mask"])]
                 if entry.get("stats"):

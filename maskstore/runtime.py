@@ -307,6 +307,16 @@ class MaskHandle:
         weights = meta["params"].get("weights")
         if not isinstance(weights, dict):
             raise MaskstoreError(f"blend {persona!r} records no weights: rebuild it")
+        # a blend applies exactly the operands it recorded: one replaced since is refused
+        recorded = {o.get("name"): o.get("digest") for o in meta["provenance"].get("operands", [])}
+        for p in weights:
+            now = self.bundle.persona(p)["digest"] if p in self.bundle.personas else None
+            if recorded.get(p) is None or now != recorded[p]:
+                raise MaskstoreError(
+                    f"blend {persona!r} was made from another {p!r} than this bundle holds "
+                    f"(operand replaced or removed): blend again (maskstore blend ... --as "
+                    f"{persona} --force)"
+                )
         return dict(weights)
 
     def _use_weighted(self, weights: dict[str, float], gamma: float) -> None:

@@ -352,3 +352,32 @@ def test_s3_without_credentials_is_a_user_error(tmp_path, rng, fp, s3_server, cl
     )  # fmt: skip
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "no S3 credentials" in lines[0], r.stderr
+
+
+def test_a_remote_tag_never_shadows_a_local_branch(tmp_path, rng, fp, cli):
+    """A remote holding a tag named ``main`` (written there by hand): pulling it never creates
+    a local tag beside the local branch, and a store holding both is refused, not read as
+    either."""
+    b1 = write_bundle(tmp_path / "b1", fp, random_masks(rng, fp, ["a"]))
+    b2 = write_bundle(tmp_path / "b2", fp, random_masks(rng, fp, ["evil"]))
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert cli("commit", b1, "-m", "mine", "--repo", local)[0] == 0
+    assert cli("commit", b2, "-m", "theirs", "--repo", remote)[0] == 0
+    mine = (local / "refs/branches/main").read_text().strip()
+    theirs = (remote / "refs/branches/main").read_text().strip()
+    (remote / "refs/tags").mkdir(exist_ok=True)
+    (remote / "refs/branches/main").rename(remote / "refs/tags/main")  # only a tag "main" now
+    code, _, err = cli("pull", remote, "main", "--repo", local)
+    assert code == 2 and "is a branch" in err, err
+    assert not (local / "refs/tags/main").exists()
+    assert (local / "refs/branches/main").read_text().strip() == mine
+    (local / "refs/tags").mkdir(exist_ok=True)
+    (local / "refs/tags/main").write_text(theirs)  # both, written by hand: refused
+    code, _, err = cli("log", "main", "--repo", local)
+    assert code == 1 and "both a tag and a branch" in err, err
+    code, _, err = cli("branch", "side", theirs[:12], "--repo", remote)
+    assert code == 0, err
+    code, _, err = cli("tag", "side", theirs[:12], "--repo", remote)
+    assert code == 2 and "is a branch" in err, err
+    code, _, err = cli("branch", "main", theirs[:12], "--repo", remote)  # main is a tag there
+    assert code == 2 and "is a tag" in err, err

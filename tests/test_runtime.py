@@ -710,3 +710,25 @@ def test_prepare_copies_weights_once_and_changes_nothing(setup):
     h.detach()
     with pytest.raises(MaskstoreError, match="detached"):
         h.prepare()
+
+
+def test_a_blend_never_follows_a_replaced_operand(setup, cli):
+    """Replace an operand of a stored blend: ``use`` refuses the blend (it would apply the new
+    operand, not the one recorded) and ``verify`` names it; blending again fixes both."""
+    model, mods, masks, base, path = setup
+    assert cli("blend", path, "a=0.5", "b=0.5", "--as", "mix")[0] == 0
+    h = maskstore.attach(model, path)
+    h.use("mix")
+    h.detach()
+    code, _, err = cli("complement", path, "b", "--as", "a", "--force")  # "a" replaced
+    assert code == 0, err
+    h = maskstore.attach(model, path)
+    with pytest.raises(MaskstoreError, match="made from another 'a'"):
+        h.use("mix")
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())  # nothing applied
+    code, _, err = cli("verify", path)
+    assert code == 1 and "blend 'mix'" in err
+    assert cli("blend", path, "a=0.5", "b=0.5", "--as", "mix", "--force")[0] == 0
+    h.detach()
+    maskstore.attach(model, path).use("mix")
+    assert cli("verify", path)[0] == 0

@@ -96,7 +96,7 @@ def served(tmp_path_factory, tiny_dir, calib_files):
     broken = tmp / "broken.zarr"
     _build(model, {"broken": calib_files["introvert"]}, broken)
     proc, url = start(b, f"{repo}@v1", broken, "--api-key", KEY, "--allow-runtime-loading",
-                      "--cache-bytes", "30000")  # fmt: skip
+                      "--cache-bytes", "30000", "--batching", "mixed")  # fmt: skip
     gone = [
         f for f in (broken / "personas" / "broken").rglob("*") if f.is_file() and "c" in f.parts
     ]

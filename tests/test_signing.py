@@ -62,8 +62,16 @@ def test_signed_tags_travel_and_are_checked(tmp_path, rng, keys, cli):
     assert sigs["v1"]["signed"] and not sigs["v1"]["ok"]
     assert not sigs["plain"]["signed"] and not sigs["main"]["signed"]
     code, out, _ = cli("verify", repo.path, "--signatures", "--allowed-signers", allowed, "--json")
-    listed = {s["name"]: s for s in json.loads(out)["signatures"]}
-    assert code == 0 and listed["v0"]["signer"] == "alice@example.com"
+    doc = json.loads(out)
+    listed = {s["name"]: s for s in doc["signatures"]}
+    # an untrusted signature and unsigned refs fail the check (exit 1), naming the signer's key
+    assert code == 1 and not doc["ok"] and listed["v0"]["signer"] == "alice@example.com"
+    fpr = subprocess.run(["ssh-keygen", "-lf", f"{mallory}.pub"], capture_output=True,
+                         text=True, check=True).stdout.split()[1]  # fmt: skip
+    assert listed["v1"]["signer"] == fpr and fpr.startswith("SHA256:")
+    assert {p.split(":")[0] for p in doc["problems"]} == {"tag v1", "tag plain", "branch main"}
+    code, _, err = cli("verify", repo.path, "--signatures", "--allowed-signers", allowed)
+    assert code == 1 and fpr in err
 
     remote = tmp_path / "remote"
     for t in ("v0", "v1", "plain"):

@@ -24,11 +24,15 @@ class Refs:
         self.label = label
 
     def kind_of(self, name: str) -> str | None:
-        """``"tags"``, ``"branches"`` or None when ``name`` is neither."""
-        for kind in KINDS:
-            if self.store.has(f"refs/{kind}/{name}"):
-                return kind
-        return None
+        """``"tags"``, ``"branches"`` or None when ``name`` is neither (a name that is both,
+        which maskstore never writes, is refused rather than read as either)."""
+        found = [kind for kind in KINDS if self.store.has(f"refs/{kind}/{name}")]
+        if len(found) > 1:
+            raise IntegrityError(
+                f"{name!r} is both a tag and a branch in {self.label}: ambiguous; delete "
+                f"refs/tags/{name} or rename the branch"
+            )
+        return found[0] if found else None
 
     def get(self, kind: str, name: str) -> str | None:
         """The version id ``name`` points at (None when absent); a ref that holds anything but
@@ -87,6 +91,8 @@ class Refs:
     def set_branch(self, name: str, vid: str, expected: str | None) -> None:
         """Move branch ``name`` to ``vid`` if it is still at ``expected`` (None: absent)."""
         check_ref_name(name)
+        if expected is None and self.store.has(f"refs/tags/{name}"):
+            raise MaskstoreError(f"{name!r} is a tag: pick another branch name")
         self.store.swap(
             f"refs/branches/{name}", vid.encode(), expected.encode() if expected else None
         )

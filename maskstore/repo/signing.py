@@ -14,6 +14,7 @@ export and import.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -109,7 +110,11 @@ def verify(
         found = _run(["-Y", "find-principals", "-s", str(sig_path), "-f", str(allowed)], b"")
         principals = found.stdout.decode(errors="replace").split()
         if found.returncode != 0 or not principals:
-            return Verdict(False, "?", f"signed by a key that {allowed} does not allow")
+            out = _run(["-Y", "check-novalidate", "-n", NAMESPACE, "-s", str(sig_path)], data)
+            text = out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
+            key = re.search(r"SHA256:[A-Za-z0-9+/=]+", text) if out.returncode == 0 else None
+            who = key.group(0) if key else "?"
+            return Verdict(False, who, f"signed by a key that {allowed} does not allow")
         for principal in principals:
             out = _run(
                 ["-Y", "verify", "-f", str(allowed), "-I", principal, "-n", NAMESPACE,

@@ -134,6 +134,12 @@ def update_ref(
     """Point ``name`` at ``vid`` in ``dst``: tags are created once, branches only fast-forward."""
     check_ref_name(name)
     refs = Refs(dst, dst.url)
+    other = "branches" if kind == "tags" else "tags"
+    if dst.has(f"refs/{other}/{name}"):  # one namespace: a tag never shadows a branch
+        raise RefConflict(
+            f"{name!r} is a {SINGULAR[other]} on {dst.url} and a {SINGULAR[kind]} where it comes "
+            f"from: refusing to create a {SINGULAR[kind]} beside it; rename one of them"
+        )
     if kind == "tags":
         if not dst.create(f"refs/tags/{name}", vid.encode()):
             have = refs.get("tags", name) or ""

@@ -37,7 +37,7 @@ class ServeConfig:
     allow_runtime_loading: bool = False
     cache_bytes: int = 1 << 30
     max_batch: int = 16
-    batching: str = "mixed"  # or "persona": one persona per batch (the baseline mixed beats)
+    batching: str = "persona"  # or "mixed": any personas in one batch (see docs/serve.md)
     check_weights: bool = True
 
 

@@ -82,7 +82,7 @@ class Engine:
         window_s: float = 0.01,
         loaders: int = 2,
         metrics: Metrics | None = None,
-        batching: str = "mixed",
+        batching: str = "persona",
     ) -> None:
         self.handle = handle
         self.tok = tokenizer
