@@ -115,12 +115,16 @@ def _card(b, bundle: Path, json_out: bool) -> None:
         meta = b.persona(p)
         cal = meta.get("calibration") or {}
         params = ", ".join(f"{k}={v}" for k, v in sorted(meta["params"].items()))
+        numel = sum(b.modules[m].numel for m in meta["modules"])
+        kept = sum(e.get("kept", 0) for e in meta["modules"].values())
+        realised = round(1 - kept / numel, 6) if numel else None
         cards.append(
             {
                 "persona": p,
                 "method": meta["method"],
                 "params": params,
                 "sparsity": meta["sparsity"],
+                "realised_sparsity": realised,
                 "data": (
                     f"{cal.get('samples', '?')} samples, {cal.get('tokens', '?')} tokens, digest "
                     f"{cal.get('digest', '?')} ({cal.get('source', '')})"
@@ -141,7 +145,8 @@ def _card(b, bundle: Path, json_out: bool) -> None:
         return
     for c in cards:
         console.print(f"[bold]{safe(c['persona'])}[/]  ({safe(bundle)})")
-        for k in ("method", "params", "sparsity", "data", "model", "revision", "dtype",
+        for k in ("method", "params", "sparsity", "realised_sparsity", "data", "model",
+                  "revision", "dtype",
                   "weights_xxh3", "digest", "load"):  # fmt: skip
             console.print(f"  {k:>12}: {safe(c[k])}", highlight=False, soft_wrap=True)
 

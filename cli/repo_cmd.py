@@ -17,11 +17,30 @@ from maskstore.repo import init_repo, open_repo
 from ._common import console, emit_json, fmt_bytes, progress, safe
 from .app import BundleArg, JsonOpt, app
 
+DEFAULT_REPO = Path(".maskstore")
+
+
+def _find_repo(ctx: typer.Context, param: object, value: Path) -> Path:
+    """Without --repo or $MASKSTORE_REPO, the nearest .maskstore in this folder or a parent
+    (as git finds .git); else ./.maskstore, which commands that create one create."""
+    from click.core import ParameterSource
+
+    if ctx.get_parameter_source(param.name) != ParameterSource.DEFAULT:  # type: ignore[attr-defined]
+        return value
+    from maskstore.repo import find_repo
+
+    return find_repo(Path.cwd()) or value
+
+
 RepoOpt = Annotated[
     Path,
-    typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository folder (default .maskstore)"),
+    typer.Option(
+        "--repo",
+        envvar="MASKSTORE_REPO",
+        callback=_find_repo,
+        help="repository folder (default: the nearest .maskstore here or above)",
+    ),
 ]
-DEFAULT_REPO = Path(".maskstore")
 SignOpt = Annotated[
     Path | None,
     typer.Option("--sign", help="SSH private key that signs the ref (ssh-keygen -Y sign)"),

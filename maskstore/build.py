@@ -44,6 +44,13 @@ class TieWarning(UserWarning):
     """Many kept weights were chosen by the tie rule alone (their score was exactly 0)."""
 
 
+SPARSITY_WARN = 0.01  # warn when a persona's realised sparsity is further than this from target
+
+
+class SparsityWarning(UserWarning):
+    """A persona's realised sparsity differs from the target by more than 1%."""
+
+
 @dataclass
 class BuildConfig:
     """How masks are scored and selected; the fields that matter are recorded in each persona's
@@ -334,7 +341,17 @@ def write_personas(
             if progress:
                 progress(1)
         metas = {name: w.commit() for name, w in writers.items()}
+        numel = sum(m.weight.numel() for m in modules.values())
         for name in writers:
+            realised = 1 - kept[name] / max(numel, 1)
+            if config.sparsity is not None and abs(realised - config.sparsity) > SPARSITY_WARN:
+                warnings.warn(
+                    f"persona {name}: realised sparsity {realised:.4f}, not the target "
+                    f"{config.sparsity} (the method or ties decide more or fewer weights); "
+                    "info --card shows both",
+                    SparsityWarning,
+                    stacklevel=2,
+                )
             share = zero[name] / max(kept[name], 1)
             if share > ZERO_SCORE_WARN:
                 warnings.warn(

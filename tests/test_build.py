@@ -269,3 +269,24 @@ def test_bundles_record_their_model_and_print_a_card(tmp_path, tiny_dir, calib_f
     build(model, {"x": batches}, tmp_path / "api.zarr")
     cal = open_bundle(tmp_path / "api.zarr").persona("x")["calibration"]
     assert cal["samples"] == 6 and cal["tokens"] == 54 and len(cal["digest"]) == 32
+
+
+def test_a_realised_sparsity_off_target_warns_and_shows_in_the_card(tmp_path, tiny_dir,
+                                                                    calib_files, cli):  # fmt: skip
+    """contrastive-sparse keeps where the two personas differ, so its realised sparsity can be
+    far from the target: the build warns and ``info --card`` shows both numbers."""
+    out = tmp_path / "cs.zarr"
+    code, _, err = cli("build", "--model", tiny_dir, "--samples", "4", "--max-tokens", "16",
+                       "--persona", f"intro:extro={calib_files['pairs']}",
+                       "--method", "contrastive-sparse", "--sparsity", "0.3", "--out", out)  # fmt: skip
+    assert code == 0, err
+    code, doc, _ = cli("info", out, "--card", "--json")
+    cards = json.loads(doc)["cards"]
+    off = [c for c in cards if abs(c["realised_sparsity"] - c["sparsity"]) > 0.01]
+    assert off, cards  # the method really misses its target here
+    for c in off:
+        assert f"persona {c['persona']}: realised sparsity {c['realised_sparsity']:.4f}" in err
+    code, _, err = cli("build", "--model", tiny_dir, "--samples", "4", "--max-tokens", "16",
+                       "--persona", f"introvert={calib_files['introvert']}", "--sparsity", "0.3",
+                       "--out", tmp_path / "w.zarr")  # fmt: skip
+    assert code == 0 and "realised sparsity" not in err  # wanda keeps exactly 70% of each row

@@ -279,8 +279,22 @@ def init_repo(path: str | os.PathLike) -> Repository:
     return Repository(store, str(path))
 
 
+def find_repo(start: str | os.PathLike) -> Path | None:
+    """The nearest ``.maskstore`` repository in ``start`` or a folder above it (None: none)."""
+    here = Path(start).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".maskstore" / REPO_MARKER).is_file():
+            return folder / ".maskstore"
+    return None
+
+
 def open_repo(path: str | os.PathLike) -> Repository:
     """Open an existing repository (a folder, an ``s3://`` URL or an export zip)."""
+    if "://" not in str(path) and not Path(path).exists():
+        raise MaskstoreError(
+            f"no repository at {path}: create one with maskstore init, or name one with --repo "
+            "(or $MASKSTORE_REPO)"
+        )
     store = open_store(path)
     marker = store.get(REPO_MARKER, limit=4096)
     if marker is None:
@@ -289,7 +303,9 @@ def open_repo(path: str | os.PathLike) -> Repository:
                 f"{path} holds versions but no {REPO_MARKER}: restore it "
                 f'(it holds {{"format": {REPO_FORMAT}}})'
             )
-        raise MaskstoreError(f"{path} is not a maskstore repository: run maskstore init")
+        raise MaskstoreError(
+            f"{path} is not a maskstore repository: run maskstore init there, or pass --repo"
+        )
     try:
         fmt = json.loads(marker).get("format")
     except (ValueError, AttributeError):
@@ -315,6 +331,7 @@ __all__ = [
     "Repository",
     "Snapshot",
     "TransferReport",
+    "find_repo",
     "init_repo",
     "open_repo",
     "open_version",
