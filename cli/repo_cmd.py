@@ -23,9 +23,8 @@ DEFAULT_REPO = Path(".maskstore")
 def _find_repo(ctx: typer.Context, param: object, value: Path) -> Path:
     """Without --repo or $MASKSTORE_REPO, the nearest .maskstore in this folder or a parent
     (as git finds .git); else ./.maskstore, which commands that create one create."""
-    from click.core import ParameterSource
-
-    if ctx.get_parameter_source(param.name) != ParameterSource.DEFAULT:  # type: ignore[attr-defined]
+    source = ctx.get_parameter_source(param.name)  # type: ignore[attr-defined]
+    if getattr(source, "name", None) != "DEFAULT":  # typer may vendor click: compare by name
         return value
     from maskstore.repo import find_repo
 
@@ -88,6 +87,13 @@ def commit(
         bool, typer.Option("--no-delta", help="never store masks as xor deltas")
     ] = False,
     sign: SignOpt = None,
+    author: Annotated[
+        str | None,
+        typer.Option(help="who commits (default: $MASKSTORE_AUTHOR, config, git's user)"),
+    ] = None,
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="commit even when no persona changed")
+    ] = False,
     repo: RepoOpt = DEFAULT_REPO,
     json_out: JsonOpt = False,
 ) -> None:
@@ -107,6 +113,8 @@ def commit(
             recipes=tuple(recipe or ()),
             progress=lambda k: bar.advance(task, k),
             sign=sign,
+            author=author,
+            allow_empty=allow_empty,
         )
     snap = r.snapshot(vid)
     size = snap.bundle.nbytes_on_disk()
@@ -145,13 +153,14 @@ def log(
             }
         )
         return
-    t = Table("version", "parents", "refs", "created", "personas", "message")
+    t = Table("version", "parents", "refs", "created", "author", "personas", "message")
     for e in entries:
         t.add_row(
             e["version"][:12],
             " + ".join(p[:8] for p in e["parents"]),
             safe(", ".join(sorted(tags.get(e["version"], [])))),
             safe(e["created"][:16].replace("T", " ")),
+            safe(e.get("author") or "-"),
             safe(", ".join(e["personas"])),
             safe(e["message"]),
         )

@@ -58,9 +58,11 @@ def test_commit_checkout_roundtrip_dedup_and_lazy_open(tmp_path, rng, fp):
     assert n_with == len(r_without.store.list("chunks/")) == 3 * len(fp["modules"])
     repo.checkout("v1", tmp_path / "out")
     assert open_bundle(tmp_path / "out").digest == snap.digest
-    # unchanged content committed again: no new chunk objects
+    # unchanged content committed again: refused as empty, and with allow_empty no new chunk
     n_chunks = len(repo.store.list("chunks/"))
-    repo.commit(open_bundle(tmp_path / "b"), "again")
+    with pytest.raises(MaskstoreError, match="nothing to commit"):
+        repo.commit(open_bundle(tmp_path / "b"), "again")
+    repo.commit(open_bundle(tmp_path / "b"), "again", allow_empty=True)
     assert len(repo.store.list("chunks/")) == n_chunks
 
 
@@ -381,3 +383,38 @@ def test_a_remote_tag_never_shadows_a_local_branch(tmp_path, rng, fp, cli):
     assert code == 2 and "is a branch" in err, err
     code, _, err = cli("branch", "main", theirs[:12], "--repo", remote)  # main is a tag there
     assert code == 2 and "is a tag" in err, err
+
+
+def test_authors_empty_commits_and_repositories_found_from_subfolders(tmp_path, rng, fp, cli,
+                                                                      monkeypatch):  # fmt: skip
+    """Versions record who committed ($MASKSTORE_AUTHOR, config, git), log shows it; an
+    unchanged bundle is refused without --allow-empty; the repository is found from any
+    subfolder, --repo and $MASKSTORE_REPO still winning; outside one, the error says init."""
+    b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
+    work = tmp_path / "work"
+    (work / "sub" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MASKSTORE_REPO", raising=False)
+    monkeypatch.setenv("MASKSTORE_AUTHOR", "Ada <ada@example.com>")
+    assert cli("init")[0] == 0
+    assert cli("commit", b, "-m", "one")[0] == 0
+    monkeypatch.chdir(work / "sub" / "deeper")
+    code, out, err = cli("log", "--json")
+    assert code == 0, err
+    assert json.loads(out)["versions"][0]["author"] == "Ada <ada@example.com>"
+    code, _, err = cli("commit", b, "-m", "same again")
+    assert code == 2 and "nothing to commit" in err and "--allow-empty" in err
+    assert not (work / "sub" / "deeper" / ".maskstore").exists()  # found above, not created here
+    monkeypatch.delenv("MASKSTORE_AUTHOR")
+    code, out, err = cli("commit", b, "-m", "again", "--allow-empty", "--author", "Bob", "--json")
+    assert code == 0, err
+    code, out, _ = cli("log")
+    assert "Bob" in out and "Ada" in out
+    other = tmp_path / "other"
+    assert cli("commit", b, "-m", "x", "--repo", other)[0] == 0  # --repo wins
+    monkeypatch.setenv("MASKSTORE_REPO", str(other))
+    assert len(json.loads(cli("log", "--json")[1])["versions"]) == 1  # $MASKSTORE_REPO wins
+    monkeypatch.delenv("MASKSTORE_REPO")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("log")
+    assert code == 2 and "maskstore init" in err, err

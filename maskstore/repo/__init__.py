@@ -102,13 +102,19 @@ class Repository:
         recipes: tuple[str, ...] = (),
         progress: Progress = None,
         sign: str | os.PathLike | None = None,
+        author: str | None = None,
+        allow_empty: bool = False,
     ) -> str:
         """Snapshot a bundle as a new version on ``branch``; returns the version id. With
-        ``sign`` (an SSH private key file) the new branch head is signed."""
+        ``sign`` (an SSH private key file) the new branch head is signed. ``author`` defaults
+        to :meth:`author` (None records none); an unchanged bundle needs ``allow_empty``."""
         if sign is not None and not Path(sign).is_file():
             raise MaskstoreError(f"--sign {sign}: no such key file")
         b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        vid = _commit.commit(self, b, message, branch, delta, tuple(recipes), progress)
+        vid = _commit.commit(self, b, message, branch=branch, delta=delta,
+                             recipes=tuple(recipes), progress=progress,
+                             author=author if author is not None else self.author(),
+                             allow_empty=allow_empty)  # fmt: skip
         if sign is not None:
             sig = signing.sign(sign, "branches", branch, vid)
             self.store.put(signing.signature_key("branches", branch, vid), sig)
@@ -154,6 +160,34 @@ class Repository:
                     rec |= {"ok": v.ok, "signer": v.signer, "reason": v.reason}
                 out.append(rec)
         return out
+
+    def author(self) -> str | None:
+        """Who commits: ``$MASKSTORE_AUTHOR``, else ``author`` in the repository's
+        ``config.json``, else git's ``user.name <user.email>``, else None."""
+        env = os.environ.get("MASKSTORE_AUTHOR")
+        if env:
+            return env
+        conf = self.config.get("author")
+        if isinstance(conf, str) and conf:
+            return conf
+        import shutil
+        import subprocess
+
+        if shutil.which("git") is None:
+            return None
+
+        def git(key: str) -> str:
+            try:
+                r = subprocess.run(["git", "config", "--get", key], capture_output=True,
+                                   text=True, timeout=10)  # fmt: skip
+            except (OSError, subprocess.SubprocessError):
+                return ""
+            return r.stdout.strip() if r.returncode == 0 else ""
+
+        name, email = git("user.name"), git("user.email")
+        if not name and not email:
+            return None
+        return f"{name} <{email}>" if name and email else name or email
 
     @property
     def config(self) -> dict:

@@ -10,17 +10,16 @@ digests, no mask bits.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import codecs
-from .._version import __version__
 from ..bits import popcount
 from ..errors import MaskstoreError
-from ..format import FORMAT_VERSION, Bundle
+from ..format import Bundle
 from ..names import check_ref_name
+from .objects import new_manifest
 from .snapshot import MAX_DELTA_DEPTH, VersionSource
 
 if TYPE_CHECKING:
@@ -38,8 +37,13 @@ def commit(
     delta: bool = True,
     recipes: tuple[str, ...] = (),
     progress: Callable[[int], None] | None = None,
+    author: str | None = None,
+    allow_empty: bool = False,
 ) -> str:
     """Snapshot bundle ``b`` as a new version on ``branch``; returns the version id.
+
+    ``author`` is recorded in the manifest (``log`` shows it). A bundle whose personas are the
+    branch head's, digest for digest, is refused unless ``allow_empty``.
 
     Holds the repository's lock shared: gc (exclusive) cannot remove an object that this
     commit found present and so did not write.
@@ -49,8 +53,18 @@ def commit(
         message.encode("utf-8")
     except UnicodeEncodeError:
         raise MaskstoreError("the commit message is not valid UTF-8: retype it") from None
+    if author is not None and (len(author) > 256 or not author.isprintable()):
+        raise MaskstoreError("the author must be printable and at most 256 characters")
+    head = repo.refs.get("branches", branch)
+    if head and not allow_empty:
+        had = {p: e["meta"]["digest"] for p, e in repo.objects.manifest(head)["personas"].items()}
+        if had == {p: b.persona(p)["digest"] for p in b.personas}:
+            raise MaskstoreError(
+                f"nothing to commit: the bundle's personas are {branch}'s head {head[:12]}, "
+                "digest for digest (allow_empty=True, --allow-empty, commits anyway)"
+            )
     with repo.store.lock("gc", shared=True):
-        return _commit(repo, b, message, branch, delta, recipes, progress)
+        return _commit(repo, b, message, branch, delta, recipes, progress, author)
 
 
 def _commit(
@@ -61,6 +75,7 @@ def _commit(
     delta: bool,
     recipes: tuple[str, ...],
     progress: Callable[[int], None] | None,
+    author: str | None = None,
 ) -> str:
     parent = repo.refs.get("branches", branch)
     # one reader of the parent for the whole commit: its persona metadata is checked once
@@ -89,17 +104,7 @@ def _commit(
             if progress:
                 progress(1)
         personas[p] = {"meta": meta, "arrays": arrays}
-    man = {
-        "format": 1,
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "parents": [parent] if parent else [],
-        "message": message,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "bundle_digest": b.digest,
-        "root": b.meta,
-        "personas": personas,
-    }
+    man = new_manifest([parent] if parent else [], message, b.meta, personas, b.digest, author)
     vid = repo.objects.put_manifest(man)
     repo.refs.set_branch(branch, vid, parent)
     return vid

@@ -32,6 +32,7 @@ def log(repo: Repository, ref: str = "main") -> list[dict]:
                 "version": v,
                 "created": m["created"],
                 "message": m["message"],
+                "author": m.get("author"),
                 "bundle_digest": m["bundle_digest"],
                 "personas": sorted(m["personas"]),
                 "parents": m["parents"],

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy as _copy
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from .._version import __version__
 from ..errors import MaskstoreError
-from ..format import FORMAT_VERSION, bundle_digest
+from ..format import bundle_digest
 from .history import ancestors
+from .objects import new_manifest
 from .snapshot import check_metadata
 
 if TYPE_CHECKING:
@@ -135,19 +134,10 @@ def merge(
             f"{', '.join(conflicts)}; keep one side of each with {advice}",
             conflicts,
         )
-    man = {
-        "format": 1,
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "parents": [ours, theirs],
-        "message": message,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "bundle_digest": bundle_digest(
-            m_o["root"]["model"], {p: pe["meta"]["digest"] for p, pe in personas.items()}
-        ),
-        "root": m_o["root"],
-        "personas": personas,
-    }
+    digest = bundle_digest(
+        m_o["root"]["model"], {p: pe["meta"]["digest"] for p, pe in personas.items()}
+    )
+    man = new_manifest([ours, theirs], message, m_o["root"], personas, digest, repo.author())
     res.version = repo.objects.put_manifest(man)
     check_metadata(repo, res.version)
     return res

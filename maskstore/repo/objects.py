@@ -55,6 +55,34 @@ def decode_chunk(h: str, data: bytes, where: str, limit: int = MAX_OBJECT_BYTES)
     return raw
 
 
+def new_manifest(
+    parents: list[str],
+    message: str,
+    root: dict,
+    personas: dict,
+    bundle_digest: str,
+    author: str | None = None,
+) -> dict:
+    """The one constructor of a version's manifest (commits and merges)."""
+    from datetime import UTC, datetime
+
+    from .._version import __version__
+    from ..format import FORMAT_VERSION
+
+    return {
+        "format": 1,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "parents": parents,
+        "message": message,
+        **({"author": author} if author else {}),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bundle_digest": bundle_digest,
+        "root": root,
+        "personas": personas,
+    }
+
+
 def check_manifest(man: object, where: str) -> None:
     """Refuse a manifest whose structure is not what maskstore writes (names, object ids and
     delta references included), with one line naming what is wrong."""
@@ -69,6 +97,9 @@ def check_manifest(man: object, where: str) -> None:
             raise bad(f"{key!r} is missing or not a {kind.__name__}")
     if not all(is_hex(v, 64) for v in man["parents"]):
         raise bad("a parent is not a version id")
+    author = man.get("author")
+    if author is not None and not (isinstance(author, str) and len(author) <= 256):
+        raise bad("'author' is not a string of at most 256 characters")
     for name, pe in man["personas"].items():
         try:
             check_persona_name(name)
