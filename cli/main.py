@@ -27,7 +27,10 @@ COMMANDS = {
         "bundle_cmd",
     ),
     **dict.fromkeys(
-        "init commit log tag sign branch checkout push pull merge export import gc".split(),
+        (
+            "init commit log tag sign branch checkout push pull merge export import gc remote "
+            "fetch clone status"
+        ).split(),
         "repo_cmd",
     ),
     **dict.fromkeys(("run", "eval", "similarity", "export-model"), "runtime_cmd"),

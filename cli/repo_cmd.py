@@ -15,7 +15,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.repo import init_repo, open_repo
 
 from ._common import console, emit_json, fmt_bytes, progress, safe
-from .app import BundleArg, JsonOpt, app
+from .app import BundleArg, JsonOpt, app, choice
 
 DEFAULT_REPO = Path(".maskstore")
 
@@ -485,3 +485,158 @@ def gc(
         emit_json({"removed": n, "bytes": freed})
         return
     console.print(f"removed {n} objects ({fmt_bytes(freed)})")
+
+
+@app.command()
+def remote(
+    action: Annotated[choice("list", "add", "remove"), typer.Argument(help="what to do")] = "list",
+    name: Annotated[str | None, typer.Argument(help="the remote's name (add, remove)")] = None,
+    url: Annotated[str | None, typer.Argument(help="its folder or s3:// URL (add)")] = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint (a server other than AWS)")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="S3 region")] = None,
+    profile: Annotated[str | None, typer.Option(help="AWS profile for its credentials")] = None,
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Named remotes: push, pull and fetch take NAME where they take a URL."""
+    r = open_repo(repo)
+    if action == "add":
+        if not name or not url:
+            raise MaskstoreError("remote add needs NAME and URL: maskstore remote add NAME URL")
+        r.add_remote(name, url, endpoint_url=endpoint_url, region=region, profile=profile)
+    elif action == "remove":
+        if not name:
+            raise MaskstoreError("remote remove needs NAME")
+        r.remove_remote(name)
+    elif name or url or endpoint_url or region or profile:
+        raise MaskstoreError("remote list takes no name or options: maskstore remote list")
+    remotes = r.remotes()
+    if json_out:
+        emit_json({"remotes": remotes})
+        return
+    if action != "list":
+        console.print(f"remote {safe(name)} {'added' if action == 'add' else 'removed'}")
+        return
+    t = Table("name", "url", "options")
+    for n, e in sorted(remotes.items()):
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(e.items()) if k != "url")
+        t.add_row(safe(n), safe(e.get("url", "")), safe(opts))
+    console.print(t)
+
+
+@app.command()
+def fetch(
+    remote: Annotated[str, typer.Argument(help="a configured remote's name")],
+    ref: Annotated[str | None, typer.Argument(help="tag or branch (default: all)")] = None,
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bring a remote's tags and branches with their objects, verified, moving no local ref;
+    status then says how the local branches stand against them."""
+    r = open_repo(repo)
+    with progress(disable=json_out) as bar:
+        task = bar.add_task(f"fetching from {remote}", total=None)
+        got = r.fetch(remote, ref, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    if json_out:
+        emit_json({"remote": remote, "refs": got})
+        return
+    for name, vid in sorted(got.items()):
+        console.print(f"{safe(remote)}/{safe(name)} -> {vid[:12]}")
+
+
+@app.command()
+def clone(
+    url: Annotated[str, typer.Argument(help="folder or s3:// URL of a repository")],
+    directory: Annotated[Path, typer.Argument(help="the new repository folder")],
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint (a server other than AWS)")
+    ] = None,
+    region: Annotated[str | None, typer.Option(help="S3 region")] = None,
+    profile: Annotated[str | None, typer.Option(help="AWS profile for its credentials")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """A new repository with URL as remote 'origin' and its tags and branches, all verified;
+    nothing is left behind when it fails."""
+    if directory.exists() or directory.is_symlink():
+        raise MaskstoreError(f"{directory} already exists: clone into a new folder")
+    with _removed_on_failure(directory):
+        r = init_repo(directory)
+        r.add_remote("origin", url, endpoint_url=endpoint_url, region=region, profile=profile)
+        src = r.remote_store("origin")
+        from maskstore.repo.refs import Refs
+
+        refs = Refs(src, src.url)
+        names = sorted({*refs.all("branches"), *refs.all("tags")})
+        if not names:
+            raise MaskstoreError(f"{url} has no tags or branches: nothing to clone")
+        with progress(disable=json_out) as bar:
+            task = bar.add_task("cloning", total=None)
+            for n in names:
+                r.pull("origin", n, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        r.fetch("origin")
+    if json_out:
+        emit_json({"repo": str(directory), "remote": url, "refs": names})
+        return
+    console.print(f"cloned {safe(url)} into {safe(directory)}: {', '.join(map(safe, names))}")
+
+
+@app.command()
+def status(
+    bundle: Annotated[
+        str | None, typer.Argument(help="a bundle to compare with the branch head")
+    ] = None,
+    branch: Annotated[str, typer.Option(help="the branch to compare with")] = "main",
+    repo: RepoOpt = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """How a bundle differs from the branch head (personas added, removed, changed), and how
+    the branch stands against each remote's last fetched head."""
+    from maskstore.repo.history import ancestors
+
+    r = open_repo(repo)
+    head = r.branch_head(branch)
+    doc: dict = {"branch": branch, "head": head, "bundle": bundle}
+    if bundle is not None:
+        from maskstore.opener import open_bundle
+
+        b = open_bundle(bundle)
+        had = {}
+        if head is not None:
+            had = {p: e["meta"]["digest"] for p, e in r.objects.manifest(head)["personas"].items()}
+        now = {p: b.persona(p)["digest"] for p in b.personas}
+        doc |= {
+            "added": sorted(set(now) - set(had)),
+            "removed": sorted(set(had) - set(now)),
+            "changed": sorted(p for p in set(now) & set(had) if now[p] != had[p]),
+            "unchanged": sorted(p for p in set(now) & set(had) if now[p] == had[p]),
+        }
+    remotes = {}
+    for name in sorted(r.remotes()):
+        theirs = r.tracking(name).get(f"branches/{branch}")
+        if theirs is None or head is None:
+            state = "not fetched" if theirs is None else "only there"
+        elif theirs == head:
+            state = "up to date"
+        elif theirs in set(ancestors(r, head)):
+            state = "ahead"
+        elif head in set(ancestors(r, theirs)):
+            state = "behind"
+        else:
+            state = "diverged"
+        remotes[name] = {"head": theirs, "state": state}
+    doc["remotes"] = remotes
+    if json_out:
+        emit_json(doc)
+        return
+    console.print(f"on branch {safe(branch)} at {head[:12] if head else '(no version yet)'}")
+    if bundle is not None:
+        marks = (("added", "green", "+"), ("removed", "red", "-"), ("changed", "yellow", "~"))
+        for key, colour, mark in marks:
+            for p in doc[key]:
+                console.print(f"  [{colour}]{mark} {safe(p)}[/]")
+        if not (doc["added"] or doc["removed"] or doc["changed"]):
+            console.print("  nothing to commit: every persona is the branch head's")
+    for name, rec in remotes.items():
+        console.print(f"  {safe(name)}/{safe(branch)}: {rec['state']}")

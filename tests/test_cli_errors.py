@@ -18,8 +18,8 @@ from maskstore.repo import init_repo
 FP = {"architecture": "T", "modules": {"model.layers.0.mlp.up_proj": [8, 12]}}
 
 
-def _one_line(code: int, err: str, *phrases: str) -> None:
-    assert code == 2, err
+def _one_line(code: int, err: str, *phrases: str, exit_code: int = 2) -> None:
+    assert code == exit_code, err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "Traceback" not in err and "\x1b" not in err
@@ -109,8 +109,10 @@ def test_hostile_remotes(small, tmp_path, cli):
     remote = _remote(small, tmp_path, cli)
     (remote / "refs/tags").mkdir(parents=True)
     (remote / "refs/tags/weird").write_bytes(b"\xff\xfe\x00garbage")
-    _one_line(
-        *cli("pull", remote, "weird", "--repo", tmp_path / "c1")[::2], "not hold a version id"
+    _one_line(  # damage on the remote: exit 1
+        *cli("pull", remote, "weird", "--repo", tmp_path / "c1")[::2],
+        "not hold a version id",
+        exit_code=1,
     )
     vid = (remote / "refs/branches/main").read_text()
     man = json.loads(
@@ -120,7 +122,8 @@ def test_hostile_remotes(small, tmp_path, cli):
     text = canonical_json(man)
     (remote / "versions" / blake2b_hex(text)).write_bytes(zstandard.ZstdCompressor().compress(text))
     (remote / "refs/branches/main").write_text(blake2b_hex(text))
-    _one_line(*cli("pull", remote, "main", "--repo", tmp_path / "c2")[::2], "'parents' is missing")
+    code, err = cli("pull", remote, "main", "--repo", tmp_path / "c2")[::2]
+    _one_line(code, err, "'parents' is missing", exit_code=1)
 
 
 def test_import_pt_of_files_that_are_not_tensors(tmp_path, cli):
@@ -159,7 +162,7 @@ def test_export_zip_naming_refs_outside_is_refused_by_the_cli(small, tmp_path, c
     with zipfile.ZipFile(tmp_path / "v.zip", "a") as z:
         z.writestr("refs/tags/../../../X", init_repo(repo).resolve("v1"))
     code, _, err = cli("import", tmp_path / "v.zip", "--repo", tmp_path / "other")
-    _one_line(code, err, "not a tag or branch")
+    _one_line(code, err, "not a tag or branch", exit_code=1)  # a damaged or hostile zip
     assert not (tmp_path / "X").exists()
 
 

@@ -418,3 +418,53 @@ def test_authors_empty_commits_and_repositories_found_from_subfolders(tmp_path, 
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("log")
     assert code == 2 and "maskstore init" in err, err
+
+
+def test_named_remotes_fetch_status_and_clone(tmp_path, rng, fp, cli, s3_server):
+    """git's habits: a named remote (S3 with its endpoint recorded) for push/pull/fetch, fetch
+    moving no local ref, status against the branch head and the fetched remote head, clone of
+    every ref, and a failed clone leaving nothing behind."""
+    b1 = write_bundle(tmp_path / "b1", fp, random_masks(rng, fp, ["a", "b"]))
+    b2 = write_bundle(tmp_path / "b2", fp, {**random_masks(rng, fp, ["a", "c"])})
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    endpoint = s3_server["AWS_ENDPOINT_URL"]
+    for repo in (mine, theirs):
+        assert cli("init", "--repo", repo)[0] == 0
+        code, _, err = cli("remote", "add", "team", "s3://masks/named", "--endpoint-url",
+                           endpoint, "--region", "us-east-1", "--repo", repo)  # fmt: skip
+        assert code == 0, err
+    doc = json.loads(cli("remote", "--json", "--repo", mine)[1])
+    assert doc["remotes"]["team"] == {"url": "s3://masks/named", "endpoint_url": endpoint,
+                                      "region": "us-east-1"}  # fmt: skip
+    assert cli("commit", b1, "-m", "one", "--repo", mine)[0] == 0
+    assert cli("push", "team", "main", "--repo", mine)[0] == 0
+    assert cli("pull", "team", "main", "--repo", theirs)[0] == 0
+    assert cli("commit", b2, "-m", "two", "--repo", theirs)[0] == 0
+    assert cli("push", "team", "main", "--repo", theirs)[0] == 0
+    before = (mine / "refs/branches/main").read_text()
+    code, out, err = cli("fetch", "team", "--json", "--repo", mine)
+    assert code == 0, err
+    assert json.loads(out)["refs"]["main"] == (theirs / "refs/branches/main").read_text().strip()
+    assert (mine / "refs/branches/main").read_text() == before  # fetch moves no local ref
+    code, out, _ = cli("status", b2, "--json", "--repo", mine)
+    st = json.loads(out)
+    assert (st["added"], st["removed"], st["changed"]) == (["c"], ["b"], ["a"])
+    assert st["remotes"]["team"]["state"] == "behind"
+    assert cli("gc", "--grace", "0", "--repo", mine)[0] == 0  # fetched objects survive gc
+    assert cli("checkout", st["remotes"]["team"]["head"][:12], "--out", tmp_path / "co",
+               "--repo", mine)[0] == 0  # fmt: skip
+    for bad in (("remote", "add", "../x", "s3://masks/x"), ("remote", "add", "team", "s3://o"),
+                ("remote", "add", "h", "http://example.com/x"), ("remote", "remove", "nope"),
+                ("fetch", "nope")):  # fmt: skip
+        code, _, err = cli(*bad, "--repo", mine)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (bad, err)
+    code, out, err = cli("clone", "s3://masks/named", tmp_path / "cl", "--endpoint-url",
+                         endpoint, "--json")  # fmt: skip
+    assert code == 0, err
+    cl = open_repo(tmp_path / "cl")
+    assert cl.resolve("main") == (theirs / "refs/branches/main").read_text().strip()
+    assert cl.remotes()["origin"]["url"] == "s3://masks/named"
+    code, _, err = cli("clone", tmp_path / "missing", tmp_path / "cl2")
+    assert code == 2 and not (tmp_path / "cl2").exists(), err
+    code, _, err = cli("clone", tmp_path / "b1", tmp_path / "cl")  # exists
+    assert code == 2 and "already exists" in err

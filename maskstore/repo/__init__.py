@@ -33,6 +33,7 @@ from typing import Any
 from ..errors import MaskstoreError
 from ..format import Bundle
 from ..hashing import canonical_json
+from ..names import check_ref_name
 from ..stores import Store, open_store
 from . import commit as _commit
 from . import history, maintenance, signing, transfer
@@ -232,8 +233,11 @@ class Repository:
 
     # ---- transfers
     def push(self, remote: str | Store, ref: str = "main", progress: Transfer = None):
-        """Send tag or branch ``ref`` and what it needs; only missing objects move
-        (``progress(done, total)`` follows the chunks)."""
+        """Send tag or branch ``ref`` and what it needs to a remote (a configured remote's
+        name or a URL); only missing objects move (``progress(done, total)`` follows the
+        chunks)."""
+        if not isinstance(remote, Store) and str(remote) in self.remotes():
+            remote = self.remote_store(remote)
         return transfer.push(self, remote, ref, progress)
 
     def pull(
@@ -247,12 +251,101 @@ class Repository:
         ours: tuple[str, ...] = (),
         theirs: tuple[str, ...] = (),
     ) -> TransferReport:
-        """Fetch tag or branch ``ref`` from a remote (or an export zip); verify everything, and
-        with ``require_signed`` its signature too. A diverged local branch is merged persona
-        by persona (conflicts resolved by ``ours``/``theirs``), or reset with ``force``."""
-        return transfer.pull(
-            self, remote, ref, progress, require_signed, allowed_signers, force, ours, theirs
-        )
+        """Fetch tag or branch ``ref`` from a remote (a configured remote's name, a URL, a
+        folder or an export zip); verify everything, and with ``require_signed`` its signature
+        too. A diverged local branch is merged persona by persona (conflicts resolved by
+        ``ours``/``theirs``), or reset with ``force``."""
+        return transfer.pull(self, self.remote_store(remote), ref, progress=progress,
+                             require_signed=require_signed, allowed_signers=allowed_signers,
+                             force=force, ours=ours, theirs=theirs)  # fmt: skip
+
+    def fetch(self, remote: str, ref: str | None = None, progress: Transfer = None) -> dict:
+        """Bring a configured remote's tags and branches (or only ``ref``) with their objects,
+        recording the remote's heads under ``remotes/<name>/``; no local ref moves. Returns
+        ``{ref: version id}``."""
+        if remote not in self.remotes():
+            raise MaskstoreError(
+                f"no remote named {remote!r}: add it with maskstore remote add {remote} URL"
+            )
+        src = self.remote_store(remote)
+        rrefs = Refs(src, src.url)
+        names = [ref] if ref is not None else sorted({*rrefs.all("tags"), *rrefs.all("branches")})
+        out = {}
+        for name in names:
+            rep = transfer.pull(self, src, name, progress=progress, tracking=remote)
+            out[name] = rep.version
+        return out
+
+    def tracking(self, remote: str) -> dict[str, str]:
+        """``{"branches/main": vid, "tags/v1": vid}``: the heads the last fetch recorded."""
+        out = {}
+        for key in self.store.list(f"remotes/{remote}/"):
+            data = self.store.get(key, limit=256)
+            if data is not None:
+                out[key.split("/", 2)[2]] = data.decode("ascii", "replace").strip()
+        return out
+
+    # ---- named remotes
+    def remotes(self) -> dict[str, dict]:
+        """Configured remotes: ``{name: {"url", "endpoint_url"?, "region"?, "profile"?}}``."""
+        got = self.config.get("remotes", {})
+        return got if isinstance(got, dict) else {}
+
+    def add_remote(
+        self,
+        name: str,
+        url: str,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+    ) -> None:
+        """Remember ``url`` as remote ``name`` (S3 options alongside), in ``config.json``."""
+        check_ref_name(name)
+        if name in self.remotes():
+            raise MaskstoreError(f"remote {name!r} exists: remove it first to change it")
+        if not isinstance(url, str) or not url or any(c in url for c in "\n\r\0"):
+            raise MaskstoreError("give the remote's URL or folder")
+        if "://" in url and not url.startswith(("s3://", "s3a://", "file://")):
+            raise MaskstoreError(f"remote {url!r}: use a folder or an s3:// URL")
+        entry = {"url": url if "://" in url else str(Path(url).resolve())}
+        for k, v in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile)):
+            if v:
+                entry[k] = v
+        self._set_config("remotes", {**self.remotes(), name: entry})
+
+    def remove_remote(self, name: str) -> None:
+        remotes = self.remotes()
+        if remotes.pop(name, None) is None:
+            raise MaskstoreError(f"no remote named {name!r}")
+        self._set_config("remotes", remotes)
+        for key in self.store.list(f"remotes/{name}/"):
+            self.store.delete(key)
+
+    def remote_store(self, remote: str | Store) -> Store:
+        """A configured remote's store (with its S3 options), else ``remote`` as a URL."""
+        if isinstance(remote, Store):
+            return remote
+        entry = self.remotes().get(str(remote))
+        if entry is None:
+            return open_store(remote)
+        url = entry["url"]
+        if "://" not in url or url.startswith("file://"):
+            return open_store(url)
+        from ..stores import FsspecStore
+
+        opts: dict = {}
+        client = {k2: entry[k1] for k1, k2 in (("endpoint_url", "endpoint_url"),
+                                                ("region", "region_name")) if entry.get(k1)}  # fmt: skip
+        if client:
+            opts["client_kwargs"] = client
+        if entry.get("profile"):
+            opts["profile"] = entry["profile"]
+        return FsspecStore(url, **opts)
+
+    def _set_config(self, key: str, value: object) -> None:
+        doc = dict(self.config)
+        doc[key] = value
+        self.store.put("config.json", canonical_json(doc))
 
     def merge(
         self,

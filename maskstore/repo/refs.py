@@ -58,8 +58,14 @@ class Refs:
         return out
 
     def heads(self) -> list[str]:
-        """Every version a tag or branch points at."""
-        return [v for kind in KINDS for v in self.all(kind).values()]
+        """Every version a tag, a branch or a fetched remote head points at (what gc keeps)."""
+        out = [v for kind in KINDS for v in self.all(kind).values()]
+        for key in self.store.list("remotes/"):
+            data = self.store.get(key, limit=256)
+            vid = data.decode("ascii", "replace").strip() if data else ""
+            if is_hex(vid, 64):
+                out.append(vid)
+        return out
 
     def resolve(self, ref: str) -> str:
         """A tag, a branch, or a (unique prefix of a) version id -> the full version id."""

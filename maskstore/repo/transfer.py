@@ -218,8 +218,12 @@ def pull(
     force: bool = False,
     ours: tuple[str, ...] = (),
     theirs: tuple[str, ...] = (),
+    tracking: str | None = None,
 ) -> TransferReport:
     """Fetch tag or branch ``ref`` from a remote (or an export zip) with what it needs.
+
+    With ``tracking`` (a remote's name), only fetch: the objects arrive and the remote's head
+    is recorded as ``remotes/<tracking>/<kind>/<ref>``; no local ref moves (``fetch``).
 
     With ``require_signed`` (default: the repository's ``trust.require_signed``), the ref must
     carry a signature that ``allowed_signers`` (default: ``trust.allowed_signers``) accepts.
@@ -253,7 +257,10 @@ def pull(
         for v in versions:
             check_metadata(repo, v)
         _copy_signature(src, repo.store, kind, ref, vid)
-        if kind == "tags":
+        if tracking is not None:
+            repo.store.put(f"remotes/{tracking}/{kind}/{ref}", vid.encode())
+            rep.outcome, rep.version = "fetched", vid
+        elif kind == "tags":
             update_ref(repo, repo.store, repo.store, ref, vid, kind)
             rep.outcome, rep.version = "tag", vid
         else:
