@@ -168,6 +168,10 @@ def build(
     ] = "zstd",
     chunk_mib: Annotated[float, typer.Option(help="packed MiB per chunk")] = 2.0,
     force: Annotated[bool, typer.Option(help="replace an existing --out bundle")] = False,
+    into: Annotated[
+        Path | None,
+        typer.Option(help="add the personas to this existing bundle of the same model"),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Build persona masks from a model and calibration data (or from stored statistics)."""
@@ -210,7 +214,12 @@ def build(
         method, sparsity, selection, n_, m_, phi, eps, tau, damp, norm, ties=ties, block=block
     )
     config.check()
-    if out.exists() and not force:
+    if into is not None:
+        if force:
+            raise MaskstoreError("--into adds to a bundle; --force replaces one: give one")
+        open_bundle(into, writable=True)  # a bundle folder that exists, checked before work
+        out = into
+    elif out.exists() and not force:
         raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
     data, csv_pairs, names = _parse_personas(persona or [])
     # a pair CSV pairs its two personas for the contrastive methods; others score them alone
@@ -328,6 +337,7 @@ def build(
             codec=codec,
             weight_of=weight_of,
             masks_of=masks_of,
+            into=into is not None,
             source={
                 "model": str(model) if model is not None else f"embedded:{DEFAULT_MODEL}",
                 "revision": revision or model_source(mdl).get("revision")

@@ -620,3 +620,58 @@ def pack(
         emit_json({"out": str(out), "bytes": out.stat().st_size})
         return
     console.print(f"wrote {safe(out)} ({fmt_bytes(out.stat().st_size)})")
+
+
+@app.command()
+def cp(
+    src: Annotated[str, typer.Argument(help="SOURCE#NAME: a persona of any bundle or version")],
+    dest: WritableBundleArg,
+    as_: Annotated[str | None, typer.Option("--as", help="name of the copy")] = None,
+    force: Annotated[bool, typer.Option(help="replace a persona of that name")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a persona (masks, statistics, metadata; same digest) into a bundle of one model."""
+    from maskstore.edit import copy_persona
+
+    if "#" not in src:
+        raise MaskstoreError(f"cp takes SOURCE#NAME, got {src!r} (e.g. out/b.zarr#introvert)")
+    path, name = src.rsplit("#", 1)
+    meta = copy_persona(open_bundle(path), name, open_bundle(dest, writable=True), as_,
+                        overwrite=force)  # fmt: skip
+    _edited(dest, meta["name"], meta["digest"], f"copied {name} from {path}", json_out)
+
+
+@app.command()
+def mv(
+    bundle: WritableBundleArg,
+    old: Annotated[str, typer.Argument(help="the persona's name")],
+    new: Annotated[str, typer.Argument(help="its new name")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Rename a persona in place (same digest)."""
+    from maskstore.edit import rename_persona
+
+    meta = rename_persona(open_bundle(bundle, writable=True), old, new)
+    _edited(bundle, new, meta["digest"], f"renamed {old}", json_out)
+
+
+@app.command()
+def rm(
+    bundle: WritableBundleArg,
+    persona: Annotated[str, typer.Argument(help="the persona to remove")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove a persona from a bundle (refused while a blend combines it)."""
+    from maskstore.edit import remove_persona
+
+    b = open_bundle(bundle, writable=True)
+    digest = b.persona(persona)["digest"]
+    remove_persona(b, persona)
+    _edited(bundle, persona, digest, "removed", json_out)
+
+
+def _edited(bundle: Path, persona: str, digest: str, what: str, json_out: bool) -> None:
+    if json_out:
+        emit_json({"bundle": str(bundle), "persona": persona, "digest": digest})
+        return
+    console.print(f"{safe(persona)} ({digest[:12]}) in {safe(bundle)}: {safe(what)}")

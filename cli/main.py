@@ -22,7 +22,8 @@ COMMANDS = {
     "build": "build_cmd",
     **dict.fromkeys(
         (
-            "info verify overlap diff union intersect subtract xor complement vote blend import-pt export-pt pack"
+            "info verify overlap diff union intersect subtract xor complement vote blend import-pt "
+            "export-pt pack cp mv rm"
         ).split(),
         "bundle_cmd",
     ),

@@ -30,6 +30,7 @@ from . import methods, scoring
 from .collect import Batch, StatsCollector
 from .errors import MaskstoreError
 from .format import DEFAULT_CHUNK_BYTES, Bundle
+from .hashing import metadata_digest
 from .modules import maskable_modules, model_fingerprint
 from .names import check_persona_name
 from .stats import ChannelStats
@@ -383,8 +384,11 @@ def write_bundle(
     weight_of: Callable[[str], torch.Tensor] | None = None,
     masks_of: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, int]]] | None = None,
     source: dict | None = None,
+    into: bool = False,
 ) -> dict[str, dict]:
-    """Score and write ``personas`` into a new bundle at ``out`` (atomically).
+    """Score and write ``personas`` into a new bundle at ``out`` (atomically), or with
+    ``into`` add them to the existing bundle ``out`` of the same model (each persona appears
+    atomically; names it holds are refused).
 
     Args:
         weight_of: ``name -> weight`` when the modules' weights are not in memory (offload).
@@ -400,6 +404,22 @@ def write_bundle(
         check_persona_name(p.name)
     check_pairs([p.name for p in personas], list(pairs), config)
     fp = model_fingerprint(model, dict(modules), hash_weights=True, weight_of=weight_of)
+    if into:
+        from .opener import open_bundle
+
+        bundle = open_bundle(out, writable=True)
+        if metadata_digest(fp) != bundle.fingerprint_digest:
+            raise MaskstoreError(
+                f"{out} holds personas of another model (or other modules): add personas built "
+                "on the model and modules it was built on"
+            )
+        taken = [p.name for p in personas if p.name in bundle.personas]
+        if taken:
+            raise MaskstoreError(
+                f"{out} already holds {', '.join(taken)}: pick other names (or maskstore rm them)"
+            )
+        return write_personas(bundle, modules, personas, list(pairs), config, progress,
+                              chunk_bytes, codec, weight_of, masks_of)  # fmt: skip
     if source is None:
         source = model_source(model)
     with create_bundle(out, fp, force=force, source=source) as bundle:

@@ -155,8 +155,10 @@ def recorded_model(
         return None, revision
     rec = str(rec)
     rev = revision or (source or {}).get("revision")
-    if Path(rec).name == DEFAULT_MODEL and Path(rec).parent.name == "models":
-        return None, None  # the embedded model, wherever its cache was
+    if rec == f"embedded:{DEFAULT_MODEL}" or (
+        Path(rec).name == DEFAULT_MODEL and Path(rec).parent.name == "models"
+    ):
+        return None, None  # the embedded model (as build records it, or its cache folder)
     if (Path(rec) / "config.json").is_file():
         return rec, None
     if _REPO_ID.fullmatch(rec) and not Path(rec).exists():

@@ -65,9 +65,10 @@ def rng() -> np.random.Generator:
 CLI_SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "cli"
 _CLI_VALIDATORS: dict = {}
 # commands that share a schema: the set operations all print a derived persona
-SCHEMA_OF = dict.fromkeys(
-    ("union", "intersect", "subtract", "xor", "complement", "vote", "blend"), "op"
-)
+SCHEMA_OF = {
+    **dict.fromkeys(("union", "intersect", "subtract", "xor", "complement", "vote", "blend"), "op"),
+    **dict.fromkeys(("cp", "mv", "rm"), "edit"),
+}
 
 
 def cli_schema(name: str) -> dict:

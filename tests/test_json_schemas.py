@@ -66,6 +66,9 @@ def test_every_command_prints_a_valid_document(tmp_path, tiny_dir, calib_files, 
     ok("import-pt", tmp_path / "pt", "--out", tmp_path / "imp.zarr", "--model", tiny_dir)
     doc = ok("xor", b, "introvert", f"{tmp_path / 'imp.zarr'}#introvert", "--as", "same")
     assert doc["kept"] == 0  # an operand from another bundle of the same model
+    ok("cp", f"{b}#introvert", b, "--as", "copied")
+    ok("mv", b, "copied", "moved")
+    ok("rm", b, "moved")
     ok("pack", b, tmp_path / "b.zip")
     ok("run", b, "--model", tiny_dir, "--persona", "introvert", "--prompt", "hi",
        "--max-new-tokens", "2")  # fmt: skip

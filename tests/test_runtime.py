@@ -732,3 +732,15 @@ def test_a_blend_never_follows_a_replaced_operand(setup, cli):
     h.detach()
     maskstore.attach(model, path).use("mix")
     assert cli("verify", path)[0] == 0
+
+
+def test_recorded_model_names_resolve(tmp_path, tiny_dir):
+    from maskstore.models import DEFAULT_MODEL, recorded_model
+
+    assert recorded_model({"model": f"embedded:{DEFAULT_MODEL}"}) == (None, None)  # build's way
+    assert recorded_model({"model": f"/elsewhere/models/{DEFAULT_MODEL}"}) == (None, None)
+    assert recorded_model(None) == (None, None)
+    assert recorded_model({"model": str(tiny_dir)}) == (str(tiny_dir), None)
+    assert recorded_model({"model": "x"}, "given") == ("given", None)
+    with pytest.raises(MaskstoreError, match="not here"):
+        recorded_model({"model": str(tmp_path / "gone")})
