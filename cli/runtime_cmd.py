@@ -256,10 +256,7 @@ def eval_cmd(
     b = open_bundle(bundle)
     metas = {p: b.persona(p) for p in b.personas}
     matches = _keys(metas, key or [], bundle)
-    descr = {
-        p: f"You are {'an' if p[:1].lower() in 'aeiou' else 'a'} {p} person. Answer as one."
-        for p in metas
-    }
+    descr = {}
     for d in describe or []:
         if "=" not in d:
             raise MaskstoreError(f"--describe {d!r}: write it as NAME=TEXT")
@@ -267,60 +264,59 @@ def eval_cmd(
         descr[n] = text
     keys_for = {p: [it.matching if m else it.flipped() for it in items] for p, m in matches.items()}
     handle, tok = _attach(bundle, model, device, untie, check_weights, quiet=json_out)
-    plan = [("base", p, None, system_prompt) for p in keys_for]
-    plan += [("prompt", p, None, descr[p]) for p in keys_for]
-    plan += [("mask", p, p, system_prompt) for p in keys_for]
-    plan += [("mask+prompt", p, p, descr[p]) for p in keys_for]
-    rows, records = [], []
     with progress(disable=json_out) as bar:
-        task = bar.add_task("evaluating", total=2 * len(items) * (len(plan) - len(keys_for) + 1))
-        done: dict[tuple, evaluate.Scores] = {}
-        for setting, persona, mask, system in plan:
-            if (mask, system) not in done:  # the base model answers once for every key
-                handle.use(mask, gamma)
-                done[mask, system] = evaluate.answer_logliks(
-                    handle.model,
-                    tok,
-                    items,
-                    system=system,
-                    template=template,
-                    progress=lambda k: bar.advance(task, k),
-                )
-            scores = done[mask, system]
-            keys = keys_for[persona]
-            rows.append({"setting": setting, "persona": persona} | evaluate.summarise(scores, keys))
-            if per_item is not None:
-                records += evaluate.per_item(scores, keys, setting=setting, persona=persona)
-    handle.use(None)
+        task = bar.add_task("evaluating", total=None)
+        res = evaluate.protocol(handle, tok, items, keys_for, descr, system_prompt, template,
+                                gamma, lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+    rows = res["rows"]
     if per_item is not None:
-        per_item.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        per_item.write_text("".join(json.dumps(r) + "\n" for r in res["records"]),
+                            encoding="utf-8")  # fmt: skip
     others = [p for p in metas if p not in keys_for]
+    too_few = res["min_p"] >= 0.05
     if json_out:
         emit_json(
             {
                 "items": len(items),
                 "keys": {p: "matching" if m else "not_matching" for p, m in matches.items()},
                 "template": template,
+                "system_prompts": res["system_prompts"],
+                "min_p": res["min_p"],
                 "rows": rows,
                 "unkeyed": others,
             }
         )
         return
     t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items)")
-    for c in ("setting", "persona", "accuracy", "95% CI", "length-norm.", "95% CI "):
+    for c in ("setting", "persona", "accuracy", "95% CI", "Δ vs base", "p (McNemar)",
+              "length-norm.", "95% CI "):  # fmt: skip
         t.add_column(c, justify="left" if c in ("setting", "persona") else "right")
     for r in rows:
         lo, hi = r["accuracy_ci95"]
         nlo, nhi = r["accuracy_norm_ci95"]
+        base = r["setting"] == "base"
         t.add_row(
             r["setting"],
             safe(r["persona"]),
             f"{r['accuracy']:.3f}",
             f"{lo:.2f}-{hi:.2f}",
+            "-" if base else f"{r['delta_vs_base']:+.3f}",
+            "-" if base else f"{r['p_vs_base']:.3f}",
             f"{r['accuracy_norm']:.3f}",
             f"{nlo:.2f}-{nhi:.2f}",
         )
     console.print(t)
+    console.print(f"template: {safe(template)}; system prompt of base and mask rows: "
+                  f"{safe(repr(system_prompt))}", highlight=False)  # fmt: skip
+    for p in keys_for:
+        console.print(f"prompt rows of {safe(p)}: {safe(repr(res['system_prompts'][f'prompt:{p}']))}",
+                      highlight=False)  # fmt: skip
+    if too_few:
+        console.print(
+            f"[yellow]with {len(items)} items no difference can be significant (the smallest "
+            f"possible p is {res['min_p']:.3f}); use at least 6, and many more to detect small "
+            "effects[/]"
+        )
     if others:
         console.print(f"[dim]not scored (no key for them): {safe(', '.join(others))}[/]")
     if per_item is not None:
@@ -408,9 +404,14 @@ def export_model_cmd(
             help="dense safetensors, or compressed-tensors' sparse-bitmask layout (--gamma 0)",
         ),
     ] = "safetensors",
+    dtype: Annotated[
+        choice("float32", "bfloat16", "float16") | None,
+        typer.Option(help="dtype of the written weights (default: the model's)"),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write the model with a persona applied as a standalone Hugging Face checkpoint."""
+    """Write the model with a persona applied as a standalone Hugging Face checkpoint (its
+    provenance in config.json under 'maskstore' and in a model card README.md)."""
     from maskstore.export import export_model
 
     if not 0.0 <= gamma <= 1.0:
@@ -428,9 +429,10 @@ def export_model_cmd(
     check_output_folder(out, force, protect=(bundle,) if Path(str(bundle)).exists() else ())
     handle, tok = _attach(bundle, model, "cpu", untie, check_weights, quiet=json_out)
     handle.detach()
+    version = getattr(getattr(b, "source", None), "version", None)
     export_model(
         handle.model, tok, b, persona, out, gamma, check_weights=False, untie=untie, force=force,
-        format=format,
+        format=format, dtype=dtype, version=version if isinstance(version, str) else None,
     )  # fmt: skip
     if json_out:
         emit_json({"out": str(out), "persona": persona, "gamma": gamma, "format": format})

@@ -272,3 +272,99 @@ def layer_cosine(
     finally:
         handle.use(*prev)
     return (sums / count).tolist()
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (the binomial
+    test of ``min(b, c)`` successes in ``b + c`` trials at 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def min_p_value(n: int) -> float:
+    """The smallest two-sided exact McNemar p-value ``n`` items can give (all discordant one
+    way): with fewer than 6 items no difference reaches p < 0.05."""
+    return mcnemar_exact(n, 0)
+
+
+def describe(persona: str) -> str:
+    """The default persona system prompt of the prompt rows."""
+    return f"You are {'an' if persona[:1].lower() in 'aeiou' else 'a'} {persona} person. Answer as one."
+
+
+def protocol(
+    handle,
+    tok,
+    items: list[MCItem],
+    keys_for: dict[str, list[str]],
+    descriptions: dict[str, str] | None = None,
+    system_prompt: str | None = None,
+    template: str = "chat",
+    gamma: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """The paper's four-row evaluation for each keyed persona: the base model, the persona's
+    system prompt, its mask, and both; accuracy by summed and length-normalised
+    log-likelihood with 95% Wilson intervals, each row's difference from the base row and the
+    exact McNemar p-value of that difference (paired by item).
+
+    Args:
+        handle: a :class:`~maskstore.runtime.MaskHandle` over the personas.
+        keys_for: persona -> each item's key ("A"/"B") as that persona answers.
+        descriptions: persona -> system prompt of its prompt rows (default :func:`describe`).
+        system_prompt: system prompt of the base and mask rows (None: none).
+        progress: ``progress(done, total)`` in scored sequences.
+    Returns:
+        ``{"rows": [...], "records": [per-item dicts], "system_prompts": {...},
+        "template": template, "min_p": the smallest p-value len(items) allows}``.
+    """
+    descr = {p: (descriptions or {}).get(p) or describe(p) for p in keys_for}
+    plan = [("base", p, None, system_prompt) for p in keys_for]
+    plan += [("prompt", p, None, descr[p]) for p in keys_for]
+    plan += [("mask", p, p, system_prompt) for p in keys_for]
+    plan += [("mask+prompt", p, p, descr[p]) for p in keys_for]
+    total = 2 * len(items) * len({(m, s) for _, _, m, s in plan})
+    done_n = 0
+
+    def tick(k: int) -> None:
+        nonlocal done_n
+        done_n += k
+        if progress:
+            progress(done_n, total)
+
+    rows, records, done = [], [], {}
+    correct: dict[tuple[str, str], list[bool]] = {}
+    try:
+        for setting, persona, mask, system in plan:
+            if (mask, system) not in done:  # the base model answers once for every key
+                handle.use(mask, gamma)
+                done[mask, system] = answer_logliks(handle.model, tok, items, system=system,
+                                                    template=template, progress=tick)  # fmt: skip
+            scores, keys = done[mask, system], keys_for[persona]
+            right = [c == k for c, k in zip(scores.choices(False), keys, strict=True)]
+            correct[setting, persona] = right
+            row = {"setting": setting, "persona": persona} | summarise(scores, keys)
+            base = correct["base", persona]
+            row["delta_vs_base"] = (sum(right) - sum(base)) / max(len(items), 1)
+            b = sum(x and not y for x, y in zip(base, right, strict=True))
+            c = sum(y and not x for x, y in zip(base, right, strict=True))
+            row["p_vs_base"] = mcnemar_exact(b, c)
+            rows.append(row)
+            records += per_item(scores, keys, setting=setting, persona=persona)
+    finally:
+        handle.use(None)
+    return {
+        "rows": rows,
+        "records": records,
+        "system_prompts": {
+            "base": system_prompt,
+            "mask": system_prompt,
+            **{f"prompt:{p}": d for p, d in descr.items()},
+        },
+        "template": template,
+        "min_p": min_p_value(len(items)),
+    }

@@ -42,6 +42,8 @@ def export_model(
     untie: bool = False,
     force: bool = False,
     format: str = "safetensors",
+    dtype: str | None = None,
+    version: str | None = None,
 ) -> Path:
     """Write ``model`` with ``persona`` applied as a Hugging Face checkpoint folder at ``out``
     (written beside it, then renamed into place); the model is left as it was.
@@ -53,6 +55,9 @@ def export_model(
         format: ``safetensors`` (dense weights) or ``compressed-tensors`` (the masked weights
             in the sparse-bitmask format; needs ``gamma=0``, as the format stores zeros
             implicitly).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the written weights (default: the
+            model's); the gate is applied in the model's dtype first.
+        version: the repository version the bundle came from, recorded with the provenance.
     Returns:
         The folder.
     """
@@ -67,6 +72,11 @@ def export_model(
         )
     out = Path(out)
     meta = bundle.persona(persona)  # unknown names fail before anything is written
+    cast = None
+    if dtype is not None:
+        from .models import torch_dtype
+
+        cast = torch_dtype(dtype)
     h = attach(model, bundle, check_weights=check_weights, untie=untie)
     try:
         with new_folder(out, force, protect=_local(bundle)) as tmp:
@@ -86,16 +96,35 @@ def export_model(
                 "maskstore.gamma": repr(float(gamma)),
                 "maskstore.base_weights_xxh3": str(bundle.fingerprint.get("weights_xxh3")),
             }
-            if format == "safetensors":
+            if format == "safetensors" and cast is None:
                 save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
+            elif format == "safetensors":
+                state = _state(model, cast)
+                save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
             else:
                 masked = list(meta["modules"])
-                state = _bitmask_state(model, bundle, persona, masked)
+                state = _bitmask_state(model, bundle, persona, masked, cast)
                 metadata["maskstore.format"] = format
                 save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
                 kept = sum(e["kept"] for e in meta["modules"].values())
                 numel = sum(bundle.modules[m].numel for m in masked)
                 _add_sparsity_config(tmp / "config.json", masked, 1 - kept / numel)
+            written = str(cast or next(model.parameters()).dtype).removeprefix("torch.")
+            prov = {
+                "persona": persona,
+                "persona_digest": meta["digest"],
+                "bundle_digest": bundle.digest,
+                "version": version,
+                "method": meta["method"],
+                "params": meta["params"],
+                "sparsity": meta["sparsity"],
+                "gamma": float(gamma),
+                "base_model": (bundle.model_source or {}).get("model"),
+                "base_weights_xxh3": bundle.fingerprint.get("weights_xxh3"),
+                "maskstore_version": __version__,
+            }
+            _record(tmp, prov, written)
+            _readable(tmp)
     finally:
         h.detach()
     return out
@@ -104,8 +133,70 @@ def export_model(
 FORMATS = ("safetensors", "compressed-tensors")
 
 
+def _state(model: nn.Module, cast: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with floating tensors cast to ``cast`` (tied tensors stored once,
+    under their first name, as ``save_model`` does)."""
+    state: dict[str, torch.Tensor] = {}
+    seen = set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        t = t.detach()
+        state[name] = (t.to(cast) if t.is_floating_point() else t).contiguous()
+    return state
+
+
+def _record(folder: Path, prov: dict, dtype: str) -> None:
+    """Provenance under ``maskstore`` in ``config.json`` (with the written dtype) and a model
+    card ``README.md`` saying what the checkpoint is and where it came from."""
+    import json
+
+    cfg = folder / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["maskstore"] = prov
+    doc["torch_dtype"] = doc["dtype"] = dtype
+    cfg.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    rows = "\n".join(f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |"
+                     for k, v in prov.items())  # fmt: skip
+    card = f"""---
+library_name: transformers
+tags:
+- maskstore
+- persona-mask
+base_model: {json.dumps(str(prov.get("base_model") or "unrecorded"))}
+---
+
+# {prov["persona"]}: a persona mask applied to {prov.get("base_model") or "its base model"}
+
+The weights are the base model's with the persona's binary mask applied once
+(`W * G`, `G = M + gamma (1 - M)`), stored as {dtype}: load it with
+`AutoModelForCausalLM.from_pretrained` like any checkpoint. Made by maskstore from a persona
+mask (arXiv 2602.07164, "Your Language Model Secretly Contains Personality Subnetworks").
+
+| field | value |
+| --- | --- |
+{rows}
+"""
+    (folder / "README.md").write_text(card)
+
+
+def _readable(folder: Path) -> None:
+    """Files as ``open`` creates them (0666 less the umask), whatever the writers chose."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~umask)
+
+
 def _bitmask_state(
-    model: nn.Module, bundle: Bundle, persona: str, masked: list[str]
+    model: nn.Module,
+    bundle: Bundle,
+    persona: str,
+    masked: list[str],
+    cast: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model's state dict with each masked weight in the sparse-bitmask layout (tied
     tensors stored once, under their first name, as ``save_model`` does)."""
@@ -117,6 +208,8 @@ def _bitmask_state(
         if key in seen and name not in targets:
             continue
         seen.add(key)
+        if cast is not None and t.is_floating_point():
+            t = t.to(cast)
         if name not in targets:
             state[name] = t.detach().contiguous()
             continue

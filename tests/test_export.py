@@ -154,3 +154,47 @@ def test_force_replaces_only_an_earlier_export_never_other_data(tmp_path, tiny_d
         assert cli(*args, "--out", out)[0] == 2  # exists: --force needed
         code, _, err = cli(*args, "--out", out, "--force")  # an earlier export: replaced
         assert code == 0, err
+
+
+def test_export_records_provenance_casts_and_writes_readable_files(tmp_path, tiny_dir,
+                                                                    calib_files, cli):  # fmt: skip
+    """From a repository version: --dtype bfloat16 loads as bfloat16 with the gated weights
+    rounded once; config.json's maskstore key and README.md say what it is; files are
+    readable as others' exports are (0666 less the umask); parent folders are created."""
+    import os
+    import stat
+
+    from transformers import AutoModelForCausalLM
+
+    b, repo = tmp_path / "b.zarr", tmp_path / "repo"
+    assert cli("build", "--model", tiny_dir, "--samples", "4", "--max-tokens", "16",
+               *pair_args(calib_files), "--out", b)[0] == 0  # fmt: skip
+    assert cli("commit", b, "-m", "x", "--repo", repo)[0] == 0
+    assert cli("tag", "v1", "--repo", repo)[0] == 0
+    out = tmp_path / "deep" / "er" / "ckpt"
+    code, _, err = cli("export-model", f"{repo}@v1", "introvert", "--dtype", "bfloat16",
+                       "--out", out)  # fmt: skip
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    prov = cfg["maskstore"]
+    bundle = open_bundle(b)
+    assert prov["persona"] == "introvert" and prov["method"] == "contrastive-wanda"
+    assert prov["persona_digest"] == bundle.persona("introvert")["digest"]
+    assert prov["bundle_digest"] == open_bundle(f"{repo}@v1").digest
+    assert prov["version"] == open_bundle(f"{repo}@v1").source.version
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "introvert" in card and prov["persona_digest"] in card
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+    got = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    named = dict(got.named_parameters())
+    assert all(p.dtype == torch.bfloat16 for p in got.parameters())
+    for name, p in base.named_parameters():
+        mod = name.rsplit(".", 1)[0]
+        want = p
+        if mod in bundle.modules and name.endswith("weight"):
+            want = p * torch.from_numpy(bundle.read_mask("introvert", mod))
+        assert torch.equal(named[name], want.to(torch.bfloat16)), name

@@ -744,3 +744,30 @@ def test_recorded_model_names_resolve(tmp_path, tiny_dir):
     assert recorded_model({"model": "x"}, "given") == ("given", None)
     with pytest.raises(MaskstoreError, match="not here"):
         recorded_model({"model": str(tmp_path / "gone")})
+
+
+def test_mcnemar_exact_and_the_small_sample_warning(tmp_path, tiny_dir, calib_files, cli):
+    from maskstore.evaluate import mcnemar_exact, min_p_value
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(5, 5) == 1.0
+    assert min_p_value(5) >= 0.05 > min_p_value(6)
+    b = tmp_path / "b.zarr"
+    assert cli("build", "--model", tiny_dir, "--samples", "4", "--max-tokens", "16",
+               *pair_args(calib_files), "--out", b)[0] == 0  # fmt: skip
+    mc = tmp_path / "mc.csv"
+    mc.write_text("".join(calib_files["mc"].read_text().splitlines(keepends=True)[:5]))  # 4 items
+    code, out, err = cli("eval", b, "--mc", mc, "--template", "none", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["items"] == 4 and doc["min_p"] == pytest.approx(2 / 16)
+    assert doc["system_prompts"]["prompt:introvert"].startswith("You are an introvert")
+    for r in doc["rows"]:
+        if r["setting"] == "base":
+            assert r["delta_vs_base"] == 0 and r["p_vs_base"] == 1.0
+        assert 0 <= r["p_vs_base"] <= 1
+    code, out, err = cli("eval", b, "--mc", mc, "--template", "none", "--system-prompt", "Be brief.")
+    assert code == 0 and "no difference can be significant" in out and "'Be brief.'" in out
