@@ -188,3 +188,60 @@ def test_cli_merge_of_local_branches(tmp_path, rng, cli):
     assert code == 0 and "fast-forward" in out and r.resolve("exp") == r.resolve("main")
     code, out, err = cli("merge", "main", "--into", "nope", *repo)
     assert code == 2 and "no branch 'nope'" in err
+
+
+def _on(repo, tmp_path, branch, masks, message):
+    path = tmp_path / f"b-{message}"
+    write_bundle(path, FP, masks, force=True)
+    return repo.commit(open_bundle(path), message, branch=branch)
+
+
+def test_the_merge_base_is_the_best_common_ancestor(tmp_path, rng):
+    """Theirs holds a merge whose second parent reaches an older common version (O) before
+    its first parent reaches the newer one (C). Merging from O would resurrect the persona y
+    that ours deleted after C; the best common ancestor is C, and y stays deleted."""
+    from maskstore.repo.merge import merge_bases
+
+    m = _masks(rng, ["a", "x", "y", "z", "w"])
+    repo = init_repo(tmp_path / "r")
+    o = _on(repo, tmp_path, "main", {k: m[k] for k in ("a", "x")}, "O")
+    repo.set_branch("old", o, None)
+    c = _on(repo, tmp_path, "main", {k: m[k] for k in ("a", "x", "y")}, "C")
+    repo.set_branch("feature", c, None)
+    _on(repo, tmp_path, "main", {k: m[k] for k in ("a", "x")}, "ours deletes y")
+    _on(repo, tmp_path, "old", {k: m[k] for k in ("a", "x", "z")}, "old adds z")
+    _on(repo, tmp_path, "feature", {k: m[k] for k in ("a", "x", "y", "w")}, "F0")
+    _on(repo, tmp_path, "feature", {k: m[k] for k in ("a", "x", "y", "w")} | {"w2": m["w"]}, "F1")
+    repo.merge("old", into="feature")
+    assert merge_bases(repo, repo.resolve("main"), repo.resolve("feature")) == [c]
+    res = repo.merge("feature", into="main")
+    merged = open_bundle(f"{tmp_path / 'r'}@main")
+    assert "y" not in merged.personas, res.taken  # deleted on ours since C: stays deleted
+    assert {"a", "x", "z", "w", "w2"} <= set(merged.personas)
+
+
+def test_criss_cross_histories_never_lose_a_change_silently(tmp_path, rng):
+    """Two merge bases that disagree about a persona: a persona both sides changed alike is
+    taken; one whose bases disagree and whose sides differ is a conflict, never a silent
+    pick."""
+    from maskstore.repo.merge import merge_bases
+
+    m = _masks(rng, ["a", "b", "p", "q"])
+    repo = init_repo(tmp_path / "r")
+    base = _on(repo, tmp_path, "main", {"a": m["a"]}, "base")
+    repo.set_branch("other", base, None)
+    _on(repo, tmp_path, "main", {"a": m["a"], "p": m["p"]}, "main adds p")
+    _on(repo, tmp_path, "other", {"a": m["b"]}, "other changes a")
+    main1, other1 = repo.resolve("main"), repo.resolve("other")
+    # criss-cross: each side merges the other's head as it was
+    repo.set_branch("m2", main1, None)
+    repo.merge(other1, into="m2")  # m2 = main1 + other1
+    repo.set_branch("o2", other1, None)
+    repo.merge(main1, into="o2")  # o2 = other1 + main1
+    _on(repo, tmp_path, "m2", {"a": m["b"], "p": m["q"]}, "m2 changes p")
+    _on(repo, tmp_path, "o2", {"a": m["a"], "p": m["p"]}, "o2 reverts a")
+    bases = merge_bases(repo, repo.resolve("m2"), repo.resolve("o2"))
+    assert len(bases) == 2
+    with pytest.raises(MergeConflict) as e:
+        repo.merge("o2", into="m2")
+    assert "a" in e.value.conflicts  # the bases disagree on a and the sides differ

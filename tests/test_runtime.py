@@ -769,5 +769,7 @@ def test_mcnemar_exact_and_the_small_sample_warning(tmp_path, tiny_dir, calib_fi
         if r["setting"] == "base":
             assert r["delta_vs_base"] == 0 and r["p_vs_base"] == 1.0
         assert 0 <= r["p_vs_base"] <= 1
-    code, out, err = cli("eval", b, "--mc", mc, "--template", "none", "--system-prompt", "Be brief.")
+    code, out, err = cli(
+        "eval", b, "--mc", mc, "--template", "none", "--system-prompt", "Be brief."
+    )
     assert code == 0 and "no difference can be significant" in out and "'Be brief.'" in out

@@ -37,15 +37,32 @@ class MergeResult:
 
     version: str
     base: str | None
+    bases: list[str] = field(default_factory=list)  # every best common ancestor
     taken: dict[str, str] = field(default_factory=dict)  # persona -> "ours" | "theirs" | "both"
     removed: list[str] = field(default_factory=list)
     resolved: dict[str, str] = field(default_factory=dict)  # conflicts and the side chosen
 
 
-def merge_base(repo: Repository, a: str, b: str) -> str | None:
-    """The nearest version both ``a`` and ``b`` descend from (None when they share none)."""
+def merge_bases(repo: Repository, a: str, b: str) -> list[str]:
+    """The best common ancestors of ``a`` and ``b`` (git's merge bases): versions both descend
+    from that no other common ancestor descends from. Several after criss-cross merges; none
+    when the histories share nothing."""
     mine = set(ancestors(repo, a))
-    return next((v for v in ancestors(repo, b) if v in mine), None)
+    common = [v for v in ancestors(repo, b) if v in mine]  # nearest first along b's walk
+    dominated: set[str] = set()
+    for c in common:
+        if c not in dominated:
+            dominated.update(v for v in ancestors(repo, c) if v != c)
+    return [c for c in common if c not in dominated]
+
+
+def merge_base(repo: Repository, a: str, b: str) -> str | None:
+    """One best common ancestor of ``a`` and ``b`` (None when they share none)."""
+    bases = merge_bases(repo, a, b)
+    return bases[0] if bases else None
+
+
+_AMBIGUOUS = object()  # the merge bases disagree on a persona: never resolved silently
 
 
 def _digests(man: dict | None) -> dict[str, str]:
@@ -95,8 +112,13 @@ def merge(
             f"{ours[:12]} and {theirs[:12]} hold masks for different models: they cannot be "
             "merged (pull --force takes the remote's branch instead)"
         )
-    base = merge_base(repo, ours, theirs)
-    d_b = _digests(repo.objects.manifest(base) if base else None)
+    bases = merge_bases(repo, ours, theirs)
+    base = bases[0] if bases else None
+    per_base = [_digests(repo.objects.manifest(v)) for v in bases] or [{}]
+    d_b: dict = {}
+    for p in set().union(*per_base):
+        seen = {d.get(p) for d in per_base}
+        d_b[p] = seen.pop() if len(seen) == 1 else _AMBIGUOUS
     d_o, d_t = _digests(m_o), _digests(m_t)
     names = sorted(set(d_b) | set(d_o) | set(d_t))
     unknown = sorted((set(take_ours) | set(take_theirs)) - set(names))
@@ -104,7 +126,7 @@ def merge(
         raise MaskstoreError(
             f"no persona {', '.join(map(repr, unknown))} on either side: check the names"
         )
-    res = MergeResult(version="", base=base)
+    res = MergeResult(version="", base=base, bases=bases)
     personas: dict[str, dict] = {}
     conflicts: list[str] = []
     for p in names:
