@@ -34,7 +34,7 @@ from .hashing import metadata_digest
 from .modules import maskable_modules, model_fingerprint
 from .names import check_persona_name
 from .stats import ChannelStats
-from .writer import create_bundle
+from .writer import WritableBundle, create_bundle
 
 Progress = Callable[[int], None] | None
 
@@ -405,9 +405,7 @@ def write_bundle(
     check_pairs([p.name for p in personas], list(pairs), config)
     fp = model_fingerprint(model, dict(modules), hash_weights=True, weight_of=weight_of)
     if into:
-        from .opener import open_bundle
-
-        bundle = open_bundle(out, writable=True)
+        bundle = WritableBundle(out)
         if metadata_digest(fp) != bundle.fingerprint_digest:
             raise MaskstoreError(
                 f"{out} holds personas of another model (or other modules): add personas built "
