@@ -270,15 +270,17 @@ def build(
         stats = stats_from_bundle(source, names, mods)
     else:
         chosen = {n: cal.choose(smp, samples, seed) for n, smp in data.items()}
+        made = {n: list(cal.batches(tok, c, max_tokens, batch_size, chat_template))
+                for n, c in chosen.items()}  # fmt: skip
+        records = {}  # every rank records every batch: the same digest as one process
+        for n, bs in made.items():
+            records[n] = cal.Recorder(bs, cal.describe(max_tokens, seed, chat_template))
+            for _ in records[n]:
+                pass
         # each rank takes every size-th batch; one process takes them all
-        batches = {
-            n: distributed.shard(
-                list(cal.batches(tok, c, max_tokens, batch_size, chat_template)), rank, size
-            )
-            for n, c in chosen.items()
-        }
+        batches = {n: distributed.shard(bs, rank, size) for n, bs in made.items()}
         collectors = {n: collector(mods, config, record=size > 1) for n in data}
-        with progress(disable=rank != 0) as bar:
+        with progress(disable=rank != 0 or json_out) as bar:
             if layerwise is not None:
                 task = bar.add_task("calibrating, block by block", total=len(layerwise.layers))
                 layerwise.collect(collectors, batches, progress=lambda k: bar.advance(task, k))
@@ -296,15 +298,9 @@ def build(
         if size > 1:
             distributed.gather_stats(collectors)
         stats = []
-        for n, c in chosen.items():
+        for n in chosen:
             st = finish_stats(collectors[n], config)
-            calib = {
-                "digest": cal.samples_digest(c),
-                "samples": len(c),
-                "tokens": next(iter(st.values())).tokens,
-                "source": f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}",
-            }
-            stats.append(PersonaStats(n, st, calib))
+            stats.append(PersonaStats(n, st, records[n].record()))
     times["calibration"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

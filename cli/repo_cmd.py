@@ -307,7 +307,7 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
         "skipped": rep.skipped,
     }
     if verb == "pull":
-        doc |= {"outcome": rep.outcome, "version": rep.version}
+        doc |= {"outcome": rep.outcome, "version": rep.version, "discarded": rep.discarded}
         doc["merge"] = _merge_doc(rep.merge) if rep.merge else None
     if json_out:
         emit_json(doc)
@@ -319,6 +319,11 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
     )
     if verb == "pull" and rep.outcome != "tag":
         console.print(f"{safe(ref)} -> {rep.version[:12]}: {_OUTCOME[rep.outcome]}")
+    if rep.discarded:
+        console.print(
+            f"[yellow]discarded local head {rep.discarded}[/] (kept 30 days; restore it with "
+            f"maskstore branch {safe(ref)}-old {rep.discarded[:12]})"
+        )
     if rep.merge:
         _print_merge(rep.merge)
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import methods, scoring
+from .calibration import API_SOURCE, Recorder
 from .collect import Batch, StatsCollector
 from .errors import MaskstoreError
 from .format import DEFAULT_CHUNK_BYTES, Bundle
@@ -449,36 +450,6 @@ def model_source(model: nn.Module, revision: str | None = None) -> dict:
     return out
 
 
-class _Recorder:
-    """Passes token batches through while hashing them (xxh3) and counting samples and tokens:
-    the calibration record of an API build."""
-
-    def __init__(self, batches: Iterable[Batch]) -> None:
-        import xxhash
-
-        self.batches, self.samples, self.tokens = batches, 0, 0
-        self._h = xxhash.xxh3_128()
-
-    def __iter__(self):
-        for b in self.batches:
-            ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
-            mask = None if isinstance(b, torch.Tensor) else b.get("attention_mask")
-            self._h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
-            if mask is not None:
-                self._h.update(mask.detach().cpu().to(torch.int8).contiguous().numpy().tobytes())
-            self.samples += int(ids.shape[0])
-            self.tokens += int(ids.numel() if mask is None else mask.sum())
-            yield b
-
-    def record(self) -> dict:
-        return {
-            "digest": self._h.hexdigest(),
-            "samples": self.samples,
-            "tokens": self.tokens,
-            "source": "api: token batches (digest over input_ids and attention_mask)",
-        }
-
-
 def stats_from_bundle(
     source: Bundle, names: list[str] | None, modules: Mapping[str, nn.Linear]
 ) -> list[PersonaStats]:
@@ -512,6 +483,7 @@ def build(
     modules: Mapping[str, nn.Linear] | None = None,
     force: bool = False,
     progress: Callable[[str, int], None] | None = None,
+    calibration_source: str | None = None,
 ) -> Path:
     """Build a bundle from any ``torch.nn.Module`` and token batches per persona.
 
@@ -524,6 +496,10 @@ def build(
         modules: the ``nn.Linear`` modules to mask (default: all but LM head and embeddings).
         progress: ``(stage, n)`` after each step: ``"calibrating <persona>"`` with the samples
             done, then ``"scoring"`` with the modules done (off by default; the CLI draws bars).
+        calibration_source: how the batches were made, recorded with their digest
+            (:class:`maskstore.calibration.Recorder`); the command line records
+            :func:`maskstore.calibration.describe`, so batches made as it makes them, with that
+            description, give the persona digests it gives.
     Returns:
         The bundle path.
     """
@@ -536,7 +512,7 @@ def build(
     personas = []
     for name, batches in calibration.items():
         step = (lambda k, s=f"calibrating {name}": progress(s, k)) if progress else None
-        rec = _Recorder(batches)
+        rec = Recorder(batches, calibration_source or API_SOURCE)
         st = collect_stats(model, modules, rec, config, step)
         personas.append(PersonaStats(name, st, rec.record()))
     write_bundle(

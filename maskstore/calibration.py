@@ -120,8 +120,49 @@ def choose(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:
 
 
 def samples_digest(samples: list[Sample]) -> str:
-    """xxh3-128 of the canonical JSON list of ``[prompt, text]`` pairs actually used."""
+    """xxh3-128 of the canonical JSON list of ``[prompt, text]`` pairs (for reference; a
+    persona's calibration digest is :class:`Recorder`'s, over the tokens)."""
     return xxh3(canonical_json([s.as_json() for s in samples]))
+
+
+API_SOURCE = "token batches"
+
+
+def describe(max_tokens: int, seed: int, chat_template: bool) -> str:
+    """How the command line made its batches (the ``source`` of its calibration record)."""
+    return f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}"
+
+
+class Recorder:
+    """The one definition of a persona's calibration record: passes token batches through
+    while hashing them (xxh3-128 over each batch's ``input_ids`` as int64 and
+    ``attention_mask`` as int8, in order) and counting samples and tokens. The API build and
+    the command line both use it, so the same batches give the same persona digest."""
+
+    def __init__(self, batches, source: str = API_SOURCE) -> None:
+        import xxhash
+
+        self.batches, self.samples, self.tokens, self.source = batches, 0, 0, source
+        self._h = xxhash.xxh3_128()
+
+    def __iter__(self):
+        for b in self.batches:
+            self.add(b)
+            yield b
+
+    def add(self, b) -> None:
+        """Account for one batch (a tensor of ids or a dict with ``attention_mask``)."""
+        ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
+        mask = None if isinstance(b, torch.Tensor) else b.get("attention_mask")
+        self._h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+        if mask is not None:
+            self._h.update(mask.detach().cpu().to(torch.int8).contiguous().numpy().tobytes())
+        self.samples += int(ids.shape[0])
+        self.tokens += int(ids.numel() if mask is None else mask.sum())
+
+    def record(self) -> dict:
+        return {"digest": self._h.hexdigest(), "samples": self.samples, "tokens": self.tokens,
+                "source": self.source}  # fmt: skip
 
 
 def render(tokenizer, sample: Sample, chat_template: bool) -> str:

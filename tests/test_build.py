@@ -290,3 +290,30 @@ def test_a_realised_sparsity_off_target_warns_and_shows_in_the_card(tmp_path, ti
                        "--persona", f"introvert={calib_files['introvert']}", "--sparsity", "0.3",
                        "--out", tmp_path / "w.zarr")  # fmt: skip
     assert code == 0 and "realised sparsity" not in err  # wanda keeps exactly 70% of each row
+
+
+def test_the_api_and_the_cli_give_the_same_persona_digest(tmp_path, tiny_dir, calib_files, cli):
+    """One calibration digest definition (over the token batches): batches made as the
+    command line makes them, with its description, give the persona digest it gives."""
+    from maskstore import calibration as cal
+    from maskstore.build import BuildConfig, build
+    from maskstore.models import load_model
+    from maskstore.opener import open_bundle
+
+    out = tmp_path / "cli.zarr"
+    code, _, err = cli("build", "--model", tiny_dir, "--samples", "6", "--max-tokens", "24",
+                       "--batch-size", "4", "--seed", "3",
+                       "--persona", f"introvert={calib_files['introvert']}", "--out", out)  # fmt: skip
+    assert code == 0, err
+    model, tok = load_model(str(tiny_dir))
+    chosen = cal.choose(cal.read_samples(calib_files["introvert"]), 6, 3)
+    batches = list(cal.batches(tok, chosen, 24, 4, False))
+    api = tmp_path / "api.zarr"
+    build(model, {"introvert": batches}, api, config=BuildConfig(),
+          calibration_source=cal.describe(24, 3, False))  # fmt: skip
+    a, c = open_bundle(api).persona("introvert"), open_bundle(out).persona("introvert")
+    assert a["calibration"] == c["calibration"]
+    assert a["digest"] == c["digest"]
+    other = tmp_path / "other.zarr"  # other tokens: another digest
+    build(model, {"introvert": batches[:1]}, other, calibration_source=cal.describe(24, 3, False))
+    assert open_bundle(other).persona("introvert")["digest"] != c["digest"]

@@ -245,3 +245,20 @@ def test_criss_cross_histories_never_lose_a_change_silently(tmp_path, rng):
     with pytest.raises(MergeConflict) as e:
         repo.merge("o2", into="m2")
     assert "a" in e.value.conflicts  # the bases disagree on a and the sides differ
+
+
+def test_pull_force_names_the_discarded_head_and_gc_keeps_it(tmp_path, rng, cli):
+    r1, r2, start = _diverge(tmp_path, rng, str(tmp_path / "remote"))
+    _commit(r1, tmp_path / "b1", {**start, "a": _masks(rng, ["a"])["a"]}, "r1")
+    r1.push(str(tmp_path / "remote"), "main")
+    theirs_b = _masks(rng, ["b"])["b"]
+    mine = _commit(r2, tmp_path / "b2", {**start, "b": theirs_b}, "r2")
+    code, out, err = cli("pull", tmp_path / "remote", "main", "--force", "--json",
+                         "--repo", tmp_path / "r2")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["discarded"] == mine
+    code, out, _ = cli("pull", tmp_path / "remote", "main", "--force", "--repo", tmp_path / "r2")
+    assert code == 0
+    assert cli("gc", "--grace", "0", "--repo", tmp_path / "r2")[0] == 0
+    assert cli("branch", "rescued", mine[:12], "--repo", tmp_path / "r2")[0] == 0  # still there
+    _same(open_bundle(f"{tmp_path / 'r2'}@rescued"), {**start, "b": theirs_b})

@@ -9,15 +9,22 @@ from typing import TYPE_CHECKING
 from ..errors import MaskstoreError
 from ..hashing import blake2b_hex
 from .snapshot import check_metadata
-from .transfer import needed
+from .transfer import needed, reflog_heads
 
 if TYPE_CHECKING:
     from . import Repository
 
 
-def reachable(repo: Repository) -> tuple[set[str], set[str]]:
-    """(version ids, chunk names) that some tag or branch reaches."""
-    versions, chunks = needed(repo, repo.refs.heads(), repo.store)
+REFLOG_EXPIRY = 30 * 86400.0  # seconds gc keeps a head a branch was moved off (pull --force)
+
+
+def reachable(repo: Repository, since: float | None = None) -> tuple[set[str], set[str]]:
+    """(version ids, chunk names) that some tag or branch reaches, or (with ``since``) a head
+    a branch left at or after ``since`` (its reflog)."""
+    heads = repo.refs.heads()
+    if since is not None:
+        heads += [v for v in reflog_heads(repo.store, since) if repo.store.has(f"versions/{v}")]
+    versions, chunks = needed(repo, heads, repo.store)
     return set(versions), {h for h, _, _ in chunks}
 
 
@@ -32,7 +39,8 @@ def gc(repo: Repository, grace_seconds: float = 3600.0) -> tuple[int, int]:
     """
     with repo.store.lock("gc", shared=False):
         cutoff = time.time() - grace_seconds
-        versions, chunks = reachable(repo)
+        # and the heads branches left within the reflog's expiry (as git's gc.reflogExpire)
+        versions, chunks = reachable(repo, since=min(cutoff, time.time() - REFLOG_EXPIRY))
         removed = freed = 0
         for key in repo.store.list("chunks/") + repo.store.list("versions/"):
             name = key.split("/", 1)[1].replace("/", "")

@@ -55,6 +55,7 @@ class TransferReport:
     outcome: str = ""
     version: str = ""
     merge: MergeResult | None = None
+    discarded: str | None = None  # the local head a forced pull moved the branch off
 
 
 def needed(
@@ -180,14 +181,37 @@ def push(repo: Repository, remote: str | Store, ref: str = "main", progress: Pro
     return rep
 
 
+def record_reflog(store: Store, branch: str, old: str, new: str, why: str) -> None:
+    """Append ``old -> new`` to the branch's reflog (``reflog/<branch>``): gc keeps a head a
+    branch left within its grace period, so ``pull --force`` can be undone
+    (``maskstore branch NAME OLD``)."""
+    import time
+
+    line = f"{int(time.time())} {old} {new} {' '.join(why.split())[:200]}\n".encode()
+    have = store.get(f"reflog/{branch}", limit=1 << 20) or b""
+    store.put(f"reflog/{branch}", (have + line)[-(1 << 20) + 4096 :])
+
+
+def reflog_heads(store: Store, since: float) -> list[str]:
+    """The versions branches left at or after ``since`` (seconds since the epoch)."""
+    out = []
+    for key in store.list("reflog/"):
+        for line in (store.get(key, limit=1 << 20) or b"").decode("ascii", "replace").splitlines():
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[0].isdigit() and int(parts[0]) >= since:
+                if is_hex(parts[1], 64):
+                    out.append(parts[1])
+    return out
+
+
 def _copy_signature(src: Store, dst: Store, kind: str, name: str, vid: str) -> bytes | None:
     """Carry the signature of ``kind/name -> vid`` along, if ``src`` has one."""
     key = signing.signature_key(kind, name, vid)
     sig = src.get(key, limit=signing.MAX_SIGNATURE_BYTES)
     if sig is not None:
         signing.check_signature_bytes(sig, f"{key} on {src.url}")
-        if dst.get(key, limit=signing.MAX_SIGNATURE_BYTES) != sig:
-            dst.put(key, sig)
+        if dst.get(key, limit=signing.MAX_SIGNATURE_BYTES) is None:
+            dst.create(key, sig)  # never replaces a signature already here (it may be valid)
     return sig
 
 
@@ -287,7 +311,8 @@ def _integrate(
         rep.outcome = "up-to-date"
         return
     elif force:
-        rep.outcome = "forced"
+        rep.outcome, rep.discarded = "forced", cur
+        record_reflog(repo.store, name, cur, vid, f"pull --force from {url}")
     elif cur in set(ancestors(repo, vid)):
         rep.outcome = "fast-forward"
     elif vid in set(ancestors(repo, cur)):
