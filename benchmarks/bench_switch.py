@@ -150,7 +150,7 @@ def related_bundle_for(model, source: Path, persona: str) -> Path:
     stats = stats_from_bundle(maskstore.open(source), [persona], mods)
     with create_bundle(out, model_fingerprint(model, mods, hash_weights=True)) as b:
         for name, sp in (("s20", 0.2), ("s25", 0.25)):
-            cfg = BuildConfig("wanda", sp)
+            cfg = BuildConfig(method="wanda", sparsity=sp)
             with b.persona_writer(name, method="wanda", sparsity=sp, params=cfg.params()) as w:
                 for m, mod in mods.items():
                     w.write_mask(m, masks_for_module(mod.weight, stats, [], m, cfg)[persona])

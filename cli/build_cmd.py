@@ -210,9 +210,9 @@ def build(
         n_, m_ = (int(x) for x in nm.split(":"))
     except ValueError:
         raise MaskstoreError(f"--nm {nm!r}: write it as N:M, e.g. 2:4") from None
-    config = BuildConfig(
-        method, sparsity, selection, n_, m_, phi, eps, tau, damp, norm, ties=ties, block=block
-    )
+    config = BuildConfig(method=method, sparsity=sparsity, selection=selection, n=n_, m=m_,
+                         phi=phi, eps=eps, tau=tau, damp=damp, norm=norm, ties=ties,
+                         block=block)  # fmt: skip
     config.check()
     if into is not None:
         if force:

@@ -1,7 +1,11 @@
 """maskstore: store, compare, version and serve persona masks over LLM weights.
 
+One import for the API::
+
+    from maskstore import build, BuildConfig, load_model, attach, open, open_repo, overlap
+
 The storage core (bundles, set algebra, repositories) needs numpy only; what touches a model
-(``attach``, ``maskable_modules``, ``model_fingerprint``) imports torch on first use.
+(``build``, ``load_model``, ``attach``, ...) imports torch on first use.
 """
 
 from __future__ import annotations
@@ -22,19 +26,29 @@ _LAZY = {
     "attach": "runtime",
     "maskable_modules": "modules",
     "model_fingerprint": "modules",
+    "BuildConfig": "build",
+    "load_model": "models",
+    "open_repo": "repo",
+    "init_repo": "repo",
+    "overlap": "algebra",
+    "serve": "serve",
 }
 
 
 def __getattr__(name: str) -> Any:
     """Torch-backed names, imported on first use so that storage-only users never load torch."""
-    if name in _LAZY:
-        import importlib
+    import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name == "build":  # the module, callable as maskstore.build.build
+        return importlib.import_module(".build", __name__)
+    if name in _LAZY:
+        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return mod if name == _LAZY[name] else getattr(mod, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
+    "BuildConfig",
     "Bundle",
     "ChannelStats",
     "__version__",
@@ -42,10 +56,15 @@ __all__ = [
     "MaskHandle",
     "MaskstoreError",
     "attach",
+    "build",
     "create_bundle",
+    "init_repo",
+    "load_model",
     "maskable_modules",
     "model_fingerprint",
     "open",
     "open_bundle",
+    "open_repo",
+    "overlap",
     "pack_zip",
 ]

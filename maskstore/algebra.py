@@ -477,3 +477,17 @@ def check_blend_weights(bundle: Bundle, weights: dict[str, float]) -> None:
         raise MaskstoreError(
             f"weights must sum to 1 (kept weights stay unchanged), got {sum(weights.values())}"
         )
+
+
+def overlap(bundle: Bundle, personas: list[str] | None = None, by: str = "model") -> list[dict]:
+    """All-pairs overlap of a bundle's personas (default: all of them), streaming over packed
+    bits: one dict per pair with its metrics (``jaccard``, ``diff_ratio``, ...), and the same
+    per ``by`` group (``kind``, ``layer``, ``module``)."""
+    if by not in GROUPINGS:
+        raise MaskstoreError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
+    refs = [Ref(bundle, p) for p in (bundle.personas if personas is None else personas)]
+    for r in refs:
+        bundle.persona(r.name)
+    if len(refs) < 2:
+        raise MaskstoreError("overlap compares at least two personas")
+    return pairs_report(refs, count_all(refs), by=by)

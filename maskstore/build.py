@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -53,7 +55,7 @@ class SparsityWarning(UserWarning):
     """A persona's realised sparsity differs from the target by more than 1%."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildConfig:
     """How masks are scored and selected; the fields that matter are recorded in each persona's
     metadata (``params``), and :meth:`from_params` reads them back.
@@ -554,3 +556,15 @@ def build_from_stats(
     personas = stats_from_bundle(source, names, modules)
     write_bundle(out, model, modules, personas, pairs=list(pairs), config=config, force=force)
     return Path(out)
+
+
+class _CallableModule(types.ModuleType):
+    """``maskstore.build`` is this module and, called, :func:`build`: so both
+    ``from maskstore import build; build(model, batches, out)`` and
+    ``from maskstore.build import BuildConfig`` work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        return build(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

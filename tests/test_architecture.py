@@ -250,16 +250,16 @@ def test_every_method_round_trips_its_params():
     from maskstore.build import BuildConfig
 
     configs = [
-        BuildConfig("wanda", 0.3),
-        BuildConfig("wanda", 0.0, selection="nm", n=1, m=8),
-        BuildConfig("sparsegpt", 0.6, damp=0.05),
-        BuildConfig("contrastive-wanda", 0.2, phi="softplus", eps=1e-5, tau=2.0),
-        BuildConfig("contrastive-wanda", 0.2, phi="relu", eps=1e-4),
-        BuildConfig("contrastive-sparse", 0.4, selection="layer"),
-        BuildConfig("contrastive-sparse-ref", 0.3, eps=1e-5, norm="sample-mean"),
-        BuildConfig("column-norm", 0.5, block=64),
-        BuildConfig("wanda", 0.5, norm="sample-mean", keep="floor"),
-        BuildConfig("sparsegpt", 0.5, ties="index"),
+        BuildConfig(method="wanda", sparsity=0.3),
+        BuildConfig(method="wanda", sparsity=0.0, selection="nm", n=1, m=8),
+        BuildConfig(method="sparsegpt", sparsity=0.6, damp=0.05),
+        BuildConfig(method="contrastive-wanda", sparsity=0.2, phi="softplus", eps=1e-5, tau=2.0),
+        BuildConfig(method="contrastive-wanda", sparsity=0.2, phi="relu", eps=1e-4),
+        BuildConfig(method="contrastive-sparse", sparsity=0.4, selection="layer"),
+        BuildConfig(method="contrastive-sparse-ref", sparsity=0.3, eps=1e-5, norm="sample-mean"),
+        BuildConfig(method="column-norm", sparsity=0.5, block=64),
+        BuildConfig(method="wanda", sparsity=0.5, norm="sample-mean", keep="floor"),
+        BuildConfig(method="sparsegpt", sparsity=0.5, ties="index"),
     ]
     assert {c.method for c in configs} == set(methods.METHODS)
     for c in configs:
@@ -285,9 +285,9 @@ def test_build_from_stats_equals_build_from_the_model(tmp_path, calib_files):
         for n in ("introvert", "extrovert")
     }
     pairs = [("introvert", "extrovert")]
-    first = BuildConfig("contrastive-wanda", 0.3)
+    first = BuildConfig(method="contrastive-wanda", sparsity=0.3)
     build(model, calib, tmp_path / "a", pairs=pairs, config=first)
-    second = BuildConfig("contrastive-wanda", 0.6, phi="softplus")
+    second = BuildConfig(method="contrastive-wanda", sparsity=0.6, phi="softplus")
     build(model, calib, tmp_path / "direct", pairs=pairs, config=second)
     build_from_stats(
         open_bundle(tmp_path / "a"), model, tmp_path / "stats", pairs=pairs, config=second
@@ -364,3 +364,27 @@ def test_every_option_has_help_and_choices_match_the_registries():
     assert choices[("build", "only")] == ("attn", "mlp")
     free = {("build", "max_memory"), ("build", "nm"), ("eval", "template"), ("build", "device")}
     assert not free & set(choices)  # free-form values stay free
+
+
+def test_one_import_for_the_api(tmp_path, rng):
+    """``from maskstore import build, BuildConfig, load_model, attach, open, open_repo,
+    overlap``; the storage names load no torch; ``build`` is callable and still the module."""
+    fp = random_fingerprint(rng)
+    write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a", "b", "c"]))
+    code = f"""
+import sys
+from maskstore import open, open_repo, overlap
+pairs = overlap(open({str(tmp_path / "b")!r}), by="kind")
+assert len(pairs) == 3 and all("jaccard" in p and p["groups"] for p in pairs), pairs
+assert "torch" not in sys.modules
+from maskstore import build, BuildConfig, load_model, attach
+from maskstore.build import BuildConfig as B2, build as b2
+assert callable(build) and BuildConfig is B2 and callable(b2)
+try:
+    BuildConfig("wanda")
+except TypeError:
+    print("KW-ONLY")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "KW-ONLY"

@@ -59,6 +59,6 @@ def test_shards_are_disjoint_and_gram_methods_refused():
     assert sorted(i for p in parts for i, _ in p) == items
     from maskstore.build import BuildConfig
 
-    coll = collector({}, BuildConfig("sparsegpt"), record=True)
+    coll = collector({}, BuildConfig(method="sparsegpt"), record=True)
     with pytest.raises(MaskstoreError, match="one process"):
         gather_stats({"a": coll})

@@ -110,11 +110,12 @@ def test_personas_built_before_the_reference_rules_rebuild_the_same():
     """A persona that predates a recorded rule is read back with the rule of its time."""
     old = BuildConfig.from_params("contrastive-wanda", 0.2, {"phi": "relu", "eps": 1e-6})
     assert (old.keep, old.ties, old.eps_at, old.norm) == ("floor", "index", "outside", "tokens")
-    new = BuildConfig("contrastive-wanda", phi="softplus")
+    new = BuildConfig(method="contrastive-wanda", phi="softplus")
     back = BuildConfig.from_params(new.method, new.sparsity, new.params())
     assert back == new and new.params()["keep"] == "int" and new.params()["tau"] == 2.0
     assert (
-        BuildConfig("wanda").sparsity == 0.5 and BuildConfig("contrastive-sparse").sparsity == 0.3
+        BuildConfig(method="wanda").sparsity == 0.5
+        and BuildConfig(method="contrastive-sparse").sparsity == 0.3
     )
 
 
@@ -128,14 +129,14 @@ def test_tie_warning_names_the_share(tmp_path):
             cal,
             tmp_path / "r.zarr",
             pairs=[("a", "b")],
-            config=BuildConfig("contrastive-wanda"),
+            config=BuildConfig(method="contrastive-wanda"),
         )
         build(
             model,
             cal,
             tmp_path / "s.zarr",
             pairs=[("a", "b")],
-            config=BuildConfig("contrastive-wanda", phi="softplus"),
+            config=BuildConfig(method="contrastive-wanda", phi="softplus"),
         )
     msgs = [str(w.message) for w in caught if issubclass(w.category, TieWarning)]
     assert msgs and all("scored exactly 0" in m and "%" in m for m in msgs)

@@ -87,7 +87,12 @@ def test_wanda_sample_mean_matches_mask_py(tmp_path, setup):
     model, names, seek, reject = setup
     mods = dict(model.named_modules())
     b, _ = _build(
-        tmp_path, model, seek, reject, BuildConfig("wanda", 0.5, norm="sample-mean"), False
+        tmp_path,
+        model,
+        seek,
+        reject,
+        BuildConfig(method="wanda", sparsity=0.5, norm="sample-mean"),
+        False,
     )
     for persona, seqs in (("seek", seek), ("reject", reject)):
         mean, _ = ref.sample_norm_stats(model, seqs, names)
@@ -97,14 +102,16 @@ def test_wanda_sample_mean_matches_mask_py(tmp_path, setup):
         overall, dec = _agree(b, persona, want, scores)
         assert overall >= 0.9999 and dec >= 0.9999, (persona, overall, dec)
     # the token norm (the Wanda paper's, the default) is a different factor: fewer bits agree
-    bt, _ = _build(tmp_path, model, seek, reject, BuildConfig("wanda", 0.5), False)
+    bt, _ = _build(tmp_path, model, seek, reject, BuildConfig(method="wanda", sparsity=0.5), False)
     assert _agree(bt, "seek", want)[0] < 0.999
 
 
 def test_contrastive_wanda_softplus_matches_contra_py(tmp_path, setup):
     model, names, seek, reject = setup
     mods = dict(model.named_modules())
-    config = BuildConfig("contrastive-wanda", phi="softplus")  # tau 2, sparsity 0.3: reference
+    config = BuildConfig(
+        method="contrastive-wanda", phi="softplus"
+    )  # tau 2, sparsity 0.3: reference
     assert (config.tau, config.sparsity) == (2.0, 0.3)
     b, _ = _build(tmp_path, model, seek, reject, config)
     ms, vs = ref.sample_norm_stats(model, seek, names)
@@ -123,7 +130,7 @@ def test_contrastive_wanda_softplus_matches_contra_py(tmp_path, setup):
 def test_contrastive_wanda_relu_agrees_where_scores_decide(tmp_path, setup):
     model, names, seek, reject = setup
     mods = dict(model.named_modules())
-    b, tie_warnings = _build(tmp_path, model, seek, reject, BuildConfig("contrastive-wanda"))
+    b, tie_warnings = _build(tmp_path, model, seek, reject, BuildConfig(method="contrastive-wanda"))
     ms, vs = ref.sample_norm_stats(model, seek, names)
     mr, vr = ref.sample_norm_stats(model, reject, names)
     for i, persona in enumerate(("seek", "reject")):
@@ -140,7 +147,7 @@ def test_contrastive_wanda_relu_agrees_where_scores_decide(tmp_path, setup):
 def test_contrastive_sparse_ref_matches_contra_py(tmp_path, setup):
     model, names, seek, reject = setup
     mods = dict(model.named_modules())
-    b, _ = _build(tmp_path, model, seek, reject, BuildConfig("contrastive-sparse-ref"))
+    b, _ = _build(tmp_path, model, seek, reject, BuildConfig(method="contrastive-sparse-ref"))
     mus, vas = ref.token_stats(model, seek, names)
     mur, var = ref.token_stats(model, reject, names)
     want = {"seek": {}, "reject": {}}
@@ -164,7 +171,9 @@ def test_contrastive_sparse_ref_matches_contra_py(tmp_path, setup):
 def test_column_norm_matches_mask_py_sparsegpt(tmp_path, setup):
     model, names, seek, reject = setup
     mods = dict(model.named_modules())
-    b, _ = _build(tmp_path, model, seek, reject, BuildConfig("column-norm", 0.5), False)
+    b, _ = _build(
+        tmp_path, model, seek, reject, BuildConfig(method="column-norm", sparsity=0.5), False
+    )
     want = {n: ref.column_norm(mods[n].weight, 0.5) for n in names}
     for persona in ("seek", "reject"):  # calibration-free: one mask for both
         assert _agree(b, persona, want)[0] == 1.0
@@ -173,7 +182,7 @@ def test_column_norm_matches_mask_py_sparsegpt(tmp_path, setup):
 def test_keep_counts_equal_the_reference(tmp_path, setup):
     """int(in * (1 - s)) as the reference computes it, also where floor(... + 1e-9) differs."""
     model, names, seek, reject = setup
-    b, _ = _build(tmp_path, model, seek, reject, BuildConfig("wanda", 0.7), False)
+    b, _ = _build(tmp_path, model, seek, reject, BuildConfig(method="wanda", sparsity=0.7), False)
     for n in names:
         m = b.read_mask("seek", n)
         assert set(m.sum(axis=1).tolist()) == {int(m.shape[1] * (1.0 - 0.7))}

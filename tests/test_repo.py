@@ -113,7 +113,7 @@ def tiny_bundle(tmp_path_factory):
         calib,
         out,
         pairs=[("introvert", "extrovert")],
-        config=BuildConfig("contrastive-wanda", 0.4),
+        config=BuildConfig(method="contrastive-wanda", sparsity=0.4),
     )
     return out
 

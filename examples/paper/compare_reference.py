@@ -85,7 +85,7 @@ def main() -> None:
         return open_bundle(out)
 
     rows = []
-    b = ms(BuildConfig("wanda", 0.5, norm="sample-mean"), pair=False)
+    b = ms(BuildConfig(method="wanda", sparsity=0.5, norm="sample-mean"), pair=False)
     for p in sides:
         want = {n: ref.wanda(mods[n].weight, mean[p][n], 0.5) for n in names}
         rows.append(
@@ -97,7 +97,9 @@ def main() -> None:
                 ),
             )
         )
-    b = ms(BuildConfig("wanda", 0.5), pair=False)  # the default, the Wanda paper's token norm
+    b = ms(
+        BuildConfig(method="wanda", sparsity=0.5), pair=False
+    )  # the default, the Wanda paper's token norm
     for p in sides:
         want = {n: ref.wanda(mods[n].weight, mean[p][n], 0.5) for n in names}
         rows.append(
@@ -110,7 +112,7 @@ def main() -> None:
             )
         )
     for phi in ("softplus", "relu"):
-        b = ms(BuildConfig("contrastive-wanda", phi=phi))
+        b = ms(BuildConfig(method="contrastive-wanda", phi=phi))
         for i, p in enumerate(sides):
             want, sc = {}, {}
             for n in names:
@@ -126,7 +128,7 @@ def main() -> None:
                 )
                 want[n], sc[n] = out[i]
             rows.append((f"contrastive-wanda --phi {phi}", p, *agreement(b, p, want, sc)))
-    b = ms(BuildConfig("contrastive-sparse-ref"))
+    b = ms(BuildConfig(method="contrastive-sparse-ref"))
     for i, p in enumerate(sides):
         want, sc = {}, {}
         for n in names:
@@ -135,7 +137,7 @@ def main() -> None:
             )
             want[n], sc[n] = out[i]
         rows.append(("contrastive-sparse-ref", p, *agreement(b, p, want, sc)))
-    b = ms(BuildConfig("column-norm", 0.5), pair=False)
+    b = ms(BuildConfig(method="column-norm", sparsity=0.5), pair=False)
     want = {n: ref.column_norm(mods[n].weight, 0.5) for n in names}
     rows.append(("column-norm", "both", *agreement(b, "seek", want)))
 

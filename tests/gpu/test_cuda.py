@@ -69,7 +69,7 @@ def test_cuda_statistics_match_cpu(tmp_path):
     """float64 statistics from CUDA activations: equal to the CPU's to 1e-9 relative (the
     forward passes round differently), and the masks built from them identical."""
     cal = {"a": _batches(0, 0, 128), "b": _batches(1, 128, 256)}
-    cfg = BuildConfig("contrastive-wanda", phi="softplus")
+    cfg = BuildConfig(method="contrastive-wanda", phi="softplus")
     build(tiny_llama(seed=2), cal, tmp_path / "cpu.zarr", pairs=[("a", "b")], config=cfg)
     gpu_model = tiny_llama(seed=2).cuda()
     torch.backends.cuda.matmul.allow_tf32 = False
