@@ -267,7 +267,11 @@ def checkout(
     total = sum(len(snap.bundle.persona(p)["modules"]) for p in snap.personas)
     with progress(disable=json_out) as bar:
         task = bar.add_task("checking out", total=total)
-        r.checkout(version, out, model=mdl, force=force, progress=lambda k: bar.advance(task, k))
+        recompute = None
+        if mdl is not None:
+            from maskstore.build import recompute_recipe as recompute
+        r.checkout(version, out, model=mdl, force=force, progress=lambda k: bar.advance(task, k),
+                   recompute=recompute)  # fmt: skip
     if json_out:
         emit_json({"version": snap.version, "out": str(out)})
         return

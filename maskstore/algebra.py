@@ -19,7 +19,7 @@ import numpy as np
 from .bits import pad_mask
 from .errors import MaskstoreError
 from .format import Bundle
-from .modules import module_kind, module_layer
+from .names import module_kind, module_layer
 
 GROUPINGS = ("model", "kind", "layer", "module")
 METRICS = ("jaccard", "diff", "pruned_jaccard", "overlap", "intersection", "hamming")

@@ -452,6 +452,25 @@ def model_source(model: nn.Module, revision: str | None = None) -> dict:
     return out
 
 
+def recompute_recipe(
+    meta: dict, module: str, weight: torch.Tensor, stats: Mapping[str, ChannelStats]
+) -> np.ndarray:
+    """One module's packed mask of a recipe persona, recomputed as it was built: its recorded
+    method and parameters over ``weight`` and the stored statistics (``stats``: the persona's
+    and, for a contrastive pair, its opposite's). What repositories are given to recompute
+    recipes (they never import this torch side)."""
+    from .bits import pack
+
+    config = BuildConfig.from_params(meta["method"], meta["sparsity"], meta["params"])
+    p, persona = meta["params"], meta["name"]
+    names = [persona] + ([p["opposite"]] if "opposite" in p else [])
+    pairs = []
+    if "opposite" in p:
+        pairs = [(persona, p["opposite"])] if p.get("role") == "+" else [(p["opposite"], persona)]
+    st = [PersonaStats(n, {module: stats[n]}) for n in names]
+    return pack(masks_for_module(weight, st, pairs, module, config)[persona])
+
+
 def stats_from_bundle(
     source: Bundle, names: list[str] | None, modules: Mapping[str, nn.Linear]
 ) -> list[PersonaStats]:

@@ -381,13 +381,14 @@ class Bundle:
         persona: str,
         weights: Callable[[str], Any],
         progress: Callable[[int], None] | None = None,
+        recompute: Callable[..., np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """A recipe persona's packed masks, recomputed from model weights (see the repository);
-        ``progress(1)`` after each module."""
+        """A recipe persona's packed masks, recomputed from model weights by ``recompute``
+        (:func:`maskstore.build.recompute_recipe`); ``progress(1)`` after each module."""
         fn = getattr(self.source, "recipe_masks", None)
         if fn is None:
             raise MaskstoreError(f"persona {persona!r} in {self.path} is not a recipe")
-        return fn(persona, weights, progress)
+        return fn(persona, weights, progress, recompute)
 
     @property
     def digest(self) -> str:

@@ -57,3 +57,68 @@ def check_module_name(name: str) -> str:
 def is_hex(name: str, length: int) -> bool:
     """True when ``name`` is ``length`` lowercase hex digits (an object name)."""
     return isinstance(name, str) and len(name) == length and _HEX.fullmatch(name) is not None
+
+
+# ---- what a module name says: attention or MLP, and its layer
+
+_ATTN_LEAF = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "query",
+    "key",
+    "value",
+    "out_proj",
+    "c_attn",
+    "query_key_value",
+    "wqkv",
+    "wo",
+    "wq",
+    "wk",
+    "wv",
+    "dense",
+}
+_MLP_LEAF = {
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "w1",
+    "w2",
+    "w3",
+    "gate_up_proj",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "fc_in",
+    "fc_out",
+}
+_ATTN_PART = re.compile(r"attn|attention", re.I)
+_MLP_PART = re.compile(r"mlp|feed_forward|ffn|experts", re.I)
+
+
+def module_kind(name: str) -> str:
+    """``"attn"``, ``"mlp"`` or ``"other"`` from a module name of a common architecture."""
+    parts = name.split(".")
+    for part in reversed(parts[:-1]):
+        if _ATTN_PART.search(part):
+            return "attn"
+        if _MLP_PART.search(part):
+            return "mlp"
+    leaf = parts[-1].lower()
+    if leaf in _MLP_LEAF:
+        return "mlp"
+    if leaf in _ATTN_LEAF:
+        return "attn"
+    return "other"
+
+
+def module_layer(name: str) -> int | None:
+    """The first integer path component (``model.layers.12.mlp.up_proj`` -> 12), if any."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None

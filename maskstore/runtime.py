@@ -221,7 +221,10 @@ class MaskHandle:
         if getattr(self.bundle, "is_recipe", None) and self.bundle.is_recipe(persona):
             # a recipe persona: recompute its masks from this model's base weights (digests
             # are checked against the recorded ones)
-            packed = self.bundle.recipe_masks(persona, self.base_weight)
+            from .build import recompute_recipe
+
+            packed = self.bundle.recipe_masks(persona, self.base_weight,
+                                              recompute=recompute_recipe)  # fmt: skip
             return {n: p for n, p in packed.items() if n in self.modules}
         masks = {}
         for name in self.bundle.persona_modules(persona):

@@ -32,9 +32,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+def _imports(path: Path, name: str, known: set[str], typing: bool = False) -> set[str]:
     """Every maskstore module that ``path`` imports, at module level or inside functions,
-    leaving out ``if TYPE_CHECKING:`` blocks."""
+    and with ``typing`` also in ``if TYPE_CHECKING:`` blocks."""
     tree = ast.parse(path.read_text())
     is_pkg = path.name == "__init__.py"
     package = name if is_pkg else name.rsplit(".", 1)[0]
@@ -42,7 +42,8 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            if (not typing and isinstance(child, ast.If)
+                    and "TYPE_CHECKING" in ast.unparse(child.test)):  # fmt: skip
                 continue
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names)
@@ -61,12 +62,12 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     return found
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(typing: bool = False) -> dict[str, set[str]]:
     files = [*ROOT.glob("maskstore/**/*.py"), *ROOT.glob("cli/*.py")]
     names = {_module_name(f): f for f in files}
     graph = {}
     for name, f in names.items():
-        graph[name] = {m for m in _imports(f, name, set(names)) if m in names and m != name}
+        graph[name] = {m for m in _imports(f, name, set(names), typing) if m in names and m != name}
     return graph
 
 
@@ -388,3 +389,23 @@ except TypeError:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "KW-ONLY"
+
+
+STORAGE_CORE = ["bits", "hashing", "stores", "chunks", "format", "writer", "codecs", "names",
+                "opener", "algebra", "edit", "stats", "errors", "repo"]  # fmt: skip
+TORCH_EDGE = ["build", "collect", "offload", "distributed", "scoring", "methods", "runtime",
+              "evaluate", "models", "importers", "export", "serve", "calibration", "_switch",
+              "_select", "modules"]  # fmt: skip
+
+
+def test_the_storage_core_never_reaches_the_torch_edge():
+    """No storage-core module imports a torch-side one, at module level, inside a function or
+    for typing (recipes get their scoring injected)."""
+    graph = _graph(typing=True)
+
+    def under(mod: str, names: list[str]) -> bool:
+        return any(mod == f"maskstore.{n}" or mod.startswith(f"maskstore.{n}.") for n in names)
+
+    bad = sorted(f"{a} -> {b}" for a, deps in graph.items() if under(a, STORAGE_CORE)
+                 for b in deps if under(b, TORCH_EDGE))  # fmt: skip
+    assert not bad, bad

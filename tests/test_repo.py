@@ -128,10 +128,14 @@ def test_recipe_persona_costs_no_mask_bits_and_recomputes(tmp_path, tiny_bundle)
     with pytest.raises(MaskstoreError, match="pass --model"):
         repo.checkout(vid, tmp_path / "x")
     model = tiny_llama(seed=11)
-    repo.checkout(vid, tmp_path / "out", model=model)
+    from maskstore.build import recompute_recipe
+
+    with pytest.raises(MaskstoreError, match="recompute="):
+        repo.checkout(vid, tmp_path / "out", model=model)  # recipes need the scoring injected
+    repo.checkout(vid, tmp_path / "out", model=model, recompute=recompute_recipe)
     assert open_bundle(tmp_path / "out").digest == open_bundle(tiny_bundle).digest
     with pytest.raises(IntegrityError, match="different mask"):
-        repo.checkout(vid, tmp_path / "bad", model=tiny_llama(seed=12))
+        repo.checkout(vid, tmp_path / "bad", model=tiny_llama(seed=12), recompute=recompute_recipe)
     assert not (tmp_path / "bad").exists()
     # a live model loads the recipe directly
     h = maskstore.attach(model, snap.bundle)

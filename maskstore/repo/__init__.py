@@ -219,10 +219,13 @@ class Repository:
         model: Any = None,
         force: bool = False,
         progress: Progress = None,
+        recompute: Callable[..., Any] | None = None,
     ) -> Path:
-        """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model``);
-        ``progress(k)`` follows the modules written."""
-        return self.snapshot(ref).checkout(out, model, force, progress)
+        """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model`` and
+        ``recompute=maskstore.build.recompute_recipe``); ``progress(k)`` follows the modules
+        written."""
+        return self.snapshot(ref).checkout(out, model=model, force=force, progress=progress,
+                                           recompute=recompute)  # fmt: skip
 
     # ---- history
     def log(self, ref: str = "main") -> list[dict]:

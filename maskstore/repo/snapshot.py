@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..bits import pack
 from ..chunks import ArrayMeta, ChunkSource
 from ..errors import IntegrityError, MaskstoreError
 from ..format import Bundle, BundleSource
@@ -138,26 +137,29 @@ class VersionSource(BundleSource):
         persona: str,
         weights: Callable[[str], Any],
         progress: Callable[[int], None] | None = None,
+        recompute: Callable[..., np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Recompute a recipe persona's packed masks from model weights; check every digest
-        (``progress(1)`` after each module)."""
-        from ..build import BuildConfig, PersonaStats, masks_for_module
+        (``progress(1)`` after each module).
 
+        Args:
+            recompute: ``recompute(meta, module, weight, stats) -> packed mask``, the scoring
+                that built the persona (:func:`maskstore.build.recompute_recipe`); injected, so
+                the repository never imports the torch side.
+        """
+        if recompute is None:
+            raise MaskstoreError(
+                f"persona {persona!r} is a recipe: recomputing it needs "
+                "recompute=maskstore.build.recompute_recipe"
+            )
         bundle = Bundle(source=self)
         meta = bundle.persona(persona)
-        config = BuildConfig.from_params(meta["method"], meta["sparsity"], meta["params"])
         p = meta["params"]
         names = [persona] + ([p["opposite"]] if "opposite" in p else [])
-        pairs = []
-        if "opposite" in p:
-            pairs = (
-                [(persona, p["opposite"])] if p.get("role") == "+" else [(p["opposite"], persona)]
-            )
         out = {}
         for module, entry in meta["modules"].items():
-            stats = [PersonaStats(n, {module: bundle.read_stats(n, module)}) for n in names]
-            masks = masks_for_module(weights(module), stats, pairs, module, config)
-            packed = pack(masks[persona])
+            stats = {n: bundle.read_stats(n, module) for n in names}
+            packed = recompute(meta, module, weights(module), stats)
             h = ArrayHasher(packed.dtype, packed.shape)
             h.update(packed)
             if h.hexdigest() != entry["mask"]:
@@ -213,9 +215,11 @@ class Snapshot:
         model: Any = None,
         force: bool = False,
         progress: Callable[[int], None] | None = None,
+        recompute: Callable[..., np.ndarray] | None = None,
     ) -> Path:
-        """Write this version as a plain bundle at ``out`` (recipes need ``model``);
-        ``progress(k)`` is called as modules are written (recipes: as they are recomputed)."""
+        """Write this version as a plain bundle at ``out`` (recipes need ``model`` and
+        ``recompute``, see :meth:`VersionSource.recipe_masks`); ``progress(k)`` is called as
+        modules are written (recipes: as they are recomputed)."""
         from ..writer import create_bundle
 
         b = self.bundle
@@ -229,7 +233,8 @@ class Snapshot:
                         raise MaskstoreError(
                             f"persona {p!r} is stored as a recipe: pass --model to recompute it"
                         )
-                    recipe = b.recipe_masks(p, lambda m: named[m].weight, progress)
+                    recipe = b.recipe_masks(p, lambda m: named[m].weight, progress,
+                                            recompute=recompute)  # fmt: skip
                 w = nb.persona_writer(
                     p,
                     method=meta["method"],

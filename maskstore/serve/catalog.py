@@ -79,9 +79,9 @@ class Catalog:
         b, n = self._locate(name)
         return bool(getattr(b, "is_recipe", None) and b.is_recipe(n))
 
-    def recipe_masks(self, name: str, base_weight: Callable) -> dict[str, np.ndarray]:
+    def recipe_masks(self, name: str, base_weight: Callable, **kw) -> dict[str, np.ndarray]:
         b, n = self._locate(name)
-        return b.recipe_masks(n, base_weight)
+        return b.recipe_masks(n, base_weight, **kw)
 
     # ---- the catalog itself
     def source_of(self, name: str) -> str:
