@@ -106,7 +106,7 @@ def main() -> None:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
-        hint = _s3_hint(e)
+        hint = _s3_hint(e) or _disk_hint(e)
         if hint is not None:
             err_console.print(f"[red]error:[/] {safe(hint)}", highlight=False, soft_wrap=True)
             _json_error(hint, 2)
@@ -117,6 +117,17 @@ def main() -> None:
                           soft_wrap=True)  # fmt: skip
         _json_error(msg, 3)
         sys.exit(3)
+
+
+def _disk_hint(e: Exception) -> str | None:
+    """One line for a full disk (or a file-size limit) met while writing."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = f" writing {e.filename}" if e.filename else ""
+        return (f"no space left{where} ({e.strerror}): free some and run it again; what was "
+                "being written was not kept")  # fmt: skip
+    return None
 
 
 def _s3_hint(e: Exception) -> str | None:

@@ -304,14 +304,23 @@ class LocalStore(Store):
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.parent / f".tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk, say: leave no temporary file behind
+            tmp.unlink(missing_ok=True)
+            raise
         return tmp
 
     def put(self, key: str, data: bytes) -> None:
-        os.replace(self._tmp(key, data), self._p(key))
+        tmp = self._tmp(key, data)
+        try:
+            os.replace(tmp, self._p(key))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def create(self, key: str, data: bytes) -> bool:
         tmp = self._tmp(key, data)

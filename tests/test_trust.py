@@ -437,3 +437,35 @@ def test_killed_writers_leave_nothing_that_outlives_them(tmp_path, rng):
         for m, arr in _masks(rng, ["c"])["c"].items():
             w.write_mask(m, arr)
     assert open_bundle(tmp_path / "b").leftovers() == []
+
+
+def test_a_full_disk_during_commit_leaves_no_temporary_file(tmp_path, rng):
+    """A commit whose writes hit a file-size limit (as a full disk would stop them) fails in
+    one line and leaves no chunks/xx/.tmp-* behind; the repository still verifies."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import random_masks, write_bundle
+
+    fp = {"architecture": "T", "modules": {"m.0": [512, 1024], "m.1": [8, 8]}}
+    small = write_bundle(tmp_path / "small", fp, random_masks(rng, {"modules": {"m.1": [8, 8]}},
+                                                             ["a"]))  # fmt: skip
+    big = write_bundle(tmp_path / "big", fp, random_masks(rng, fp, ["a", "b"]), codec="none")
+    repo = tmp_path / "repo"
+    run = [sys.executable, "-m", "maskstore.cli", "commit"]
+    assert subprocess.run([*run, str(small), "-m", "one", "--repo", str(repo)]).returncode == 0
+    limited = (
+        "import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000)); "
+        f"sys.argv = ['maskstore', 'commit', {str(big)!r}, '-m', 'big', '--repo', {str(repo)!r}]; "
+        "runpy.run_module('maskstore.cli', run_name='__main__')"
+    )
+    r = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True,
+                       timeout=120, env={**os.environ})  # fmt: skip
+    assert r.returncode == 2 and "no space left" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not [p for p in repo.rglob(".tmp-*")]
+    v = subprocess.run([sys.executable, "-m", "maskstore.cli", "verify", str(repo)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert v.returncode == 0, v.stderr
