@@ -212,6 +212,10 @@ def eval_cmd(
             help="PERSONA=matching or PERSONA=not_matching (default: the bundle's pair roles)"
         ),
     ] = None,
+    persona: Annotated[
+        list[str] | None,
+        typer.Option(help="persona to score, NAME or OTHER_BUNDLE#NAME (repeat; default: all)"),
+    ] = None,
     describe: Annotated[
         list[str] | None,
         typer.Option(help="NAME=TEXT: persona system prompt of the prompt rows"),
@@ -253,24 +257,41 @@ def eval_cmd(
     evaluate.check_template(template)
     _writable(per_item, "--per-item")
     items = evaluate.read_mc(mc)
-    b = open_bundle(bundle)
-    metas = {p: b.persona(p) for p in b.personas}
-    matches = _keys(metas, key or [], bundle)
-    descr = {}
-    for d in describe or []:
-        if "=" not in d:
-            raise MaskstoreError(f"--describe {d!r}: write it as NAME=TEXT")
-        n, text = d.split("=", 1)
-        descr[n] = text
-    keys_for = {p: [it.matching if m else it.flipped() for it in items] for p, m in matches.items()}
-    handle, tok = _attach(bundle, model, device, untie, check_weights, quiet=json_out)
-    with progress(disable=json_out) as bar:
-        task = bar.add_task("evaluating", total=None)
-        res = evaluate.protocol(handle, tok, items, keys_for, descr, system_prompt, template,
-                                gamma, lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
-    rows = res["rows"]
+    specs = list(persona or open_bundle(bundle).personas)
+    with _gathered(bundle, specs) as (path, local):  # OTHER_BUNDLE#NAME: copied in first
+        b = open_bundle(path)
+        shown = {v: k for k, v in local.items()}  # local name -> the name as given
+        metas = {shown[p]: b.persona(p) for p in b.personas if p in shown}
+        for m in metas.values():  # pair roles name the opposite as given where it was renamed
+            opp = m["params"].get("opposite")
+            if opp is not None and opp not in metas:
+                m["params"] = {**m["params"], "opposite": next(
+                    (k for k in metas if k.rsplit("#", 1)[-1] == opp), opp)}  # fmt: skip
+        matches = _keys(metas, key or [], bundle)
+        descr = {}
+        for d in describe or []:
+            if "=" not in d:
+                raise MaskstoreError(f"--describe {d!r}: write it as NAME=TEXT")
+            n, text = d.split("=", 1)
+            descr[n] = text
+        keys_for = {local[p]: [it.matching if m else it.flipped() for it in items]
+                    for p, m in matches.items()}  # fmt: skip
+        descr = {local.get(n, n): t for n, t in descr.items()}
+        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out)
+        with progress(disable=json_out) as bar:
+            task = bar.add_task("evaluating", total=None)
+            res = evaluate.protocol(handle, tok, items, keys_for, descr, system_prompt, template,
+                                    gamma, lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+        handle.detach()
+    rows = [r | {"persona": shown.get(r["persona"], r["persona"])} for r in res["rows"]]
+    res["system_prompts"] = {
+        (f"prompt:{shown.get(k[7:], k[7:])}" if k.startswith("prompt:") else k): v
+        for k, v in res["system_prompts"].items()
+    }
+    keys_for = {shown.get(p, p): v for p, v in keys_for.items()}
     if per_item is not None:
-        per_item.write_text("".join(json.dumps(r) + "\n" for r in res["records"]),
+        recs = [r | {"persona": shown.get(r["persona"], r["persona"])} for r in res["records"]]
+        per_item.write_text("".join(json.dumps(r) + "\n" for r in recs),
                             encoding="utf-8")  # fmt: skip
     others = [p for p in metas if p not in keys_for]
     too_few = res["min_p"] >= 0.05

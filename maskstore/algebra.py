@@ -440,7 +440,7 @@ def gather(refs: list[Ref], out: str | os.PathLike) -> list[str]:
 
     check_compatible(refs)
     names: list[str] = []
-    with create_bundle(out, refs[0].bundle.fingerprint) as nb:
+    with create_bundle(out, refs[0].bundle.fingerprint, source=refs[0].bundle.model_source) as nb:
         for r in refs:
             meta = r.bundle.persona(r.name)
             if meta["method"] == "blend":

@@ -773,3 +773,26 @@ def test_mcnemar_exact_and_the_small_sample_warning(tmp_path, tiny_dir, calib_fi
         "eval", b, "--mc", mc, "--template", "none", "--system-prompt", "Be brief."
     )
     assert code == 0 and "no difference can be significant" in out and "'Be brief.'" in out
+
+
+def test_eval_scores_personas_of_several_bundles(tmp_path, tiny_dir, calib_files, cli):
+    """eval --persona OTHER_BUNDLE#NAME: personas of another bundle of the same model scored
+    in the same run, as they score in their own bundle."""
+    tiny = ("--model", tiny_dir, "--samples", "4", "--max-tokens", "16")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    assert cli("build", *tiny, *pair_args(calib_files), "--out", a)[0] == 0
+    assert cli("build", *tiny, "--persona", f"calm={calib_files['introvert']}",
+               "--out", b)[0] == 0  # fmt: skip
+    mc = calib_files["mc"]
+    common = ("--mc", mc, "--template", "none", "--json")
+    code, out, err = cli("eval", a, "--persona", "introvert", "--persona", f"{b}#calm",
+                         "--key", "introvert=matching", "--key", f"{b}#calm=matching", *common)  # fmt: skip
+    assert code == 0, err
+    rows = {(r["setting"], r["persona"]): r for r in json.loads(out)["rows"]}
+    assert ("mask", f"{b}#calm") in rows and ("mask", "introvert") in rows
+    code, alone, err = cli("eval", b, "--key", "calm=matching", *common)
+    assert code == 0, err
+    want = {(r["setting"], r["persona"]): r for r in json.loads(alone)["rows"]}
+    for setting in ("base", "prompt", "mask", "mask+prompt"):
+        got, ref = rows[setting, f"{b}#calm"], want[setting, "calm"]
+        assert got["accuracy"] == ref["accuracy"] and got["p_vs_base"] == ref["p_vs_base"]
