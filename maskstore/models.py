@@ -126,8 +126,15 @@ def model_folder(path: str | os.PathLike | None, revision: str | None = None) ->
             at = f" at revision {revision}" if revision else ""
             raise MaskstoreError(
                 f"{path}{at} is not in the Hugging Face cache {cache}: download it once "
-                f"(huggingface-cli download {path}) or pass a local folder"
+                f"(hf download {path}) or pass a local folder"
             ) from None
+        # the cache's refs/<revision> names a snapshot: never follow one out of the cache
+        snapshots = (cache / f"models--{str(path).replace('/', '--')}" / "snapshots").resolve()
+        if snapshots not in folder.resolve().parents:
+            raise MaskstoreError(
+                f"the Hugging Face cache entry of {path} points outside its snapshots folder "
+                f"({folder}): refusing it; download the model again"
+            )
     if not (folder / "config.json").is_file():
         raise MaskstoreError(f"{folder} is not a Hugging Face model folder (no config.json)")
     return folder

@@ -544,6 +544,11 @@ class ZipStore(Store):
         try:
             self._zf = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as e:
+            if self.path.suffix.lower() != ".zip" and isinstance(e, zipfile.BadZipFile):
+                raise MaskstoreError(
+                    f"{path} is a file, not a bundle: give a bundle folder, a .zip that "
+                    "maskstore pack made, or REPO@REF"
+                ) from None
             raise MaskstoreError(
                 f"{path} is not a readable maskstore zip ({type(e).__name__}): "
                 "it may be truncated; make it again"

@@ -259,3 +259,14 @@ def test_s3_errors_name_the_bucket_and_the_fix(tmp_path, s3_server, cli, monkeyp
                        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "cannot reach http://127.0.0.1:9" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_files_that_are_not_bundles_say_so(tmp_path, cli):
+    f = tmp_path / "some.txt"
+    f.write_text("hello")
+    code, _, err = cli("info", f)
+    assert code == 2 and "is a file, not a bundle" in err and "maskstore pack" in err, err
+    z = tmp_path / "broken.zip"
+    z.write_bytes(b"PK\x03\x04 truncated")
+    code, _, err = cli("info", z)
+    assert code == 2 and "not a readable maskstore zip" in err, err

@@ -796,3 +796,26 @@ def test_eval_scores_personas_of_several_bundles(tmp_path, tiny_dir, calib_files
     for setting in ("base", "prompt", "mask", "mask+prompt"):
         got, ref = rows[setting, f"{b}#calm"], want[setting, "calm"]
         assert got["accuracy"] == ref["accuracy"] and got["p_vs_base"] == ref["p_vs_base"]
+
+
+def test_a_hub_cache_ref_naming_a_path_outside_is_refused(tmp_path, tiny_dir, monkeypatch):
+    """A cached Hub id whose refs/main names a snapshot that leads out of the cache is not
+    followed (a legitimate entry loads)."""
+    import shutil
+
+    from maskstore.models import model_folder
+
+    cache = tmp_path / "hub"
+    entry = cache / "models--org--tiny"
+    snap = entry / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_dir, snap)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert model_folder("org/tiny").resolve() == snap.resolve()
+    outside = tmp_path / "outside"
+    shutil.copytree(tiny_dir, outside)
+    (entry / "snapshots" / ("b" * 40)).symlink_to(outside, target_is_directory=True)
+    (entry / "refs" / "main").write_text("b" * 40)  # a snapshot that is a link out of the cache
+    with pytest.raises(MaskstoreError, match="points outside its snapshots folder"):
+        model_folder("org/tiny")
