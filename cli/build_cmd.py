@@ -219,8 +219,12 @@ def build(
             raise MaskstoreError("--into adds to a bundle; --force replaces one: give one")
         open_bundle(into, writable=True)  # a bundle folder that exists, checked before work
         out = into
+    elif out.is_symlink():
+        raise MaskstoreError(f"{out} is a symlink: choose another --out")
     elif out.exists() and not force:
         raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+    elif out.exists() and not (out / "zarr.json").is_file():
+        raise MaskstoreError(f"{out} exists and is not a bundle: refusing to replace it")
     data, csv_pairs, names = _parse_personas(persona or [])
     # a pair CSV pairs its two personas for the contrastive methods; others score them alone
     pairs = (csv_pairs if config.contrastive else []) + _parse_pairs(pair or [])

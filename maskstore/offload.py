@@ -231,7 +231,13 @@ class LayerwiseModel:
         prefix = self._prefix[id(module)]
         for pname, p in list(module.named_parameters()):
             full = f"{prefix}.{pname}" if prefix else pname
-            t = self.weights.get(full).to(device=self.device, dtype=p.dtype)
+            t = self.weights.get(full)
+            if tuple(t.shape) != tuple(p.shape):
+                raise MaskstoreError(
+                    f"the checkpoint's {full} is {tuple(t.shape)} but the config makes it "
+                    f"{tuple(p.shape)}: the weights and config.json do not belong together"
+                )
+            t = t.to(device=self.device, dtype=p.dtype)
             owner = module.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else module
             setattr(owner, pname.rsplit(".", 1)[-1], nn.Parameter(t, requires_grad=False))
         module.to(self.device)

@@ -156,6 +156,8 @@ class create_bundle:
         mods = fingerprint.get("modules") if isinstance(fingerprint, dict) else None
         for name in mods if isinstance(mods, dict) else ():
             check_module_name(name)  # the one name rule, at write time: nothing unreadable
+        if self.path.is_symlink():
+            raise MaskstoreError(f"{self.path} is a symlink: choose another --out")
         if self.path.exists() and not force:
             raise MaskstoreError(
                 f"{self.path} already exists: choose another --out or pass --force"

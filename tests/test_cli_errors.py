@@ -270,3 +270,16 @@ def test_files_that_are_not_bundles_say_so(tmp_path, cli):
     z.write_bytes(b"PK\x03\x04 truncated")
     code, _, err = cli("info", z)
     assert code == 2 and "not a readable maskstore zip" in err, err
+
+
+def test_build_out_that_is_a_dangling_symlink_or_a_file(tmp_path, tiny_dir, calib_files, cli):
+    link = tmp_path / "link.zarr"
+    link.symlink_to(tmp_path / "nowhere")
+    f = tmp_path / "file.zarr"
+    f.write_text("mine")
+    base = ("build", "--model", tiny_dir, "--samples", "2", "--max-tokens", "16",
+            "--persona", f"introvert={calib_files['introvert']}")  # fmt: skip
+    for out, phrase in ((link, "is a symlink"), (f, "already exists")):
+        _one_line(*cli(*base, "--out", out)[::2], phrase)
+    _one_line(*cli(*base, "--out", f, "--force")[::2], "is not a bundle")
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists() and f.read_text() == "mine"

@@ -86,6 +86,11 @@ def test_offload_refuses_fifos_and_hostile_indexes_without_hanging(tmp_path, cal
         d = copy(name)
         (d / "model.safetensors.index.json").write_text(text)
         cases[d] = "not a file in" if name == "escape" else "not a safetensors index"
+    shape = copy("shape")  # config.json that does not describe the weights
+    cfg = json.loads((shape / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (shape / "config.json").write_text(json.dumps(cfg))
+    cases[shape] = "do not belong together"
     (tmp_path / "x.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
     for folder, phrase in cases.items():
         r = build(folder)
