@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -175,30 +174,13 @@ def build(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Build persona masks from a model and calibration data (or from stored statistics)."""
-    from maskstore import calibration as cal
     from maskstore import distributed
     from maskstore.build import (
         BuildConfig,
-        PersonaStats,
         check_pairs,
-        collector,
-        finish_stats,
-        masks_for_module,
-        model_source,
-        stats_from_bundle,
-        write_bundle,
     )
-    from maskstore.models import (
-        DEFAULT_MODEL,
-        load_model,
-        load_tokenizer,
-        model_folder,
-        torch_dtype,
-    )
-    from maskstore.modules import check_untied, maskable_modules
-    from maskstore.offload import LayerwiseModel, checkpoint_bytes, parse_bytes
+    from maskstore.offload import parse_bytes
 
-    t0 = time.perf_counter()
     for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size)):
         if value < 1:
             raise MaskstoreError(f"{flag} must be at least 1, got {value}")
@@ -243,114 +225,36 @@ def build(
     elif not data:
         raise MaskstoreError("give at least one --persona NAME=FILE")
     check_pairs(names if source else list(data), pairs, config)
-    times: dict[str, float] = {}
+    from maskstore.pipeline import BuildJob, run_build
 
-    rank, size = distributed.world()
-    if size > 1:
-        distributed.init(device)
-        if rank != 0:
-            console.quiet = True
-    budget = parse_bytes(max_memory) if max_memory is not None else None
-    folder = model_folder(None if model is None else str(model), revision)
-    layerwise = None
-    if offload or (budget is not None and checkpoint_bytes(folder) > budget):
-        from maskstore.models import check_device
+    rank, _ = distributed.world()
+    if rank != 0:
+        console.quiet = True
+    job = BuildJob(
+        out=out, config=config, data=data, from_stats=source, names=names, pairs=pairs,
+        model=None if model is None else str(model), revision=revision, dtype=dtype,
+        device=device, only=only, modules=modules, include_lm_head=include_lm_head,
+        untie=untie, samples=samples, seed=seed, max_tokens=max_tokens, batch_size=batch_size,
+        chat_template=chat_template, offload=offload,
+        max_memory=parse_bytes(max_memory) if max_memory is not None else None,
+        chunk_bytes=max(1, int(chunk_mib * (1 << 20))), codec=codec, force=force,
+        into=into is not None,
+    )  # fmt: skip
+    with progress(disable=json_out or rank != 0) as bar:
 
-        check_device(device)
-        with console.status("reading the model's structure"):
-            layerwise = LayerwiseModel(
-                folder, torch_dtype(dtype), device, budget=(budget or 4 << 30) // 4
-            )
-            mdl, tok = layerwise.model, load_tokenizer(folder)
-    else:
-        with console.status("loading model"):
-            mdl, tok = load_model(folder, dtype=dtype, device=device)
-    times["load_model"] = time.perf_counter() - t0
-    mods = maskable_modules(mdl, only=only, pattern=modules, include_lm_head=include_lm_head)
-    check_untied(mdl, mods, untie)
+        def stage(name: str, total: int | None):
+            task = bar.add_task(name, total=total)
+            return lambda done, total: bar.update(task, completed=done, total=total)
 
-    t1 = time.perf_counter()
-    if source is not None:
-        stats = stats_from_bundle(source, names, mods)
-    else:
-        chosen = {n: cal.choose(smp, samples, seed) for n, smp in data.items()}
-        made = {n: list(cal.batches(tok, c, max_tokens, batch_size, chat_template))
-                for n, c in chosen.items()}  # fmt: skip
-        records = {}  # every rank records every batch: the same digest as one process
-        for n, bs in made.items():
-            records[n] = cal.Recorder(bs, cal.describe(max_tokens, seed, chat_template))
-            for _ in records[n]:
-                pass
-        # each rank takes every size-th batch; one process takes them all
-        batches = {n: distributed.shard(bs, rank, size) for n, bs in made.items()}
-        collectors = {n: collector(mods, config, record=size > 1) for n in data}
-        with progress(disable=rank != 0 or json_out) as bar:
-            if layerwise is not None:
-                task = bar.add_task("calibrating, block by block", total=len(layerwise.layers))
-                layerwise.collect(collectors, batches, progress=lambda k: bar.advance(task, k))
-            else:
-                for n, bs in batches.items():
-                    task = bar.add_task(
-                        f"calibrating {n}", total=sum(len(b["input_ids"]) for _, b in bs)
-                    )
-                    collectors[n].run(
-                        mdl,
-                        [b for _, b in bs],
-                        progress=lambda k, t=task: bar.advance(t, k),
-                        indices=[i for i, _ in bs],
-                    )
-        if size > 1:
-            distributed.gather_stats(collectors)
-        stats = []
-        for n in chosen:
-            st = finish_stats(collectors[n], config)
-            stats.append(PersonaStats(n, st, records[n].record()))
-    times["calibration"] = time.perf_counter() - t1
+        res = run_build(job, stage)
+    if res is None:  # a torchrun rank other than 0: it calibrated and selected its share
+        return
+    _summary(res, out, method, config.sparsity, json_out)
 
-    t2 = time.perf_counter()
-    weight_of = None if layerwise is None else layerwise.weight
-    masks_of = None
-    if size > 1:  # modules split across ranks for selection; rank 0 writes
 
-        def select(name: str):
-            zero = {p.name: 0 for p in stats}
-            w = mods[name].weight if weight_of is None else weight_of(name)
-            return masks_for_module(w, stats, pairs, name, config, zero), zero
-
-        gathered = distributed.gather_masks(list(mods), select, rank, size)
-        if rank != 0:
-            distributed.finish()
-            return
-        masks_of = gathered.__getitem__
-    with progress(disable=json_out) as bar:
-        task = bar.add_task("scoring and writing", total=len(mods))
-        metas = write_bundle(
-            out,
-            mdl,
-            mods,
-            stats,
-            pairs=pairs,
-            config=config,
-            force=force,
-            progress=lambda k: bar.advance(task, k),
-            chunk_bytes=max(1, int(chunk_mib * (1 << 20))),
-            codec=codec,
-            weight_of=weight_of,
-            masks_of=masks_of,
-            into=into is not None,
-            source={
-                "model": str(model) if model is not None else f"embedded:{DEFAULT_MODEL}",
-                "revision": revision or model_source(mdl).get("revision")
-                if layerwise is None
-                else revision,
-                "dtype": dtype,
-            },
-        )
-    if size > 1:
-        distributed.finish()
-    times["scoring_write"] = time.perf_counter() - t2
-    times["total"] = time.perf_counter() - t0
-
+def _summary(res, out: Path, method: str, sparsity: float, json_out: bool) -> None:
+    """What was built: per persona its sparsity, mask and statistics sizes, digest; timings."""
+    metas, mods, times = res.metas, res.modules, res.seconds
     b = open_bundle(out)
     numel = sum(b.modules[m].numel for m in mods)
     rows = []
@@ -361,7 +265,7 @@ def build(
             {
                 "persona": n,
                 "method": method,
-                "sparsity": config.sparsity,
+                "sparsity": sparsity,
                 "realised_sparsity": 1 - kept / numel,
                 "modules": len(meta["modules"]),
                 "weights": numel,

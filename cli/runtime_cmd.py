@@ -293,55 +293,8 @@ def eval_cmd(
         recs = [r | {"persona": shown.get(r["persona"], r["persona"])} for r in res["records"]]
         per_item.write_text("".join(json.dumps(r) + "\n" for r in recs),
                             encoding="utf-8")  # fmt: skip
-    others = [p for p in metas if p not in keys_for]
-    too_few = res["min_p"] >= 0.05
-    if json_out:
-        emit_json(
-            {
-                "items": len(items),
-                "keys": {p: "matching" if m else "not_matching" for p, m in matches.items()},
-                "template": template,
-                "system_prompts": res["system_prompts"],
-                "min_p": res["min_p"],
-                "rows": rows,
-                "unkeyed": others,
-            }
-        )
-        return
-    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items)")
-    for c in ("setting", "persona", "accuracy", "95% CI", "Δ vs base", "p (McNemar)",
-              "length-norm.", "95% CI "):  # fmt: skip
-        t.add_column(c, justify="left" if c in ("setting", "persona") else "right")
-    for r in rows:
-        lo, hi = r["accuracy_ci95"]
-        nlo, nhi = r["accuracy_norm_ci95"]
-        base = r["setting"] == "base"
-        t.add_row(
-            r["setting"],
-            safe(r["persona"]),
-            f"{r['accuracy']:.3f}",
-            f"{lo:.2f}-{hi:.2f}",
-            "-" if base else f"{r['delta_vs_base']:+.3f}",
-            "-" if base else f"{r['p_vs_base']:.3f}",
-            f"{r['accuracy_norm']:.3f}",
-            f"{nlo:.2f}-{nhi:.2f}",
-        )
-    console.print(t)
-    console.print(f"template: {safe(template)}; system prompt of base and mask rows: "
-                  f"{safe(repr(system_prompt))}", highlight=False)  # fmt: skip
-    for p in keys_for:
-        console.print(f"prompt rows of {safe(p)}: {safe(repr(res['system_prompts'][f'prompt:{p}']))}",
-                      highlight=False)  # fmt: skip
-    if too_few:
-        console.print(
-            f"[yellow]with {len(items)} items no difference can be significant (the smallest "
-            f"possible p is {res['min_p']:.3f}); use at least 6, and many more to detect small "
-            "effects[/]"
-        )
-    if others:
-        console.print(f"[dim]not scored (no key for them): {safe(', '.join(others))}[/]")
-    if per_item is not None:
-        console.print(f"per-item results written to {safe(per_item)}")
+    _print_eval(res, rows, items, matches, keys_for, metas, template, system_prompt, mc,
+                per_item, json_out)  # fmt: skip
 
 
 @app.command()
@@ -459,3 +412,57 @@ def export_model_cmd(
         emit_json({"out": str(out), "persona": persona, "gamma": gamma, "format": format})
         return
     console.print(f"wrote {safe(out)}: {safe(persona)} applied (gamma {gamma:g})")
+
+
+def _print_eval(res, rows, items, matches, keys_for, metas, template, system_prompt, mc,
+                per_item, json_out) -> None:  # fmt: skip
+    """The eval document or table, the prompts used, and the small-sample warning."""
+    others = [p for p in metas if p not in keys_for]
+    too_few = res["min_p"] >= 0.05
+    if json_out:
+        emit_json(
+            {
+                "items": len(items),
+                "keys": {p: "matching" if m else "not_matching" for p, m in matches.items()},
+                "template": template,
+                "system_prompts": res["system_prompts"],
+                "min_p": res["min_p"],
+                "rows": rows,
+                "unkeyed": others,
+            }
+        )
+        return
+    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items)")
+    for c in ("setting", "persona", "accuracy", "95% CI", "Δ vs base", "p (McNemar)",
+              "length-norm.", "95% CI "):  # fmt: skip
+        t.add_column(c, justify="left" if c in ("setting", "persona") else "right")
+    for r in rows:
+        lo, hi = r["accuracy_ci95"]
+        nlo, nhi = r["accuracy_norm_ci95"]
+        base = r["setting"] == "base"
+        t.add_row(
+            r["setting"],
+            safe(r["persona"]),
+            f"{r['accuracy']:.3f}",
+            f"{lo:.2f}-{hi:.2f}",
+            "-" if base else f"{r['delta_vs_base']:+.3f}",
+            "-" if base else f"{r['p_vs_base']:.3f}",
+            f"{r['accuracy_norm']:.3f}",
+            f"{nlo:.2f}-{nhi:.2f}",
+        )
+    console.print(t)
+    console.print(f"template: {safe(template)}; system prompt of base and mask rows: "
+                  f"{safe(repr(system_prompt))}", highlight=False)  # fmt: skip
+    for p in keys_for:
+        console.print(f"prompt rows of {safe(p)}: {safe(repr(res['system_prompts'][f'prompt:{p}']))}",
+                      highlight=False)  # fmt: skip
+    if too_few:
+        console.print(
+            f"[yellow]with {len(items)} items no difference can be significant (the smallest "
+            f"possible p is {res['min_p']:.3f}); use at least 6, and many more to detect small "
+            "effects[/]"
+        )
+    if others:
+        console.print(f"[dim]not scored (no key for them): {safe(', '.join(others))}[/]")
+    if per_item is not None:
+        console.print(f"per-item results written to {safe(per_item)}")

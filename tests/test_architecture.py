@@ -395,7 +395,7 @@ STORAGE_CORE = ["bits", "hashing", "stores", "chunks", "format", "writer", "code
                 "opener", "algebra", "edit", "stats", "errors", "repo"]  # fmt: skip
 TORCH_EDGE = ["build", "collect", "offload", "distributed", "scoring", "methods", "runtime",
               "evaluate", "models", "importers", "export", "serve", "calibration", "_switch",
-              "_select", "modules"]  # fmt: skip
+              "_select", "modules", "pipeline"]  # fmt: skip
 
 
 def test_the_storage_core_never_reaches_the_torch_edge():
