@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._version import __version__
-from .errors import IntegrityError, MaskstoreError
+from .errors import IntegrityError, MaskstoreError, MergeConflict, RefConflict
 from .format import Bundle
 from .opener import open_bundle
 from .stats import ChannelStats
@@ -55,6 +55,8 @@ __all__ = [
     "IntegrityError",
     "MaskHandle",
     "MaskstoreError",
+    "MergeConflict",
+    "RefConflict",
     "attach",
     "build",
     "create_bundle",

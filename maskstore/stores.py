@@ -25,13 +25,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, MaskstoreError
+from .errors import IntegrityError, MaskstoreError, RefConflict
 
 MAX_OBJECT = 1 << 30  # no single stored object is read past 1 GiB
-
-
-class RefConflict(MaskstoreError):
-    """A ref changed under us (another writer won the race)."""
 
 
 def too_big(key: str, where: str, size: int, limit: int) -> IntegrityError:

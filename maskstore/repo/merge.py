@@ -13,7 +13,7 @@ import copy as _copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import MaskstoreError
+from ..errors import MaskstoreError, MergeConflict
 from ..format import bundle_digest
 from .history import ancestors
 from .objects import new_manifest
@@ -21,14 +21,6 @@ from .snapshot import check_metadata
 
 if TYPE_CHECKING:
     from . import Repository
-
-
-class MergeConflict(MaskstoreError):
-    """Personas changed differently on both sides; ``conflicts`` names them."""
-
-    def __init__(self, message: str, conflicts: list[str]) -> None:
-        super().__init__(message)
-        self.conflicts = conflicts
 
 
 @dataclass
