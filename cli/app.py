@@ -12,6 +12,7 @@ app = typer.Typer(
     help="Store, compare, version and serve persona masks over LLM weights.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: wraps at any width, never cuts a word
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -77,7 +77,7 @@ def build(
     out: Annotated[Path, typer.Option(help="bundle to create")] = Path("personas.zarr"),
     method: Annotated[
         choice(*METHODS),
-        typer.Option(help="scoring method (README: methods)"),
+        typer.Option(metavar="METHOD", help=f"scoring method: {', '.join(METHODS)}"),
     ] = "wanda",
     sparsity: Annotated[
         float | None,

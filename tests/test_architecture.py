@@ -409,3 +409,19 @@ def test_the_storage_core_never_reaches_the_torch_edge():
     bad = sorted(f"{a} -> {b}" for a, deps in graph.items() if under(a, STORAGE_CORE)
                  for b in deps if under(b, TORCH_EDGE))  # fmt: skip
     assert not bad, bad
+
+
+def test_help_is_readable_at_80_columns():
+    """Every command's --help at COLUMNS=80: no line past 80 characters, nothing cut short."""
+    import os
+
+    from maskstore.cli.main import COMMANDS
+
+    env = {**os.environ, "COLUMNS": "80"}
+    for command in COMMANDS:
+        out = subprocess.run([sys.executable, "-m", "maskstore.cli", command, "--help"],
+                             capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+        assert out.returncode == 0, (command, out.stderr)
+        assert "…" not in out.stdout, (command, out.stdout)
+        long = [line for line in out.stdout.splitlines() if len(line) > 80]
+        assert not long, (command, long)
