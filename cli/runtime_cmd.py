@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 from ._common import console, emit_json, err_console, persona_refs, safe
 from .app import BundleArg, DeviceOpt, JsonOpt, app, choice
 
+RevisionOpt = Annotated[
+    str | None, typer.Option(help="with a Hub id: branch, tag or commit (default: recorded)")
+]
+LoadDtypeOpt = Annotated[
+    choice("float32", "bfloat16", "float16"),
+    typer.Option("--dtype", help="dtype to load the model in"),
+]
 ModelOpt = Annotated[
     Path | None,
     typer.Option(
@@ -44,14 +51,16 @@ def _attach(
     untie: bool = False,
     check_weights: bool = True,
     quiet: bool = False,
+    revision: str | None = None,
+    dtype: str = "float32",
 ) -> tuple[MaskHandle, object]:
     from maskstore.models import load_model, recorded_model
     from maskstore.runtime import attach
 
     b = open_bundle(bundle)
-    name, revision = recorded_model(b.model_source, model)
+    name, revision = recorded_model(b.model_source, model, revision)
     with console.status("loading model"):
-        mdl, tok = load_model(name, device=device, revision=revision)
+        mdl, tok = load_model(name, dtype=dtype, device=device, revision=revision)
     if not quiet:  # which model: said on stderr (never under --json)
         err_console.print(
             f"model: {safe(name or 'embedded SmolLM2-135M-Instruct')}", highlight=False
@@ -122,6 +131,8 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per persona")] = 60,
     chat: Annotated[bool, typer.Option(help="wrap the prompt in the chat template")] = True,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    load_dtype: LoadDtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
@@ -151,7 +162,16 @@ def run(
 
     outputs = {}
     with _gathered(bundle, [n for n in names if n is not None]) as (path, local):
-        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out)
+        handle, tok = _attach(
+            path,
+            model,
+            device,
+            untie,
+            check_weights,
+            quiet=json_out,
+            revision=revision,
+            dtype=load_dtype,
+        )
         with progress(disable=json_out) as bar:
             task = bar.add_task("generating", total=len(names))
             for n in names:
@@ -237,6 +257,8 @@ def eval_cmd(
         Path | None, typer.Option(help="write one JSON line per item and row to this file")
     ] = None,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    load_dtype: LoadDtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
@@ -277,7 +299,16 @@ def eval_cmd(
         keys_for = {local[p]: [it.matching if m else it.flipped() for it in items]
                     for p, m in matches.items()}  # fmt: skip
         descr = {local.get(n, n): t for n, t in descr.items()}
-        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out)
+        handle, tok = _attach(
+            path,
+            model,
+            device,
+            untie,
+            check_weights,
+            quiet=json_out,
+            revision=revision,
+            dtype=load_dtype,
+        )
         with progress(disable=json_out) as bar:
             task = bar.add_task("evaluating", total=None)
             res = evaluate.protocol(handle, tok, items, keys_for, descr, system_prompt, template,
@@ -308,6 +339,8 @@ def similarity(
     ] = None,
     limit: Annotated[int, typer.Option(help="at most this many lines")] = 64,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    load_dtype: LoadDtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
@@ -323,7 +356,16 @@ def similarity(
     from ._common import progress
 
     with _gathered(bundle, [a, b]) as (path, local):
-        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out)
+        handle, tok = _attach(
+            path,
+            model,
+            device,
+            untie,
+            check_weights,
+            quiet=json_out,
+            revision=revision,
+            dtype=load_dtype,
+        )
         with progress(disable=json_out) as bar:
             task = bar.add_task("comparing hidden states", total=len(lines))
             cos = evaluate.layer_cosine(
@@ -368,6 +410,7 @@ def export_model_cmd(
     out: Annotated[Path, typer.Option("--out", help="checkpoint folder to create")],
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
     model: ModelOpt = None,
+    revision: RevisionOpt = None,
     untie: UntieOpt = False,
     check_weights: CheckOpt = True,
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
@@ -401,7 +444,9 @@ def export_model_cmd(
     b = open_bundle(bundle)
     b.persona(persona)
     check_output_folder(out, force, protect=(bundle,) if Path(str(bundle)).exists() else ())
-    handle, tok = _attach(bundle, model, "cpu", untie, check_weights, quiet=json_out)
+    handle, tok = _attach(
+        bundle, model, "cpu", untie, check_weights, quiet=json_out, revision=revision
+    )
     handle.detach()
     version = getattr(getattr(b, "source", None), "version", None)
     export_model(

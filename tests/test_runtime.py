@@ -819,3 +819,20 @@ def test_a_hub_cache_ref_naming_a_path_outside_is_refused(tmp_path, tiny_dir, mo
     (entry / "refs" / "main").write_text("b" * 40)  # a snapshot that is a link out of the cache
     with pytest.raises(MaskstoreError, match="points outside its snapshots folder"):
         model_folder("org/tiny")
+
+
+def test_model_options_are_shared_by_the_commands_that_load_a_model(tmp_path, tiny_dir,
+                                                                    calib_files, cli):  # fmt: skip
+    """run, eval and similarity take --revision and --dtype as build does."""
+    b = tmp_path / "b.zarr"
+    assert cli("build", "--model", tiny_dir, "--samples", "2", "--max-tokens", "16",
+               *pair_args(calib_files), "--out", b)[0] == 0  # fmt: skip
+    code, out, err = cli("run", b, "--persona", "introvert", "--prompt", "hi",
+                         "--max-new-tokens", "2", "--dtype", "bfloat16", "--json")  # fmt: skip
+    assert code == 0 and "do not hash as at build time" in err, err  # half precision: a warning
+    code, _, err = cli("similarity", b, "introvert", "extrovert", "--texts",
+                       calib_files["introvert"], "--limit", "1", "--dtype", "float64")  # fmt: skip
+    assert code == 2 and "float64" in err
+    for command in ("run", "eval", "similarity", "export-model", "build", "serve"):
+        code, out, _ = cli(command, "--help")
+        assert "--revision" in out, command
