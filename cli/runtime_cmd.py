@@ -418,7 +418,7 @@ def export_model_cmd(
         choice("safetensors", "compressed-tensors"),
         typer.Option(
             "--format",
-            help="dense safetensors, or compressed-tensors' sparse-bitmask layout (--gamma 0)",
+            help="dense safetensors (from_pretrained loads it), or the legacy sparse-bitmask layout of compressed-tensors <= 0.14 (--gamma 0)",
         ),
     ] = "safetensors",
     dtype: Annotated[
