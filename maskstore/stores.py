@@ -461,6 +461,8 @@ class FsspecStore(Store):
             size = self.fs.size(self._p(key))
             if size is not None and size > limit:
                 raise too_big(key, self.url, size, limit)
+            if size == 0:  # a ranged read of an empty object is refused by S3 (InvalidRange)
+                return b""
             data = self.fs.cat_file(self._p(key), start=0, end=limit + 1)
         except FileNotFoundError:
             return None
@@ -553,7 +555,7 @@ class ZipStore(Store):
 
     def get(self, key: str, limit: int | None = None) -> bytes | None:
         limit = MAX_OBJECT if limit is None else limit
-        info = self._names.get(key)
+        info = self._names.get(check_key(key, self.url))
         if info is None:
             return None
         if info.file_size > limit:
