@@ -6,6 +6,7 @@ import pytest
 from _tiny import save_tiny
 from conftest import pair_args
 
+from maskstore import methods
 from maskstore.offload import parse_bytes
 from maskstore.opener import open_bundle
 
@@ -22,13 +23,11 @@ def _build(cli, tmp_path, folder, name, *extra):
     return open_bundle(out), json.loads(stdout)
 
 
-@pytest.mark.parametrize(
-    "method", [("--method", "wanda"), ("--method", "sparsegpt"), ("--method", "contrastive-wanda")]
-)
-def test_offloaded_build_equals_whole_model_build(tmp_path, cli, calib_files, tiny_folder, method):
-    common = [*pair_args(calib_files)[:-2], *method, "--samples", "12", "--max-tokens", "40",
-              "--batch-size", "5"]  # fmt: skip
-    if method[1] != "contrastive-wanda":
+@pytest.mark.parametrize("name", sorted(methods.METHODS))  # every registered method
+def test_offloaded_build_equals_whole_model_build(tmp_path, cli, calib_files, tiny_folder, name):
+    common = [*pair_args(calib_files)[:-2], "--method", name, "--samples", "12",
+              "--max-tokens", "40", "--batch-size", "5"]  # fmt: skip
+    if not methods.get(name).contrastive:
         common = [a for a in common if a not in ("--pair", "introvert:extrovert")]
     whole, _ = _build(cli, tmp_path, tiny_folder, "whole.zarr", *common)
     off, _ = _build(cli, tmp_path, tiny_folder, "off.zarr", *common, "--offload")

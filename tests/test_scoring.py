@@ -201,16 +201,19 @@ def test_nm_and_layer_selection(rng):
         scoring.select(torch.rand(2, 10), 0.5, mode="nm", n=2, m=4)
 
 
+@pytest.mark.parametrize("eps_at", ["sqrt", "outside"])
 @pytest.mark.parametrize("kind", ["relu", "softplus"])
-def test_contrastive_wanda_matches_loop(rng, kind):
+def test_contrastive_wanda_matches_loop(rng, kind, eps_at):
+    """Large eps so that sqrt(v + eps) and sqrt(v) + eps differ far beyond the tolerance: the
+    test tells the two placements apart."""
     w = torch.from_numpy(rng.normal(size=(4, 11))).float()
     pos, neg = _stats(rng, 11), _stats(rng, 11)
-    eps, tau = 1e-6, 0.5
-    sp, sn = scoring.contrastive_wanda_scores(w, pos, neg, kind, eps, tau)
+    eps, tau = 0.5, 0.5
+    sp, sn = scoring.contrastive_wanda_scores(w, pos, neg, kind, eps, tau, eps_at=eps_at)
     for j in range(11):
-        z = (pos.norm_mean[j] - neg.norm_mean[j]) / (
-            math.sqrt(pos.norm_m2[j] / pos.samples + neg.norm_m2[j] / neg.samples) + eps
-        )
+        v = pos.norm_m2[j] / pos.samples + neg.norm_m2[j] / neg.samples
+        den = math.sqrt(v + eps) if eps_at == "sqrt" else math.sqrt(v) + eps
+        z = (pos.norm_mean[j] - neg.norm_mean[j]) / den
         f = (lambda t: max(t, 0.0)) if kind == "relu" else (lambda t: math.log1p(math.exp(t / tau)))
         for i in range(4):
             assert sp[i, j].item() == pytest.approx(abs(w[i, j].item()) * f(z), rel=1e-6, abs=1e-30)
