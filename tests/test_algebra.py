@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_fingerprint, random_masks, write_bundle
+from _helpers import random_fingerprint, random_masks, write_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -354,7 +354,7 @@ def test_same_named_personas_of_two_sources_are_labelled_by_source(tmp_path, rng
     """``overlap A optimist pessimist B#optimist`` labels the two optimists by their bundle, in
     the table and the JSON, and every number equals the one computed from the masks; the same
     across repository versions."""
-    from conftest import random_fingerprint, random_masks, write_bundle
+    from _helpers import random_fingerprint, random_masks, write_bundle
 
     fp = random_fingerprint(rng)
     ma = random_masks(rng, fp, ["optimist", "pessimist"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_fingerprint, random_masks, write_bundle
+from _helpers import random_fingerprint, random_masks, write_bundle
 
 from maskstore import create_bundle, open_bundle, pack_zip
 from maskstore.errors import MaskstoreError

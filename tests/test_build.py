@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from _helpers import pair_args
 from _tiny import byte_tokenizer, tiny_llama
-from conftest import pair_args
 
 from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build, collect_stats

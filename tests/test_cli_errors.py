@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
-from conftest import write_bundle
+from _helpers import write_bundle
 
 from maskstore.hashing import blake2b_hex, canonical_json
 from maskstore.repo import init_repo
@@ -221,7 +221,7 @@ def test_exit_codes_damage_usage_and_internal_errors(tmp_path, rng, cli, monkeyp
     internal error; each prints a JSON error document under --json."""
     import json
 
-    from conftest import random_masks, write_bundle
+    from _helpers import random_masks, write_bundle
 
     fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [64, 64]}}
     b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a", "b"]), codec="none")

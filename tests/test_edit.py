@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import pair_args
+from _helpers import pair_args
 
 from maskstore.opener import open_bundle
 

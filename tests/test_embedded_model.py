@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import pair_args
+from _helpers import pair_args
 
 import maskstore
 from maskstore.models import load_model

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _helpers import pair_args
 from _tiny import tiny_llama
-from conftest import pair_args
 
 from maskstore.build import build
 from maskstore.export import export_model

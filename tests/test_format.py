@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 import zarr.storage
-from conftest import random_fingerprint, random_masks, write_bundle
+from _helpers import random_fingerprint, random_masks, write_bundle
 
 import maskstore
 from maskstore import create_bundle, open_bundle, pack_zip
@@ -315,7 +315,7 @@ def test_an_edited_fingerprint_is_refused_before_any_allocation(tmp_path, rng):
     import json
     import resource
 
-    from conftest import random_fingerprint, random_masks, write_bundle
+    from _helpers import random_fingerprint, random_masks, write_bundle
 
     from maskstore.errors import IntegrityError
     from maskstore.opener import open_bundle

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import CLI_SCHEMAS, SCHEMA_OF, cli_schema, pair_args
+from _helpers import CLI_SCHEMAS, SCHEMA_OF, cli_schema, pair_args
 from maskstore.cli.main import COMMANDS
 
 
@@ -118,7 +118,7 @@ def test_progress_on_a_terminal_and_none_under_json(tmp_path, rng):
     import os
     import sys
 
-    from conftest import random_masks, write_bundle
+    from _helpers import random_masks, write_bundle
 
     fp = {
         "architecture": "T",

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_bundle
+from _helpers import write_bundle
 
 from maskstore.opener import open_bundle
 from maskstore.repo import MergeConflict, init_repo, open_repo

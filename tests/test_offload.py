@@ -3,8 +3,8 @@
 import json
 
 import pytest
+from _helpers import pair_args
 from _tiny import save_tiny
-from conftest import pair_args
 
 from maskstore import methods
 from maskstore.offload import parse_bytes

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import random_masks, write_bundle
 from _tiny import byte_tokenizer, tiny_llama
-from conftest import random_masks, write_bundle
 
 import maskstore
 from maskstore import calibration as cal

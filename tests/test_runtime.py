@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from _helpers import pair_args
 from _tiny import byte_tokenizer, tiny_llama
-from conftest import pair_args
 
 import maskstore
 from maskstore import create_bundle, evaluate

@@ -54,7 +54,7 @@ def start(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
         doc += line
         if line.startswith("}"):
             break
-    from conftest import check_cli_document
+    from _helpers import check_cli_document
 
     check_cli_document("serve", 0, doc)
     return p, json.loads(doc)["url"]

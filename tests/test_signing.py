@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_bundle
+from _helpers import write_bundle
 
 from maskstore import open_bundle
 from maskstore.errors import MaskstoreError

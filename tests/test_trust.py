@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from conftest import write_bundle
+from _helpers import write_bundle
 
 from maskstore import open_bundle, pack_zip
 from maskstore.errors import IntegrityError, MaskstoreError
@@ -446,7 +446,7 @@ def test_a_full_disk_during_commit_leaves_no_temporary_file(tmp_path, rng):
     import subprocess
     import sys
 
-    from conftest import random_masks, write_bundle
+    from _helpers import random_masks, write_bundle
 
     fp = {"architecture": "T", "modules": {"m.0": [512, 1024], "m.1": [8, 8]}}
     small = write_bundle(tmp_path / "small", fp, random_masks(rng, {"modules": {"m.1": [8, 8]}},

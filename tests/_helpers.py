@@ -1,0 +1,82 @@
+"""Helpers the tests import (``from _helpers import ...``): bundles of random masks, the
+build arguments of the introvert/extrovert pair, and the check of --json documents against
+their schemas. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from maskstore import create_bundle
+
+
+def random_fingerprint(rng: np.random.Generator, n_layers: int = 2) -> dict:
+    mods = {}
+    for layer in range(n_layers):
+        for leaf, kind in (
+            ("q_proj", "self_attn"),
+            ("o_proj", "self_attn"),
+            ("up_proj", "mlp"),
+            ("down_proj", "mlp"),
+        ):
+            mods[f"model.layers.{layer}.{kind}.{leaf}"] = [
+                int(rng.integers(1, 40)),
+                int(rng.integers(1, 50)),
+            ]
+    return {"architecture": "TestArch", "modules": mods}
+
+
+def write_bundle(path: Path, fp: dict, masks: dict[str, dict[str, np.ndarray]], **kw) -> Path:
+    """Write bool masks {persona: {module: (out, in)}} into a new bundle."""
+    with create_bundle(path, fp, force=kw.pop("force", False)) as b:
+        for name, mods in masks.items():
+            with b.persona_writer(name, method="test", **kw) as w:
+                for m, arr in mods.items():
+                    w.write_mask(m, arr)
+    return path
+
+
+def random_masks(
+    rng, fp: dict, names: list[str], p: float = 0.5
+) -> dict[str, dict[str, np.ndarray]]:
+    return {n: {m: rng.random(tuple(s)) < p for m, s in fp["modules"].items()} for n in names}
+
+
+def pair_args(calib_files: dict[str, Path]) -> list[str]:
+    """``maskstore build`` arguments for the introvert/extrovert pair with contrastive Wanda."""
+    return [
+        "--persona", f"introvert={calib_files['introvert']}",
+        "--persona", f"extrovert={calib_files['extrovert']}",
+        "--pair", "introvert:extrovert", "--method", "contrastive-wanda",
+    ]  # fmt: skip
+
+
+CLI_SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "cli"
+_CLI_VALIDATORS: dict = {}
+# commands that share a schema: the set operations all print a derived persona
+SCHEMA_OF = {
+    **dict.fromkeys(("union", "intersect", "subtract", "xor", "complement", "vote", "blend"), "op"),
+    **dict.fromkeys(("cp", "mv", "rm"), "edit"),
+}
+
+
+def cli_schema(name: str) -> dict:
+    return json.loads((CLI_SCHEMAS / f"{name}.json").read_text())
+
+
+def check_cli_document(command: str, code: int, out: str) -> None:
+    """A --json document is valid against ``schemas/cli/<command>.json`` (``error.json`` when
+    the command failed)."""
+    import fastjsonschema
+
+    doc = json.loads(out)
+    name = "error" if isinstance(doc, dict) and "error" in doc else SCHEMA_OF.get(command, command)
+    if name not in _CLI_VALIDATORS:
+        _CLI_VALIDATORS[name] = fastjsonschema.compile(cli_schema(name))
+    try:
+        _CLI_VALIDATORS[name](json.loads(out))
+    except fastjsonschema.JsonSchemaException as e:
+        msg = f"maskstore {command} --json: {e.message} (schemas/cli/{name}.json)"
+        raise AssertionError(msg) from None
