@@ -99,6 +99,11 @@ class Engine:
         self.eos = _eos_ids(self.model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        import inspect
+
+        # transformers 5 names the KV cache argument `cache` (`past_key_values` before)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._ready: queue.Queue[Request | None] = queue.Queue()
         self._pending: dict[str, list[Request]] = {}  # persona -> requests waiting for its load
         self._lock = threading.Lock()
@@ -279,10 +284,10 @@ class Engine:
                 input_ids=step_ids.to(self.device),
                 attention_mask=attn.to(self.device),
                 position_ids=pos.to(self.device),
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_arg: cache},
             )
-            cache = out.past_key_values
+            cache = getattr(out, "cache", None) or out.past_key_values
             logits = out.logits[:, -1, :].float().cpu()
             nxt = torch.empty(len(rows), dtype=torch.long)
             keep = []
