@@ -31,6 +31,9 @@ def _find_repo(ctx: typer.Context, param: object, value: Path) -> Path:
     return find_repo(Path.cwd()) or value
 
 
+EndpointOpt = Annotated[str | None, typer.Option(help="S3 endpoint (a server other than AWS)")]
+RegionOpt = Annotated[str | None, typer.Option(help="S3 region")]
+ProfileOpt = Annotated[str | None, typer.Option(help="AWS profile for its credentials")]
 RepoOpt = Annotated[
     Path,
     typer.Option(
@@ -501,11 +504,9 @@ def remote(
     action: Annotated[choice("list", "add", "remove"), typer.Argument(help="what to do")] = "list",
     name: Annotated[str | None, typer.Argument(help="the remote's name (add, remove)")] = None,
     url: Annotated[str | None, typer.Argument(help="its folder or s3:// URL (add)")] = None,
-    endpoint_url: Annotated[
-        str | None, typer.Option(help="S3 endpoint (a server other than AWS)")
-    ] = None,
-    region: Annotated[str | None, typer.Option(help="S3 region")] = None,
-    profile: Annotated[str | None, typer.Option(help="AWS profile for its credentials")] = None,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+    profile: ProfileOpt = None,
     repo: RepoOpt = DEFAULT_REPO,
     json_out: JsonOpt = False,
 ) -> None:
@@ -559,11 +560,9 @@ def fetch(
 def clone(
     url: Annotated[str, typer.Argument(help="folder or s3:// URL of a repository")],
     directory: Annotated[Path, typer.Argument(help="the new repository folder")],
-    endpoint_url: Annotated[
-        str | None, typer.Option(help="S3 endpoint (a server other than AWS)")
-    ] = None,
-    region: Annotated[str | None, typer.Option(help="S3 region")] = None,
-    profile: Annotated[str | None, typer.Option(help="AWS profile for its credentials")] = None,
+    endpoint_url: EndpointOpt = None,
+    region: RegionOpt = None,
+    profile: ProfileOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """A new repository with URL as remote 'origin' and its tags and branches, all verified;

@@ -162,16 +162,8 @@ def run(
 
     outputs = {}
     with _gathered(bundle, [n for n in names if n is not None]) as (path, local):
-        handle, tok = _attach(
-            path,
-            model,
-            device,
-            untie,
-            check_weights,
-            quiet=json_out,
-            revision=revision,
-            dtype=load_dtype,
-        )
+        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out,
+                              revision=revision, dtype=load_dtype)  # fmt: skip
         with progress(disable=json_out) as bar:
             task = bar.add_task("generating", total=len(names))
             for n in names:
@@ -299,16 +291,8 @@ def eval_cmd(
         keys_for = {local[p]: [it.matching if m else it.flipped() for it in items]
                     for p, m in matches.items()}  # fmt: skip
         descr = {local.get(n, n): t for n, t in descr.items()}
-        handle, tok = _attach(
-            path,
-            model,
-            device,
-            untie,
-            check_weights,
-            quiet=json_out,
-            revision=revision,
-            dtype=load_dtype,
-        )
+        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out,
+                              revision=revision, dtype=load_dtype)  # fmt: skip
         with progress(disable=json_out) as bar:
             task = bar.add_task("evaluating", total=None)
             res = evaluate.protocol(handle, tok, items, keys_for, descr, system_prompt, template,
@@ -356,16 +340,8 @@ def similarity(
     from ._common import progress
 
     with _gathered(bundle, [a, b]) as (path, local):
-        handle, tok = _attach(
-            path,
-            model,
-            device,
-            untie,
-            check_weights,
-            quiet=json_out,
-            revision=revision,
-            dtype=load_dtype,
-        )
+        handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out,
+                              revision=revision, dtype=load_dtype)  # fmt: skip
         with progress(disable=json_out) as bar:
             task = bar.add_task("comparing hidden states", total=len(lines))
             cos = evaluate.layer_cosine(
