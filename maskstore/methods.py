@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,8 +19,24 @@ from . import scoring
 from .errors import MaskstoreError
 from .stats import ChannelStats
 
-if TYPE_CHECKING:
-    from .build import BuildConfig
+
+class BuildConfig(Protocol):
+    """What a method reads of :class:`maskstore.build.BuildConfig` (declared here, so that the
+    registry never imports the pipeline that uses it)."""
+
+    sparsity: float
+    selection: str
+    n: int
+    m: int
+    phi: str
+    eps: float
+    tau: float
+    damp: float
+    norm: str
+    keep: str
+    eps_at: str
+    ties: str
+    block: int
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,9 @@ def _graph(typing: bool = False) -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_cycles():
-    graph = _graph()
+@pytest.mark.parametrize("typing", [False, True], ids=["runtime", "type-level too"])
+def test_no_import_cycles(typing):
+    graph = _graph(typing)
     assert "maskstore.repo.snapshot" in graph and "maskstore.cli.main" in graph
     assert "maskstore.format" in graph["maskstore.writer"]  # the parser does see imports
     state: dict[str, int] = {}

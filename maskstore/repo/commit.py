@@ -23,7 +23,7 @@ from .objects import new_manifest
 from .snapshot import MAX_DELTA_DEPTH, VersionSource
 
 if TYPE_CHECKING:
-    from . import Repository
+    from ._protocol import RepositoryLike as Repository
 
 # A delta base: (the parent version's bundle, or None for this commit; persona; depth; bits)
 Base = tuple[Bundle | None, str, int, float]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..stores import Store
 
 if TYPE_CHECKING:
-    from . import Repository
+    from ._protocol import RepositoryLike as Repository
 
 
 def ancestors(repo: Repository, vid: str, store: Store | None = None) -> Iterator[str]:

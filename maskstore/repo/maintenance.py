@@ -12,7 +12,7 @@ from .snapshot import check_metadata
 from .transfer import needed, reflog_heads
 
 if TYPE_CHECKING:
-    from . import Repository
+    from ._protocol import RepositoryLike as Repository
 
 
 REFLOG_EXPIRY = 30 * 86400.0  # seconds gc keeps a head a branch was moved off (pull --force)

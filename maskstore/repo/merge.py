@@ -20,7 +20,7 @@ from .objects import new_manifest
 from .snapshot import check_metadata
 
 if TYPE_CHECKING:
-    from . import Repository
+    from ._protocol import RepositoryLike as Repository
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..format import Bundle, BundleSource
 from ..hashing import ArrayHasher
 
 if TYPE_CHECKING:
-    from . import Repository
+    from ._protocol import RepositoryLike as Repository
 
 MAX_DELTA_DEPTH = 4
 

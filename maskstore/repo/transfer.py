@@ -35,7 +35,7 @@ from .refs import SINGULAR, Refs
 from .snapshot import check_metadata
 
 if TYPE_CHECKING:
-    from . import Repository
+    from ._protocol import RepositoryLike as Repository
 
 # progress(done, total): chunks checked or moved so far, of all the versions need
 Progress = Callable[[int, int], None] | None
