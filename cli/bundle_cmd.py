@@ -219,7 +219,7 @@ def verify(
         b = open_bundle(bundle)
         with progress(disable=json_out) as bar:
             task = bar.add_task("verifying", total=len(b.personas))
-            problems = b.verify(progress=lambda k: bar.advance(task, k))
+            problems = b.verify(progress=lambda d, t: bar.update(task, completed=d, total=t))
         leftovers = b.leftovers()
         what = f"every digest matches ({len(b.personas)} personas)"
     if json_out:
@@ -241,7 +241,9 @@ def _count(refs: list[algebra.Ref], quiet: bool = False) -> list[algebra.ModuleC
     modules = algebra.check_compatible(refs)
     with progress(disable=quiet) as bar:
         task = bar.add_task("comparing", total=len(modules))
-        return algebra.count_all(refs, modules, progress=lambda n: bar.advance(task, n))
+        return algebra.count_all(
+            refs, modules, progress=lambda d, t: bar.update(task, completed=d, total=t)
+        )
 
 
 @app.command()

@@ -114,7 +114,7 @@ def commit(
             branch=branch,
             delta=not no_delta,
             recipes=tuple(recipe or ()),
-            progress=lambda k: bar.advance(task, k),
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
             sign=sign,
             author=author,
             allow_empty=allow_empty,
@@ -273,7 +273,7 @@ def checkout(
         recompute = None
         if mdl is not None:
             from maskstore.build import recompute_recipe as recompute
-        r.checkout(version, out, model=mdl, force=force, progress=lambda k: bar.advance(task, k),
+        r.checkout(version, out, model=mdl, force=force, progress=lambda d, t: bar.update(task, completed=d, total=t),
                    recompute=recompute)  # fmt: skip
     if json_out:
         emit_json({"version": snap.version, "out": str(out)})

@@ -345,7 +345,12 @@ def similarity(
         with progress(disable=json_out) as bar:
             task = bar.add_task("comparing hidden states", total=len(lines))
             cos = evaluate.layer_cosine(
-                handle, tok, lines, local[a], local[b], progress=lambda k: bar.advance(task, k)
+                handle,
+                tok,
+                lines,
+                local[a],
+                local[b],
+                progress=lambda d, t: bar.update(task, completed=d, total=t),
             )
     if png is not None:
         try:

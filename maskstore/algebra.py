@@ -20,6 +20,7 @@ from .bits import pad_mask
 from .errors import MaskstoreError
 from .format import Bundle
 from .names import module_kind, module_layer
+from .progress import Progress, counter
 
 GROUPINGS = ("model", "kind", "layer", "module")
 METRICS = ("jaccard", "diff", "pruned_jaccard", "overlap", "intersection", "hamming")
@@ -167,20 +168,20 @@ def count_module(refs: list[Ref], module: str) -> ModuleCounts:
 
 
 def count_all(
-    refs: list[Ref], modules: list[str] | None = None, progress: Callable[[int], None] | None = None
+    refs: list[Ref], modules: list[str] | None = None, progress: Progress | None = None
 ) -> list[ModuleCounts]:
-    """Counts for every module the personas share (or ``modules``), one module at a time."""
+    """Counts for every module the personas share (or ``modules``), one module at a time
+    (``progress(done, total)`` in modules)."""
     common = check_compatible(refs)
     if modules is not None:
         missing = [m for m in modules if m not in common]
         if missing:
             raise MaskstoreError(f"module {missing[0]!r} is not masked by every persona")
         common = modules
-    out = []
+    out, tick = [], counter(progress, len(common))
     for m in common:
         out.append(count_module(refs, m))
-        if progress:
-            progress(1)
+        tick(1)
     return out
 
 

@@ -36,10 +36,9 @@ from .format import DEFAULT_CHUNK_BYTES, Bundle
 from .hashing import metadata_digest
 from .modules import maskable_modules, model_fingerprint
 from .names import check_persona_name
+from .progress import Progress, Stage, counter
 from .stats import ChannelStats
 from .writer import WritableBundle, create_bundle
-
-Progress = Callable[[int], None] | None
 
 ZERO_SCORE_WARN = 0.05  # warn when more of a persona's kept weights than this scored exactly 0
 
@@ -163,7 +162,7 @@ def collect_stats(
     modules: Mapping[str, nn.Linear],
     batches: Iterable[Batch],
     config: BuildConfig | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> dict[str, ChannelStats]:
     """One calibration pass: :class:`ChannelStats` per module, plus what the method derives from
     Gram matrices (SparseGPT's ``[H^-1]_jj``; the Gram matrices are dropped after use)."""
@@ -289,7 +288,7 @@ def write_personas(
     personas: list[PersonaStats],
     pairs: list[tuple[str, str]],
     config: BuildConfig,
-    progress: Progress = None,
+    progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
     weight_of: Callable[[str], torch.Tensor] | None = None,
@@ -308,6 +307,7 @@ def write_personas(
     config.check()
     check_pairs([p.name for p in personas], pairs, config)
     opposite = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    tick = counter(progress, len(modules))
     writers = {}
     try:
         for p in personas:
@@ -342,8 +342,7 @@ def write_personas(
                 kept[p.name] += int(masks[p.name].sum())
                 w.write_mask(name, masks[p.name])
                 w.write_stats(name, p.stats[name])
-            if progress:
-                progress(1)
+            tick(1)
         metas = {name: w.commit() for name, w in writers.items()}
         numel = sum(m.weight.numel() for m in modules.values())
         for name in writers:
@@ -381,7 +380,7 @@ def write_bundle(
     pairs: list[tuple[str, str]] = (),
     config: BuildConfig | None = None,
     force: bool = False,
-    progress: Progress = None,
+    progress: Progress | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     codec: str = "zstd",
     weight_of: Callable[[str], torch.Tensor] | None = None,
@@ -503,7 +502,7 @@ def build(
     config: BuildConfig | None = None,
     modules: Mapping[str, nn.Linear] | None = None,
     force: bool = False,
-    progress: Callable[[str, int], None] | None = None,
+    progress: Stage | None = None,
     calibration_source: str | None = None,
 ) -> Path:
     """Build a bundle from any ``torch.nn.Module`` and token batches per persona.
@@ -515,8 +514,9 @@ def build(
         out: the bundle directory to create (atomically).
         pairs: opposing personas ``(p+, p-)`` for the contrastive methods.
         modules: the ``nn.Linear`` modules to mask (default: all but LM head and embeddings).
-        progress: ``(stage, n)`` after each step: ``"calibrating <persona>"`` with the samples
-            done, then ``"scoring"`` with the modules done (off by default; the CLI draws bars).
+        progress: ``stage(name, total) -> progress(done, total)`` (:mod:`maskstore.progress`):
+            stages ``"calibrating <persona>"`` in samples, then ``"scoring"`` in modules (off
+            by default).
         calibration_source: how the batches were made, recorded with their digest
             (:class:`maskstore.calibration.Recorder`); the command line records
             :func:`maskstore.calibration.describe`, so batches made as it makes them, with that
@@ -532,7 +532,7 @@ def build(
     modules = dict(modules) if modules is not None else maskable_modules(model)
     personas = []
     for name, batches in calibration.items():
-        step = (lambda k, s=f"calibrating {name}": progress(s, k)) if progress else None
+        step = progress(f"calibrating {name}", None) if progress else None
         rec = Recorder(batches, calibration_source or API_SOURCE)
         st = collect_stats(model, modules, rec, config, step)
         personas.append(PersonaStats(name, st, rec.record()))
@@ -544,7 +544,7 @@ def build(
         pairs=list(pairs),
         config=config,
         force=force,
-        progress=(lambda k: progress("scoring", k)) if progress else None,
+        progress=progress("scoring", len(modules)) if progress else None,
     )
     return Path(out)
 

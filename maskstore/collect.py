@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from .progress import Progress, counter
 from .stats import ChannelStats
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
@@ -128,13 +129,19 @@ class StatsCollector:
         self,
         model: nn.Module,
         batches: Iterable[Batch],
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
         indices: Iterable[int] | None = None,
     ) -> dict[str, ChannelStats]:
         """Run ``model`` over ``batches`` (dicts with ``input_ids``/``attention_mask``, or tensors
         of token ids) and return the statistics per module; ``indices`` are the batches' places
-        in the whole calibration set (when recording for a replay)."""
+        in the whole calibration set (when recording for a replay). ``progress(done, total)``
+        counts samples (``total`` known when ``batches`` is a list)."""
         order = iter(indices) if indices is not None else itertools.count()
+        total = None
+        if isinstance(batches, list):
+            total = sum(int((b if isinstance(b, torch.Tensor) else b["input_ids"]).shape[0])
+                        for b in batches)  # fmt: skip
+        tick = counter(progress, total)
         handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
         device = next(model.parameters()).device
         try:
@@ -151,8 +158,7 @@ class StatsCollector:
                         with self.batch(mask, index):
                             model(input_ids=ids.to(device), use_cache=False, **kw)
                         n = ids.shape[0]
-                    if progress:
-                        progress(n)
+                    tick(n)
         finally:
             for h in handles:
                 h.remove()

@@ -19,6 +19,7 @@ import torch
 
 from .calibration import read_csv_rows
 from .errors import MaskstoreError
+from .progress import Progress, counter
 from .runtime import MaskHandle
 
 
@@ -129,7 +130,7 @@ def answer_logliks(
     system: str | None = None,
     template: str = "chat",
     batch_size: int = 16,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Scores:
     """Log-likelihood of each item's answers A and B given the rendered question (answer tokens
     only).
@@ -152,6 +153,7 @@ def answer_logliks(
                 full, n_ans = ctx + a_ids, len(a_ids)
             seqs.append((full, n_ans))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tick = counter(progress, len(seqs))
     out = torch.empty(len(seqs), dtype=torch.float64)
     counts = torch.tensor([n for _, n in seqs], dtype=torch.float64)
     for i in range(0, len(seqs), batch_size):
@@ -168,8 +170,7 @@ def answer_logliks(
         tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         for r, (s, n_ans) in enumerate(chunk):
             out[i + r] = tok_lp[r, len(s) - 1 - n_ans : len(s) - 1].sum().double().cpu()
-        if progress:
-            progress(len(chunk))
+        tick(len(chunk))
     return Scores(out.view(-1, 2), counts.view(-1, 2))
 
 
@@ -236,7 +237,7 @@ def layer_cosine(
     a: str,
     b: str,
     batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[float]:
     """Per layer (embeddings first), the mean over non-padding tokens of the cosine similarity of
     hidden states under persona ``a`` and persona ``b`` on the same texts."""
@@ -246,6 +247,7 @@ def layer_cosine(
         raise MaskstoreError("no texts to compare")
     sums: torch.Tensor | None = None
     count = 0
+    tick = counter(progress, len(texts))
     prev = (handle.active, handle.gamma)
     try:
         for i in range(0, len(texts), batch_size):
@@ -267,11 +269,22 @@ def layer_cosine(
             s = (cos * m).sum(dim=(1, 2)).double().cpu()
             sums = s if sums is None else sums + s
             count += int(m.sum())
-            if progress:
-                progress(len(texts[i : i + batch_size]))
+            tick(len(texts[i : i + batch_size]))
     finally:
         handle.use(*prev)
     return (sums / count).tolist()
+
+
+def _deltas(advance: Callable[[int], None]) -> Progress:
+    """A ``progress(done, total)`` that advances ``advance`` by what each call adds."""
+    seen = 0
+
+    def progress(done: int, total: int | None) -> None:
+        nonlocal seen
+        advance(done - seen)
+        seen = done
+
+    return progress
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -328,13 +341,7 @@ def protocol(
     plan += [("mask", p, p, system_prompt) for p in keys_for]
     plan += [("mask+prompt", p, p, descr[p]) for p in keys_for]
     total = 2 * len(items) * len({(m, s) for _, _, m, s in plan})
-    done_n = 0
-
-    def tick(k: int) -> None:
-        nonlocal done_n
-        done_n += k
-        if progress:
-            progress(done_n, total)
+    tick = counter(progress, total)
 
     rows, records, done = [], [], {}
     correct: dict[tuple[str, str], list[bool]] = {}
@@ -343,7 +350,8 @@ def protocol(
             if (mask, system) not in done:  # the base model answers once for every key
                 handle.use(mask, gamma)
                 done[mask, system] = answer_logliks(handle.model, tok, items, system=system,
-                                                    template=template, progress=tick)  # fmt: skip
+                                                    template=template,
+                                                    progress=_deltas(tick))  # fmt: skip
             scores, keys = done[mask, system], keys_for[persona]
             right = [c == k for c, k in zip(scores.choices(False), keys, strict=True)]
             correct[setting, persona] = right

@@ -31,6 +31,7 @@ from .chunks import MAX_META_BYTES, ArrayMeta, ChunkSource, StoreArray
 from .errors import IntegrityError, MaskstoreError
 from .hashing import ArrayHasher, metadata_digest, xxh3
 from .names import check_persona_name
+from .progress import Progress, counter
 from .stats import ChannelStats
 from .stores import LocalStore, Store, ZipStore
 
@@ -380,11 +381,11 @@ class Bundle:
         self,
         persona: str,
         weights: Callable[[str], Any],
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
         recompute: Callable[..., np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """A recipe persona's packed masks, recomputed from model weights by ``recompute``
-        (:func:`maskstore.build.recompute_recipe`); ``progress(1)`` after each module."""
+        (:func:`maskstore.build.recompute_recipe`); ``progress(done, total)`` in modules."""
         fn = getattr(self.source, "recipe_masks", None)
         if fn is None:
             raise MaskstoreError(f"persona {persona!r} in {self.path} is not a recipe")
@@ -532,16 +533,16 @@ class Bundle:
         return self.source.nbytes(persona, kind)
 
     # ---- verification
-    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+    def verify(self, progress: Progress | None = None) -> list[str]:
         """Recompute every digest; return one line per problem (empty when all match).
 
         Args:
-            progress: called with 1 after each persona.
+            progress: ``progress(done, total)`` in personas.
         """
         problems: list[str] = []
+        tick = counter(progress, len(self.personas))
         for p in self.personas:
-            if progress:
-                progress(1)
+            tick(1)
             try:
                 meta = self.persona(p)
             except MaskstoreError as e:

@@ -21,7 +21,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 
 from .collect import Batch, StatsCollector
 from .errors import MaskstoreError
+from .progress import Progress, counter
 
 
 def release_memory() -> None:
@@ -252,11 +253,12 @@ class LayerwiseModel:
         self,
         collectors: Mapping[str, StatsCollector],
         batches: Mapping[str, list[tuple[int, Batch]]],
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         """Run every persona's ``(index, batch)`` pairs through the model block by block; each
         persona's ``collector`` sees its own batches' inputs of the watched modules."""
         inputs: list[tuple[str, int, torch.Tensor | None, tuple, dict]] = []  # per batch
+        tick = counter(progress, len(self.layers))
         embed = self.model.get_input_embeddings()
         self._load(embed)
         first = self.layers[0]
@@ -311,8 +313,7 @@ class LayerwiseModel:
                             out = layer(states.get(i).to(self.device), *args, **kwargs)
                         states.put(i, out[0] if isinstance(out, tuple) else out)
                     self._unload(layer)
-                    if progress:
-                        progress(1)
+                    tick(1)
             finally:
                 for h in hooks:
                     h.remove()

@@ -11,7 +11,6 @@ model and token batches. Progress follows one convention: ``stage(name, total)``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +30,7 @@ from .format import DEFAULT_CHUNK_BYTES, Bundle
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
 from .modules import check_untied, maskable_modules
 from .offload import LayerwiseModel, checkpoint_bytes
-
-Progress = Callable[[int, int | None], None]  # progress(done, total)
-Stage = Callable[[str, int | None], Progress]  # stage(name, total) -> its progress
+from .progress import Progress, Stage
 
 
 @dataclass(kw_only=True)
@@ -75,17 +72,8 @@ class BuildResult:
     seconds: dict[str, float]
 
 
-def _counter(stage: Stage | None, name: str, total: int | None) -> Callable[[int], None]:
-    """``advance(k)`` for a stage, reporting ``progress(done, total)``."""
-    if stage is None:
-        return lambda k: None
-    report, done = stage(name, total), [0]
-
-    def advance(k: int) -> None:
-        done[0] += k
-        report(done[0], total)
-
-    return advance
+def _stage(stage: Stage | None, name: str, total: int | None) -> Progress | None:
+    return stage(name, total) if stage is not None else None
 
 
 def run_build(job: BuildJob, stage: Stage | None = None) -> BuildResult | None:
@@ -148,7 +136,7 @@ def run_build(job: BuildJob, stage: Stage | None = None) -> BuildResult | None:
         pairs=job.pairs,
         config=config,
         force=job.force,
-        progress=_counter(stage if rank == 0 else None, "scoring and writing", len(mods)),
+        progress=_stage(stage if rank == 0 else None, "scoring and writing", len(mods)),
         chunk_bytes=job.chunk_bytes,
         codec=job.codec,
         weight_of=weight_of,
@@ -186,12 +174,13 @@ def _calibrate(job, mdl, tok, mods, layerwise, rank, size, stage) -> list[Person
     collectors = {n: collector(mods, config, record=size > 1) for n in job.data}
     shown = stage if rank == 0 else None
     if layerwise is not None:
-        advance = _counter(shown, "calibrating, block by block", len(layerwise.layers))
-        layerwise.collect(collectors, batches, progress=advance)
+        layerwise.collect(collectors, batches,
+                          progress=_stage(shown, "calibrating, block by block",
+                                          len(layerwise.layers)))  # fmt: skip
     else:
         for n, bs in batches.items():
             total = sum(len(b["input_ids"]) for _, b in bs)
-            collectors[n].run(mdl, [b for _, b in bs], progress=_counter(shown, f"calibrating {n}",
+            collectors[n].run(mdl, [b for _, b in bs], progress=_stage(shown, f"calibrating {n}",
                               total), indices=[i for i, _ in bs])  # fmt: skip
     if size > 1:
         distributed.gather_stats(collectors)

@@ -180,7 +180,7 @@ def test_api_build_reports_progress_when_asked(tmp_path):
         model,
         cal,
         tmp_path / "p.zarr",
-        progress=lambda s, k: events.update({s: events.get(s, 0) + k}),
+        progress=lambda stage, total: lambda done, t: events.update({stage: done}),
     )
     assert events == {
         "calibrating a": 6,

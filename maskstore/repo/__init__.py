@@ -34,6 +34,7 @@ from ..errors import MaskstoreError
 from ..format import Bundle
 from ..hashing import canonical_json
 from ..names import check_ref_name
+from ..progress import Progress
 from ..stores import Store, open_store
 from . import commit as _commit
 from . import history, maintenance, signing, transfer
@@ -42,9 +43,6 @@ from .objects import REPO_FORMAT, REPO_MARKER, Objects
 from .refs import SINGULAR, Refs
 from .snapshot import MAX_DELTA_DEPTH, Snapshot, VersionSource
 from .transfer import TransferReport
-
-Progress = Callable[[int], None] | None  # progress(k): k more units done
-Transfer = Callable[[int, int], None] | None  # progress(done, total)
 
 
 class Repository:
@@ -101,7 +99,7 @@ class Repository:
         branch: str = "main",
         delta: bool = True,
         recipes: tuple[str, ...] = (),
-        progress: Progress = None,
+        progress: Progress | None = None,
         sign: str | os.PathLike | None = None,
         author: str | None = None,
         allow_empty: bool = False,
@@ -218,11 +216,11 @@ class Repository:
         out: str | os.PathLike,
         model: Any = None,
         force: bool = False,
-        progress: Progress = None,
+        progress: Progress | None = None,
         recompute: Callable[..., Any] | None = None,
     ) -> Path:
         """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model`` and
-        ``recompute=maskstore.build.recompute_recipe``); ``progress(k)`` follows the modules
+        ``recompute=maskstore.build.recompute_recipe``); ``progress(done, total)`` follows the modules
         written."""
         return self.snapshot(ref).checkout(out, model=model, force=force, progress=progress,
                                            recompute=recompute)  # fmt: skip
@@ -235,7 +233,7 @@ class Repository:
         return history.diff(self, a, b)
 
     # ---- transfers
-    def push(self, remote: str | Store, ref: str = "main", progress: Transfer = None):
+    def push(self, remote: str | Store, ref: str = "main", progress: Progress | None = None):
         """Send tag or branch ``ref`` and what it needs to a remote (a configured remote's
         name or a URL); only missing objects move (``progress(done, total)`` follows the
         chunks)."""
@@ -247,7 +245,7 @@ class Repository:
         self,
         remote: str | Store,
         ref: str = "main",
-        progress: Transfer = None,
+        progress: Progress | None = None,
         require_signed: bool | None = None,
         allowed_signers: str | None = None,
         force: bool = False,
@@ -262,7 +260,7 @@ class Repository:
                              require_signed=require_signed, allowed_signers=allowed_signers,
                              force=force, ours=ours, theirs=theirs)  # fmt: skip
 
-    def fetch(self, remote: str, ref: str | None = None, progress: Transfer = None) -> dict:
+    def fetch(self, remote: str, ref: str | None = None, progress: Progress | None = None) -> dict:
         """Bring a configured remote's tags and branches (or only ``ref``) with their objects,
         recording the remote's heads under ``remotes/<name>/``; no local ref moves. Returns
         ``{ref: version id}``."""
@@ -390,7 +388,7 @@ class Repository:
     def gc(self, grace_seconds: float = 3600.0) -> tuple[int, int]:
         return maintenance.gc(self, grace_seconds)
 
-    def verify(self, progress: Transfer = None) -> list[str]:
+    def verify(self, progress: Progress | None = None) -> list[str]:
         """Check every reachable object; one line per problem (empty when all verify).
         ``progress(done, total)`` follows the chunks."""
         return maintenance.verify(self, progress)

@@ -9,7 +9,6 @@ digests, no mask bits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +18,7 @@ from ..bits import popcount
 from ..errors import MaskstoreError
 from ..format import Bundle
 from ..names import check_ref_name
+from ..progress import Progress, counter
 from .objects import new_manifest
 from .snapshot import MAX_DELTA_DEPTH, VersionSource
 
@@ -36,7 +36,7 @@ def commit(
     branch: str = "main",
     delta: bool = True,
     recipes: tuple[str, ...] = (),
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     author: str | None = None,
     allow_empty: bool = False,
 ) -> str:
@@ -74,10 +74,11 @@ def _commit(
     branch: str,
     delta: bool,
     recipes: tuple[str, ...],
-    progress: Callable[[int], None] | None,
+    progress: Progress | None,
     author: str | None = None,
 ) -> str:
     parent = repo.refs.get("branches", branch)
+    tick = counter(progress, sum(len(b.persona(p)["modules"]) for p in b.personas))
     # one reader of the parent for the whole commit: its persona metadata is checked once
     parent_b = Bundle(source=repo.source(parent)) if parent else None
     personas: dict[str, dict] = {}
@@ -101,8 +102,7 @@ def _commit(
                 arrays[key] = _store_array(repo, b, p, kind, module, arr.meta.raw, base)
                 if base is not None:
                     depth[(p, module)] = base[2] + 1
-            if progress:
-                progress(1)
+            tick(1)
         personas[p] = {"meta": meta, "arrays": arrays}
     man = new_manifest([parent] if parent else [], message, b.meta, personas, b.digest, author)
     vid = repo.objects.put_manifest(man)

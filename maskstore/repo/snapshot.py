@@ -16,6 +16,7 @@ from ..chunks import ArrayMeta, ChunkSource
 from ..errors import IntegrityError, MaskstoreError
 from ..format import Bundle, BundleSource
 from ..hashing import ArrayHasher
+from ..progress import Progress, counter
 
 if TYPE_CHECKING:
     from ._protocol import RepositoryLike as Repository
@@ -136,11 +137,11 @@ class VersionSource(BundleSource):
         self,
         persona: str,
         weights: Callable[[str], Any],
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
         recompute: Callable[..., np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Recompute a recipe persona's packed masks from model weights; check every digest
-        (``progress(1)`` after each module).
+        (``progress(done, total)`` in modules).
 
         Args:
             recompute: ``recompute(meta, module, weight, stats) -> packed mask``, the scoring
@@ -156,6 +157,7 @@ class VersionSource(BundleSource):
         meta = bundle.persona(persona)
         p = meta["params"]
         names = [persona] + ([p["opposite"]] if "opposite" in p else [])
+        tick = counter(progress, len(meta["modules"]))
         out = {}
         for module, entry in meta["modules"].items():
             stats = {n: bundle.read_stats(n, module) for n in names}
@@ -168,8 +170,7 @@ class VersionSource(BundleSource):
                     "the model's weights differ from the ones it was built on"
                 )
             out[module] = packed
-            if progress:
-                progress(1)
+            tick(1)
         return out
 
 
@@ -214,16 +215,17 @@ class Snapshot:
         out: str | os.PathLike,
         model: Any = None,
         force: bool = False,
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
         recompute: Callable[..., np.ndarray] | None = None,
     ) -> Path:
         """Write this version as a plain bundle at ``out`` (recipes need ``model`` and
-        ``recompute``, see :meth:`VersionSource.recipe_masks`); ``progress(k)`` is called as
-        modules are written (recipes: as they are recomputed)."""
+        ``recompute``, see :meth:`VersionSource.recipe_masks`); ``progress(done, total)`` as
+        modules are written or recomputed (``progress(done, total)``)."""
         from ..writer import create_bundle
 
         b = self.bundle
         named = dict(model.named_modules()) if model is not None else {}
+        tick = counter(progress, sum(len(b.persona(p)["modules"]) for p in b.personas))
         with create_bundle(out, b.fingerprint, force=force) as nb:
             for p in b.personas:
                 meta = b.persona(p)
@@ -233,7 +235,8 @@ class Snapshot:
                         raise MaskstoreError(
                             f"persona {p!r} is stored as a recipe: pass --model to recompute it"
                         )
-                    recipe = b.recipe_masks(p, lambda m: named[m].weight, progress,
+                    recipe = b.recipe_masks(p, lambda m: named[m].weight,
+                                            lambda d, t: tick(1),
                                             recompute=recompute)  # fmt: skip
                 w = nb.persona_writer(
                     p,
@@ -249,8 +252,8 @@ class Snapshot:
                         w.write_mask(module, packed, packed=True)
                         if entry.get("stats"):
                             w.write_stats(module, b.read_stats(p, module))
-                        if progress and not recipe:  # a recipe's modules counted as computed
-                            progress(1)
+                        if not recipe:  # a recipe's modules counted as computed
+                            tick(1)
                     w.meta["created"] = meta["created"]
                     w.meta["tool_version"] = meta["tool_version"]
                     if "model_digest" not in meta:  # written before personas recorded it

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from ..chunks import ArrayMeta
 from ..errors import IntegrityError, MaskstoreError
 from ..hashing import blake2b_hex, canonical_json
 from ..names import check_ref_name, is_hex
+from ..progress import Progress
 from ..stores import RefConflict, Store, ZipStore, open_store
 from ..writer import temp_sibling
 from . import signing
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from ._protocol import RepositoryLike as Repository
 
 # progress(done, total): chunks checked or moved so far, of all the versions need
-Progress = Callable[[int, int], None] | None
 
 
 @dataclass
@@ -89,7 +88,7 @@ def needed(
 
 
 def copy(
-    repo: Repository, src: Store, dst: Store, vids: list[str], progress: Progress = None
+    repo: Repository, src: Store, dst: Store, vids: list[str], progress: Progress | None = None
 ) -> TransferReport:
     """Copy what ``dst`` lacks; every object is verified (xxh3 and blake2b) before it lands
     (``progress(done, total)`` follows the chunks)."""
@@ -162,7 +161,9 @@ def update_ref(
     dst.swap(f"refs/branches/{name}", vid.encode(), cur)
 
 
-def push(repo: Repository, remote: str | Store, ref: str = "main", progress: Progress = None):
+def push(
+    repo: Repository, remote: str | Store, ref: str = "main", progress: Progress | None = None
+):
     """Send tag or branch ``ref`` and what it needs; only missing objects move."""
     kind = repo.refs.kind_of(ref)
     if kind is None:
@@ -236,7 +237,7 @@ def pull(
     repo: Repository,
     remote: str | Store,
     ref: str = "main",
-    progress: Progress = None,
+    progress: Progress | None = None,
     require_signed: bool | None = None,
     allowed_signers: str | None = None,
     force: bool = False,
