@@ -343,7 +343,16 @@ class _States:
             return
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="maskstore-states-"))
-        torch.save(t.cpu(), self.folder / f"{i}.pt")
+        path = self.folder / f"{i}.pt"
+        try:
+            torch.save(t.cpu(), path)
+        except (OSError, RuntimeError) as e:  # a full disk: torch says so as a RuntimeError
+            path.unlink(missing_ok=True)
+            msg = " ".join(str(e).split())[:160]
+            raise MaskstoreError(
+                f"spilling hidden states to {self.folder} failed ({msg}): free space there "
+                "(or set TMPDIR elsewhere), or raise --max-memory"
+            ) from None
         self.on_disk.add(i)
 
     def get(self, i: int) -> torch.Tensor:

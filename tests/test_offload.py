@@ -96,3 +96,29 @@ def test_offload_refuses_fifos_and_hostile_indexes_without_hanging(tmp_path, cal
         assert r.returncode == 2 and phrase in r.stderr, (folder.name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / f"{folder.name}.zarr").exists()
+
+
+def test_a_full_spill_folder_is_one_line_and_leaves_nothing(tmp_path, calib_files, tiny_dir):
+    """Hidden states spilled past --max-memory into a folder that fills up (a file-size limit
+    stands in for a full disk): one line naming the folder and the fixes, exit 2, no spill
+    folder left behind, no bundle written."""
+    import os
+    import subprocess
+    import sys
+
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = tmp_path / "b.zarr"
+    code = (
+        "import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        f"sys.argv = ['maskstore', 'build', '--model', {str(tiny_dir)!r}, '--offload', "
+        f"'--max-memory', '20KB', '--samples', '8', '--max-tokens', '40', '--batch-size', '4', "
+        f"'--persona', 'introvert={calib_files['introvert']}', '--out', {str(out)!r}]; "
+        "runpy.run_module('maskstore.cli', run_name='__main__')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=180, env={**os.environ, "TMPDIR": str(spill)})  # fmt: skip
+    assert r.returncode == 2 and "spilling hidden states" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(spill.iterdir()) == [] and not out.exists()

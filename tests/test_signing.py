@@ -150,3 +150,23 @@ def test_signed_branch_through_s3(tmp_path, rng, keys, s3_server):
     got = other.snapshot("main").bundle.read_mask("p", "model.layers.0.mlp.up_proj")
     assert np.array_equal(got, masks["p"]["model.layers.0.mlp.up_proj"])
     assert [s["ok"] for s in other.signatures(allowed)] == [True]
+
+
+def test_a_pull_never_replaces_a_valid_local_signature(tmp_path, rng, keys):
+    """The remote's tag carries an untrusted signature of the same (tag, version): pulling it
+    keeps the local one that the allowed signers accept."""
+    from maskstore.repo import signing
+
+    alice, mallory, allowed = keys
+    repo, (v0, _) = _versions(tmp_path, rng)
+    repo.tag("v0", v0, sign=alice)
+    remote = tmp_path / "remote"
+    repo.push(remote, "v0")
+    key = signing.signature_key("tags", "v0", v0)
+    (remote / key).write_bytes(signing.sign(mallory, "tags", "v0", v0))
+    repo.pull(remote, "v0")
+    sig = {s["name"]: s for s in repo.signatures(allowed)}["v0"]
+    assert sig["ok"] and sig["signer"] == "alice@example.com"
+    fresh = init_repo(tmp_path / "fresh")  # a clone without one takes the remote's, untrusted
+    fresh.pull(remote, "v0")
+    assert not {s["name"]: s for s in fresh.signatures(allowed)}["v0"]["ok"]
