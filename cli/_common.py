@@ -36,6 +36,24 @@ def safe(text: object, one_line: bool = False) -> str:
 JSON_SCHEMA_VERSION = 1  # of the documents --json prints: snake_case keys, "persona" for a name
 
 
+# Library messages name Python parameters; the command line says them as its flags (one table).
+FLAGS = {
+    "force=True": "--force",
+    "untie=True": "--untie",
+    "check_weights=False": "--no-check-weights",
+    "allow_empty=True": "--allow-empty",
+    "skip_lm_head=True": "--skip-lm-head",
+    "choose another output": "choose another --out",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library message with its parameter names said as this command line's flags."""
+    for python, flag in FLAGS.items():
+        message = message.replace(python, flag)
+    return message
+
+
 def emit_json(doc: object) -> None:
     """The one JSON document a ``--json`` command prints on stdout (objects carry
     ``schema_version``)."""

@@ -50,8 +50,12 @@ def register(argv: list[str] | None = None) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line on stderr, without the source location."""
+    from ._common import as_flags
+
     err_console.print(
-        f"[yellow]warning:[/] {safe(message, one_line=True)}", highlight=False, soft_wrap=True
+        f"[yellow]warning:[/] {safe(as_flags(str(message)), one_line=True)}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -95,12 +99,15 @@ def main() -> None:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
     except MaskstoreError as e:
+        from ._common import as_flags
+
+        msg = as_flags(str(e))
         err_console.print(
-            f"[red]error:[/] {safe(e, one_line=True)}", highlight=False, soft_wrap=True
+            f"[red]error:[/] {safe(msg, one_line=True)}", highlight=False, soft_wrap=True
         )
         code = 1 if isinstance(e, IntegrityError) else 2  # 1: damage, 2: bad input
         conflicts = getattr(e, "conflicts", None)
-        _json_error(str(e), code, {"conflicts": conflicts} if conflicts else None)
+        _json_error(msg, code, {"conflicts": conflicts} if conflicts else None)
         sys.exit(code)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]")

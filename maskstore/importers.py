@@ -117,7 +117,7 @@ def import_pt(
     for _persona, mods in files.items():
         for module, f in mods.items():
             if known is not None and module not in known:
-                hint = " (or pass --skip-lm-head)" if module == "lm_head" else ""
+                hint = " (or pass skip_lm_head=True)" if module == "lm_head" else ""
                 raise MaskstoreError(
                     f"{f.name}: the model has no masked module {module}: check --model{hint}"
                 )

@@ -102,7 +102,7 @@ def check_untied(model: nn.Module, names, untie: bool = False) -> list[str]:
         if not untie:
             raise MaskstoreError(
                 f"{name} shares its weight with {other} (tied embeddings), so masking it would "
-                "mask that too: pass --untie (untie=True) to give it its own copy"
+                "mask that too: pass untie=True to give it its own copy"
             )
         mod = named[name]
         mod.weight = torch.nn.Parameter(

@@ -708,7 +708,7 @@ def _match(model: nn.Module, bundle: Bundle, check_weights: bool | None) -> dict
             warnings.warn(
                 f"the model's weights do not hash as at build time; expected if the bundle was "
                 f"built in another dtype (these are {', '.join(sorted(map(str, half)))}), else "
-                "this is another model; check_weights=False (--no-check-weights) silences this",
+                "this is another model; check_weights=False silences this",
                 WeightsWarning,
                 stacklevel=3,
             )
@@ -721,7 +721,7 @@ def _match(model: nn.Module, bundle: Bundle, check_weights: bool | None) -> dict
         else:
             raise MaskstoreError(
                 "the model's weights differ from those the bundle was built on: load the model "
-                "it was built on, or pass --no-check-weights (check_weights=False)"
+                "it was built on, or pass check_weights=False"
             )
     return out
 

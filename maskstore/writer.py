@@ -160,7 +160,7 @@ class create_bundle:
             raise MaskstoreError(f"{self.path} is a symlink: choose another --out")
         if self.path.exists() and not force:
             raise MaskstoreError(
-                f"{self.path} already exists: choose another --out or pass --force"
+                f"{self.path} already exists: choose another output or pass force=True"
             )
         if self.path.exists() and not (self.path / "zarr.json").exists():
             raise MaskstoreError(f"{self.path} exists and is not a bundle: refusing to replace it")
@@ -480,7 +480,7 @@ def pack_zip(src: str | os.PathLike, dest: str | os.PathLike, force: bool = Fals
     src, dest = Path(src), Path(dest)
     Bundle(src)  # validates
     if dest.exists() and not force:
-        raise MaskstoreError(f"{dest} already exists: choose another name or pass --force")
+        raise MaskstoreError(f"{dest} already exists: choose another name or pass force=True")
     if not dest.parent.is_dir():
         raise MaskstoreError(f"{dest.parent} does not exist: create it first")
     files = []
@@ -553,10 +553,10 @@ def check_output_folder(
         raise MaskstoreError(f"{out} is a symlink: choose another --out")
     if out.exists():
         if not force:
-            raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
+            raise MaskstoreError(f"{out} already exists: choose another output or pass force=True")
         if not out.is_dir() or not (out / EXPORT_MARK).is_file():
             raise MaskstoreError(
-                f"{out} exists and maskstore did not write it: --force replaces only an "
+                f"{out} exists and maskstore did not write it: force=True replaces only an "
                 "earlier export; remove it yourself or choose another --out"
             )
         real = out.resolve()

@@ -283,3 +283,18 @@ def test_build_out_that_is_a_dangling_symlink_or_a_file(tmp_path, tiny_dir, cali
         _one_line(*cli(*base, "--out", out)[::2], phrase)
     _one_line(*cli(*base, "--out", f, "--force")[::2], "is not a bundle")
     assert link.is_symlink() and not (tmp_path / "nowhere").exists() and f.read_text() == "mine"
+
+
+def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli):
+    from _helpers import random_masks, write_bundle
+
+    from maskstore import create_bundle
+    from maskstore.errors import MaskstoreError
+
+    fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [4, 8]}}
+    b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
+    with pytest.raises(MaskstoreError, match="force=True") as e:
+        create_bundle(b, fp)
+    assert "--" not in str(e.value)
+    code, _, err = cli("export-pt", b, "--out", b)
+    assert code == 2 and "--force" in err and "force=True" not in err, err

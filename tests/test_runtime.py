@@ -413,7 +413,7 @@ def test_weights_are_checked_by_default(setup):
     and warns (cannot tell) for a half-precision one."""
     model, mods, masks, base, path = setup
     other = tiny_llama(seed=9)
-    with pytest.raises(MaskstoreError, match="--no-check-weights"):
+    with pytest.raises(MaskstoreError, match="check_weights=False"):
         maskstore.attach(other, path)
     maskstore.attach(other, path, check_weights=False).use("a")
     with pytest.warns(maskstore.runtime.WeightsWarning, match="bfloat16"):

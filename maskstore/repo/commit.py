@@ -61,7 +61,7 @@ def commit(
         if had == {p: b.persona(p)["digest"] for p in b.personas}:
             raise MaskstoreError(
                 f"nothing to commit: the bundle's personas are {branch}'s head {head[:12]}, "
-                "digest for digest (allow_empty=True, --allow-empty, commits anyway)"
+                "digest for digest (allow_empty=True commits anyway)"
             )
     with repo.store.lock("gc", shared=True):
         return _commit(repo, b, message, branch, delta, recipes, progress, author)

@@ -338,7 +338,7 @@ def export(repo: Repository, ref: str, out: str | os.PathLike, force: bool = Fal
     """A single ``.zip`` with version ``ref``, what it needs, and its tag or branch."""
     out = Path(out)
     if out.exists() and not force:
-        raise MaskstoreError(f"{out} already exists: choose another name or pass --force")
+        raise MaskstoreError(f"{out} already exists: choose another name or pass force=True")
     vid = repo.refs.resolve(ref)
     kind = repo.refs.kind_of(ref)
     name = ref if kind else f"v-{vid[:12]}"
