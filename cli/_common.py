@@ -54,6 +54,15 @@ def as_flags(message: str) -> str:
     return message
 
 
+def one_out(positional: Path | None, option: Path | None) -> Path:
+    """The output named either way (the last argument, or --out as elsewhere), exactly once."""
+    from maskstore.errors import MaskstoreError
+
+    if (positional is None) == (option is None):
+        raise MaskstoreError("name the output once: as the last argument or with --out")
+    return positional or option  # type: ignore[return-value]
+
+
 def emit_json(doc: object) -> None:
     """The one JSON document a ``--json`` command prints on stdout (objects carry
     ``schema_version``)."""

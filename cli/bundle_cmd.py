@@ -18,6 +18,7 @@ from ._common import (
     err_console,
     fmt_bytes,
     heat,
+    one_out,
     persona_refs,
     progress,
     safe,
@@ -608,11 +609,13 @@ def export_pt_cmd(
 @app.command()
 def pack(
     bundle: BundleArg,
-    out: Annotated[Path, typer.Argument(help="the .zip to write")],
+    out: Annotated[Path | None, typer.Argument(help="the .zip to write (or --out)")] = None,
+    out_opt: Annotated[Path | None, typer.Option("--out", help="the .zip to write")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Copy a directory bundle into one read-only .zip bundle."""
+    out = one_out(out, out_opt)
     from maskstore.writer import pack_zip
 
     if "://" in bundle:

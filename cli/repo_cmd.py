@@ -453,12 +453,16 @@ def merge(
 @app.command()
 def export(
     version: Annotated[str, typer.Argument(help="version, tag or branch")],
-    out: Annotated[Path, typer.Argument(help="the .zip to write")],
+    out: Annotated[Path | None, typer.Argument(help="the .zip to write (or --out)")] = None,
+    out_opt: Annotated[Path | None, typer.Option("--out", help="the .zip to write")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing file")] = False,
     repo: RepoOpt = DEFAULT_REPO,
     json_out: JsonOpt = False,
 ) -> None:
     """One .zip holding a version and everything it needs."""
+    from ._common import one_out
+
+    out = one_out(out, out_opt)
     open_repo(repo).export(version, out, force=force)
     if json_out:
         emit_json({"version": version, "out": str(out), "bytes": out.stat().st_size})

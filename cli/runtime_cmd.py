@@ -129,7 +129,14 @@ def run(
     ] = False,
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per persona")] = 60,
-    chat: Annotated[bool, typer.Option(help="wrap the prompt in the chat template")] = True,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            "--chat/--no-chat",
+            help="wrap the prompt in the chat template",
+        ),
+    ] = True,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     load_dtype: LoadDtypeOpt = "float32",
@@ -243,7 +250,14 @@ def eval_cmd(
             "string with {question} and {system}"
         ),
     ] = "chat",
-    chat: Annotated[bool, typer.Option(help="--no-chat means --template none")] = True,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            "--chat/--no-chat",
+            help="--no-chat-template means --template none",
+        ),
+    ] = True,
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
     per_item: Annotated[
         Path | None, typer.Option(help="write one JSON line per item and row to this file")
@@ -321,7 +335,9 @@ def similarity(
     png: Annotated[
         Path | None, typer.Option(help="also plot to this PNG (needs matplotlib)")
     ] = None,
-    limit: Annotated[int, typer.Option(help="at most this many lines")] = 64,
+    limit: Annotated[
+        int, typer.Option("--samples", "--limit", help="at most this many lines")
+    ] = 64,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     load_dtype: LoadDtypeOpt = "float32",

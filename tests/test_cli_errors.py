@@ -298,3 +298,20 @@ def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli
     assert "--" not in str(e.value)
     code, _, err = cli("export-pt", b, "--out", b)
     assert code == 2 and "--force" in err and "force=True" not in err, err
+
+
+def test_outputs_and_sample_counts_are_named_the_same_way_everywhere(small, tmp_path, cli):
+    """pack and export take --out as every other command does (the positional form still
+    works); similarity takes --samples as build does; run and eval --chat-template as build."""
+    assert cli("pack", small, "--out", tmp_path / "a.zip")[0] == 0
+    assert cli("pack", small, tmp_path / "b.zip")[0] == 0
+    _one_line(*cli("pack", small)[::2], "name the output once")
+    _one_line(*cli("pack", small, tmp_path / "c.zip", "--out", tmp_path / "d.zip")[::2],
+              "name the output once")  # fmt: skip
+    repo = tmp_path / "repo"
+    assert cli("commit", small, "-m", "x", "--repo", repo)[0] == 0
+    assert cli("export", "main", "--out", tmp_path / "v.zip", "--repo", repo)[0] == 0
+    for command in ("run", "eval", "similarity"):
+        out = cli(command, "--help")[1]
+        assert "--chat-template" in out or command == "similarity", command
+    assert "--samples" in cli("similarity", "--help")[1]
