@@ -604,15 +604,16 @@ class MaskHandle:
         )
 
 
-# One live handle per model: the model carries a weak reference to its handle, and the name of
-# the persona its weights hold (so a later attach can say why the weights check fails).
-_OWNER = "_maskstore_handle"
-_MASKED = "_maskstore_masked"
+# One live handle per model, and the persona each model's weights hold (so a later attach can
+# say why the weights check fails): kept beside the models, weakly, never on them (a model
+# stays picklable and deep-copyable).
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(handle)
+_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> persona label
 
 
 def _claim(model: nn.Module, handle: MaskHandle | None) -> None:
     """Make ``handle`` the model's handle (None: only check that no other one is live)."""
-    ref = getattr(model, _OWNER, None)
+    ref = _OWNERS.get(model)
     live = ref() if ref is not None else None
     if live is not None and live is not handle and not live.detached:
         raise MaskstoreError(
@@ -620,20 +621,23 @@ def _claim(model: nn.Module, handle: MaskHandle | None) -> None:
             "before attaching again"
         )
     if handle is not None:
-        object.__setattr__(model, _OWNER, weakref.ref(handle))
+        _OWNERS[model] = weakref.ref(handle)
 
 
 def _release(model: nn.Module, handle: MaskHandle) -> None:
-    ref = getattr(model, _OWNER, None)
+    ref = _OWNERS.get(model)
     if ref is not None and ref() is handle:
-        object.__delattr__(model, _OWNER)
+        del _OWNERS[model]
 
 
 def _mark(handle: MaskHandle) -> None:
-    """Record on the model which persona its weights hold (None: the base weights)."""
+    """Record which persona the model's weights hold (None: the base weights)."""
     active = None if handle.detached else handle.active
     label = None if active is None else (active if isinstance(active, str) else "a blend")
-    object.__setattr__(handle.model, _MASKED, label)
+    if label is None:
+        _MASKED.pop(handle.model, None)
+    else:
+        _MASKED[handle.model] = label
 
 
 @dataclass
@@ -712,9 +716,9 @@ def _match(model: nn.Module, bundle: Bundle, check_weights: bool | None) -> dict
                 WeightsWarning,
                 stacklevel=3,
             )
-        elif getattr(model, _MASKED, None) is not None:
+        elif _MASKED.get(model) is not None:
             raise MaskstoreError(
-                f"the model's weights hold persona {getattr(model, _MASKED)!r} of a handle that "
+                f"the model's weights hold persona {_MASKED.get(model)!r} of a handle that "
                 "was dropped without detach(): detach handles before attaching again, or "
                 "reload the model"
             )

@@ -836,3 +836,17 @@ def test_model_options_are_shared_by_the_commands_that_load_a_model(tmp_path, ti
     for command in ("run", "eval", "similarity", "export-model", "build", "serve"):
         code, out, _ = cli(command, "--help")
         assert "--revision" in out, command
+
+
+def test_an_attached_model_stays_deep_copyable(setup):
+    import copy
+
+    model, mods, masks, base, path = setup
+    h = maskstore.attach(model, path)
+    h.use("a")
+    clone = copy.deepcopy(model)  # nothing maskstore keeps lives on the model
+    n = next(iter(mods))
+    assert torch.equal(dict(clone.named_modules())[n].weight, mods[n].weight)
+    h2 = maskstore.attach(clone, path, check_weights=False)  # a copy is another model
+    h2.detach()
+    h.detach()
