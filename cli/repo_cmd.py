@@ -69,8 +69,14 @@ RequireOpt = Annotated[
 
 
 @app.command()
-def init(repo: RepoOpt = DEFAULT_REPO, json_out: JsonOpt = False) -> None:
-    """Create a repository folder."""
+def init(
+    repo: Annotated[
+        Path,
+        typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository folder to create"),
+    ] = DEFAULT_REPO,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a repository folder (./.maskstore here, even inside another repository)."""
     init_repo(repo)
     if json_out:
         emit_json({"repo": str(repo)})

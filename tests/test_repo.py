@@ -422,6 +422,10 @@ def test_authors_empty_commits_and_repositories_found_from_subfolders(tmp_path, 
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("log")
     assert code == 2 and "maskstore init" in err, err
+    monkeypatch.chdir(work / "sub")
+    assert cli("init")[0] == 0  # init makes a repository here, as git init does
+    assert (work / "sub" / ".maskstore" / "maskstore-repo.json").is_file()
+    assert len(json.loads(cli("log", "--json", "--repo", work / ".maskstore")[1])["versions"]) == 2
 
 
 def test_named_remotes_fetch_status_and_clone(tmp_path, rng, fp, cli, s3_server):
