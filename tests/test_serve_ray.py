@@ -1,6 +1,7 @@
 """``maskstore serve --ray-replicas 2`` on a local Ray instance (2 CPUs): the same OpenAI
-routes, each persona a multiplexed model id, so a persona's requests stay on the replica that
-loaded it, and every answer equals the single-process engine's."""
+routes, each persona a multiplexed model id, so once a persona is loaded its requests go to a
+replica that holds it (none loads it again), and every answer equals the single-process
+engine's."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_serve_routes_personas_to_the_replica_holding_them(tmp_path, tiny_dir, calib_files):
+def test_ray_serve_routes_personas_to_replicas_holding_them(tmp_path, tiny_dir, calib_files):
     from test_serve import _build
 
     from maskstore.models import load_model
@@ -56,13 +57,17 @@ def test_ray_serve_routes_personas_to_the_replica_holding_them(tmp_path, tiny_di
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [tiny_dir.name, *personas]
 
-        def ask(model: str) -> tuple[str, str]:
+        def ask(model: str) -> tuple[str, str, str]:
             raw = client.completions.with_raw_response.create(
                 model=model, prompt="Hello there", max_tokens=8, temperature=0
             )
-            return raw.parse().choices[0].text, raw.headers["x-maskstore-replica"]
+            h = raw.headers
+            return raw.parse().choices[0].text, h["x-maskstore-replica"], h["x-maskstore-loaded"]
 
-        got: dict[str, list[tuple[str, str]]] = {p: [] for p in personas}
+        warm = {p: ask(p) for p in personas}  # each persona loads on some replica
+        assert all(loaded == "1" for _, _, loaded in warm.values())
+        time.sleep(3)  # replicas report the models they hold to Ray's routers
+        got: dict[str, list[tuple[str, str, str]]] = {p: [] for p in personas}
         for _ in range(3):
             for p in personas:
                 got[p].append(ask(p))
@@ -72,8 +77,9 @@ def test_ray_serve_routes_personas_to_the_replica_holding_them(tmp_path, tiny_di
         for t in threads:
             t.join()
         for p, answers in got.items():
-            assert len({r for _, r in answers}) == 1, (p, answers)  # always the same replica
-            assert len({t for t, _ in answers}) == 1, (p, answers)
+            # routed to a replica that already held the persona: nothing was loaded again
+            assert all(loaded == "0" for _, _, loaded in answers), (p, answers)
+            assert {t for t, _, _ in answers} == {warm[p][0]}, (p, answers)
         with pytest.raises(openai.NotFoundError):
             ask("nobody")
 
@@ -90,7 +96,7 @@ def test_ray_serve_routes_personas_to_the_replica_holding_them(tmp_path, tiny_di
 
                 engine.submit(Request(p, ids, 8, sink, temperature=0.0))
                 assert done.wait(60)
-                assert "".join(out) == got[p][0][0], p
+                assert "".join(out) == warm[p][0], p
         finally:
             engine.close()
         t0 = time.monotonic()

@@ -228,7 +228,10 @@ def create_app(
                       "finish_reason": done.finish_reason}  # fmt: skip
         doc = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
                "choices": [choice], "usage": usage}  # fmt: skip
-        headers = {"x-maskstore-replica": done.replica} if done.replica else None
+        headers = None
+        if done.replica:
+            headers = {"x-maskstore-replica": done.replica,
+                       "x-maskstore-loaded": "1" if done.loaded else "0"}  # fmt: skip
         return JSONResponse(doc, headers=headers)
 
     async def _stream(

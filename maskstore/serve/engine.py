@@ -45,6 +45,7 @@ class Event:
     completion_tokens: int = 0
     status: int = 200
     replica: str = ""  # which server replica answered (Ray Serve deployments)
+    loaded: bool = False  # that replica read the persona's masks for this request
 
 
 @dataclass

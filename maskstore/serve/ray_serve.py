@@ -138,6 +138,7 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
         async def generate(self, payload: dict):
             mid = serve.get_multiplexed_model_id()
             persona = None if mid == self.server.base_id else mid
+            loaded = persona is not None and persona not in self.server.engine.cache
             if persona is not None:
                 try:
                     await self.get_persona(persona)
@@ -158,7 +159,8 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
                 while not done:
                     ev = await events.get()
                     done = ev.kind != "delta"
-                    yield {**dataclasses.asdict(ev), "replica": self.replica}
+                    yield {**dataclasses.asdict(ev), "replica": self.replica,
+                           "loaded": loaded and done}  # fmt: skip
             finally:
                 if not done:
                     req.cancel()
