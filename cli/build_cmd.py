@@ -66,128 +66,139 @@ def _parse_pairs(pairs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+_BuildPersonaOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="NAME=FILE (.txt/.jsonl/.csv), POS:NEG=PAIRS.csv, or NAME with --from-stats"),
+]
+_BuildMethodOpt = Annotated[
+    choice(*METHODS),
+    typer.Option(metavar="METHOD", help=f"scoring method: {', '.join(METHODS)}"),
+]
+_BuildSparsityOpt = Annotated[
+    float | None,
+    typer.Option(help="share of each row pruned, in [0, 1) (default 0.3 contrastive, else 0.5)"),
+]
+_BuildModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="HF model folder, or Hub id from the local cache (default: embedded SmolLM2-135M)"
+    ),
+]
+_BuildRevisionOpt = Annotated[
+    str | None, typer.Option(help="with a Hub id: branch, tag or commit (default main)")
+]
+_BuildFromStatsOpt = Annotated[
+    Path | None, typer.Option(help="reuse statistics stored in this bundle")
+]
+_BuildChatTemplateOpt = Annotated[
+    bool, typer.Option(help="render samples with the tokenizer's chat template")
+]
+_BuildSelectionOpt = Annotated[
+    choice("row", "nm", "layer"),
+    typer.Option(
+        help="top share of each row, N:M groups, or of each layer",
+    ),
+]
+_BuildPhiOpt = Annotated[
+    choice("relu", "softplus"),
+    typer.Option(help="contrastive-wanda's phi"),
+]
+_BuildEpsOpt = Annotated[
+    float, typer.Option(help="contrastive methods: added to the variance inside the sqrt")
+]
+_BuildNormOpt = Annotated[
+    choice("tokens", "sample-mean"),
+    typer.Option(
+        help="Wanda factor: tokens (sqrt of sum over tokens, the Wanda paper) or "
+        "sample-mean (mean of per-sample norms, the reference code)",
+    ),
+]
+_BuildTiesOpt = Annotated[
+    choice("wanda", "index"),
+    typer.Option(
+        help="exact score ties: wanda (own Wanda score, then index) or index",
+    ),
+]
+_BuildOnlyOpt = Annotated[
+    choice("attn", "mlp") | None,
+    typer.Option(help="mask only attention or MLP modules"),
+]
+_BuildIncludeLmHeadOpt = Annotated[
+    bool, typer.Option(help="also mask lm_head (as the reference's mask.py does)")
+]
+_BuildUntieOpt = Annotated[
+    bool, typer.Option(help="give a tied lm_head its own weight copy so it can be masked")
+]
+_BuildOffloadOpt = Annotated[
+    bool,
+    typer.Option(help="load one decoder block at a time from the safetensors files"),
+]
+_BuildMaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="e.g. 8GiB: offload when the weights are larger; hidden states past a quarter spill to disk"
+    ),
+]
+_BuildDtypeOpt = Annotated[
+    choice("float32", "bfloat16", "float16"),
+    typer.Option(help="model dtype while building"),
+]
+_BuildCodecOpt = Annotated[
+    choice("zstd", "blosc", "gzip", "none"),
+    typer.Option(help="compression of mask chunks"),
+]
+_BuildIntoOpt = Annotated[
+    Path | None,
+    typer.Option(help="add the personas to this existing bundle of the same model"),
+]
+
+
 @app.command()
 def build(
-    persona: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="NAME=FILE (.txt/.jsonl/.csv), POS:NEG=PAIRS.csv, or NAME with --from-stats"
-        ),
-    ] = None,
+    persona: _BuildPersonaOpt = None,
     out: Annotated[Path, typer.Option(help="bundle to create")] = Path("personas.zarr"),
-    method: Annotated[
-        choice(*METHODS),
-        typer.Option(metavar="METHOD", help=f"scoring method: {', '.join(METHODS)}"),
-    ] = "wanda",
-    sparsity: Annotated[
-        float | None,
-        typer.Option(
-            help="share of each row pruned, in [0, 1) (default 0.3 contrastive, else 0.5)"
-        ),
-    ] = None,
+    method: _BuildMethodOpt = "wanda",
+    sparsity: _BuildSparsityOpt = None,
     pair: Annotated[list[str] | None, typer.Option(help="opposing personas POS:NEG")] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="HF model folder, or Hub id from the local cache (default: embedded SmolLM2-135M)"
-        ),
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="with a Hub id: branch, tag or commit (default main)")
-    ] = None,
-    from_stats: Annotated[
-        Path | None, typer.Option(help="reuse statistics stored in this bundle")
-    ] = None,
+    model: _BuildModelOpt = None,
+    revision: _BuildRevisionOpt = None,
+    from_stats: _BuildFromStatsOpt = None,
     samples: Annotated[int | None, typer.Option(help="samples per persona (default: all)")] = None,
     max_tokens: Annotated[int, typer.Option(help="max tokens per sample")] = 512,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
     batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
-    chat_template: Annotated[
-        bool, typer.Option(help="render samples with the tokenizer's chat template")
-    ] = False,
-    selection: Annotated[
-        choice("row", "nm", "layer"),
-        typer.Option(
-            help="top share of each row, N:M groups, or of each layer",
-        ),
-    ] = "row",
+    chat_template: _BuildChatTemplateOpt = False,
+    selection: _BuildSelectionOpt = "row",
     nm: Annotated[str, typer.Option(help="N:M for --selection nm")] = "2:4",
-    phi: Annotated[
-        choice("relu", "softplus"),
-        typer.Option(help="contrastive-wanda's phi"),
-    ] = "relu",
-    eps: Annotated[
-        float, typer.Option(help="contrastive methods: added to the variance inside the sqrt")
-    ] = 1e-6,
+    phi: _BuildPhiOpt = "relu",
+    eps: _BuildEpsOpt = 1e-6,
     tau: Annotated[float, typer.Option(help="softplus temperature")] = 2.0,
     damp: Annotated[float, typer.Option(help="sparsegpt dampening (share of mean diag H)")] = 0.01,
-    norm: Annotated[
-        choice("tokens", "sample-mean"),
-        typer.Option(
-            help="Wanda factor: tokens (sqrt of sum over tokens, the Wanda paper) or "
-            "sample-mean (mean of per-sample norms, the reference code)",
-        ),
-    ] = "tokens",
-    ties: Annotated[
-        choice("wanda", "index"),
-        typer.Option(
-            help="exact score ties: wanda (own Wanda score, then index) or index",
-        ),
-    ] = "wanda",
+    norm: _BuildNormOpt = "tokens",
+    ties: _BuildTiesOpt = "wanda",
     block: Annotated[int, typer.Option(help="column-norm: columns per block")] = 128,
-    only: Annotated[
-        choice("attn", "mlp") | None,
-        typer.Option(help="mask only attention or MLP modules"),
-    ] = None,
+    only: _BuildOnlyOpt = None,
     modules: Annotated[str | None, typer.Option(help="regex over module names to mask")] = None,
-    include_lm_head: Annotated[
-        bool, typer.Option(help="also mask lm_head (as the reference's mask.py does)")
-    ] = False,
-    untie: Annotated[
-        bool, typer.Option(help="give a tied lm_head its own weight copy so it can be masked")
-    ] = False,
+    include_lm_head: _BuildIncludeLmHeadOpt = False,
+    untie: _BuildUntieOpt = False,
     device: DeviceOpt = "cpu",
-    offload: Annotated[
-        bool,
-        typer.Option(help="load one decoder block at a time from the safetensors files"),
-    ] = False,
-    max_memory: Annotated[
-        str | None,
-        typer.Option(
-            help="e.g. 8GiB: offload when the weights are larger; hidden states past a quarter spill to disk"
-        ),
-    ] = None,
-    dtype: Annotated[
-        choice("float32", "bfloat16", "float16"),
-        typer.Option(help="model dtype while building"),
-    ] = "float32",
-    codec: Annotated[
-        choice("zstd", "blosc", "gzip", "none"),
-        typer.Option(help="compression of mask chunks"),
-    ] = "zstd",
+    offload: _BuildOffloadOpt = False,
+    max_memory: _BuildMaxMemoryOpt = None,
+    dtype: _BuildDtypeOpt = "float32",
+    codec: _BuildCodecOpt = "zstd",
     chunk_mib: Annotated[float, typer.Option(help="packed MiB per chunk")] = 2.0,
     force: Annotated[bool, typer.Option(help="replace an existing --out bundle")] = False,
-    into: Annotated[
-        Path | None,
-        typer.Option(help="add the personas to this existing bundle of the same model"),
-    ] = None,
+    into: _BuildIntoOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Build persona masks from a model and calibration data (or from stored statistics)."""
     from maskstore import distributed
     from maskstore.build import (
         BuildConfig,
-        check_pairs,
     )
     from maskstore.offload import parse_bytes
 
-    for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size)):
-        if value < 1:
-            raise MaskstoreError(f"{flag} must be at least 1, got {value}")
-    if samples is not None and samples < 1:
-        raise MaskstoreError(f"--samples must be at least 1, got {samples}")
-    if not chunk_mib > 0:
-        raise MaskstoreError(f"--chunk-mib must be positive, got {chunk_mib}")
+    _check_counts(max_tokens, batch_size, samples, chunk_mib)
     try:
         n_, m_ = (int(x) for x in nm.split(":"))
     except ValueError:
@@ -196,17 +207,59 @@ def build(
                          phi=phi, eps=eps, tau=tau, damp=damp, norm=norm, ties=ties,
                          block=block)  # fmt: skip
     config.check()
+    out = _output(out, into, force)
+    data, names, pairs, source = _inputs(persona, pair, from_stats, config)
+    from maskstore.pipeline import BuildJob, run_build
+
+    rank, _ = distributed.world()
+    if rank != 0:
+        console.quiet = True
+    job = BuildJob(
+        out=out, config=config, data=data, from_stats=source, names=names, pairs=pairs,
+        model=None if model is None else str(model), revision=revision, dtype=dtype,
+        device=device, only=only, modules=modules, include_lm_head=include_lm_head,
+        untie=untie, samples=samples, seed=seed, max_tokens=max_tokens, batch_size=batch_size,
+        chat_template=chat_template, offload=offload,
+        max_memory=parse_bytes(max_memory) if max_memory is not None else None,
+        chunk_bytes=max(1, int(chunk_mib * (1 << 20))), codec=codec, force=force,
+        into=into is not None,
+    )  # fmt: skip
+    res = _with_bars(run_build, job, quiet=json_out or rank != 0)
+    if res is None:  # a torchrun rank other than 0: it calibrated and selected its share
+        return
+    _summary(res, out, method, config.sparsity, json_out)
+
+
+def _check_counts(max_tokens: int, batch_size: int, samples: int | None, chunk_mib: float) -> None:
+    for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size)):
+        if value < 1:
+            raise MaskstoreError(f"{flag} must be at least 1, got {value}")
+    if samples is not None and samples < 1:
+        raise MaskstoreError(f"--samples must be at least 1, got {samples}")
+    if not chunk_mib > 0:
+        raise MaskstoreError(f"--chunk-mib must be positive, got {chunk_mib}")
+
+
+def _output(out: Path, into: Path | None, force: bool) -> Path:
+    """The bundle to write (``--into``: an existing one to add to), checked before any work."""
     if into is not None:
         if force:
             raise MaskstoreError("--into adds to a bundle; --force replaces one: give one")
-        open_bundle(into, writable=True)  # a bundle folder that exists, checked before work
-        out = into
-    elif out.is_symlink():
+        open_bundle(into, writable=True)  # a bundle folder that exists
+        return into
+    if out.is_symlink():
         raise MaskstoreError(f"{out} is a symlink: choose another --out")
-    elif out.exists() and not force:
+    if out.exists() and not force:
         raise MaskstoreError(f"{out} already exists: choose another --out or pass --force")
-    elif out.exists() and not (out / "zarr.json").is_file():
+    if out.exists() and not (out / "zarr.json").is_file():
         raise MaskstoreError(f"{out} exists and is not a bundle: refusing to replace it")
+    return out
+
+
+def _inputs(persona, pair, from_stats, config):
+    """(calibration data, persona names, pairs, stored-statistics bundle) from the options."""
+    from maskstore.build import check_pairs
+
     data, csv_pairs, names = _parse_personas(persona or [])
     # a pair CSV pairs its two personas for the contrastive methods; others score them alone
     pairs = (csv_pairs if config.contrastive else []) + _parse_pairs(pair or [])
@@ -225,31 +278,18 @@ def build(
     elif not data:
         raise MaskstoreError("give at least one --persona NAME=FILE")
     check_pairs(names if source else list(data), pairs, config)
-    from maskstore.pipeline import BuildJob, run_build
+    return data, names, pairs, source
 
-    rank, _ = distributed.world()
-    if rank != 0:
-        console.quiet = True
-    job = BuildJob(
-        out=out, config=config, data=data, from_stats=source, names=names, pairs=pairs,
-        model=None if model is None else str(model), revision=revision, dtype=dtype,
-        device=device, only=only, modules=modules, include_lm_head=include_lm_head,
-        untie=untie, samples=samples, seed=seed, max_tokens=max_tokens, batch_size=batch_size,
-        chat_template=chat_template, offload=offload,
-        max_memory=parse_bytes(max_memory) if max_memory is not None else None,
-        chunk_bytes=max(1, int(chunk_mib * (1 << 20))), codec=codec, force=force,
-        into=into is not None,
-    )  # fmt: skip
-    with progress(disable=json_out or rank != 0) as bar:
+
+def _with_bars(run, job, quiet: bool):
+    """``run(job, stage)`` with a progress bar per stage (none when ``quiet``)."""
+    with progress(disable=quiet) as bar:
 
         def stage(name: str, total: int | None):
             task = bar.add_task(name, total=total)
             return lambda done, total: bar.update(task, completed=done, total=total)
 
-        res = run_build(job, stage)
-    if res is None:  # a torchrun rank other than 0: it calibrated and selected its share
-        return
-    _summary(res, out, method, config.sparsity, json_out)
+        return run(job, stage)
 
 
 def _summary(res, out: Path, method: str, sparsity: float, json_out: bool) -> None:

@@ -326,24 +326,30 @@ def overlap(
         console.print(f"heatmap written to {safe(png)}")
 
 
+_DiffAOpt = Annotated[
+    str,
+    typer.Argument(help="persona A (NAME or OTHER_BUNDLE#NAME); with --versions, version B"),
+]
+_DiffVersionsOpt = Annotated[
+    bool, typer.Option("--versions", help="compare two versions of a repository")
+]
+_DiffRepoOpt = Annotated[
+    Path, typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository for --versions")
+]
+_DiffPngOpt = Annotated[
+    Path | None,
+    typer.Option(help="also plot the per-layer ratio, attention against MLP, to this PNG"),
+]
+
+
 @app.command()
 def diff(
     bundle: Annotated[str, typer.Argument(help="bundle (or REPO@REF); with --versions, version A")],
-    a: Annotated[
-        str,
-        typer.Argument(help="persona A (NAME or OTHER_BUNDLE#NAME); with --versions, version B"),
-    ],
+    a: _DiffAOpt,
     b: Annotated[str | None, typer.Argument(help="persona B")] = None,
-    versions: Annotated[
-        bool, typer.Option("--versions", help="compare two versions of a repository")
-    ] = False,
-    repo: Annotated[
-        Path, typer.Option("--repo", envvar="MASKSTORE_REPO", help="repository for --versions")
-    ] = Path(".maskstore"),
-    png: Annotated[
-        Path | None,
-        typer.Option(help="also plot the per-layer ratio, attention against MLP, to this PNG"),
-    ] = None,
+    versions: _DiffVersionsOpt = False,
+    repo: _DiffRepoOpt = Path(".maskstore"),
+    png: _DiffPngOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Differential ratio of two personas: overall, attention, MLP and per layer (Table 2); or,

@@ -221,47 +221,56 @@ def _keys(metas: dict[str, dict], specs: list[str], bundle: str | Path) -> dict[
     )
 
 
+_EvalCmdKeyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="PERSONA=matching or PERSONA=not_matching (default: the bundle's pair roles)"
+    ),
+]
+_EvalCmdPersonaOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="persona to score, NAME or OTHER_BUNDLE#NAME (repeat; default: all)"),
+]
+_EvalCmdDescribeOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="NAME=TEXT: persona system prompt of the prompt rows"),
+]
+_EvalCmdSystemPromptOpt = Annotated[
+    str | None,
+    typer.Option(help="system prompt of the base and mask rows (default: none given)"),
+]
+_EvalCmdTemplateOpt = Annotated[
+    str,
+    typer.Option(
+        help="chat (tokenizer's template), none, llama2 (reference code), or a format "
+        "string with {question} and {system}"
+    ),
+]
+_EvalCmdChatOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat-template/--no-chat-template",
+        "--chat/--no-chat",
+        help="--no-chat-template means --template none",
+    ),
+]
+_EvalCmdPerItemOpt = Annotated[
+    Path | None, typer.Option(help="write one JSON line per item and row to this file")
+]
+
+
 @app.command("eval")
 def eval_cmd(
     bundle: BundleArg,
     mc: Annotated[Path, typer.Option(help="CSV with columns question,A,B,matching")],
-    key: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="PERSONA=matching or PERSONA=not_matching (default: the bundle's pair roles)"
-        ),
-    ] = None,
-    persona: Annotated[
-        list[str] | None,
-        typer.Option(help="persona to score, NAME or OTHER_BUNDLE#NAME (repeat; default: all)"),
-    ] = None,
-    describe: Annotated[
-        list[str] | None,
-        typer.Option(help="NAME=TEXT: persona system prompt of the prompt rows"),
-    ] = None,
-    system_prompt: Annotated[
-        str | None,
-        typer.Option(help="system prompt of the base and mask rows (default: none given)"),
-    ] = None,
-    template: Annotated[
-        str,
-        typer.Option(
-            help="chat (tokenizer's template), none, llama2 (reference code), or a format "
-            "string with {question} and {system}"
-        ),
-    ] = "chat",
-    chat: Annotated[
-        bool,
-        typer.Option(
-            "--chat-template/--no-chat-template",
-            "--chat/--no-chat",
-            help="--no-chat-template means --template none",
-        ),
-    ] = True,
+    key: _EvalCmdKeyOpt = None,
+    persona: _EvalCmdPersonaOpt = None,
+    describe: _EvalCmdDescribeOpt = None,
+    system_prompt: _EvalCmdSystemPromptOpt = None,
+    template: _EvalCmdTemplateOpt = "chat",
+    chat: _EvalCmdChatOpt = True,
     gamma: Annotated[float, typer.Option(help="soft gate: G = M + gamma (1 - M)")] = 0.0,
-    per_item: Annotated[
-        Path | None, typer.Option(help="write one JSON line per item and row to this file")
-    ] = None,
+    per_item: _EvalCmdPerItemOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     load_dtype: LoadDtypeOpt = "float32",

@@ -11,56 +11,67 @@ from maskstore.errors import MaskstoreError
 from ._common import emit_json, err_console, safe
 from .app import DeviceOpt, JsonOpt, app, choice
 
+_ServeSourcesOpt = Annotated[
+    list[str],
+    typer.Argument(help="bundles to serve: folders, .zip files, REPO@REF (several join)"),
+]
+_ServeModelOpt = Annotated[
+    str | None,
+    typer.Option(help="HF model folder or cached Hub id (default: the bundle's recorded one)"),
+]
+_ServeRevisionOpt = Annotated[str | None, typer.Option(help="with a Hub id: branch, tag or commit")]
+_ServeDtypeOpt = Annotated[
+    choice("float32", "bfloat16", "float16"), typer.Option(help="weights dtype")
+]
+_ServeServedModelNameOpt = Annotated[
+    str | None, typer.Option(help="the base model's id in requests (default: its folder name)")
+]
+_ServeApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(help="require 'Authorization: Bearer KEY' (default: $MASKSTORE_API_KEY)"),
+]
+_ServeAllowRuntimeLoadingOpt = Annotated[
+    bool,
+    typer.Option("--allow-runtime-loading", help="enable POST /v1/personas/load and unload"),
+]
+_ServeCacheBytesOpt = Annotated[
+    int, typer.Option(help="bound of the packed masks held in memory (LRU by persona)")
+]
+_ServeBatchingOpt = Annotated[
+    choice("persona", "mixed"),
+    typer.Option(help="persona: one persona a batch; mixed: any personas in one batch"),
+]
+_ServeRayReplicasOpt = Annotated[
+    int,
+    typer.Option(help="deploy N model replicas on Ray Serve, personas multiplexed (0: off)"),
+]
+_ServeRayAddressOpt = Annotated[
+    str | None, typer.Option(help="with --ray-replicas: a Ray cluster ('auto'; default local)")
+]
+_ServeCheckWeightsOpt = Annotated[
+    bool,
+    typer.Option("--check-weights/--no-check-weights", help="check the weights' hash"),
+]
+
 
 @app.command()
 def serve(
-    sources: Annotated[
-        list[str],
-        typer.Argument(help="bundles to serve: folders, .zip files, REPO@REF (several join)"),
-    ],
-    model: Annotated[
-        str | None,
-        typer.Option(help="HF model folder or cached Hub id (default: the bundle's recorded one)"),
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="with a Hub id: branch, tag or commit")
-    ] = None,
-    dtype: Annotated[
-        choice("float32", "bfloat16", "float16"), typer.Option(help="weights dtype")
-    ] = "float32",  # fmt: skip
+    sources: _ServeSourcesOpt,
+    model: _ServeModelOpt = None,
+    revision: _ServeRevisionOpt = None,
+    dtype: _ServeDtypeOpt = "float32",  # fmt: skip
     device: DeviceOpt = "cpu",
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 8000,
-    served_model_name: Annotated[
-        str | None, typer.Option(help="the base model's id in requests (default: its folder name)")
-    ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(help="require 'Authorization: Bearer KEY' (default: $MASKSTORE_API_KEY)"),
-    ] = None,
-    allow_runtime_loading: Annotated[
-        bool,
-        typer.Option("--allow-runtime-loading", help="enable POST /v1/personas/load and unload"),
-    ] = False,
-    cache_bytes: Annotated[
-        int, typer.Option(help="bound of the packed masks held in memory (LRU by persona)")
-    ] = 1 << 30,
+    served_model_name: _ServeServedModelNameOpt = None,
+    api_key: _ServeApiKeyOpt = None,
+    allow_runtime_loading: _ServeAllowRuntimeLoadingOpt = False,
+    cache_bytes: _ServeCacheBytesOpt = 1 << 30,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
-    batching: Annotated[
-        choice("persona", "mixed"),
-        typer.Option(help="persona: one persona a batch; mixed: any personas in one batch"),
-    ] = "persona",
-    ray_replicas: Annotated[
-        int,
-        typer.Option(help="deploy N model replicas on Ray Serve, personas multiplexed (0: off)"),
-    ] = 0,
-    ray_address: Annotated[
-        str | None, typer.Option(help="with --ray-replicas: a Ray cluster ('auto'; default local)")
-    ] = None,
-    check_weights: Annotated[
-        bool,
-        typer.Option("--check-weights/--no-check-weights", help="check the weights' hash"),
-    ] = True,
+    batching: _ServeBatchingOpt = "persona",
+    ray_replicas: _ServeRayReplicasOpt = 0,
+    ray_address: _ServeRayAddressOpt = None,
+    check_weights: _ServeCheckWeightsOpt = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Serve personas over an OpenAI-compatible API: the request's model field names one."""
