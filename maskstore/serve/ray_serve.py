@@ -18,9 +18,12 @@ cluster, sources must be paths every node can read (or ``REPO@REF`` on shared st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from ..errors import MaskstoreError
@@ -91,14 +94,8 @@ class _Loaded:
         self.engine, self.persona = engine, persona
 
     def __del__(self) -> None:
-        with _suppress():
+        with contextlib.suppress(Exception):
             self.engine.unload(self.persona)
-
-
-def _suppress():
-    import contextlib
-
-    return contextlib.suppress(Exception)
 
 
 def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replica: int = 8,
@@ -170,12 +167,8 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
     name, revision = recorded_model(catalog.model_source, cfg.model, cfg.revision)
     folder = model_folder(name, revision)
     tok = load_tokenizer(folder)
-    import json
-
     context = int(json.loads((folder / "config.json").read_text()).get(
         "max_position_embeddings", 2048))  # fmt: skip
-    from pathlib import Path
-
     base_id = cfg.served_model_name or Path(name or "SmolLM2-135M-Instruct").name
     remote = RemoteEngine(tok, context, base_id)
     api: FastAPI = create_app(remote, catalog, base_id, api_key=cfg.api_key,
@@ -227,7 +220,7 @@ def run(cfg: ServeConfig, num_replicas: int, address: str | None = None,
         serve.shutdown()
         ray.shutdown()
         for pid in ours:  # the local instance's agents outlive the raylet: end them
-            with _suppress():
+            with contextlib.suppress(Exception):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -237,7 +230,7 @@ def _descendants(pid: int) -> set[int]:
 
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        with _suppress():
+        with contextlib.suppress(Exception):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     out, todo = set(), [pid]
