@@ -3,7 +3,9 @@
 * masks from statistics for the whole model: maskstore's vectorised selection vs a Python loop
   of per-row ``torch.topk`` (the research code's way), same scores, side by side;
 * the statistics pass vs bare forward passes over the same batches;
-* peak memory and the full build time of two personas of 64 samples each.
+* peak memory and the full build time of two personas of 64 samples each;
+* SparseGPT's peak memory against Wanda's (same model, 16 samples): Gram matrices one decoder
+  block at a time (``maskstore build``) and, as before, all at once (a whole-model pass).
 
 Run: python benchmarks/bench_build.py
 """
@@ -121,5 +123,43 @@ def main() -> None:
     )
 
 
+def _build_rss(method: str, out: Path, samples: int = 16) -> float:
+    return child_peak_rss(
+        "import sys; from maskstore.cli.main import main\n"
+        f"sys.argv = ['maskstore', 'build', '--persona', 'introvert={DATA / 'introvert.txt'}',"
+        f" '--method', '{method}', '--samples', '{samples}', '--out', '{out}']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+    )[0]
+
+
+def sparsegpt_memory() -> None:
+    """Peak RSS of SparseGPT and Wanda builds of the embedded model (one persona, 16 samples),
+    and of SparseGPT's statistics made by one whole-model pass holding every Gram matrix."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wanda = _build_rss("wanda", Path(tmp) / "w.zarr")
+        sgpt = _build_rss("sparsegpt", Path(tmp) / "s.zarr")
+        whole = child_peak_rss(
+            "from maskstore import calibration as cal\n"
+            "from maskstore.build import BuildConfig, collect_stats\n"
+            "from maskstore.models import load_model\n"
+            "from maskstore.modules import maskable_modules\n"
+            "model, tok = load_model(None)\n"
+            f"s = cal.choose(cal.read_samples('{DATA / 'introvert.txt'}'), 16, 0)\n"
+            "b = list(cal.batches(tok, s, 512, 8, True))\n"
+            "collect_stats(model, maskable_modules(model), b, BuildConfig(method='sparsegpt'))\n"
+        )[0]
+    print(
+        f"peak RSS, one persona x 16 samples: wanda build {wanda:.0f} MiB; sparsegpt build "
+        f"{sgpt:.0f} MiB ({sgpt / wanda:.2f}x wanda); sparsegpt statistics by one whole-model "
+        f"pass (every Gram matrix held) {whole:.0f} MiB ({whole / wanda:.2f}x)"
+    )
+
+
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["sparsegpt-memory"]:
+        sparsegpt_memory()
+        raise SystemExit
+    sparsegpt_memory()
     main()

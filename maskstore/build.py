@@ -36,6 +36,7 @@ from .format import DEFAULT_CHUNK_BYTES, Bundle
 from .hashing import metadata_digest
 from .modules import maskable_modules, model_fingerprint
 from .names import check_persona_name
+from .offload import collect_by_block, decoder_layers
 from .progress import Progress, Stage, counter
 from .stats import ChannelStats
 from .writer import WritableBundle, create_bundle
@@ -184,21 +185,64 @@ def finish_stats(coll: StatsCollector, config: BuildConfig | None) -> dict[str, 
     """A collector's statistics after the pass: what the method derives from Gram matrices is
     added, and empty or non-finite statistics are refused."""
     stats = coll.stats
-    finish = config.spec.finish if config is not None else None
-    if finish is not None:
-        done: dict[str, tuple[str, Any]] = {}
-        for name, st in stats.items():
-            group = coll.group_of[name]
-            if group not in done:
-                done[group] = finish(coll.grams[group], st.tokens, config)
-            row, value = done[group]
-            st.extra[row] = value
+    if config is not None and config.spec.finish is not None:
+        finish_grams(coll, config, list(stats))
     if any(st.tokens == 0 for st in stats.values()):
         raise MaskstoreError(
             "the calibration data reached no masked module: are the samples empty?"
         )
     check_finite(stats)
     return stats
+
+
+def finish_grams(coll: StatsCollector, config: BuildConfig, names: Iterable[str]) -> None:
+    """What the method derives from the Gram matrices of modules ``names`` (SparseGPT's
+    ``[H^-1]_jj``), added to their statistics; each Gram matrix is released once used, so a
+    block-by-block pass holds one block's at a time."""
+    finish = config.spec.finish
+    for name in names:
+        group = coll.group_of.get(name)
+        if group is None:
+            continue  # never reached: refused as empty statistics later
+        if group not in coll.finished:
+            gram = coll.grams.pop(group)
+            coll.finished[group] = finish(gram, coll.gram_tokens.pop(group), config)
+            del gram
+        row, value = coll.finished[group]
+        coll.stats[name].extra[row] = value
+
+
+def gram_blocks(model: nn.Module, modules: Mapping[str, nn.Module], config: BuildConfig | None):
+    """The decoder blocks to calibrate one at a time when the method accumulates Gram matrices
+    (SparseGPT: so only one block's are ever held), None when it does not or a module lies
+    outside the blocks (a head: the whole-model pass watches it)."""
+    if config is None or config.spec.finish is None:
+        return None
+    layers = decoder_layers(model)
+    if layers is None:
+        return None
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    return layers if all(id(m) in inside for m in modules.values()) else None
+
+
+def block_finisher(
+    collectors: Mapping[str, StatsCollector],
+    modules: Mapping[str, nn.Module],
+    config: BuildConfig,
+    gather: Callable[[Mapping[str, StatsCollector], list[str]], None] | None = None,
+) -> Callable[[nn.Module], None]:
+    """``after_block`` for :func:`maskstore.offload.collect_by_block`: the block's Gram
+    matrices (first ``gather``-ed across ranks) turned into what the method keeps, and freed."""
+
+    def after_block(block: nn.Module) -> None:
+        inside = {id(m) for m in block.modules()}
+        names = [n for n, m in modules.items() if id(m) in inside]
+        if gather is not None:
+            gather(collectors, names)
+        for c in collectors.values():
+            finish_grams(c, config, names)
+
+    return after_block
 
 
 def check_finite(stats: Mapping[str, ChannelStats]) -> None:
@@ -515,7 +559,8 @@ def build(
         pairs: opposing personas ``(p+, p-)`` for the contrastive methods.
         modules: the ``nn.Linear`` modules to mask (default: all but LM head and embeddings).
         progress: ``stage(name, total) -> progress(done, total)`` (:mod:`maskstore.progress`):
-            stages ``"calibrating <persona>"`` in samples, then ``"scoring"`` in modules (off
+            stages ``"calibrating <persona>"`` in samples (SparseGPT on a decoder-only model:
+            one ``"calibrating, block by block"`` in blocks), then ``"scoring"`` in modules (off
             by default).
         calibration_source: how the batches were made, recorded with their digest
             (:class:`maskstore.calibration.Recorder`); the command line records
@@ -531,7 +576,17 @@ def build(
     check_pairs(list(calibration), list(pairs), config)
     modules = dict(modules) if modules is not None else maskable_modules(model)
     personas = []
-    for name, batches in calibration.items():
+    layers = gram_blocks(model, modules, config)
+    if layers is not None:  # SparseGPT: one block's Gram matrices at a time
+        recs = {n: Recorder(bs, calibration_source or API_SOURCE) for n, bs in calibration.items()}
+        batches = {n: list(enumerate(rec)) for n, rec in recs.items()}
+        colls = {n: collector(modules, config) for n in calibration}
+        step = progress("calibrating, block by block", len(layers)) if progress else None
+        collect_by_block(model, layers, colls, batches, step,
+                         after_block=block_finisher(colls, modules, config))  # fmt: skip
+        for name, rec in recs.items():
+            personas.append(PersonaStats(name, finish_stats(colls[name], config), rec.record()))
+    for name, batches in calibration.items() if layers is None else ():
         step = progress(f"calibrating {name}", None) if progress else None
         rec = Recorder(batches, calibration_source or API_SOURCE)
         st = collect_stats(model, modules, rec, config, step)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .progress import Progress, counter
+from .scoring import one_thread
 from .stats import ChannelStats
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
@@ -55,7 +56,8 @@ def _reduce(x: torch.Tensor, mask: torch.Tensor | None, gram: bool):
     }
     if gram:
         flat = (x.float() * m.float().unsqueeze(-1)).reshape(-1, d)
-        out["gram"] = (flat.T @ flat).to(torch.float64).cpu().numpy()
+        with one_thread(flat.device):  # bits independent of the thread count
+            out["gram"] = (flat.T @ flat).to(torch.float64).cpu().numpy()
     return out
 
 
@@ -77,6 +79,11 @@ class StatsCollector:
         self._index = 0
         self.stats = {n: ChannelStats.zeros(m.in_features) for n, m in self.modules.items()}
         self.grams: dict[str, np.ndarray] = {}  # X^T X per input group (first module's name)
+        self.gram_tokens: dict[str, int] = {}  # tokens folded into each group's X^T X
+        # recording: each batch's X^T X apart, ``(index, gram, tokens)``, for a fold in
+        # calibration order across ranks (:func:`maskstore.distributed.gather_grams`)
+        self.gram_parts: dict[str, list[tuple[int, np.ndarray, int]]] = {}
+        self.finished: dict[str, tuple[str, object]] = {}  # group -> what finish() made of it
         self.group_of: dict[str, str] = {}  # module -> the module whose input it shares
         self._mask: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, dict, str] | None = None
@@ -89,10 +96,15 @@ class StatsCollector:
             red, group = _reduce(x, self._mask, self.gram), name
             self._last = (x, red, group)  # strong ref: its address cannot be reused meanwhile
             if self.gram:
-                if group in self.grams:
-                    self.grams[group] += red["gram"]
+                gram = red.pop("gram")  # not kept with the recorded sums
+                if self.record:
+                    self.gram_parts.setdefault(group, []).append((self._index, gram, red["tokens"]))
+                elif group in self.grams:
+                    self.grams[group] += gram
+                    self.gram_tokens[group] += red["tokens"]
                 else:
-                    self.grams[group] = red["gram"]
+                    self.grams[group] = gram
+                    self.gram_tokens[group] = red["tokens"]
         self.group_of[name] = group
         if self.record:
             self.partials[name].append((self._index, red))

@@ -12,7 +12,7 @@ writes the bundle.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,10 +64,6 @@ def _gather(obj: object) -> list:
 
 def gather_stats(collectors: Mapping[str, StatsCollector]) -> None:
     """Every rank's recorded per-batch sums, folded in calibration order on every rank."""
-    if any(c.gram for c in collectors.values()):
-        raise MaskstoreError(
-            "sparsegpt's Gram matrices are not gathered across ranks: run it in one process"
-        )
     mine = {p: c.partials for p, c in collectors.items()}
     every = _gather(mine)
     for persona, coll in collectors.items():
@@ -76,6 +72,32 @@ def gather_stats(collectors: Mapping[str, StatsCollector]) -> None:
         }
         coll.replay(merged)
         coll.partials = {n: [] for n in coll.modules}
+
+
+def gather_grams(collectors: Mapping[str, StatsCollector], names: Iterable[str]) -> None:
+    """The Gram matrices of modules ``names`` (one block's): every rank's per-batch ``X^T X``,
+    folded on every rank in calibration order (the first batch's, then ``+=`` each next one,
+    as one process folds them), so SparseGPT's ``[H^-1]_jj`` are bit for bit one process's.
+    Only one block's matrices are in flight at a time."""
+    names = list(names)
+    mine = {}
+    for p, c in collectors.items():
+        of = {n: c.group_of[n] for n in names if n in c.group_of}
+        mine[p] = (of, {g: c.gram_parts.pop(g, []) for g in set(of.values())})
+    every = _gather(mine)
+    del mine
+    for persona, coll in collectors.items():
+        for rank in every:  # a rank with none of this persona's batches learns the groups here
+            coll.group_of.update(rank[persona][0])
+        for g in {g for rank in every for g in rank[persona][1]}:
+            parts = sorted((x for rank in every for x in rank[persona][1].get(g, [])),
+                           key=lambda x: x[0])  # fmt: skip
+            total, tokens = parts[0][1], parts[0][2]
+            for _, gram, n in parts[1:]:
+                total += gram
+                tokens += n
+            coll.grams[g], coll.gram_tokens[g] = total, tokens
+    every.clear()
 
 
 def gather_masks(

@@ -21,7 +21,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -248,77 +248,120 @@ class LayerwiseModel:
         release_memory()
 
     # ---- calibration
-    @torch.inference_mode()
     def collect(
         self,
         collectors: Mapping[str, StatsCollector],
         batches: Mapping[str, list[tuple[int, Batch]]],
         progress: Progress | None = None,
+        after_block: Callable[[nn.Module], None] | None = None,
     ) -> None:
         """Run every persona's ``(index, batch)`` pairs through the model block by block; each
-        persona's ``collector`` sees its own batches' inputs of the watched modules."""
-        inputs: list[tuple[str, int, torch.Tensor | None, tuple, dict]] = []  # per batch
-        tick = counter(progress, len(self.layers))
+        persona's ``collector`` sees its own batches' inputs of the watched modules (see
+        :func:`collect_by_block`)."""
         embed = self.model.get_input_embeddings()
         self._load(embed)
-        first = self.layers[0]
+        collect_by_block(self.model, self.layers, collectors, batches, progress,
+                         budget=self.budget, load=self._load, unload=self._unload,
+                         after_block=after_block, first_unload=lambda: self._unload(embed))  # fmt: skip
 
-        def capture(_mod, args, kwargs):
-            raise _Stop(args, kwargs)
 
-        handle = first.register_forward_pre_hook(capture, with_kwargs=True)
-        states = _States(self.budget)
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """A Hugging Face decoder-only model's blocks (``model.layers``), None if it keeps none."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+@torch.inference_mode()
+def collect_by_block(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    collectors: Mapping[str, StatsCollector],
+    batches: Mapping[str, list[tuple[int, Batch]]],
+    progress: Progress | None = None,
+    budget: int = 1 << 30,
+    load: Callable[[nn.Module], None] | None = None,
+    unload: Callable[[nn.Module], None] | None = None,
+    after_block: Callable[[nn.Module], None] | None = None,
+    first_unload: Callable[[], None] | None = None,
+) -> None:
+    """The calibration pass one decoder block at a time, over every persona's batches.
+
+    The model runs up to its first block once per batch (a pre-hook records what the block
+    receives, then stops the pass); then each block in turn (``load``-ed first and
+    ``unload``-ed after, for weights that live on disk) runs over all batches while the
+    collectors' hooks watch its ``nn.Linear`` inputs, its outputs becoming the next block's
+    inputs; ``after_block(block)`` runs once a block has seen every batch (SparseGPT releases
+    that block's Gram matrices there). Hidden states stay in RAM up to ``budget`` bytes and
+    spill to a temp folder past it. Each module sees the batches of the whole-model pass, in
+    its order, so the statistics are bit for bit those of :meth:`StatsCollector.run`.
+    """
+    inputs: list[tuple[str, int, torch.Tensor | None, tuple, dict]] = []  # per batch
+    tick = counter(progress, len(layers))
+    dev = model.get_input_embeddings().weight.device
+    first = layers[0]
+
+    def capture(_mod, args, kwargs):
+        raise _Stop(args, kwargs)
+
+    handle = first.register_forward_pre_hook(capture, with_kwargs=True)
+    states = _States(budget)
+    try:
+        for persona, bs in batches.items():
+            for index, batch in bs:
+                if isinstance(batch, torch.Tensor):
+                    ids, mask = batch, None
+                else:
+                    ids, mask = batch["input_ids"], batch.get("attention_mask")
+                kw = {} if mask is None else {"attention_mask": mask.to(dev)}
+                try:
+                    model(input_ids=ids.to(dev), use_cache=False, **kw)
+                except _Stop as stop:
+                    args, kwargs = stop.args
+                    states.put(len(inputs), args[0])  # hidden states: RAM or disk
+                    inputs.append((persona, index, mask, args[1:], kwargs))
+                else:  # pragma: no cover - the hook always fires
+                    raise MaskstoreError("the first decoder block never ran")
+    except BaseException:
+        states.close()
+        raise
+    finally:
+        handle.remove()
+        if first_unload is not None:
+            first_unload()
+    try:
+        watched = {}
+        for c in collectors.values():
+            watched.update(c.modules)
+        current: list[StatsCollector | None] = [None]
+        hooks = [
+            mod.register_forward_pre_hook(
+                lambda _m, a, n=name: (
+                    current[0].observe(n, a[0]) if n in current[0].modules else None
+                )  # fmt: skip
+            )
+            for name, mod in watched.items()
+        ]
         try:
-            for persona, bs in batches.items():
-                for index, batch in bs:
-                    if isinstance(batch, torch.Tensor):
-                        ids, mask = batch, None
-                    else:
-                        ids, mask = batch["input_ids"], batch.get("attention_mask")
-                    kw = {} if mask is None else {"attention_mask": mask.to(self.device)}
-                    try:
-                        self.model(input_ids=ids.to(self.device), use_cache=False, **kw)
-                    except _Stop as stop:
-                        args, kwargs = stop.args
-                        states.put(len(inputs), args[0])  # hidden states: RAM or disk
-                        inputs.append((persona, index, mask, args[1:], kwargs))
-                    else:  # pragma: no cover - the hook always fires
-                        raise MaskstoreError("the first decoder block never ran")
-        except BaseException:
-            states.close()
-            raise
+            for layer in layers:
+                if load is not None:
+                    load(layer)
+                dev = next(layer.parameters()).device
+                for i, (persona, index, mask, args, kwargs) in enumerate(inputs):
+                    coll = collectors[persona]
+                    current[0] = coll
+                    with coll.batch(mask, index):
+                        out = layer(states.get(i).to(dev), *args, **kwargs)
+                    states.put(i, out[0] if isinstance(out, tuple) else out)
+                if unload is not None:
+                    unload(layer)
+                if after_block is not None:
+                    after_block(layer)
+                tick(1)
         finally:
-            handle.remove()
-            self._unload(embed)
-        try:
-            watched = {}
-            for c in collectors.values():
-                watched.update(c.modules)
-            current: list[StatsCollector | None] = [None]
-            hooks = [
-                mod.register_forward_pre_hook(
-                    lambda _m, a, n=name: (
-                        current[0].observe(n, a[0]) if n in current[0].modules else None
-                    )  # fmt: skip
-                )
-                for name, mod in watched.items()
-            ]
-            try:
-                for layer in self.layers:
-                    self._load(layer)
-                    for i, (persona, index, mask, args, kwargs) in enumerate(inputs):
-                        coll = collectors[persona]
-                        current[0] = coll
-                        with coll.batch(mask, index):
-                            out = layer(states.get(i).to(self.device), *args, **kwargs)
-                        states.put(i, out[0] if isinstance(out, tuple) else out)
-                    self._unload(layer)
-                    tick(1)
-            finally:
-                for h in hooks:
-                    h.remove()
-        finally:
-            states.close()
+            for h in hooks:
+                h.remove()
+    finally:
+        states.close()
 
 
 class _States:

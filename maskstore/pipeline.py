@@ -19,8 +19,10 @@ from . import distributed
 from .build import (
     BuildConfig,
     PersonaStats,
+    block_finisher,
     collector,
     finish_stats,
+    gram_blocks,
     masks_for_module,
     model_source,
     stats_from_bundle,
@@ -29,7 +31,7 @@ from .build import (
 from .format import DEFAULT_CHUNK_BYTES, Bundle
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
 from .modules import check_untied, maskable_modules
-from .offload import LayerwiseModel, checkpoint_bytes
+from .offload import LayerwiseModel, checkpoint_bytes, collect_by_block
 from .progress import Progress, Stage
 
 
@@ -173,7 +175,16 @@ def _calibrate(job, mdl, tok, mods, layerwise, rank, size, stage) -> list[Person
     batches = {n: distributed.shard(bs, rank, size) for n, bs in made.items()}
     collectors = {n: collector(mods, config, record=size > 1) for n in job.data}
     shown = stage if rank == 0 else None
-    if layerwise is not None:
+    layers = gram_blocks(layerwise.model if layerwise is not None else mdl, mods, config)
+    if layers is not None:  # SparseGPT: one block's Gram matrices at a time
+        gather = distributed.gather_grams if size > 1 else None
+        kw = {"progress": _stage(shown, "calibrating, block by block", len(layers)),
+              "after_block": block_finisher(collectors, mods, config, gather)}  # fmt: skip
+        if layerwise is not None:
+            layerwise.collect(collectors, batches, **kw)
+        else:
+            collect_by_block(mdl, layers, collectors, batches, **kw)
+    elif layerwise is not None:
         layerwise.collect(collectors, batches,
                           progress=_stage(shown, "calibrating, block by block",
                                           len(layerwise.layers)))  # fmt: skip

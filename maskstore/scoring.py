@@ -12,6 +12,9 @@ Subnetworks" (arXiv 2602.07164).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -129,6 +132,23 @@ def contrastive_wanda_scores(
     return a * _vec(f_pos, weight), a * _vec(f_neg, weight)
 
 
+@contextlib.contextmanager
+def one_thread(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run CPU linear algebra on one thread inside the block: a BLAS or LAPACK routine splits
+    its summed dimension across threads (``X^T X`` over tokens, a Cholesky's updates), so its
+    bits would depend on the thread count, and a SparseGPT build on 2 cores would not
+    reproduce one on 16, nor a ``torchrun`` rank (one thread each) a single process."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def hinv_diag(gram: np.ndarray, tokens: int, damp: float = 0.01) -> np.ndarray:
     """Diagonal of the inverse damped Hessian ``H = 2 X^T X / n + lambda I`` (SparseGPT, sec. 3).
 
@@ -143,11 +163,12 @@ def hinv_diag(gram: np.ndarray, tokens: int, damp: float = 0.01) -> np.ndarray:
     dead = diag == 0
     diag[dead] = 1.0
     diag += damp * diag.mean()
-    try:
-        chol = torch.linalg.cholesky(h)
-    except RuntimeError:
-        raise MaskstoreError("Hessian is not positive definite: raise --damp") from None
-    return torch.diagonal(torch.cholesky_inverse(chol)).numpy().copy()
+    with one_thread():  # the same bits on any number of cores
+        try:
+            chol = torch.linalg.cholesky(h)
+        except RuntimeError:
+            raise MaskstoreError("Hessian is not positive definite: raise --damp") from None
+        return torch.diagonal(torch.cholesky_inverse(chol)).numpy().copy()
 
 
 def sparsegpt_scores(weight: torch.Tensor, hinv: np.ndarray) -> torch.Tensor:

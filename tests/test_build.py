@@ -317,3 +317,38 @@ def test_the_api_and_the_cli_give_the_same_persona_digest(tmp_path, tiny_dir, ca
     other = tmp_path / "other.zarr"  # other tokens: another digest
     build(model, {"introvert": batches[:1]}, other, calibration_source=cal.describe(24, 3, False))
     assert open_bundle(other).persona("introvert")["digest"] != c["digest"]
+
+
+def test_sparsegpt_block_by_block_gives_the_bits_of_the_whole_model_pass(
+    tmp_path, model, tok, calib_files, monkeypatch
+):
+    """SparseGPT's Gram matrices are made and released one decoder block at a time (so a build
+    holds one block's, not the model's), and the [H^-1]_jj and masks are bit for bit those of
+    the whole-model pass that holds them all (``collect_stats``)."""
+    import maskstore.build as build_mod
+
+    cfg = BuildConfig(method="sparsegpt", sparsity=0.5)
+    batches = list(cal.batches(tok, _samples(calib_files["introvert"]), batch_size=4))
+    mods = maskable_modules(model)
+    whole = collect_stats(model, mods, batches, cfg)  # the whole-model pass: every Gram at once
+
+    held = []
+    real = build_mod.finish_grams
+
+    def spy(coll, config, names):
+        held.append(len(coll.grams))
+        return real(coll, config, names)
+
+    monkeypatch.setattr(build_mod, "finish_grams", spy)
+    build(model, {"introvert": batches}, tmp_path / "b", config=cfg)
+    groups = len(set(whole[n].extra["hinv_diag_damp0.01"].tobytes() for n in mods))
+    assert len(held) == len(model.model.layers) + 1  # once a block, then the final check
+    assert max(held) <= 4 < groups  # q/k/v, o, gate/up, down: one block's inputs at most
+    b = open_bundle(tmp_path / "b")
+    for n in mods:
+        st = b.read_stats("introvert", n)
+        assert np.array_equal(st.extra["hinv_diag_damp0.01"], whole[n].extra["hinv_diag_damp0.01"])
+        w = mods[n].weight
+        ref = build_mod.scoring.select_fused(w, whole[n].extra["hinv_diag_damp0.01"], 0.5,
+                                             square=True)  # fmt: skip
+        assert torch.equal(torch.from_numpy(b.read_mask("introvert", n)), ref)

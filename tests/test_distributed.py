@@ -10,18 +10,17 @@ import sys
 import pytest
 from _tiny import save_tiny
 
-from maskstore.build import collector
-from maskstore.distributed import gather_stats, shard
-from maskstore.errors import MaskstoreError
+from maskstore import methods
+from maskstore.distributed import shard
 from maskstore.opener import open_bundle
 
 
-def _args(folder, calib_files, out):
+def _args(folder, calib_files, out, method="contrastive-wanda"):
+    pair = ["--pair", "introvert:extrovert"] if methods.get(method).contrastive else []
     return [
         "build", "--model", str(folder), "--out", str(out), "--json",
         "--persona", f"introvert={calib_files['introvert']}",
-        "--persona", f"extrovert={calib_files['extrovert']}",
-        "--pair", "introvert:extrovert", "--method", "contrastive-wanda",
+        "--persona", f"extrovert={calib_files['extrovert']}", *pair, "--method", method,
         "--samples", "20", "--max-tokens", "40", "--batch-size", "3",
     ]  # fmt: skip
 
@@ -35,30 +34,47 @@ def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["whole-model", "offload"])
-def test_two_ranks_give_the_bits_of_one_process(tmp_path, cli, calib_files, offload):
+# every registered method in one process and on two ranks; offloading with one method of each
+# kind of statistics (per-channel sums; SparseGPT's Gram matrices, gathered block by block)
+LEGS = [(m, False) for m in sorted(methods.METHODS)] + [
+    ("contrastive-wanda", True),
+    ("sparsegpt", True),
+]
+
+
+@pytest.mark.parametrize("method,offload", LEGS, ids=[f"{m}-{'offload' if o else 'whole'}"
+                                                      for m, o in LEGS])  # fmt: skip
+def test_two_ranks_give_the_bits_of_one_process(tmp_path, cli, calib_files, method, offload):
     folder = save_tiny(tmp_path / "m", seed=7, layers=3)
-    code, out, err = cli(*_args(folder, calib_files, tmp_path / "one.zarr"))
+    code, out, err = cli(*_args(folder, calib_files, tmp_path / "one.zarr", method))
     assert code == 0, err
     extra = ["--offload"] if offload else []
-    r = _torchrun(2, _args(folder, calib_files, tmp_path / "two.zarr") + extra)
+    r = _torchrun(2, _args(folder, calib_files, tmp_path / "two.zarr", method) + extra)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)  # rank 0 alone prints
     one, two = open_bundle(tmp_path / "one.zarr"), open_bundle(tmp_path / "two.zarr")
     assert doc["digest"] == two.digest == one.digest
     for p in one.personas:
         assert two.persona(p)["digest"] == one.persona(p)["digest"]
-        st1 = one.read_stats(p, "model.layers.2.mlp.down_proj").to_array()[0]
-        st2 = two.read_stats(p, "model.layers.2.mlp.down_proj").to_array()[0]
-        assert (st1 == st2).all()
+        for m in one.modules:
+            assert (one.read_stats(p, m).to_array()[0] == two.read_stats(p, m).to_array()[0]).all()
 
 
-def test_shards_are_disjoint_and_gram_methods_refused():
+def test_a_rank_without_batches_still_gets_every_gram(tmp_path, cli, calib_files):
+    """Two samples in one batch on two ranks: rank 1 calibrates nothing, and still learns each
+    block's Gram matrices (and their groups) from rank 0: the bits of one process."""
+    folder = save_tiny(tmp_path / "m", seed=7, layers=2)
+    args = ["build", "--model", str(folder), "--json", "--method", "sparsegpt",
+            "--persona", f"introvert={calib_files['introvert']}",
+            "--samples", "2", "--max-tokens", "24", "--batch-size", "4"]  # fmt: skip
+    code, _, err = cli(*args, "--out", tmp_path / "one.zarr")
+    assert code == 0, err
+    r = _torchrun(2, [*args, "--out", str(tmp_path / "two.zarr")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert open_bundle(tmp_path / "two.zarr").digest == open_bundle(tmp_path / "one.zarr").digest
+
+
+def test_shards_are_disjoint():
     items = list(range(10))
     parts = [shard(items, r, 3) for r in range(3)]
     assert sorted(i for p in parts for i, _ in p) == items
-    from maskstore.build import BuildConfig
-
-    coll = collector({}, BuildConfig(method="sparsegpt"), record=True)
-    with pytest.raises(MaskstoreError, match="one process"):
-        gather_stats({"a": coll})

@@ -270,6 +270,26 @@ def test_sparsegpt_matches_direct_inverse(rng):
             assert s[i, j].item() == pytest.approx(w[i, j].item() ** 2 / d[j], rel=1e-6)
 
 
+def test_gram_and_hinv_bits_do_not_depend_on_the_thread_count(rng):
+    """X^T X and [H^-1]_jj (SparseGPT) have one set of bits whatever torch's thread count:
+    a BLAS splits the token dimension across threads, so left alone a build on 1 core (or a
+    torchrun rank) would not reproduce one on 4. The caller's thread count is restored."""
+    from maskstore.collect import _reduce
+
+    x = torch.from_numpy(rng.normal(size=(3, 700, 96))).float()
+    before = torch.get_num_threads()
+    got = []
+    for n in (1, 4):
+        torch.set_num_threads(n)
+        try:
+            gram = _reduce(x, None, gram=True)["gram"]
+            got.append((gram, scoring.hinv_diag(gram, 2100)))
+            assert torch.get_num_threads() == n
+        finally:
+            torch.set_num_threads(before)
+    assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
+
+
 def test_selection_is_deterministic_across_dtypes(rng):
     # one set of numbers held in bfloat16, float32 and float64 weights gives one mask
     w16 = torch.from_numpy(rng.normal(size=(16, 40))).bfloat16()
