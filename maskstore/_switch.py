@@ -132,6 +132,41 @@ def _apply(
             k += np.int64(_popcount(s))
 
 
+@njit(nogil=True, cache=True)
+def _apply_file(
+    w, base, cur, new, tail, cur_base, new_base, g_new, same_gamma, bf16, r0, r1
+):  # pragma: no cover - compiled
+    """``w = base * gate_new`` where the gate differs from ``cur``'s, with every base value at
+    hand in ``base`` (the ``(out, in)`` weight memory-mapped from its checkpoint): no stored
+    set, the position is the index. ``tail`` masks each row's padding bits (one row of words).
+    """
+    g = np.float32(g_new)
+    unit = np.float32(1.0)
+    tf = np.empty(1, np.float32)
+    tu = tf.view(np.uint32)
+    nw = tail.shape[0]
+    zero = tail.dtype.type(0)
+    ones = ~zero
+    bits = tail.itemsize * 8
+    for i in range(r0, r1):
+        for b in range(nw):
+            c = ones if cur_base else cur[i, b]
+            n = ones if new_base else new[i, b]
+            d = ((c ^ n) if same_gamma else ~(c & n)) & tail[b]
+            while d != zero:
+                low = d & (zero - d)
+                j = b * bits + np.int64(trailing_zeros(d))
+                v = base[i, j]
+                keep = (n & low) != zero
+                if not bf16:
+                    w[i, j] = v * (unit if keep else g)
+                elif keep:
+                    w[i, j] = v
+                else:
+                    w[i, j] = _gated_bf16(v, g, tf, tu)
+                d ^= low
+
+
 def _words(a: np.ndarray) -> np.ndarray:
     """Packed rows as uint64 words when each row's bytes divide by 8 (else the bytes)."""
     if a.shape[1] % 8 == 0 and a.flags.c_contiguous:
@@ -202,6 +237,55 @@ def job(
         bool(bf16),
     )
     return _apply, args, stored.shape[0], stored.nbytes
+
+
+def job_file(
+    w: np.ndarray,
+    base: np.ndarray,
+    cur: np.ndarray | None,
+    new: np.ndarray | None,
+    tail: np.ndarray,
+    gamma: float,
+    same_gamma: bool,
+    bf16: bool,
+) -> tuple:
+    """:func:`job` for a module whose base values are all in ``base`` (same raw dtype as
+    ``w``; memory-mapped from the checkpoint); ``tail`` is :func:`maskstore.bits.pad_mask`
+    of the row width."""
+    tail = _words(tail[None])[0]
+    dummy = np.zeros((1, tail.shape[0]), tail.dtype)
+    args = (
+        w,
+        base,
+        dummy if cur is None else _words(cur),
+        dummy if new is None else _words(new),
+        tail,
+        cur is None,
+        new is None,
+        float(gamma),
+        bool(same_gamma),
+        bool(bf16),
+    )
+    return _apply_file, args, w.shape[0], tail.nbytes * w.shape[0]
+
+
+def copy(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> list[bool]:
+    """``dst[...] = src`` for each ``(dst, src, check)``, the arrays dealt to ``THREADS``
+    plain threads (no spin-waiting pool: another busy process slows the copy by its share of
+    the CPU, no more).
+
+    Returns:
+        Per pair, whether ``src`` equals ``check`` byte for byte (True without ``check``).
+    """
+
+    def one(pair: tuple) -> bool:
+        dst, src, check = pair
+        np.copyto(dst, src)
+        return check is None or np.array_equal(dst, check)
+
+    if THREADS == 1 or len(pairs) < 2:
+        return [one(p) for p in pairs]
+    return list(_POOL.map(one, pairs))
 
 
 def run(jobs: list[tuple]) -> None:

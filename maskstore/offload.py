@@ -16,10 +16,8 @@ of the whole-model path. Works for Hugging Face decoder-only models that keep th
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .collect import Batch, StatsCollector
 from .errors import MaskstoreError
 from .progress import Progress, counter
@@ -74,107 +73,6 @@ def checkpoint_bytes(folder: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-_MAX_HEADER = 100 << 20
-
-
-def _open_regular(path: Path):
-    """``path`` opened for reading if it is a regular file (after symlinks, as the Hugging
-    Face cache uses them); a FIFO or device is refused without blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise MaskstoreError(f"cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise MaskstoreError(f"{path} is not a regular file: refusing to read model weights")
-    return os.fdopen(fd, "rb")
-
-
-class _Weights:
-    """Tensors by name from a folder's safetensors files, each read with plain file reads into
-    its own memory when asked (no memory map: pages of blocks already done must not stay
-    resident)."""
-
-    def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                with _open_regular(index) as fh:
-                    weight_map = json.loads(fh.read(_MAX_HEADER))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise MaskstoreError(
-                    f"{index} is not a safetensors index (JSON with a weight_map): restore it"
-                ) from None
-            for f in files:
-                if not isinstance(f, str) or Path(f).name != f or f in (".", ".."):
-                    raise MaskstoreError(
-                        f"{index} names {f!r}, not a file in {folder}: refusing to read it"
-                    )
-        else:
-            files = [f.name for f in sorted(folder.glob("*.safetensors"))]
-        if not files:
-            raise MaskstoreError(f"{folder} has no .safetensors weights: offloading reads them")
-        self._where: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
-        for f in files:
-            path = folder / f
-            with _open_regular(path) as fh:
-                size = os.fstat(fh.fileno()).st_size
-                head = fh.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else -1
-                if not 0 < n <= min(_MAX_HEADER, size - 8):
-                    raise MaskstoreError(f"{path} is not a safetensors file (bad header size)")
-                try:
-                    header = json.loads(fh.read(n))
-                except ValueError:
-                    raise MaskstoreError(f"{path} has a damaged safetensors header") from None
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                try:
-                    dtype = _DTYPES[info["dtype"]]
-                    shape = [int(x) for x in info["shape"]]
-                    start, end = (int(x) for x in info["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    raise MaskstoreError(
-                        f"{path}: tensor {name!r} has a bad header entry"
-                    ) from None
-                numel = 1
-                for x in shape:
-                    numel *= x
-                if (
-                    min(shape, default=1) < 0
-                    or end - start != numel * dtype.itemsize
-                    or not 0 <= start <= end <= size - 8 - n
-                ):
-                    raise MaskstoreError(f"{path}: tensor {name!r} lies outside the file")
-                self._where[name] = (path, 8 + n + start, dtype, shape, end - start)
-
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            path, offset, dtype, shape, nbytes = self._where[name]
-        except KeyError:
-            raise MaskstoreError(
-                f"the checkpoint has no tensor {name!r}: this architecture's weights are named "
-                "differently; build without --offload"
-            ) from None
-        out = torch.empty(shape, dtype=dtype)
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-        with _open_regular(path) as fh:
-            fh.seek(offset)
-            if fh.readinto(buf) != nbytes:
-                raise MaskstoreError(f"{path} ends inside tensor {name!r}: the file is truncated")
-        return out
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-
 class LayerwiseModel:
     """A model on the meta device whose decoder blocks are loaded one at a time.
 
@@ -203,7 +101,7 @@ class LayerwiseModel:
         with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
-        self.weights = _Weights(self.folder)
+        self.weights = Checkpoint(self.folder)
         inner = getattr(self.model, "model", None)
         layers = getattr(inner, "layers", None)
         if not isinstance(layers, nn.ModuleList) or not len(layers):

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +95,22 @@ class _Saved:
         return self._vals_np
 
 
+@dataclass
+class _FileBase:
+    """A masked module whose base values are all in the checkpoint the model was loaded from:
+    the ``(out, in)`` weight memory-mapped read-only (checked equal to the live weight before
+    the first write). It holds no RAM of its own: the pages are the page cache's."""
+
+    base: torch.Tensor
+
+    nbytes = 0
+
+    def raw(self) -> np.ndarray:
+        if getattr(self, "_raw", None) is None:
+            self._raw = _raw(self.base)
+        return self._raw
+
+
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 _WEIGHTED = object()  # a module's gate is a weighted combination (not one packed mask)
 
@@ -120,6 +138,7 @@ class MaskHandle:
         check_weights: bool | None = None,
         untie: bool = False,
         pristine: str | torch.device | None = None,
+        base: str | os.PathLike = "auto",
     ) -> None:
         """See :func:`attach`."""
         self.model = model
@@ -128,7 +147,8 @@ class MaskHandle:
         self.modules = _match(model, bundle, check_weights)
         check_untied(model, self.modules, untie)
         self.pristine_device = None if pristine is None else torch.device(pristine)
-        self._saved: dict[str, _Saved] = {}
+        self._checkpoint = _checkpoint_of(model, base) if pristine is None else None
+        self._saved: dict[str, _Saved | _FileBase] = {}
         self._gate: dict[str, np.ndarray | None] = {}  # each module's current packed mask
         self._covered: set[tuple[str, str]] = set()  # (persona, module) whose pruned are stored
         self._cache = _PackedCache(cache_bytes)
@@ -166,8 +186,9 @@ class MaskHandle:
         return self._cache.info()
 
     def memory_overhead(self) -> int:
-        """Bytes held beyond the model: the base values of the positions some persona used so
-        far prunes (with their packed positions), plus the packed-mask cache."""
+        """Bytes held beyond the model: the packed-mask cache, plus, for modules whose base
+        values are not read back from the model's checkpoint file, the base values of the
+        positions some persona used so far prunes (with their packed positions)."""
         return sum(v.nbytes for v in self._saved.values()) + self._cache.bytes
 
     def base_weight(self, name: str) -> torch.Tensor:
@@ -176,6 +197,8 @@ class MaskHandle:
         saved = self._saved.get(name)
         if saved is None or self._gate.get(name) is None:  # the module holds its base weight
             return w
+        if isinstance(saved, _FileBase):
+            return saved.base.to(w.device, copy=True)
         base = w.clone()
         where = unpack_torch(torch.from_numpy(saved.stored), w.shape[1]).to(w.device)
         base[where] = saved.vals.to(w.device)
@@ -189,8 +212,7 @@ class MaskHandle:
         with self._lock:
             self._live("prepare")
             with torch.no_grad():
-                for name, mod in self.modules.items():
-                    self._cover(name, mod, None, "")
+                self._privatize([n for n in self.modules if n not in self._saved])
 
     def read_masks(self, persona: str) -> dict[str, np.ndarray]:
         """Every packed mask of ``persona`` for the attached modules, read and verified
@@ -286,6 +308,8 @@ class MaskHandle:
         gamma = 0.0 if persona is None else float(gamma)
         try:
             with torch.no_grad():
+                # every first write's copy at once
+                self._privatize([n for n in masks if n in self.modules and n not in self._saved])
                 jobs: list[tuple] = []
                 for name, mod in self.modules.items():
                     self._switch(name, mod, masks.get(name), gamma, persona or "", jobs)
@@ -337,11 +361,22 @@ class MaskHandle:
                     for p in weights:
                         if name in masks[p]:
                             saved = self._cover(name, mod, masks[p][name], p)
-                    if saved is None or not saved.vals.numel():
-                        continue
                     width = w.shape[1]
-                    where = unpack_torch(torch.from_numpy(saved.stored), width).to(w.device)
-                    gate = torch.zeros(saved.vals.numel(), dtype=torch.float32, device=w.device)
+                    if isinstance(saved, _FileBase):  # where any operand prunes
+                        where = torch.zeros(w.shape, dtype=torch.bool)
+                        for p in weights:
+                            if name in masks[p]:
+                                where |= ~unpack_torch(torch.from_numpy(masks[p][name]), width)
+                        where = where.to(w.device)
+                        vals = saved.base.to(w.device)[where]
+                    elif saved is None or not saved.vals.numel():
+                        continue
+                    else:
+                        where = unpack_torch(torch.from_numpy(saved.stored), width).to(w.device)
+                        vals = saved.vals.to(w.device)
+                    if not vals.numel():
+                        continue
+                    gate = torch.zeros(vals.numel(), dtype=torch.float32, device=w.device)
                     for p, wt in weights.items():
                         if name in masks[p]:
                             keep = unpack_torch(torch.from_numpy(masks[p][name]), width)
@@ -349,7 +384,7 @@ class MaskHandle:
                         else:
                             g = torch.ones_like(gate)
                         gate += float(wt) * g
-                    w[where] = (saved.vals.to(w.device).float() * gate).to(w.dtype)
+                    w[where] = (vals.float() * gate).to(w.dtype)
                     self._gate[name] = _WEIGHTED
         except BaseException:
             self._restore_all()
@@ -379,7 +414,9 @@ class MaskHandle:
         # positions to rewrite: where the kept bit changes, or, when gamma changes, every
         # position either gate prunes
         same_gamma = cur is None or new is None or self.gamma == gamma
-        if self._fast(w, saved):
+        if isinstance(saved, _FileBase):
+            self._switch_file(w, saved, cur, new, gamma, same_gamma, jobs)
+        elif self._fast(w, saved):
             from . import _switch
 
             jobs.append(
@@ -405,21 +442,57 @@ class MaskHandle:
                 w[where] = vals * torch.where(keep, 1.0, gamma).to(w.dtype)
         self._gate[name] = new
 
-    def _cover(self, name: str, mod: nn.Linear, new: np.ndarray | None, key: str) -> _Saved:
-        """Module ``name``'s stored base values, grown to every position ``new`` prunes."""
-        w = mod.weight
-        saved = self._saved.get(name)
-        if saved is None:
-            # Give the Parameter (the same object) a fresh storage before the first write:
-            # weights loaded from safetensors are often memory-mapped, and writing into them
-            # page-faults copy-on-write page by page (about 1 s for 106M weights).
-            w.data = w.data.clone()
-            rows, width = w.shape[0], packed_width(w.shape[1])
-            saved = _Saved(
-                np.zeros((rows, width), np.uint8),
-                np.zeros(rows + 1, np.int64),
-                torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
+    def _switch_file(
+        self,
+        w: torch.Tensor,
+        saved: _FileBase,
+        cur: np.ndarray | None,
+        new: np.ndarray | None,
+        gamma: float,
+        same_gamma: bool,
+        jobs: list[tuple],
+    ) -> None:
+        """:meth:`_switch` for a module whose base values are read from its checkpoint."""
+        if w.dtype in _BITS and w.is_contiguous():  # on CPU (the checkpoint is)
+            from . import _switch
+
+            jobs.append(
+                _switch.job_file(
+                    _raw(w.data),
+                    saved.raw(),
+                    cur,
+                    new,
+                    pad_mask(w.shape[1]),
+                    _rounded(gamma, w.dtype),
+                    same_gamma,
+                    w.dtype == torch.bfloat16,
+                )  # fmt: skip
             )
+            return
+        width = w.shape[1]
+        c = None if cur is None else unpack_torch(torch.from_numpy(cur), width)
+        n = None if new is None else unpack_torch(torch.from_numpy(new), width)
+        if c is None or n is None:
+            where = ~(c if n is None else n)
+        else:
+            where = (c ^ n) if same_gamma else ~(c & n)
+        vals = saved.base[where]
+        if n is None:
+            w[where] = vals
+        else:
+            w[where] = vals * torch.where(n[where], 1.0, gamma).to(w.dtype)
+
+    def _cover(
+        self, name: str, mod: nn.Linear, new: np.ndarray | None, key: str
+    ) -> _Saved | _FileBase:
+        """Module ``name``'s base values: read back from the checkpoint file, or stored,
+        grown to every position ``new`` prunes."""
+        w = mod.weight
+        if name not in self._saved:
+            self._privatize([name])
+        saved = self._saved[name]
+        if isinstance(saved, _FileBase):
+            return saved
         if new is not None and (key, name) not in self._covered:
             # every position the new gate prunes must have its base value kept
             extra = np.bitwise_and(np.invert(new), pad_mask(w.shape[1]))
@@ -430,7 +503,56 @@ class MaskHandle:
         self._saved[name] = saved
         return saved
 
-    def _restore_generic(self, w: torch.Tensor, saved: _Saved) -> None:
+    def _privatize(self, names: list[str]) -> None:
+        """Give modules ``names`` their own weight memory before the first write (one copy,
+        on plain threads: weights loaded from safetensors are memory-mapped, and writing into
+        them page-faults copy-on-write page by page, about 3x slower), and pick where each
+        one's base values come from: the checkpoint, when its file holds exactly the live
+        weight (a never-written map of it, else compared byte for byte while copying), or
+        RAM, stored as personas prune positions."""
+        if not names:
+            return
+        from . import _switch
+
+        weights = {n: self.modules[n].weight for n in names}
+        maps: dict[str, torch.Tensor] = {}
+        untouched: set[str] = set()
+        if self._checkpoint is not None:
+            for n, w in weights.items():
+                if w.device.type == "cpu" and w.is_contiguous():
+                    t = self._checkpoint.map(f"{n}.weight")
+                    if t is not None and t.dtype == w.dtype and t.shape == w.shape:
+                        maps[n] = t
+            keyed = {f"{n}.weight": weights[n] for n in maps}
+            untouched = {k[: -len(".weight")] for k in self._checkpoint.untouched(keyed)}
+        local = [n for n, w in weights.items() if w.device.type == "cpu" and w.is_contiguous()]
+        fresh = {n: torch.empty_like(weights[n].data) for n in local}
+        checks = [maps.get(n) if n not in untouched else None for n in local]
+        same = _switch.copy([(_bytes(fresh[n]), _bytes(weights[n].data),
+                              None if c is None else _bytes(c))
+                             for n, c in zip(local, checks, strict=True)])  # fmt: skip
+        same = dict(zip(local, same, strict=True))
+        for n, w in weights.items():
+            saved: _Saved | _FileBase
+            if n in fresh:
+                w.data = fresh[n]
+            else:
+                w.data = w.data.clone()
+            if n in maps and same.get(n, False):
+                saved = _FileBase(maps[n])
+            else:
+                rows, width = w.shape[0], packed_width(w.shape[1])
+                saved = _Saved(
+                    np.zeros((rows, width), np.uint8),
+                    np.zeros(rows + 1, np.int64),
+                    torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
+                )
+            self._saved[n] = saved
+
+    def _restore_generic(self, w: torch.Tensor, saved: _Saved | _FileBase) -> None:
+        if isinstance(saved, _FileBase):
+            w.copy_(saved.base)
+            return
         where = unpack_torch(torch.from_numpy(saved.stored).to(w.device), w.shape[1])
         w[where] = saved.vals.to(w.device)
 
@@ -670,6 +792,32 @@ def _grouped_forward(mod: nn.Linear, gated: dict, groups: _Groups):
     return forward
 
 
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a 2-D uint8 array (rows kept), sharing it."""
+    return t.detach().reshape(t.shape[0] if t.ndim else 1, -1).view(torch.uint8).numpy()
+
+
+def _checkpoint_of(model: nn.Module, base: str | os.PathLike):
+    """The safetensors checkpoint base values are read back from: ``base`` a folder, or
+    ``"auto"``: the folder the model was loaded from when it holds safetensors (None when
+    not, or for ``"memory"``)."""
+    from .checkpoint import Checkpoint
+
+    if base == "memory":
+        return None
+    if base != "auto":
+        return Checkpoint(Path(base))
+    folder = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(folder, str) or not folder or not Path(folder).is_dir():
+        return None
+    if not any(Path(folder).glob("*.safetensors")):
+        return None
+    try:
+        return Checkpoint(Path(folder))
+    except MaskstoreError:
+        return None  # not a readable checkpoint: base values are stored instead
+
+
 def _raw(t: torch.Tensor) -> np.ndarray:
     """A CPU float32 or bfloat16 tensor as numpy (bfloat16 as its uint16 bits), sharing memory."""
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
@@ -741,6 +889,7 @@ def attach(
     check_weights: bool | None = None,
     untie: bool = False,
     pristine: str | torch.device | None = None,
+    base: str | os.PathLike = "auto",
 ) -> MaskHandle:
     """Attach a bundle's personas to ``model`` (reads metadata only).
 
@@ -758,9 +907,15 @@ def attach(
             its own copy; without it such a bundle is refused.
         pristine: device for the base values that switching overwrites (default: the
             weight's), e.g. ``"cpu"`` for a model on a GPU.
+        base: where restoring reads base values from. ``"auto"`` (default): a CPU model
+            loaded from a safetensors folder reads them back from its files, memory-mapped
+            (each weight is first checked equal to the file's, bit for bit; any that is not,
+            and every other model, stores the base values of pruned positions in RAM as
+            personas are used); ``"memory"``: always store them; a folder: that checkpoint.
+            Keep the files in place while attached (rewriting them in place breaks the map).
     Returns:
         A :class:`MaskHandle` with the base model active.
     """
     if not isinstance(bundle, Bundle):
         bundle = open_bundle(bundle)
-    return MaskHandle(model, bundle, cache_bytes, check_weights, untie, pristine)
+    return MaskHandle(model, bundle, cache_bytes, check_weights, untie, pristine, base)

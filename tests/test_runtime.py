@@ -13,9 +13,21 @@ from maskstore.modules import maskable_modules, model_fingerprint
 from maskstore.opener import open_bundle
 
 
-@pytest.fixture
-def setup(tmp_path, rng):
-    model = tiny_llama(seed=5)
+def _loaded(tmp_path, dtype=torch.float32, seed=5):
+    """A tiny Llama saved as safetensors and loaded back as users load models: its weights
+    memory-mapped from the file, which a handle then reads base values back from."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / f"model-{str(dtype).split('.')[-1]}"
+    tiny_llama(seed=seed).to(dtype).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), folder
+
+
+# every runtime test runs twice: base values stored in RAM (a model built in memory) and read
+# back from the checkpoint (a model loaded from safetensors)
+@pytest.fixture(params=["memory", "checkpoint"])
+def setup(tmp_path, rng, request):
+    model = tiny_llama(seed=5) if request.param == "memory" else _loaded(tmp_path)[0]
     mods = maskable_modules(model)
     fp = model_fingerprint(model, mods, hash_weights=True)
     masks = {
@@ -366,9 +378,24 @@ def test_delta_switching_writes_the_gate_bit_for_bit(setup, dtype):
     assert all(torch.equal(_bits(m.weight), _bits(base[n])) for n, m in mods.items())
 
 
-def test_memory_grows_with_the_union_of_pruned_positions(setup):
-    """The handle keeps base values only where some persona used so far prunes."""
+def test_memory_grows_with_the_union_of_pruned_positions(setup, request):
+    """The handle keeps base values only where some persona used so far prunes; none at all
+    when they come back from the checkpoint the model was loaded from (then it holds the
+    packed masks it caches, and nothing else)."""
     model, mods, masks, base, path = setup
+    if request.node.callspec.params["setup"] == "checkpoint":
+        h = maskstore.attach(model, path, cache_bytes=1 << 30)
+        for p in ("half", "a", "b", None, "a"):
+            h.use(p)
+        packed = sum(h.bundle.read_packed(p, n).nbytes for p in ("half", "a", "b")
+                     for n in h.bundle.persona_modules(p))  # fmt: skip
+        assert h.memory_overhead() == h.cache_info().bytes == packed
+        h.use(None)
+        for n, m in mods.items():
+            assert torch.equal(m.weight, base[n])
+        h.detach()
+        assert h.memory_overhead() == 0
+        return
     h = maskstore.attach(model, path, cache_bytes=0)
     assert h.memory_overhead() == 0
     h.use("half")
@@ -693,16 +720,18 @@ def test_the_recorded_model_is_the_default(tmp_path, tiny_dir, calib_files, cli,
         moved.rename(tiny_dir)
 
 
-def test_prepare_copies_weights_once_and_changes_nothing(setup):
+def test_prepare_copies_weights_once_and_changes_nothing(setup, request):
     model, mods, masks, base, path = setup
     h = maskstore.attach(model, path)
     h.prepare()
     ptrs = {n: m.weight.data_ptr() for n, m in mods.items()}
     assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
-    assert h.memory_overhead() == sum(
+    from_file = request.node.callspec.params["setup"] == "checkpoint"
+    assert h.memory_overhead() == (0 if from_file else sum(
         m.out_features * ((m.in_features + 7) // 8) + (m.out_features + 1) * 8
         for m in mods.values()
-    )  # positions bitmaps and offsets only: no value stored yet
+    ))  # fmt: skip  # positions bitmaps and offsets only: no value stored yet (none at all
+    # when base values come back from the checkpoint)
     h.use("a")
     assert all(m.weight.data_ptr() == ptrs[n] for n, m in mods.items())  # no second copy
     h.use(None)
@@ -850,3 +879,96 @@ def test_an_attached_model_stays_deep_copyable(setup):
     h2 = maskstore.attach(clone, path, check_weights=False)  # a copy is another model
     h2.detach()
     h.detach()
+
+
+def _bundle_for(model, path, rng):
+    mods = maskable_modules(model)
+    with create_bundle(path, model_fingerprint(model, mods, hash_weights=True)) as b:
+        for p in ("a", "b"):
+            with b.persona_writer(p, method="t") as w:
+                for n, m in mods.items():
+                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.6)
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_base_values_from_the_checkpoint_are_bit_for_bit(tmp_path, rng, dtype):
+    """A model loaded from safetensors: its handle stores no base value (they come back from
+    the file, memory-mapped) and every weight, gated or restored, has the bits of a handle
+    that stores them in RAM, in each dtype, through gammas, a blend and back to base."""
+    model, _ = _loaded(tmp_path, dtype)
+    twin, _ = _loaded(tmp_path / "twin", dtype)
+    path = _bundle_for(model, tmp_path / "b.zarr", rng)
+    base = {n: m.weight.detach().clone() for n, m in maskable_modules(model).items()}
+    h = maskstore.attach(model, path)
+    ref = maskstore.attach(twin, path, base="memory")
+    steps = [("a", 0.0), ("b", 0.0), ("b", 0.3), ("a", 0.3), ({"a": 0.5, "b": 0.5}, 0.1),
+             ("b", 0.0), (None, 0.0), ("a", 0.7), (None, 0.0)]  # fmt: skip
+    mods, tmods = maskable_modules(model), maskable_modules(twin)
+    for persona, gamma in steps:
+        h.use(persona, gamma)
+        ref.use(persona, gamma)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        for n in mods:
+            got, want = mods[n].weight.detach(), tmods[n].weight.detach()
+            assert torch.equal(got.view(bits), want.view(bits)), (persona, n)
+    assert h.memory_overhead() == h.cache_info().bytes  # packed masks only
+    assert ref.memory_overhead() > ref.cache_info().bytes + sum(v.numel() for v in base.values())
+    for n, m in mods.items():
+        assert torch.equal(m.weight, base[n])
+        assert torch.equal(h.base_weight(n), base[n])
+
+
+def test_weights_changed_after_loading_are_stored_not_read_from_the_file(tmp_path, rng):
+    """Weights edited in memory after loading no longer equal the checkpoint: their base
+    values are stored in RAM (the edits come back, not the file's values); a model loaded in
+    another dtype than its file, likewise."""
+    model, folder = _loaded(tmp_path)
+    path = _bundle_for(model, tmp_path / "b.zarr", rng)
+    mods = maskable_modules(model)
+    edited = next(iter(mods))
+    with torch.no_grad():
+        mods[edited].weight[0, 0] += 1.0
+    base = {n: m.weight.detach().clone() for n, m in mods.items()}
+    h = maskstore.attach(model, path, check_weights=False)
+    h.use("a")
+    h.use("b")
+    assert h.memory_overhead() > h.cache_info().bytes  # some base values are stored
+    h.use(None)
+    for n, m in mods.items():
+        assert torch.equal(m.weight, base[n]), n
+    h.detach()
+
+    from transformers import AutoModelForCausalLM
+
+    half = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    hb = maskstore.attach(half, path, check_weights=False)
+    before = {n: m.weight.detach().clone() for n, m in maskable_modules(half).items()}
+    hb.use("a")
+    assert hb.memory_overhead() > hb.cache_info().bytes
+    hb.use(None)
+    assert all(torch.equal(m.weight, before[n]) for n, m in maskable_modules(half).items())
+
+
+def test_a_checkpoint_named_by_hand_is_checked(tmp_path, rng):
+    """``base=FOLDER``: a folder that is not a checkpoint, one whose weights file is a FIFO
+    (nothing would ever write it), are one clear error each, at once; one whose weights
+    differ from the live model's is compared and not trusted (base values stored)."""
+    import os
+
+    model, folder = _loaded(tmp_path)
+    path = _bundle_for(model, tmp_path / "b.zarr", rng)
+    with pytest.raises(MaskstoreError, match="no .safetensors"):
+        maskstore.attach(model, path, base=tmp_path / "empty")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "model.safetensors")
+    with pytest.raises(MaskstoreError, match="not a regular file"):
+        maskstore.attach(model, path, base=fifo)
+    other, other_folder = _loaded(tmp_path / "other", seed=9)  # same shapes, other values
+    base = {n: m.weight.detach().clone() for n, m in maskable_modules(model).items()}
+    h = maskstore.attach(model, path, base=other_folder)
+    h.use("a")
+    assert h.memory_overhead() > h.cache_info().bytes
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n]) for n, m in maskable_modules(model).items())
