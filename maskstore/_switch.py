@@ -148,7 +148,9 @@ def _apply_file(
     zero = tail.dtype.type(0)
     ones = ~zero
     bits = tail.itemsize * 8
+    width = w.shape[1]
     for i in range(r0, r1):
+        row = np.int64(i) * width
         for b in range(nw):
             c = ones if cur_base else cur[i, b]
             n = ones if new_base else new[i, b]
@@ -156,7 +158,7 @@ def _apply_file(
             while d != zero:
                 low = d & (zero - d)
                 j = b * bits + np.int64(trailing_zeros(d))
-                v = base[i, j]
+                v = base[row + j]
                 keep = (n & low) != zero
                 if not bf16:
                     w[i, j] = v * (unit if keep else g)
@@ -256,7 +258,7 @@ def job_file(
     dummy = np.zeros((1, tail.shape[0]), tail.dtype)
     args = (
         w,
-        base,
+        base.reshape(-1),
         dummy if cur is None else _words(cur),
         dummy if new is None else _words(new),
         tail,
