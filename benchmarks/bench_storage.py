@@ -1,4 +1,6 @@
-"""Bits per weight on disk: packed masks at several kept shares against the entropy bound.
+"""Bits per weight on disk: packed masks at several kept shares against the entropy bound, in a
+bundle (zstd, so any zarr reader reads it) and committed to a repository (zstd, or Golomb-coded
+where that is smaller).
 
 Run: python benchmarks/bench_storage.py
 """
@@ -13,6 +15,7 @@ from _util import smollm2_fingerprint
 
 from maskstore import create_bundle, open_bundle
 from maskstore.codecs import entropy
+from maskstore.repo import init_repo
 
 
 def main() -> None:
@@ -34,6 +37,11 @@ def main() -> None:
                 print(
                     f"{p:>6.2f} {codec + ('-' + str(level) if level else '-auto'):>9} {bits:>12.4f} {h:>7.4f} {bits / h:>7.3f}"
                 )
+                if level is None:  # the same masks committed to a repository
+                    repo = init_repo(Path(tmp) / f"repo-{p}")
+                    snap = repo.snapshot(repo.commit(open_bundle(path), "x"))
+                    bits = 8 * snap.bundle.nbytes_on_disk("x", "masks") / numel
+                    print(f"{p:>6.2f} {'repo':>9} {bits:>12.4f} {h:>7.4f} {bits / h:>7.3f}")
 
 
 if __name__ == "__main__":

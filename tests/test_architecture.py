@@ -393,10 +393,10 @@ except TypeError:
 
 
 STORAGE_CORE = ["bits", "hashing", "stores", "chunks", "format", "writer", "codecs", "names",
-                "opener", "algebra", "edit", "stats", "errors", "repo"]  # fmt: skip
+                "opener", "algebra", "edit", "stats", "errors", "repo", "gapcode"]  # fmt: skip
 TORCH_EDGE = ["build", "collect", "offload", "distributed", "scoring", "methods", "runtime",
               "evaluate", "models", "importers", "export", "serve", "calibration", "_switch",
-              "_select", "modules", "pipeline"]  # fmt: skip
+              "_select", "modules", "pipeline", "checkpoint"]  # fmt: skip
 
 
 def test_the_storage_core_never_reaches_the_torch_edge():

@@ -1,6 +1,7 @@
 """Repository objects: chunks named by their xxh3-128, version manifests named by their blake2b-256.
 
-Both are zstd frames. A chunk's raw bytes are checked against its name on every read; a manifest's
+Both are zstd frames, except mask chunks that the Golomb coder of :mod:`maskstore.gapcode` makes
+smaller (sparse or skewed bits; told apart by their magic). A chunk's raw bytes are checked against its name on every read; a manifest's
 against its version id. Decompression is bounded by what the object may hold.
 """
 
@@ -29,6 +30,7 @@ def version_key(vid: str) -> str:
     return f"versions/{vid}"
 
 
+GAP_MAGIC = b"\x89MSG"  # maskstore.gapcode.MAGIC (not imported: it loads numba)
 MAX_OBJECT_BYTES = 256 << 20  # what one chunk may decode to when its size is not known
 MAX_MANIFEST_BYTES = 64 << 20  # what one manifest may decode to
 
@@ -40,14 +42,28 @@ def stored_bound(raw_bytes: int) -> int:
 
 
 def encode_chunk(raw: np.ndarray | bytes, kept_share: float | None) -> bytes:
-    """A chunk as stored: one zstd frame, its level from the codec policy."""
-    return codecs.zstd_compress(raw, codecs.zstd_level(kept_share))
+    """A chunk as stored: one zstd frame, its level from the codec policy; for mask bits far
+    from half set (skewed masks, xor deltas), the Golomb-coded frame of
+    :mod:`maskstore.gapcode` instead when it is smaller."""
+    frame = codecs.zstd_compress(raw, codecs.zstd_level(kept_share))
+    if codecs.is_skewed(kept_share):
+        from .. import gapcode
+
+        gap = gapcode.encode(np.frombuffer(memoryview(raw), np.uint8), limit=len(frame) - 1)
+        if gap is not None:
+            return gap
+    return frame
 
 
 def decode_chunk(h: str, data: bytes, where: str, limit: int = MAX_OBJECT_BYTES) -> bytes:
     """The raw bytes of chunk object ``h`` (at most ``limit``), checked against its xxh3 name."""
     try:
-        raw = codecs.zstd_decompress(data, limit)
+        if data[:4] == GAP_MAGIC:
+            from .. import gapcode
+
+            raw = gapcode.decode(data, limit)
+        else:
+            raw = codecs.zstd_decompress(data, limit)
     except ValueError as e:
         raise IntegrityError(f"chunk {h} in {where} cannot be decoded ({e}): damaged") from None
     if xxh3(raw) != h:
