@@ -71,8 +71,9 @@ sys.argv = ["maskstore", "build", "--model", {folder!r}, "--persona", "p={texts}
             "--method", {method!r}, "--samples", "16", "--sparsity", "0.5", "--out", {out!r}]
 try:
     main()
-except SystemExit:
-    pass
+except SystemExit as e:
+    if e.code:
+        raise
 print(json.dumps({{"wall": time.perf_counter() - t0}}))
 """
 
@@ -104,7 +105,7 @@ def building(folder: Path, llmc: str | None, runs: int, tmp: Path) -> None:
     for method in ("wanda", "sparsegpt"):
         ours, theirs = [], []
         for i in range(runs):
-            out = str(tmp / f"b{i}.zarr")
+            out = str(tmp / f"{method}-{i}.zarr")
             ours.append(child(MASKSTORE_BUILD.format(folder=str(folder), texts=texts,
                                                      method=method, out=out)))  # fmt: skip
             if llmc:
@@ -129,9 +130,6 @@ def building(folder: Path, llmc: str | None, runs: int, tmp: Path) -> None:
 COMMON = """
 import gc, json, statistics, time, torch
 torch.manual_seed(0)
-def rss():
-    s = open('/proc/self/status').read()
-    return sum(int(s.split(k)[1].split()[0]) for k in ('RssAnon:', 'RssFile:', 'RssShmem:')) * 1024
 def med(fn, n=10):
     out = []
     for _ in range(n):
@@ -151,14 +149,12 @@ h.use("a")
 load = time.perf_counter() - t0
 mods = maskstore.maskable_modules(model)
 base = {{n: h.base_weight(n).clone() for n in mods}}
-m0 = rss()
 t = time.perf_counter(); h.use("b"); cold = time.perf_counter() - t
-second_persona = rss() - m0
 cached = med(lambda: (h.use("a"), h.use("b")), 5) / 2
 for _ in range(19):
     h.use("a"); h.use("b"); h.use(None)
 differ = sum(int((m.weight != base[n]).sum()) for n, m in mods.items())
-print(json.dumps({{"load": load, "cold": cold, "cached": cached, "second_persona": second_persona,
+print(json.dumps({{"load": load, "cold": cold, "cached": cached,
                   "held_per_persona": h.memory_overhead() / 2, "differ": differ}}))
 """
 )
@@ -174,9 +170,7 @@ model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32).ev
 pm = PeftModel.from_pretrained(model, {lora_a!r}, adapter_name="a")
 load = time.perf_counter() - t0
 base = {{n: p.detach().clone() for n, p in pm.named_parameters() if "lora" not in n}}
-m0 = rss()
 pm.load_adapter({lora_b!r}, adapter_name="b")
-second_persona = rss() - m0
 adapter_bytes = sum(p.numel() * p.element_size() for n, p in pm.named_parameters()
                     if ".lora_A.b." in n or ".lora_B.b." in n)
 cached = med(lambda: (pm.set_adapter("a"), pm.set_adapter("b")), 5) / 2
@@ -192,7 +186,7 @@ for _ in range(19):
     cycle()
 differ = sum(int((p != base[n]).sum()) for n, p in pm.named_parameters() if n in base)
 print(json.dumps({{"load": load, "cold": cold, "cached": cached, "merge": merge,
-                  "second_persona": second_persona, "adapter_bytes": adapter_bytes,
+                  "adapter_bytes": adapter_bytes,
                   "differ": differ}}))
 """
 )
@@ -271,8 +265,6 @@ def adapters(folder: Path, runs: int, tmp: Path) -> None:
     row("cached switch (vs set_adapter)", med(ours, "cached"), med(theirs, "cached"))
     row("cached switch (vs merge + unmerge)", med(ours, "cached"), med(theirs, "merge"))
     mib = 1 / 2**20
-    row("memory a second persona adds (RSS)", med(ours, "second_persona"),
-        med(theirs, "second_persona"), "MiB", mib)  # fmt: skip
     row("held per persona (packed mask / adapter)", med(ours, "held_per_persona"),
         theirs[0]["adapter_bytes"], "MiB", mib)  # fmt: skip
     print(f"  decoding with the persona on, tokens/s vs base: maskstore {dec_ours['ratio']:.3f}x,"
