@@ -16,16 +16,14 @@ is a NaN, whose payload torch itself writes differently on its scalar and vector
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from numba import njit, types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
-THREADS = max(1, min(4, os.cpu_count() or 1))
-_POOL = ThreadPoolExecutor(max_workers=THREADS)
+from ._threads import POOL as _POOL
+from ._threads import THREADS
+
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
@@ -271,25 +269,6 @@ def job_file(
     return _apply_file, args, w.shape[0], tail.nbytes * w.shape[0]
 
 
-def copy(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> list[bool]:
-    """``dst[...] = src`` for each ``(dst, src, check)``, the arrays dealt to ``THREADS``
-    plain threads (no spin-waiting pool: another busy process slows the copy by its share of
-    the CPU, no more).
-
-    Returns:
-        Per pair, whether ``src`` equals ``check`` byte for byte (True without ``check``).
-    """
-
-    def one(pair: tuple) -> bool:
-        dst, src, check = pair
-        np.copyto(dst, src)
-        return check is None or np.array_equal(dst, check)
-
-    if THREADS == 1 or len(pairs) < 2:
-        return [one(p) for p in pairs]
-    return list(_POOL.map(one, pairs))
-
-
 def run(jobs: list[tuple]) -> None:
     """Run module switches on ``THREADS`` threads: large modules split into row blocks, the
     blocks dealt largest first to the least loaded thread."""
@@ -321,3 +300,17 @@ def run(jobs: list[tuple]) -> None:
             kernel(*args, r0, r1)
 
     list(_POOL.map(lane, lanes))
+
+
+def warm() -> None:
+    """Load the compiled switching kernels for the common argument types (float32 and
+    bfloat16 weights, rows of whole 64-bit words) on tiny arrays, so that the first real switch
+    does not wait for them."""
+    for dtype in (np.float32, np.uint16):
+        w = np.zeros((2, 64), dtype)
+        masks = np.zeros((2, 8), np.uint8)
+        tail = np.full(8, 0xFF, np.uint8)
+        for cur, new in ((None, masks), (masks, masks), (masks, None)):
+            kernel, args, rows, _ = job_file(w, w.copy(), cur, new, tail, 0.0, True,
+                                             dtype == np.uint16)  # fmt: skip
+            kernel(*args, 0, rows)

@@ -308,15 +308,19 @@ class MaskHandle:
         gamma = 0.0 if persona is None else float(gamma)
         try:
             with torch.no_grad():
-                # every first write's copy at once
-                self._privatize([n for n in masks if n in self.modules and n not in self._saved])
+                # every first write's copy at once (gated on the way where it can be)
+                new = [n for n in masks if n in self.modules and n not in self._saved]
+                done = self._privatize(new, masks, _rounded(gamma, torch.float32))
                 jobs: list[tuple] = []
                 for name, mod in self.modules.items():
-                    self._switch(name, mod, masks.get(name), gamma, persona or "", jobs)
+                    if name not in done:
+                        self._switch(name, mod, masks.get(name), gamma, persona or "", jobs)
                 if jobs:
                     from . import _switch
 
                     _switch.run(jobs)
+                elif done:
+                    _warm_switching()  # the next switch will want the compiled kernels
         except BaseException:
             self._restore_all()
             raise
@@ -503,16 +507,26 @@ class MaskHandle:
         self._saved[name] = saved
         return saved
 
-    def _privatize(self, names: list[str]) -> None:
-        """Give modules ``names`` their own weight memory before the first write (one copy,
-        on plain threads: weights loaded from safetensors are memory-mapped, and writing into
-        them page-faults copy-on-write page by page, about 3x slower), and pick where each
-        one's base values come from: the checkpoint, when its file holds exactly the live
-        weight (a never-written map of it, else compared byte for byte while copying), or
-        RAM, stored as personas prune positions."""
+    def _privatize(
+        self,
+        names: list[str],
+        masks: Mapping[str, np.ndarray] | None = None,
+        gamma: float = 0.0,
+    ) -> set[str]:
+        """Give modules ``names`` their own weight memory before the first write, and pick
+        where each one's base values come from: the checkpoint, when its file holds exactly the
+        live weight, or RAM, stored as personas prune positions.
+
+        A weight that is a never-written map of its checkpoint (how ``from_pretrained`` leaves
+        it) and has a mask in ``masks`` is gated on the way: its new memory is written once with
+        ``base * gate`` read from the file (returned among the names done). Others are copied
+        on plain threads (writing into a private map would fault page by page, about 3x
+        slower), compared byte for byte with their checkpoint on the way when they were written
+        since loading.
+        """
         if not names:
-            return
-        from . import _switch
+            return set()
+        from . import _threads
 
         weights = {n: self.modules[n].weight for n in names}
         maps: dict[str, torch.Tensor] = {}
@@ -525,20 +539,32 @@ class MaskHandle:
                         maps[n] = t
             keyed = {f"{n}.weight": weights[n] for n in maps}
             untouched = {k[: -len(".weight")] for k in self._checkpoint.untouched(keyed)}
-        local = [n for n, w in weights.items() if w.device.type == "cpu" and w.is_contiguous()]
+        gated = {n for n in untouched if masks is not None and n in masks}
+        local = [n for n, w in weights.items()
+                 if w.device.type == "cpu" and w.is_contiguous() and n not in gated]  # fmt: skip
         fresh = {n: torch.empty_like(weights[n].data) for n in local}
         checks = [maps.get(n) if n not in untouched else None for n in local]
-        same = _switch.copy([(_bytes(fresh[n]), _bytes(weights[n].data),
-                              None if c is None else _bytes(c))
-                             for n, c in zip(local, checks, strict=True)])  # fmt: skip
+        same = _threads.copy([(_bytes(fresh[n]), _bytes(weights[n].data),
+                               None if c is None else _bytes(c))
+                              for n, c in zip(local, checks, strict=True)])  # fmt: skip
         same = dict(zip(local, same, strict=True))
+        for n in gated:  # one pass from the file: W = W0 * G
+            w = weights[n]
+            keep = unpack_torch(torch.from_numpy(masks[n]), w.shape[1])
+            gate = keep if gamma == 0.0 else torch.where(keep, 1.0, gamma).to(w.dtype)
+            w.data = torch.mul(maps[n], gate).to(w.dtype)
+            self._gate[n] = masks[n]
         for n, w in weights.items():
             saved: _Saved | _FileBase
-            if n in fresh:
+            if n in gated:
+                saved = _FileBase(maps[n])
+            elif n in fresh:
                 w.data = fresh[n]
             else:
                 w.data = w.data.clone()
-            if n in maps and same.get(n, False):
+            if n in gated:
+                pass
+            elif n in maps and same.get(n, False):
                 saved = _FileBase(maps[n])
             else:
                 rows, width = w.shape[0], packed_width(w.shape[1])
@@ -548,6 +574,7 @@ class MaskHandle:
                     torch.empty(0, dtype=w.dtype, device=self.pristine_device or w.device),
                 )
             self._saved[n] = saved
+        return gated
 
     def _restore_generic(self, w: torch.Tensor, saved: _Saved | _FileBase) -> None:
         if isinstance(saved, _FileBase):
@@ -790,6 +817,25 @@ def _grouped_forward(mod: nn.Linear, gated: dict, groups: _Groups):
         return out
 
     return forward
+
+
+_WARMING = threading.Lock()
+
+
+def _warm_switching() -> None:
+    """Import and load the compiled switching kernels on a background thread, once a process
+    (a first switch gated from the checkpoint needs none; the next switch will)."""
+    import sys
+
+    if "maskstore._switch" in sys.modules or not _WARMING.acquire(blocking=False):
+        return
+
+    def warm() -> None:
+        from . import _switch
+
+        _switch.warm()
+
+    threading.Thread(target=warm, name="maskstore-warm-kernels").start()
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

@@ -891,19 +891,22 @@ def _bundle_for(model, path, rng):
     return path
 
 
+@pytest.mark.parametrize("first_gamma", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_base_values_from_the_checkpoint_are_bit_for_bit(tmp_path, rng, dtype):
+def test_base_values_from_the_checkpoint_are_bit_for_bit(tmp_path, rng, dtype, first_gamma):
     """A model loaded from safetensors: its handle stores no base value (they come back from
-    the file, memory-mapped) and every weight, gated or restored, has the bits of a handle
-    that stores them in RAM, in each dtype, through gammas, a blend and back to base."""
+    the file, memory-mapped; the first switch gates each weight on its way out of the map) and
+    every weight, gated or restored, has the bits of a handle that stores them in RAM, in each
+    dtype, through gammas, a blend and back to base."""
     model, _ = _loaded(tmp_path, dtype)
     twin, _ = _loaded(tmp_path / "twin", dtype)
     path = _bundle_for(model, tmp_path / "b.zarr", rng)
     base = {n: m.weight.detach().clone() for n, m in maskable_modules(model).items()}
     h = maskstore.attach(model, path)
     ref = maskstore.attach(twin, path, base="memory")
-    steps = [("a", 0.0), ("b", 0.0), ("b", 0.3), ("a", 0.3), ({"a": 0.5, "b": 0.5}, 0.1),
-             ("b", 0.0), (None, 0.0), ("a", 0.7), (None, 0.0)]  # fmt: skip
+    steps = [("a", first_gamma), ("b", 0.0), ("b", 0.3), ("a", 0.3),
+             ({"a": 0.5, "b": 0.5}, 0.1), ("b", 0.0), (None, 0.0), ("a", 0.7),
+             (None, 0.0)]  # fmt: skip
     mods, tmods = maskable_modules(model), maskable_modules(twin)
     for persona, gamma in steps:
         h.use(persona, gamma)
