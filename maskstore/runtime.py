@@ -207,12 +207,16 @@ class MaskHandle:
     # ---- switching
     def prepare(self) -> None:
         """Give every masked weight its own storage now (a copy when it is memory-mapped from
-        the checkpoint), so that the first switch costs what later ones do; a server calls
-        this at start-up instead of making its first request wait."""
+        the checkpoint) and load the compiled switching kernels, so that the first switch costs
+        what later ones do; a server calls this at start-up instead of making its first
+        request wait."""
         with self._lock:
             self._live("prepare")
             with torch.no_grad():
                 self._privatize([n for n in self.modules if n not in self._saved])
+            from . import _switch
+
+            _switch.warm()  # and load the compiled kernels now
 
     def read_masks(self, persona: str) -> dict[str, np.ndarray]:
         """Every packed mask of ``persona`` for the attached modules, read and verified
