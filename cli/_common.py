@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import TYPE_CHECKING
 
@@ -47,11 +48,20 @@ FLAGS = {
 }
 
 
+# library parameters that messages name in backquotes, and the flag each is on this command line
+PARAMS = {p: "--" + p.replace("_", "-") for p in (
+    "samples", "chat_template", "served_model_name", "port", "gamma", "sign", "repo", "ours",
+    "theirs", "allowed_signers", "model", "at_least", "offload", "damp", "only", "template",
+    "max_memory", "method")} | {"pattern": "--modules"}  # fmt: skip
+
+
 def as_flags(message: str) -> str:
-    """A library message with its parameter names said as this command line's flags."""
+    """A library message with its parameter names said as this command line's flags: the
+    boolean forms above, and the backquoted parameters of ``PARAMS`` (`` `max_memory` `` ->
+    ``--max-memory``; other backquoted text, a path's say, is left alone)."""
     for python, flag in FLAGS.items():
         message = message.replace(python, flag)
-    return message
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: PARAMS.get(m.group(1), m.group(0)), message)
 
 
 def one_out(positional: Path | None, option: Path | None) -> Path:

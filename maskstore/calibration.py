@@ -114,7 +114,7 @@ def choose(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:
     if n is None or n >= len(samples):
         return list(samples)
     if n <= 0:
-        raise MaskstoreError(f"--samples must be positive, got {n}")
+        raise MaskstoreError(f"`samples` must be positive, got {n}")
     idx = sorted(random.Random(seed).sample(range(len(samples)), n))
     return [samples[i] for i in idx]
 
@@ -169,7 +169,7 @@ def render(tokenizer, sample: Sample, chat_template: bool) -> str:
     """The string fed to the tokenizer: a chat transcript, or ``prompt + " " + text``."""
     if chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise MaskstoreError("--chat-template given but the tokenizer has no chat template")
+            raise MaskstoreError("`chat_template` given but the tokenizer has no chat template")
         msgs = ([{"role": "user", "content": sample.prompt}] if sample.prompt else []) + [
             {"role": "assistant", "content": sample.text}
         ]

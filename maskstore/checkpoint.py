@@ -108,7 +108,7 @@ class Checkpoint:
         except KeyError:
             raise MaskstoreError(
                 f"the checkpoint has no tensor {name!r}: this architecture's weights are named "
-                "differently; build without --offload"
+                "differently; build without `offload`"
             ) from None
         out = torch.empty(shape, dtype=dtype)
         buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")

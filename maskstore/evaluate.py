@@ -70,10 +70,10 @@ def check_template(template: str) -> None:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise MaskstoreError(f"--template {template!r} is not a format string: {e}") from None
+        raise MaskstoreError(f"`template` {template!r} is not a format string: {e}") from None
     if "question" not in fields or not fields <= {"question", "system"}:
         raise MaskstoreError(
-            f"--template {template!r}: use chat, none, llama2, or a format string with "
+            f"`template` {template!r}: use chat, none, llama2, or a format string with "
             "{question} and optionally {system}"
         )
 
@@ -92,7 +92,7 @@ def render(tok, question: str, system: str | None, template: str = "chat") -> st
     if template == "chat":
         if not getattr(tok, "chat_template", None):
             raise MaskstoreError(
-                "the tokenizer has no chat template: use --template none or a format string"
+                "the tokenizer has no chat template: use `template` none or a format string"
             )
         msgs = ([] if system is None else [{"role": "system", "content": system}]) + [
             {"role": "user", "content": question}

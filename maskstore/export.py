@@ -68,7 +68,7 @@ def export_model(
     if format == "compressed-tensors" and gamma != 0:
         raise MaskstoreError(
             "the compressed-tensors sparse-bitmask format stores pruned weights as zeros: "
-            "export it with --gamma 0"
+            "export it with `gamma`=0"
         )
     out = Path(out)
     meta = bundle.persona(persona)  # unknown names fail before anything is written

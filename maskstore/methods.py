@@ -163,7 +163,7 @@ def _sparsegpt_required(st: ChannelStats, config: BuildConfig) -> str | None:
         return None
     return (
         f"SparseGPT's H^-1 diagonal for damp={config.damp:g}: "
-        "rebuild from the model with --method sparsegpt"
+        "rebuild from the model with `method`=sparsegpt"
     )
 
 

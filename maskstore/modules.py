@@ -39,11 +39,11 @@ def maskable_modules(
         name -> module, in model order.
     """
     if only not in (None, "attn", "mlp"):
-        raise MaskstoreError(f"--only must be 'attn' or 'mlp', got {only!r}")
+        raise MaskstoreError(f"`only` must be 'attn' or 'mlp', got {only!r}")
     try:
         rx = re.compile(pattern) if pattern else None
     except re.error as e:
-        raise MaskstoreError(f"invalid --modules regex {pattern!r}: {e}") from None
+        raise MaskstoreError(f"invalid `pattern` regex {pattern!r}: {e}") from None
     from torch import nn
 
     out = {}
@@ -61,7 +61,7 @@ def maskable_modules(
         out[name] = mod
     if not out:
         what = f"regex {pattern!r}" if pattern else "the selection"
-        raise MaskstoreError(f"{what} matches no maskable nn.Linear module: check --modules/--only")
+        raise MaskstoreError(f"{what} matches no maskable nn.Linear module: check `pattern`/`only`")
     return out
 
 

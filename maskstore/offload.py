@@ -62,9 +62,9 @@ def parse_bytes(text: str) -> int:
     try:
         value = float(num) * units[s[len(num) :]]
     except (ValueError, KeyError):
-        raise MaskstoreError(f"--max-memory {text!r}: write it as e.g. 8GiB or 500MB") from None
+        raise MaskstoreError(f"`max_memory` {text!r}: write it as e.g. 8GiB or 500MB") from None
     if value <= 0:
-        raise MaskstoreError(f"--max-memory must be positive, got {text!r}")
+        raise MaskstoreError(f"`max_memory` must be positive, got {text!r}")
     return int(value)
 
 
@@ -106,8 +106,8 @@ class LayerwiseModel:
         layers = getattr(inner, "layers", None)
         if not isinstance(layers, nn.ModuleList) or not len(layers):
             raise MaskstoreError(
-                f"--offload needs a decoder-only model with a model.layers list; "
-                f"{type(self.model).__name__} has none: build without --offload"
+                f"`offload` needs a decoder-only model with a model.layers list; "
+                f"{type(self.model).__name__} has none: build without `offload`"
             )
         self.inner, self.layers = inner, layers
         rotary = getattr(inner, "rotary_emb", None)
@@ -292,7 +292,7 @@ class _States:
             msg = " ".join(str(e).split())[:160]
             raise MaskstoreError(
                 f"spilling hidden states to {self.folder} failed ({msg}): free space there "
-                "(or set TMPDIR elsewhere), or raise --max-memory"
+                "(or set TMPDIR elsewhere), or raise `max_memory`"
             ) from None
         self.on_disk.add(i)
 

@@ -167,7 +167,7 @@ def hinv_diag(gram: np.ndarray, tokens: int, damp: float = 0.01) -> np.ndarray:
         try:
             chol = torch.linalg.cholesky(h)
         except RuntimeError:
-            raise MaskstoreError("Hessian is not positive definite: raise --damp") from None
+            raise MaskstoreError("Hessian is not positive definite: raise `damp`") from None
         return torch.diagonal(torch.cholesky_inverse(chol)).numpy().copy()
 
 

@@ -157,7 +157,7 @@ class create_bundle:
         for name in mods if isinstance(mods, dict) else ():
             check_module_name(name)  # the one name rule, at write time: nothing unreadable
         if self.path.is_symlink():
-            raise MaskstoreError(f"{self.path} is a symlink: choose another --out")
+            raise MaskstoreError(f"{self.path} is a symlink: choose another output")
         if self.path.exists() and not force:
             raise MaskstoreError(
                 f"{self.path} already exists: choose another output or pass force=True"
@@ -550,7 +550,7 @@ def check_output_folder(
     """Refuse, before any work, an output :func:`new_folder` would refuse (see there)."""
     out = Path(out)
     if out.is_symlink():
-        raise MaskstoreError(f"{out} is a symlink: choose another --out")
+        raise MaskstoreError(f"{out} is a symlink: choose another output")
     if out.exists():
         if not force:
             raise MaskstoreError(f"{out} already exists: choose another output or pass force=True")

@@ -285,11 +285,12 @@ def test_build_out_that_is_a_dangling_symlink_or_a_file(tmp_path, tiny_dir, cali
     assert link.is_symlink() and not (tmp_path / "nowhere").exists() and f.read_text() == "mine"
 
 
-def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli):
+def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli, calib_files):
     from _helpers import random_masks, write_bundle
 
     from maskstore import create_bundle
     from maskstore.errors import MaskstoreError
+    from maskstore.opener import open_bundle
 
     fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [4, 8]}}
     b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
@@ -298,6 +299,27 @@ def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli
     assert "--" not in str(e.value)
     code, _, err = cli("export-pt", b, "--out", b)
     assert code == 2 and "--force" in err and "force=True" not in err, err
+
+    # parameters in backquotes: the library says `max_memory`, the command line --max-memory
+    from maskstore.algebra import apply_op
+    from maskstore.offload import parse_bytes
+
+    with pytest.raises(MaskstoreError, match="`max_memory` 'lots'") as e:
+        parse_bytes("lots")
+    assert "--" not in str(e.value)
+    with pytest.raises(MaskstoreError, match="`at_least`"):
+        apply_op(open_bundle(b, writable=True), "vote", ["a"], "v", at_least=5)
+    code, _, err = cli("build", "--persona", f"a={calib_files['introvert']}", "--max-memory",
+                       "lots", "--out", tmp_path / "o")  # fmt: skip
+    assert code == 2 and "--max-memory 'lots'" in err and "`" not in err, err
+    code, _, err = cli("vote", b, "a", "--at-least", "5", "--as", "v")
+    assert code == 2 and "--at-least K" in err and "`" not in err, err
+    # backquoted text that is no parameter (a path, say) is printed as it is
+    from cli._common import as_flags
+
+    assert as_flags("no repository at /tmp/`x`: pass `repo`") == (
+        "no repository at /tmp/`x`: pass --repo"
+    )
 
 
 def test_outputs_and_sample_counts_are_named_the_same_way_everywhere(small, tmp_path, cli):

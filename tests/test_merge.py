@@ -99,7 +99,7 @@ def test_conflicts_are_named_and_resolved_by_side(tmp_path, rng, remote):
     with pytest.raises(MergeConflict, match=r"1 persona\(s\) .*: c; .*--ours NAME") as e:
         r2.pull(remote, "main")
     assert e.value.conflicts == ["c"] and r2.resolve("main") == v2  # nothing moved
-    with pytest.raises(Exception, match="both --ours and --theirs"):
+    with pytest.raises(Exception, match="both `ours` and `theirs`"):
         r2.pull(remote, "main", ours=("c",), theirs=("c",))
     with pytest.raises(Exception, match="no persona 'zz'"):
         r2.pull(remote, "main", ours=("zz",))

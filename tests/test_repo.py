@@ -125,7 +125,7 @@ def test_recipe_persona_costs_no_mask_bits_and_recomputes(tmp_path, tiny_bundle)
     assert snap.is_recipe("introvert") and snap.bundle.nbytes_on_disk("introvert", "masks") == 0
     with pytest.raises(MaskstoreError, match="recipe"):
         snap.bundle.read_mask("introvert", "model.layers.0.mlp.up_proj")
-    with pytest.raises(MaskstoreError, match="pass --model"):
+    with pytest.raises(MaskstoreError, match="pass `model`"):
         repo.checkout(vid, tmp_path / "x")
     model = tiny_llama(seed=11)
     from maskstore.build import recompute_recipe

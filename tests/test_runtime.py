@@ -189,7 +189,7 @@ def test_mc_loglik_matches_direct_computation(setup, tmp_path):
     sc = evaluate.Scores(torch.tensor([[-2.0, -1.5]]), torch.tensor([[2.0, 1.0]]))
     assert sc.choices() == ["B"] and sc.choices(normalise=True) == ["A"]
     for bad in ("{answer}", "no fields", "{question", "{question}{0}"):
-        with pytest.raises(MaskstoreError, match="--template"):
+        with pytest.raises(MaskstoreError, match="`template`"):
             evaluate.check_template(bad)
 
 

@@ -108,7 +108,7 @@ class Repository:
         ``sign`` (an SSH private key file) the new branch head is signed. ``author`` defaults
         to :meth:`author` (None records none); an unchanged bundle needs ``allow_empty``."""
         if sign is not None and not Path(sign).is_file():
-            raise MaskstoreError(f"--sign {sign}: no such key file")
+            raise MaskstoreError(f"`sign` {sign}: no such key file")
         b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         vid = _commit.commit(self, b, message, branch=branch, delta=delta,
                              recipes=tuple(recipes), progress=progress,
@@ -401,7 +401,7 @@ class Repository:
 def init_repo(path: str | os.PathLike) -> Repository:
     """Create (or open) a repository folder."""
     if Path(path).exists() and not Path(path).is_dir():
-        raise MaskstoreError(f"{path} is a file: a repository is a folder (choose another --repo)")
+        raise MaskstoreError(f"{path} is a file: a repository is a folder (choose another `repo`)")
     store = open_store(path, create=True)
     store.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
     return Repository(store, str(path))
@@ -420,7 +420,7 @@ def open_repo(path: str | os.PathLike) -> Repository:
     """Open an existing repository (a folder, an ``s3://`` URL or an export zip)."""
     if "://" not in str(path) and not Path(path).exists():
         raise MaskstoreError(
-            f"no repository at {path}: create one with maskstore init, or name one with --repo "
+            f"no repository at {path}: create one with maskstore init, or name one with `repo` "
             "(or $MASKSTORE_REPO)"
         )
     store = open_store(path)
@@ -432,7 +432,7 @@ def open_repo(path: str | os.PathLike) -> Repository:
                 f'(it holds {{"format": {REPO_FORMAT}}})'
             )
         raise MaskstoreError(
-            f"{path} is not a maskstore repository: run maskstore init there, or pass --repo"
+            f"{path} is not a maskstore repository: run maskstore init there, or pass `repo`"
         )
     try:
         fmt = json.loads(marker).get("format")

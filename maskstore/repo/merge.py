@@ -96,7 +96,7 @@ def merge(
     both = set(take_ours) & set(take_theirs)
     if both:
         raise MaskstoreError(
-            f"{', '.join(sorted(both))} named in both --ours and --theirs: choose one side"
+            f"{', '.join(sorted(both))} named in both `ours` and `theirs`: choose one side"
         )
     m_o, m_t = repo.objects.manifest(ours), repo.objects.manifest(theirs)
     if m_o["root"]["model"] != m_t["root"]["model"]:

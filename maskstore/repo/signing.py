@@ -60,7 +60,7 @@ def sign(key: str | os.PathLike, kind: str, name: str, vid: str) -> bytes:
         MaskstoreError: when ssh-keygen cannot sign (missing key, passphrase without an agent).
     """
     if not Path(key).is_file():
-        raise MaskstoreError(f"--sign {key}: no such key file")
+        raise MaskstoreError(f"`sign` {key}: no such key file")
     out = _run(["-Y", "sign", "-f", str(key), "-n", NAMESPACE], payload(kind, name, vid))
     if out.returncode != 0 or not out.stdout.startswith(_ARMOR):
         msg = out.stderr.decode(errors="replace").strip().splitlines()

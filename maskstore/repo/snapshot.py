@@ -233,7 +233,7 @@ class Snapshot:
                 if self.is_recipe(p):
                     if model is None:
                         raise MaskstoreError(
-                            f"persona {p!r} is stored as a recipe: pass --model to recompute it"
+                            f"persona {p!r} is stored as a recipe: pass `model` to recompute it"
                         )
                     recipe = b.recipe_masks(p, lambda m: named[m].weight,
                                             lambda d, t: tick(1),

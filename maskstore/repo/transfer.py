@@ -224,7 +224,7 @@ def check_trust(
     if allowed is None:
         raise MaskstoreError(
             f"{what}: signed refs are required but no allowed-signers file is set: pass "
-            "--allowed-signers FILE or set trust.allowed_signers in the repository's config.json"
+            "`allowed_signers` FILE or set trust.allowed_signers in the repository's config.json"
         )
     if sig is None:
         raise MaskstoreError(f"{what} is not signed: refused (signed refs are required)")

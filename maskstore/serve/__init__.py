@@ -82,8 +82,7 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
     base_id = cfg.served_model_name or Path(name or "SmolLM2-135M-Instruct").name
     if base_id in catalog.personas:
         raise MaskstoreError(
-            f"a persona is named {base_id!r} like the base model: pass another "
-            "served_model_name (--served-model-name)"
+            f"a persona is named {base_id!r} like the base model: pass another `served_model_name`"
         )
     engine = Engine(handle, tok, cache_bytes=cfg.cache_bytes, max_batch=cfg.max_batch,
                     batching=cfg.batching)  # fmt: skip
@@ -112,7 +111,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise MaskstoreError(
-            f"cannot listen on {host}:{port}: {e.strerror}; pick another --port"
+            f"cannot listen on {host}:{port}: {e.strerror}; pick another `port`"
         ) from None
     sock.listen(128)
     sock.set_inheritable(True)
