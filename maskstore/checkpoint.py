@@ -29,6 +29,10 @@ _DTYPES = {
 _MAX_HEADER = 100 << 20
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _open_regular(path: Path):
     """``path`` opened for reading if it is a regular file (after symlinks, as the Hugging
     Face cache uses them); a FIFO or device is refused without blocking."""
@@ -68,10 +72,13 @@ class Checkpoint:
         if not files:
             raise MaskstoreError(f"{folder} has no .safetensors weights: offloading reads them")
         self._where: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
+        self._seen: dict[Path, tuple[int, int, int, int]] = {}  # what each file was when read
         for f in files:
             path = folder / f
             with _open_regular(path) as fh:
-                size = os.fstat(fh.fileno()).st_size
+                st = os.fstat(fh.fileno())
+                size = st.st_size
+                self._seen[path] = _identity(st)
                 head = fh.read(8)
                 n = int.from_bytes(head, "little") if len(head) == 8 else -1
                 if not 0 < n <= min(_MAX_HEADER, size - 8):
@@ -135,6 +142,20 @@ class Checkpoint:
         with warnings.catch_warnings():  # torch warns that the map is not writable: it is not
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(raw).view(dtype).view(shape)
+
+    def check_unchanged(self) -> None:
+        """Raise if a file changed on disk since it was read (rewritten in place, truncated or
+        replaced): a memory map of it would then return other bytes, or fault."""
+        for path, seen in self._seen.items():
+            try:
+                now = _identity(os.stat(path))
+            except OSError:
+                now = None
+            if now != seen:
+                raise MaskstoreError(
+                    f"{path} changed on disk while its weights were in use: reload the model "
+                    "from it (and attach again)"
+                )
 
     def untouched(self, tensors: Mapping[str, torch.Tensor]) -> set[str]:
         """The names whose tensor is a never-written private memory map of this checkpoint's

@@ -198,6 +198,7 @@ class MaskHandle:
         if saved is None or self._gate.get(name) is None:  # the module holds its base weight
             return w
         if isinstance(saved, _FileBase):
+            self._check_checkpoint()
             return saved.base.to(w.device, copy=True)
         base = w.clone()
         where = unpack_torch(torch.from_numpy(saved.stored), w.shape[1]).to(w.device)
@@ -310,6 +311,7 @@ class MaskHandle:
         else:
             masks = {n: m for n, m in masks.items() if n in self.modules}
         gamma = 0.0 if persona is None else float(gamma)
+        self._check_checkpoint()
         try:
             with torch.no_grad():
                 # every first write's copy at once (gated on the way where it can be)
@@ -333,6 +335,14 @@ class MaskHandle:
                 for name, t in masks.items():
                     self._cache.put((persona, name), torch.from_numpy(t))
         self.active, self.gamma = persona, gamma
+
+    def _check_checkpoint(self) -> None:
+        """Refuse to switch when the checkpoint that base values are read back from changed
+        on disk since attach (before any weight is touched)."""
+        if self._checkpoint is not None and any(
+            isinstance(v, _FileBase) for v in self._saved.values()
+        ):
+            self._checkpoint.check_unchanged()
 
     def _blend_weights(self, persona: str) -> dict[str, float] | None:
         """The weights of a stored blend (:func:`maskstore.algebra.blend`), None for a mask."""
@@ -739,6 +749,7 @@ class MaskHandle:
                 return
             if self._mixing:
                 raise MaskstoreError("detach() inside a mixed() block: leave the block first")
+            self._check_checkpoint()
             self._restore_all()
             self._saved.clear()
             self._gate.clear()

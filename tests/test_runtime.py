@@ -975,3 +975,30 @@ def test_a_checkpoint_named_by_hand_is_checked(tmp_path, rng):
     assert h.memory_overhead() > h.cache_info().bytes
     h.use(None)
     assert all(torch.equal(m.weight, base[n]) for n, m in maskable_modules(model).items())
+
+
+def test_a_checkpoint_rewritten_under_the_handle_is_refused_before_any_write(tmp_path, rng):
+    """The safetensors file that base values come back from, rewritten in place (same size,
+    other bytes) while attached: the next switch, base_weight and detach refuse in one line
+    before touching a weight (the map would return the new bytes, or fault if shorter)."""
+    import os
+
+    model, folder = _loaded(tmp_path)
+    path = _bundle_for(model, tmp_path / "b.zarr", rng)
+    h = maskstore.attach(model, path)
+    h.use("a")
+    mods = maskable_modules(model)
+    before = {n: m.weight.detach().clone() for n, m in mods.items()}
+    f = folder / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last weight's bytes change, the size does not
+    st = f.stat()
+    with open(f, "r+b") as fh:  # in place, as a careless re-save would
+        fh.write(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    name = next(iter(mods))
+    for call in (lambda: h.use("b"), lambda: h.use(None), lambda: h.base_weight(name), h.detach):
+        with pytest.raises(MaskstoreError, match="changed on disk"):
+            call()
+    assert all(torch.equal(m.weight, before[n]) for n, m in mods.items())
+    assert h.active == "a" and not h.detached
