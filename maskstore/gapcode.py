@@ -37,6 +37,16 @@ def best_m(p: float) -> int:
     return max(1, math.ceil(-math.log(1.0 + q) / math.log(q)))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _flush(acc, out, k):  # pragma: no cover - compiled
+    """Write the 64 bits of ``acc`` at byte ``k`` of ``out``; the next byte, or -1 if full."""
+    if k + 8 > out.shape[0]:
+        return -1
+    for t in range(8):
+        out[k + t] = (acc >> np.uint64(8 * t)) & np.uint64(0xFF)
+    return k + 8
+
+
 @njit(nogil=True, cache=True)
 def _encode(bits, invert, m, out):  # pragma: no cover - compiled
     """Golomb codes of the gaps between set bits of ``bits`` (uint8, LSB first) into ``out``;
@@ -73,22 +83,16 @@ def _encode(bits, invert, m, out):  # pragma: no cover - compiled
                 nacc += take
                 q -= take
                 if nacc == 64:
-                    if k + 8 > cap:
+                    k = _flush(acc, out, k)
+                    if k < 0:
                         return -1
-                    for t in range(8):
-                        out[k + t] = (acc >> np.uint64(8 * t)) & np.uint64(0xFF)
-                    k += 8
-                    acc = np.uint64(0)
-                    nacc = 0
+                    acc, nacc = np.uint64(0), 0
             nacc += 1  # the zero
             if nacc == 64:
-                if k + 8 > cap:
+                k = _flush(acc, out, k)
+                if k < 0:
                     return -1
-                for t in range(8):
-                    out[k + t] = (acc >> np.uint64(8 * t)) & np.uint64(0xFF)
-                k += 8
-                acc = np.uint64(0)
-                nacc = 0
+                acc, nacc = np.uint64(0), 0
             # truncated binary remainder
             if r < cut:
                 width, val = b - 1, r
@@ -99,13 +103,10 @@ def _encode(bits, invert, m, out):  # pragma: no cover - compiled
                     acc |= np.uint64(1) << np.uint64(nacc)
                 nacc += 1
                 if nacc == 64:
-                    if k + 8 > cap:
+                    k = _flush(acc, out, k)
+                    if k < 0:
                         return -1
-                    for u in range(8):
-                        out[k + u] = (acc >> np.uint64(8 * u)) & np.uint64(0xFF)
-                    k += 8
-                    acc = np.uint64(0)
-                    nacc = 0
+                    acc, nacc = np.uint64(0), 0
     total = k * 8 + nacc
     t = 0
     while nacc > 0:
