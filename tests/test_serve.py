@@ -159,13 +159,43 @@ def test_completions_chat_and_streaming(served):
         assert cut == full[: full.index(full[2:4])]
 
 
+def test_n_choices_are_rows_of_their_own(served):
+    """``n`` choices: greedy ones equal the single answer; sampled ones (choice i with seed
+    + i) are reproducible and differ; streamed chunks carry their choice's index and join to
+    the unstreamed choices; usage counts every choice's tokens."""
+    c = served["client"]
+    alone = c.completions.create(model="p1", prompt="Hello there", max_tokens=8, temperature=0)
+    r = c.completions.create(model="p1", prompt="Hello there", max_tokens=8, temperature=0, n=3)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert all(ch.text == alone.choices[0].text for ch in r.choices)
+    assert r.usage.completion_tokens == 3 * alone.usage.completion_tokens
+    assert r.usage.prompt_tokens == alone.usage.prompt_tokens
+
+    def sampled(**kw):
+        return c.chat.completions.create(model="p2", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=8, temperature=1.0, seed=3, n=4, **kw)  # fmt: skip
+
+    a, b = sampled(), sampled()
+    texts = [ch.message.content for ch in a.choices]
+    assert texts == [ch.message.content for ch in b.choices]  # reproducible
+    assert len(set(texts)) > 1  # four seeds, not one
+    by: dict[int, str] = {}
+    finished = set()
+    for ch in sampled(stream=True):
+        for choice in ch.choices:
+            by[choice.index] = by.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert [by[i] for i in range(4)] == texts and finished == {0, 1, 2, 3}
+
+
 def test_errors_have_openai_shapes(served):
     c, url = served["client"], served["url"]
     with pytest.raises(openai.NotFoundError):
         complete(c, "nobody", "hi")
     with pytest.raises(openai.NotFoundError):
         complete(c, "../../etc/passwd", "hi")  # a name that is a path is only a name
-    for kw in ({"temperature": 5}, {"top_p": 0}, {"n": 2}, {"max_tokens": 10_000},
+    for kw in ({"temperature": 5}, {"top_p": 0}, {"n": 9}, {"n": 0}, {"max_tokens": 10_000},
                {"stop": ["a", "b", "c", "d", "e"]}):  # fmt: skip
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="p1", prompt="hi", **{"max_tokens": 4, **kw})

@@ -28,6 +28,7 @@ from .engine import Request as GenRequest
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOPS = 4
+MAX_N = 8  # choices a request may ask for (each one a batch row)
 
 
 class _Sampling(BaseModel):
@@ -40,7 +41,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
 
 
 class CompletionBody(_Sampling):
@@ -188,91 +189,105 @@ def create_app(
         if len(ids) + max_tokens > engine.context:
             raise ApiError(400, engine.context_error(len(ids), max_tokens), "max_tokens")
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
 
-        def sink(ev: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:  # the event loop is gone: nobody is listening
-                pass
+        def sink_of(i: int) -> Callable[[Event], None]:
+            def sink(ev: Event) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                except RuntimeError:  # the event loop is gone: nobody is listening
+                    pass
 
-        req = GenRequest(persona, list(ids), max_tokens, sink, body.temperature, body.top_p,
-                         stops, body.seed)  # fmt: skip
-        engine.submit(req)
+            return sink
+
+        # n choices are n rows; with a seed, choice i samples with seed + i (reproducible)
+        reqs = [
+            GenRequest(persona, list(ids), max_tokens, sink_of(i), body.temperature, body.top_p,
+                       stops, None if body.seed is None else (body.seed + i) % 2**63)
+            for i in range(body.n)
+        ]  # fmt: skip
+        for req in reqs:
+            engine.submit(req)
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             return StreamingResponse(
-                _stream(req, events, rid, kind, body.model), media_type="text/event-stream"
+                _stream(reqs, events, rid, kind, body.model), media_type="text/event-stream"
             )
-        text, done = [], None
+        texts: list[list[str]] = [[] for _ in reqs]
+        done: dict[int, Event] = {}
         try:
-            while done is None:
-                ev = await events.get()
+            while len(done) < len(reqs):
+                i, ev = await events.get()
                 if ev.kind == "delta":
-                    text.append(ev.text)
+                    texts[i].append(ev.text)
                 elif ev.kind == "error":
                     raise ApiError(ev.status, ev.text)
                 else:
-                    done = ev
+                    done[i] = ev
         finally:
-            if done is None:
-                req.cancel()
-        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                 "total_tokens": done.prompt_tokens + done.completion_tokens}  # fmt: skip
-        out = "".join(text)
-        if kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": out},
-                      "logprobs": None, "finish_reason": done.finish_reason}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": out, "logprobs": None,
-                      "finish_reason": done.finish_reason}  # fmt: skip
+            for i, req in enumerate(reqs):
+                if i not in done:
+                    req.cancel()
+        completion = sum(ev.completion_tokens for ev in done.values())
+        usage = {"prompt_tokens": done[0].prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": done[0].prompt_tokens + completion}  # fmt: skip
+        choices = []
+        for i in range(len(reqs)):
+            out, finish = "".join(texts[i]), done[i].finish_reason
+            if kind == "chat.completion":
+                choices.append({"index": i, "message": {"role": "assistant", "content": out},
+                                "logprobs": None, "finish_reason": finish})  # fmt: skip
+            else:
+                choices.append({"index": i, "text": out, "logprobs": None,
+                                "finish_reason": finish})  # fmt: skip
         doc = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
-               "choices": [choice], "usage": usage}  # fmt: skip
+               "choices": choices, "usage": usage}  # fmt: skip
         headers = None
-        if done.replica:
-            headers = {"x-maskstore-replica": done.replica,
-                       "x-maskstore-loaded": "1" if done.loaded else "0"}  # fmt: skip
+        if done[0].replica:
+            headers = {"x-maskstore-replica": done[0].replica,
+                       "x-maskstore-loaded": "1" if done[0].loaded else "0"}  # fmt: skip
         return JSONResponse(doc, headers=headers)
 
     async def _stream(
-        req: GenRequest, events: asyncio.Queue, rid: str, kind: str, model: str
+        reqs: list[GenRequest], events: asyncio.Queue, rid: str, kind: str, model: str
     ) -> AsyncIterator[str]:
         chat = kind == "chat.completion"
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else {}
                 if text:
                     delta["content"] = text
-                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
-                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                c = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
             doc = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
                    "choices": [c]}  # fmt: skip
             return f"data: {json.dumps(doc)}\n\n"
 
-        finished = False
+        ended: set[int] = set()
         try:
             if chat:
-                yield chunk(None, None, first=True)
-            while True:
-                ev = await events.get()
+                for i in range(len(reqs)):
+                    yield chunk(i, None, None, first=True)
+            while len(ended) < len(reqs):
+                i, ev = await events.get()
                 if ev.kind == "delta":
-                    yield chunk(ev.text, None)
+                    yield chunk(i, ev.text, None)
                 elif ev.kind == "error":
                     err = {"message": ev.text, "type": _TYPES.get(ev.status, "error"),
                            "param": None, "code": ev.status}  # fmt: skip
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     break
                 else:
-                    yield chunk(None, ev.finish_reason)
-                    break
-            finished = True
+                    ended.add(i)
+                    yield chunk(i, None, ev.finish_reason)
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:
-                req.cancel()  # the client went away: free its batch slot
+            for i, req in enumerate(reqs):
+                if i not in ended:
+                    req.cancel()  # the client went away (or a choice failed): free the slots
 
     @app.post("/v1/personas/load")
     async def load(body: LoadBody) -> dict:
