@@ -189,6 +189,50 @@ def test_n_choices_are_rows_of_their_own(served):
     assert [by[i] for i in range(4)] == texts and finished == {0, 1, 2, 3}
 
 
+def test_logprobs_in_both_shapes_streamed_or_not(served):
+    """``logprobs`` (completions: k alternatives; chat: ``logprobs`` + ``top_logprobs``):
+    one entry a generated token, the greedy choice the likeliest of its alternatives, the
+    alternatives sorted and probabilities; streamed chunks carry the same entries; none when
+    not asked; ``top_logprobs`` alone is a 400."""
+    import math
+
+    c = served["client"]
+    r = c.completions.create(model="p1", prompt="Hello there", max_tokens=8, temperature=0,
+                             logprobs=3)  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        values = list(top.values())
+        assert len(values) <= 3 and values == sorted(values, reverse=True)
+        assert chosen <= 0 and math.isclose(chosen, values[0], abs_tol=1e-9)  # greedy: the top
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-9
+    streamed = c.completions.create(model="p1", prompt="Hello there", max_tokens=8,
+                                    temperature=0, logprobs=3, stream=True)  # fmt: skip
+    got = [t for ch in streamed if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert got == lp.tokens
+    assert complete_choice(c).logprobs is None
+
+    chat = c.chat.completions.create(model="p2", messages=[{"role": "user", "content": "Hi"}],
+                                     max_tokens=6, temperature=0, logprobs=True,
+                                     top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert content and len(content) <= chat.usage.completion_tokens
+    for e in content:
+        assert e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 2
+        assert math.isclose(e.logprob, e.top_logprobs[0].logprob, abs_tol=1e-9)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="p2", messages=[{"role": "user", "content": "Hi"}],
+                                  max_tokens=4, top_logprobs=2)  # fmt: skip
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="p1", prompt="hi", max_tokens=4, logprobs=6)
+
+
+def complete_choice(c):
+    return c.completions.create(model="p1", prompt="Hello", max_tokens=4, temperature=0).choices[0]
+
+
 def test_errors_have_openai_shapes(served):
     c, url = served["client"], served["url"]
     with pytest.raises(openai.NotFoundError):

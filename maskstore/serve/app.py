@@ -47,6 +47,7 @@ class _Sampling(BaseModel):
 class CompletionBody(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)  # each token's, and the k likeliest
 
 
 class ChatMessage(BaseModel):
@@ -59,6 +60,8 @@ class ChatMessage(BaseModel):
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class LoadBody(BaseModel):
@@ -127,6 +130,23 @@ def create_app(
                 return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)")
         return await call_next(request)
 
+    def logprobs_doc(entries: list, kind: str) -> dict:
+        """Logprob entries ``(offset, id, logprob, top)`` in OpenAI's shape for ``kind``."""
+
+        def text(t: int) -> str:
+            return engine.tok.decode([t])
+
+        if kind == "chat.completion":
+            return {"content": [
+                {"token": text(t), "logprob": lp, "bytes": list(text(t).encode()),
+                 "top_logprobs": [{"token": text(a), "logprob": v, "bytes": list(text(a).encode())}
+                                  for a, v in top]}
+                for _, t, lp, top in entries]}  # fmt: skip
+        return {"tokens": [text(t) for _, t, _, _ in entries],
+                "token_logprobs": [lp for _, _, lp, _ in entries],
+                "top_logprobs": [{text(a): v for a, v in top} for _, _, _, top in entries],
+                "text_offset": [off for off, _, _, _ in entries]}  # fmt: skip
+
     def persona_of(model: str) -> str | None:
         if model == base_id:
             return None
@@ -188,6 +208,12 @@ def create_app(
         max_tokens = body.max_tokens if body.max_tokens is not None else min(256, room)
         if len(ids) + max_tokens > engine.context:
             raise ApiError(400, engine.context_error(len(ids), max_tokens), "max_tokens")
+        if isinstance(body, ChatBody):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            k = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            k = body.logprobs
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
 
@@ -203,7 +229,7 @@ def create_app(
         # n choices are n rows; with a seed, choice i samples with seed + i (reproducible)
         reqs = [
             GenRequest(persona, list(ids), max_tokens, sink_of(i), body.temperature, body.top_p,
-                       stops, None if body.seed is None else (body.seed + i) % 2**63)
+                       stops, None if body.seed is None else (body.seed + i) % 2**63, k)
             for i in range(body.n)
         ]  # fmt: skip
         for req in reqs:
@@ -214,12 +240,14 @@ def create_app(
                 _stream(reqs, events, rid, kind, body.model), media_type="text/event-stream"
             )
         texts: list[list[str]] = [[] for _ in reqs]
+        lps: list[list] = [[] for _ in reqs]
         done: dict[int, Event] = {}
         try:
             while len(done) < len(reqs):
                 i, ev = await events.get()
                 if ev.kind == "delta":
                     texts[i].append(ev.text)
+                    lps[i].extend(ev.logprobs or [])
                 elif ev.kind == "error":
                     raise ApiError(ev.status, ev.text)
                 else:
@@ -234,11 +262,12 @@ def create_app(
         choices = []
         for i in range(len(reqs)):
             out, finish = "".join(texts[i]), done[i].finish_reason
+            lp = None if k is None else logprobs_doc(lps[i], kind)
             if kind == "chat.completion":
                 choices.append({"index": i, "message": {"role": "assistant", "content": out},
-                                "logprobs": None, "finish_reason": finish})  # fmt: skip
+                                "logprobs": lp, "finish_reason": finish})  # fmt: skip
             else:
-                choices.append({"index": i, "text": out, "logprobs": None,
+                choices.append({"index": i, "text": out, "logprobs": lp,
                                 "finish_reason": finish})  # fmt: skip
         doc = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
                "choices": choices, "usage": usage}  # fmt: skip
@@ -254,14 +283,21 @@ def create_app(
         chat = kind == "chat.completion"
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(
+            i: int,
+            text: str | None,
+            finish: str | None,
+            first: bool = False,
+            lp: list | None = None,
+        ) -> str:
+            doc = None if lp is None else logprobs_doc(lp, kind)
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else {}
                 if text:
                     delta["content"] = text
-                c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                c = {"index": i, "delta": delta, "logprobs": doc, "finish_reason": finish}
             else:
-                c = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+                c = {"index": i, "text": text or "", "logprobs": doc, "finish_reason": finish}
             doc = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
                    "choices": [c]}  # fmt: skip
             return f"data: {json.dumps(doc)}\n\n"
@@ -274,7 +310,7 @@ def create_app(
             while len(ended) < len(reqs):
                 i, ev = await events.get()
                 if ev.kind == "delta":
-                    yield chunk(i, ev.text, None)
+                    yield chunk(i, ev.text, None, lp=ev.logprobs)
                 elif ev.kind == "error":
                     err = {"message": ev.text, "type": _TYPES.get(ev.status, "error"),
                            "param": None, "code": ev.status}  # fmt: skip

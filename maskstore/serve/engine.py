@@ -46,6 +46,9 @@ class Event:
     status: int = 200
     replica: str = ""  # which server replica answered (Ray Serve deployments)
     loaded: bool = False  # that replica read the persona's masks for this request
+    # with Request.logprobs: (offset in the text, token id, logprob, [(id, logprob)] top)
+    # for the tokens whose text this event sends
+    logprobs: list | None = None
 
 
 @dataclass
@@ -60,11 +63,15 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k likeliest
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled by the engine
     out: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded output already sent
     masks: dict | None = None
+    lp: list = field(default_factory=list)  # logprob entries, in token order
+    lp_sent: int = 0  # entries already sent
+    text_len: int = 0  # characters of the decoded output at the previous step
 
     def cancel(self) -> None:
         """The client went away: the row leaves the batch at the next step."""
@@ -296,7 +303,7 @@ class Engine:
                 r = batch[i]
                 tok = _sample(logits[j], r.temperature, r.top_p, gens[i])
                 nxt[j] = tok
-                if self._advance(r, tok):
+                if self._advance(r, tok, _logprobs(logits[j], tok, r.logprobs)):
                     keep.append(j)
             if self._stopping.is_set():
                 for j in keep:
@@ -314,8 +321,9 @@ class Engine:
             attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             step_ids = nxt[:, None]
 
-    def _advance(self, r: Request, tok: int) -> bool:
-        """Add ``tok`` to ``r``'s output and send what became final; False when ``r`` ends."""
+    def _advance(self, r: Request, tok: int, lp: tuple | None = None) -> bool:
+        """Add ``tok`` to ``r``'s output and send what became final; False when ``r`` ends.
+        ``lp``: the token's ``(logprob, top)`` when ``r`` asked for logprobs."""
         if r.cancelled.is_set():
             return False
         done = None
@@ -323,8 +331,11 @@ class Engine:
             done = "stop"
         else:
             r.out.append(tok)
+            if lp is not None:
+                r.lp.append((r.text_len, tok, *lp))
             self.metrics.inc("maskstore_generated_tokens_total", persona=_label(r.persona))
         text = self.tok.decode(r.out, skip_special_tokens=True)
+        r.text_len = len(text)
         cut = _first_stop(text, r.stop, r.sent)
         if cut is not None:
             text, done = text[:cut], "stop"
@@ -336,15 +347,37 @@ class Engine:
             if r.stop:
                 final = min(final, len(text) - max(len(s) for s in r.stop) + 1)
             if final > r.sent:
-                r.sink(Event("delta", text[r.sent : final]))
-                r.sent = final
+                start, r.sent = r.sent, final
+                r.sink(Event("delta", text[start:final], logprobs=_sent_lp(r)))
             return True
         if len(text) > r.sent:
-            r.sink(Event("delta", text[r.sent :]))
-            r.sent = len(text)
+            start, r.sent = r.sent, len(text)
+            r.sink(Event("delta", text[start:], logprobs=_sent_lp(r)))
         r.sink(Event("done", finish_reason=done, prompt_tokens=len(r.ids),
                      completion_tokens=len(r.out)))  # fmt: skip
         return False
+
+
+def _logprobs(logits: torch.Tensor, tok: int, k: int | None) -> tuple | None:
+    """``(logprob of tok, [(id, logprob)] of the k likeliest)`` under the model's own
+    distribution (before temperature and top_p), or None when not asked for."""
+    if k is None:
+        return None
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    alts = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return float(lp[tok]), alts
+
+
+def _sent_lp(r: Request) -> list | None:
+    """The logprob entries of the tokens whose text starts before ``r.sent``, not sent yet."""
+    if r.logprobs is None:
+        return None
+    k = r.lp_sent
+    while k < len(r.lp) and r.lp[k][0] < r.sent:
+        k += 1
+    out, r.lp_sent = r.lp[r.lp_sent : k], k
+    return out
 
 
 def _label(persona: str | None) -> str:

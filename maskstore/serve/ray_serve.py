@@ -63,7 +63,8 @@ class RemoteEngine:
 
     async def _pump(self, req: Request) -> None:
         payload = {"ids": req.ids, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                   "top_p": req.top_p, "stop": req.stop, "seed": req.seed}  # fmt: skip
+                   "top_p": req.top_p, "stop": req.stop, "seed": req.seed,
+                   "logprobs": req.logprobs}  # fmt: skip
         mid = req.persona if req.persona is not None else self.base_id
         try:
             gen = self.replicas.options(multiplexed_model_id=mid, stream=True).generate.remote(
@@ -149,7 +150,8 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
             req = Request(persona, list(payload["ids"]), int(payload["max_tokens"]),
                           lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                           float(payload["temperature"]), float(payload["top_p"]),
-                          list(payload["stop"]), payload["seed"])  # fmt: skip
+                          list(payload["stop"]), payload["seed"],
+                          payload.get("logprobs"))  # fmt: skip
             self.server.engine.submit(req)
             done = False
             try:
