@@ -288,9 +288,9 @@ def _arity(op: str, n: int, at_least: int | None) -> None:
     if not ok:
         raise MaskstoreError(f"{op} takes {want}, got {n}")
     if op == "vote" and not (isinstance(at_least, int) and 1 <= at_least <= n):
-        raise MaskstoreError(f"vote needs --at-least K with 1 <= K <= {n}, got {at_least}")
+        raise MaskstoreError(f"vote needs `at_least` K with 1 <= K <= {n}, got {at_least}")
     if op != "vote" and at_least is not None:
-        raise MaskstoreError("--at-least is for vote")
+        raise MaskstoreError("`at_least` is for vote")
 
 
 def _check_writable(bundle: Bundle) -> None:
