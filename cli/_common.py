@@ -52,7 +52,7 @@ FLAGS = {
 PARAMS = {p: "--" + p.replace("_", "-") for p in (
     "samples", "chat_template", "served_model_name", "port", "gamma", "sign", "repo", "ours",
     "theirs", "allowed_signers", "model", "at_least", "offload", "damp", "only", "template",
-    "max_memory", "method")} | {"pattern": "--modules"}  # fmt: skip
+    "max_memory", "method", "max_new_tokens", "prompt")} | {"pattern": "--modules"}  # fmt: skip
 
 
 def as_flags(message: str) -> str:

@@ -91,26 +91,6 @@ def _writable(path: Path | None, flag: str) -> None:
         raise MaskstoreError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
 
 
-def _generate(handle: MaskHandle, tok, prompt: str, max_new_tokens: int, chat: bool) -> str:
-    import torch
-
-    model = handle.model
-    if chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        text = prompt
-    enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(
-        next(model.parameters()).device
-    )
-    with torch.inference_mode():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-        )
-    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
 @app.command()
 def run(
     bundle: BundleArg,
@@ -148,36 +128,27 @@ def run(
     """Generate (greedy) with a persona on, or compare the base model with every persona."""
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
+    from maskstore.evaluate import check_generation, compared_personas
+    from maskstore.evaluate import compare as compare_all
+
+    check_generation(prompt, max_new_tokens)
     b = open_bundle(bundle)
     if compare:  # the base model and the named persona(s), else every persona built or imported
         chosen = [p for p in persona.split(",") if p] if persona else None
-        if chosen is None:
-            derived = {"union", "intersect", "subtract", "xor", "complement", "vote", "blend"}
-            chosen = [
-                p
-                for p in b.personas
-                if all_personas or b.persona(p)["provenance"]["op"] not in derived
-            ]
-        names: list[str | None] = [None, *chosen]
+        names: list[str | None] = [None, *(chosen or compared_personas(b, all_personas))]
     else:
         names = [persona]
-    if max_new_tokens < 1:
-        raise MaskstoreError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not prompt.strip():
-        raise MaskstoreError("--prompt is empty: give the text to answer")
     from ._common import progress
 
-    outputs = {}
     with _gathered(bundle, [n for n in names if n is not None]) as (path, local):
         handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out,
                               revision=revision, dtype=load_dtype)  # fmt: skip
         with progress(disable=json_out) as bar:
             task = bar.add_task("generating", total=len(names))
-            for n in names:
-                handle.use(local[n] if n is not None else None, gamma)
-                outputs[n or "base"] = _generate(handle, tok, prompt, max_new_tokens, chat)
-                bar.advance(task)
-        handle.use(None)
+            answers = compare_all(handle, tok, prompt, [local[n] if n else None for n in names],
+                                  gamma, max_new_tokens, chat,
+                                  progress=lambda done, _t: bar.update(task, completed=done))  # fmt: skip
+        outputs = {(n or "base"): text for n, (_, text) in zip(names, answers, strict=True)}
     if json_out:
         emit_json({"prompt": prompt, "gamma": gamma, "outputs": outputs})
         return

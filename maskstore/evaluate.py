@@ -376,3 +376,73 @@ def protocol(
         "template": template,
         "min_p": min_p_value(len(items)),
     }
+
+
+# ---- side by side generations (``maskstore run --compare``)
+
+DERIVED_OPS = frozenset({"union", "intersect", "subtract", "xor", "complement", "vote", "blend"})
+
+
+def compared_personas(bundle, all_personas: bool = False) -> list[str]:
+    """The personas ``run --compare`` shows by default: those built or imported, or, with
+    ``all_personas``, also those made by set operations and blends."""
+    return [p for p in bundle.personas
+            if all_personas or bundle.persona(p)["provenance"]["op"] not in DERIVED_OPS]  # fmt: skip
+
+
+def generate(handle: MaskHandle, tok, prompt: str, max_new_tokens: int = 60,
+             chat: bool = True) -> str:  # fmt: skip
+    """A greedy answer to ``prompt`` by ``handle``'s model as it is now (the active persona),
+    through the tokenizer's chat template when ``chat`` and it has one."""
+    model = handle.model
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = prompt
+    enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(
+        next(model.parameters()).device
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def compare(
+    handle: MaskHandle,
+    tok,
+    prompt: str,
+    personas: list[str | None],
+    gamma: float = 0.0,
+    max_new_tokens: int = 60,
+    chat: bool = True,
+    progress: Progress | None = None,
+) -> list[tuple[str | None, str]]:
+    """Greedy answers to ``prompt`` with each persona on (None: the base model), as
+    ``(persona, answer)`` in order; the model is back at its base weights after.
+
+    Raises:
+        MaskstoreError: an empty prompt, ``max_new_tokens`` below 1, a bad gamma or persona.
+    """
+    check_generation(prompt, max_new_tokens)
+    tick = counter(progress, len(personas))
+    outputs = []
+    try:
+        for p in personas:
+            handle.use(p, gamma)
+            outputs.append((p, generate(handle, tok, prompt, max_new_tokens, chat)))
+            tick(1)
+    finally:
+        handle.use(None)
+    return outputs
+
+
+def check_generation(prompt: str, max_new_tokens: int) -> None:
+    """Refuse an empty prompt or fewer than one new token (before any model is loaded)."""
+    if max_new_tokens < 1:
+        raise MaskstoreError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
+    if not prompt.strip():
+        raise MaskstoreError("`prompt` is empty: give the text to answer")

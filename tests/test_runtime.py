@@ -1002,3 +1002,26 @@ def test_a_checkpoint_rewritten_under_the_handle_is_refused_before_any_write(tmp
             call()
     assert all(torch.equal(m.weight, before[n]) for n, m in mods.items())
     assert h.active == "a" and not h.detached
+
+
+def test_compare_answers_each_persona_in_order_and_leaves_the_base(setup):
+    """``evaluate.compare`` (what ``run --compare`` prints): one greedy answer a persona, in
+    the order asked, each the answer that persona gives alone; the base weights after; a bad
+    prompt or token count refused before any switch."""
+    model, mods, masks, base, path = setup
+    tok = byte_tokenizer()
+    h = maskstore.attach(model, path)
+    got = evaluate.compare(h, tok, "hello", [None, "a", "b"], max_new_tokens=5, chat=False)
+    assert [p for p, _ in got] == [None, "a", "b"]
+    for p, text in got:
+        h.use(p)
+        assert text == evaluate.generate(h, tok, "hello", 5, chat=False)
+    h.use(None)
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
+    assert h.active is None
+    h.use("a")
+    for bad in ({"prompt": " "}, {"max_new_tokens": 0}):
+        with pytest.raises(MaskstoreError, match="`"):
+            evaluate.compare(h, tok, **{"prompt": "hi", "personas": ["b"], **bad})
+    assert h.active == "a"  # refused before any switch
+    assert evaluate.compared_personas(open_bundle(path)) == ["a", "b", "half"]
