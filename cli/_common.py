@@ -64,6 +64,14 @@ def as_flags(message: str) -> str:
     return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: PARAMS.get(m.group(1), m.group(0)), message)
 
 
+def personas_of(values: list[str] | None) -> list[str] | None:
+    """The personas a repeatable ``--persona`` names: each value may itself list several,
+    comma-separated (``--persona a --persona b`` and ``--persona a,b`` are the same)."""
+    if not values:
+        return None
+    return [p for v in values for p in v.split(",") if p] or None
+
+
 def one_out(positional: Path | None, option: Path | None) -> Path:
     """The output named either way (the last argument, or --out as elsewhere), exactly once."""
     from maskstore.errors import MaskstoreError

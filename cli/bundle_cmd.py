@@ -20,6 +20,7 @@ from ._common import (
     heat,
     one_out,
     persona_refs,
+    personas_of,
     progress,
     safe,
 )
@@ -273,7 +274,7 @@ def overlap(
         raise MaskstoreError(
             f"unknown --metric {metric!r}: use one of {', '.join(algebra.METRICS)}"
         )
-    refs = persona_refs(bundle, personas)
+    refs = persona_refs(bundle, personas_of(personas))
     if len(refs) < 2:
         raise MaskstoreError("overlap needs at least two personas")
     counts = _count(refs, json_out)
@@ -597,7 +598,7 @@ def export_pt_cmd(
     bundle: BundleArg,
     out: Annotated[Path, typer.Option("--out", help="folder to create")],
     persona: Annotated[
-        list[str] | None, typer.Option(help="persona to export (repeat; default: all)")
+        list[str] | None, typer.Option(help="persona to export (repeat, or A,B; default: all)")
     ] = None,
     force: Annotated[bool, typer.Option(help="replace an existing folder")] = False,
     json_out: JsonOpt = False,
@@ -605,7 +606,7 @@ def export_pt_cmd(
     """Write personas as the research code's M_{persona}_{module}.pt bool tensors."""
     from maskstore.importers import export_pt
 
-    n = export_pt(open_bundle(bundle), out, persona, force=force)
+    n = export_pt(open_bundle(bundle), out, personas_of(persona), force=force)
     if json_out:
         emit_json({"out": str(out), "files": n})
         return

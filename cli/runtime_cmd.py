@@ -17,7 +17,7 @@ from maskstore.opener import open_bundle
 if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
-from ._common import console, emit_json, err_console, persona_refs, safe
+from ._common import console, emit_json, err_console, persona_refs, personas_of, safe
 from .app import BundleArg, DeviceOpt, JsonOpt, app, choice
 
 RevisionOpt = Annotated[
@@ -96,7 +96,10 @@ def run(
     bundle: BundleArg,
     prompt: Annotated[str, typer.Option(help="the user prompt")],
     persona: Annotated[
-        str | None, typer.Option(help="persona to use (default: base model)")
+        list[str] | None,
+        typer.Option(
+            help="persona to use (default: base model); with --compare, several (repeat, or A,B)"
+        ),  # fmt: skip
     ] = None,
     compare: Annotated[
         bool,
@@ -133,11 +136,13 @@ def run(
 
     check_generation(prompt, max_new_tokens)
     b = open_bundle(bundle)
+    chosen = personas_of(persona)
     if compare:  # the base model and the named persona(s), else every persona built or imported
-        chosen = [p for p in persona.split(",") if p] if persona else None
         names: list[str | None] = [None, *(chosen or compared_personas(b, all_personas))]
+    elif chosen and len(chosen) > 1:
+        raise MaskstoreError("run takes one --persona (or several with --compare)")
     else:
-        names = [persona]
+        names = [chosen[0] if chosen else None]
     from ._common import progress
 
     with _gathered(bundle, [n for n in names if n is not None]) as (path, local):
@@ -200,7 +205,7 @@ _EvalCmdKeyOpt = Annotated[
 ]
 _EvalCmdPersonaOpt = Annotated[
     list[str] | None,
-    typer.Option(help="persona to score, NAME or OTHER_BUNDLE#NAME (repeat; default: all)"),
+    typer.Option(help="persona to score, NAME or OTHER_BUNDLE#NAME (repeat, or A,B; default: all)"),
 ]
 _EvalCmdDescribeOpt = Annotated[
     list[str] | None,
@@ -265,7 +270,7 @@ def eval_cmd(
     evaluate.check_template(template)
     _writable(per_item, "--per-item")
     items = evaluate.read_mc(mc)
-    specs = list(persona or open_bundle(bundle).personas)
+    specs = list(personas_of(persona) or open_bundle(bundle).personas)
     with _gathered(bundle, specs) as (path, local):  # OTHER_BUNDLE#NAME: copied in first
         b = open_bundle(path)
         shown = {v: k for k, v in local.items()}  # local name -> the name as given

@@ -337,3 +337,22 @@ def test_outputs_and_sample_counts_are_named_the_same_way_everywhere(small, tmp_
         out = cli(command, "--help")[1]
         assert "--chat-template" in out or command == "similarity", command
     assert "--samples" in cli("similarity", "--help")[1]
+
+
+def test_several_personas_are_named_by_repeats_or_commas_alike(tmp_path, rng, cli):
+    """``--persona a --persona b`` and ``--persona a,b`` name the same personas (export-pt,
+    overlap's positionals); run without --compare takes one."""
+    masks = {p: {m: rng.random(tuple(s)) < 0.5 for m, s in FP["modules"].items()} for p in "abc"}
+    small = write_bundle(tmp_path / "b.zarr", FP, masks)
+    outs = []
+    for i, args in enumerate((["--persona", "a", "--persona", "b"], ["--persona", "a,b"])):
+        code, out, err = cli("export-pt", small, "--out", tmp_path / f"pt{i}", *args, "--json")
+        assert code == 0, err
+        outs.append(sorted(p.name for p in (tmp_path / f"pt{i}").iterdir()))
+    assert outs[0] == outs[1] and outs[0]
+    code, a, err = cli("overlap", small, "a", "b", "--json")
+    assert code == 0, err
+    code, b, err = cli("overlap", small, "a,b", "--json")
+    assert code == 0 and json.loads(a) == json.loads(b), err
+    code, _, err = cli("run", small, "--prompt", "hi", "--persona", "a,b")
+    _one_line(code, err, "one --persona")
