@@ -373,6 +373,9 @@ class MaskHandle:
         self._use(None, 0.0, None)
         try:
             with torch.no_grad():
+                # every first write's copy at once (one look at the process's maps)
+                self._privatize([n for n in self.modules if n not in self._saved
+                                 and any(n in m for m in masks.values())])  # fmt: skip
                 for name, mod in self.modules.items():
                     w = mod.weight
                     saved = self._saved.get(name)
@@ -570,15 +573,9 @@ class MaskHandle:
             self._gate[n] = masks[n]
         for n, w in weights.items():
             saved: _Saved | _FileBase
-            if n in gated:
-                saved = _FileBase(maps[n])
-            elif n in fresh:
-                w.data = fresh[n]
-            else:
-                w.data = w.data.clone()
-            if n in gated:
-                pass
-            elif n in maps and same.get(n, False):
+            if n not in gated:
+                w.data = fresh[n] if n in fresh else w.data.clone()
+            if n in gated or (n in maps and same.get(n, False)):
                 saved = _FileBase(maps[n])
             else:
                 rows, width = w.shape[0], packed_width(w.shape[1])
@@ -846,16 +843,19 @@ def _warm_switching() -> None:
         return
 
     def warm() -> None:
-        from . import _switch
+        try:
+            from . import _switch
 
-        _switch.warm()
+            _switch.warm()
+        except Exception:  # noqa: BLE001 - only a head start: the switch loads them itself
+            pass
 
     threading.Thread(target=warm, name="maskstore-warm-kernels").start()
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor's memory as a 2-D uint8 array (rows kept), sharing it."""
-    return t.detach().reshape(t.shape[0] if t.ndim else 1, -1).view(torch.uint8).numpy()
+    """A contiguous 2-D CPU tensor's memory as a uint8 array (rows kept), sharing it."""
+    return t.detach().view(torch.uint8).numpy()  # (out, in * itemsize) for a weight
 
 
 def _checkpoint_of(model: nn.Module, base: str | os.PathLike):

@@ -1025,3 +1025,21 @@ def test_compare_answers_each_persona_in_order_and_leaves_the_base(setup):
             evaluate.compare(h, tok, **{"prompt": "hi", "personas": ["b"], **bad})
     assert h.active == "a"  # refused before any switch
     assert evaluate.compared_personas(open_bundle(path)) == ["a", "b", "half"]
+
+
+def test_a_first_blend_looks_at_the_process_maps_once(tmp_path, rng, monkeypatch):
+    """A blend as the first switch privatises every weight in one pass (one read of the
+    process's memory maps), not one module at a time."""
+    from maskstore.checkpoint import Checkpoint
+
+    model, _ = _loaded(tmp_path)
+    path = _bundle_for(model, tmp_path / "b.zarr", rng)
+    calls = []
+    real = Checkpoint.untouched
+    monkeypatch.setattr(
+        Checkpoint, "untouched", lambda self, t: calls.append(len(t)) or real(self, t)
+    )
+    h = maskstore.attach(model, path)
+    h.use({"a": 0.5, "b": 0.5}, 0.2)
+    assert calls == [len(h.modules)]
+    assert h.memory_overhead() == 0  # read back from the file: nothing stored
