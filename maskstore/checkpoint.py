@@ -70,7 +70,7 @@ class Checkpoint:
         else:
             files = [f.name for f in sorted(folder.glob("*.safetensors"))]
         if not files:
-            raise MaskstoreError(f"{folder} has no .safetensors weights: offloading reads them")
+            raise MaskstoreError(f"{folder} has no .safetensors weights to read")
         self._where: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
         self._seen: dict[Path, tuple[int, int, int, int]] = {}  # what each file was when read
         for f in files:
