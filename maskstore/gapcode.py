@@ -34,7 +34,7 @@ def best_m(p: float) -> int:
     if p <= 0:
         return 1 << 30
     q = 1.0 - p
-    return max(1, math.ceil(-math.log(1.0 + q) / math.log(q)))
+    return min(1 << 31, max(1, math.ceil(-math.log(1.0 + q) / math.log(q))))  # fits the u32
 
 
 @njit(nogil=True, cache=True, inline="always")
