@@ -2,7 +2,7 @@
 cold and cached switches against reloading the model from disk (the research code's way),
 decoding speed with a persona on, and memory overhead.
 
-Run: python benchmarks/bench_switch.py   (builds a two-persona bundle first if needed)
+Run: python benchmarks/bench_switch.py   (builds a two-persona bundle in the temp dir first if needed)
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import maskstore
 from maskstore.models import embedded_model_dir, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "out" / "bench-switch.zarr"
+# built once and kept between runs, under the system temp dir (benchmarks write nowhere else)
+BUNDLE = Path(tempfile.gettempdir()) / "maskstore-bench-switch.zarr"
 
 
 def ensure_bundle() -> None:
