@@ -21,6 +21,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 BundleArg = Annotated[str, typer.Argument(help="bundle: a folder, a .zip, s3://..., or REPO@REF")]
 WritableBundleArg = Annotated[Path, typer.Argument(help="bundle folder (written in place)")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
+# the model of commands that use a bundle's personas (build has its own default: the embedded one)
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="HF model folder or cached Hub id (default: the bundle's recorded one)"),
+]
 
 
 def choice(*values: str) -> Any:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from maskstore.runtime import MaskHandle
 
 from ._common import console, emit_json, err_console, persona_refs, personas_of, safe
-from .app import BundleArg, DeviceOpt, JsonOpt, app, choice
+from .app import BundleArg, DeviceOpt, JsonOpt, ModelOpt, app, choice
 
 RevisionOpt = Annotated[
     str | None, typer.Option(help="with a Hub id: branch, tag or commit (default: recorded)")
@@ -26,12 +26,6 @@ RevisionOpt = Annotated[
 LoadDtypeOpt = Annotated[
     choice("float32", "bfloat16", "float16"),
     typer.Option("--dtype", help="dtype to load the model in"),
-]
-ModelOpt = Annotated[
-    Path | None,
-    typer.Option(
-        help="HF model folder, or Hub id from the local cache (default: embedded SmolLM2-135M)"
-    ),
 ]
 
 
@@ -46,7 +40,7 @@ CheckOpt = Annotated[
 
 def _attach(
     bundle: str | Path,
-    model: Path | None,
+    model: str | None,
     device: str = "cpu",
     untie: bool = False,
     check_weights: bool = True,

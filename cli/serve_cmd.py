@@ -9,15 +9,11 @@ import typer
 from maskstore.errors import MaskstoreError
 
 from ._common import emit_json, err_console, safe
-from .app import DeviceOpt, JsonOpt, app, choice
+from .app import DeviceOpt, JsonOpt, ModelOpt, app, choice
 
 _ServeSourcesOpt = Annotated[
     list[str],
     typer.Argument(help="bundles to serve: folders, .zip files, REPO@REF (several join)"),
-]
-_ServeModelOpt = Annotated[
-    str | None,
-    typer.Option(help="HF model folder or cached Hub id (default: the bundle's recorded one)"),
 ]
 _ServeRevisionOpt = Annotated[str | None, typer.Option(help="with a Hub id: branch, tag or commit")]
 _ServeDtypeOpt = Annotated[
@@ -57,7 +53,7 @@ _ServeCheckWeightsOpt = Annotated[
 @app.command()
 def serve(
     sources: _ServeSourcesOpt,
-    model: _ServeModelOpt = None,
+    model: ModelOpt = None,
     revision: _ServeRevisionOpt = None,
     dtype: _ServeDtypeOpt = "float32",  # fmt: skip
     device: DeviceOpt = "cpu",
