@@ -356,3 +356,9 @@ def test_several_personas_are_named_by_repeats_or_commas_alike(tmp_path, rng, cl
     assert code == 0 and json.loads(a) == json.loads(b), err
     code, _, err = cli("run", small, "--prompt", "hi", "--persona", "a,b")
     _one_line(code, err, "one --persona")
+    # a listed name that is a path is only a name; one that names a file is not a bundle
+    code, _, err = cli("export-pt", small, "--out", tmp_path / "bad", "--persona", "../x,a")
+    _one_line(code, err, "unknown persona '../x'")
+    assert not (tmp_path / "bad").exists()
+    code, _, err = cli("overlap", small, "a,/etc/passwd#x")
+    _one_line(code, err, "not a bundle")
