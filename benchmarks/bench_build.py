@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from _util import child_peak_rss, timeit
 
-from maskstore import calibration as cal
-from maskstore import scoring
-from maskstore.build import collect_stats
+from maskstore.build import calibration as cal
+from maskstore.build import collect_stats, scoring
 from maskstore.models import load_model
 from maskstore.modules import maskable_modules
 

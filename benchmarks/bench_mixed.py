@@ -15,7 +15,7 @@ import torch
 from bench_switch import BUNDLE, ensure_bundle
 
 import maskstore
-from maskstore import algebra
+from maskstore.compare import algebra
 from maskstore.models import load_model
 
 NEW = 32

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from _util import child_peak_rss, timeit
 
-from maskstore import algebra, create_bundle, open_bundle
+from maskstore import create_bundle, open_bundle
+from maskstore.compare import algebra
 
 NAMES = ["p0", "p1", "p2", "p3"]
 
@@ -112,7 +113,7 @@ def main() -> None:
     print(f"on disk: research .pt {pt_bytes / 2**20:.0f} MiB, maskstore {ms_bytes / 2**20:.0f} MiB")
 
     # peak memory of a streaming overlap at 1x and 2x the model size (fresh processes)
-    rss0, _ = child_peak_rss("import maskstore.algebra")
+    rss0, _ = child_peak_rss("import maskstore.compare.algebra")
     print(f"peak RSS of a process that only imports maskstore: {rss0:.0f} MiB")
     for scale in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from _util import cli_build
 
-from maskstore import calibration as cal
+from maskstore.build import calibration as cal
 from maskstore.models import embedded_model_dir
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"

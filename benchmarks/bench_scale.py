@@ -112,7 +112,7 @@ def main() -> None:
         off_rss, off = child_peak_rss(
             env_code + BUILD.format(args=build_args(folder, tmp / "o.zarr", "--offload"))
         )
-        from maskstore.opener import open_bundle
+        from maskstore.store.opener import open_bundle
 
         same = open_bundle(tmp / "w.zarr").digest == open_bundle(tmp / "o.zarr").digest
         print(f"build, whole model: peak RSS {whole_rss:.0f} MiB, {whole['seconds']:.0f} s")

@@ -14,8 +14,8 @@ import numpy as np
 from _util import smollm2_fingerprint
 
 from maskstore import create_bundle, open_bundle
-from maskstore.codecs import entropy
 from maskstore.repo import init_repo
+from maskstore.store.codecs import entropy
 
 
 def main() -> None:

@@ -278,7 +278,7 @@ def delta_and_contention(model, numel: int) -> None:
 def dense_switch(model, bundle) -> float:
     """The switch this runtime replaced: unpack each mask and write W = W0 * M over every
     weight from a full pristine copy (median of 10 switches between s20 and s25)."""
-    from maskstore.bits import unpack_torch
+    from maskstore.store.bits import unpack_torch
 
     mods = maskstore.maskable_modules(model)
     base = {n: m.weight.detach().clone() for n, m in mods.items()}

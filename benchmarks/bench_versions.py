@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from _util import cli_build
 
-from maskstore.bits import popcount
-from maskstore.codecs import entropy
-from maskstore.opener import open_bundle
 from maskstore.repo import init_repo
+from maskstore.store.bits import popcount
+from maskstore.store.codecs import entropy
+from maskstore.store.opener import open_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from rich.progress import Progress
 
-    from maskstore.algebra import Ref
+    from maskstore.compare.algebra import Ref
 
 console = Console()
 err_console = Console(stderr=True)
@@ -140,8 +140,8 @@ def heat(value: float, metric: str, lo: float = 0.0, hi: float = 1.0) -> str:
 def persona_refs(bundle_path: str | Path, personas: list[str] | None) -> list[Ref]:
     """Persona arguments: ``NAME`` (in BUNDLE) or ``OTHER_BUNDLE#NAME``; every name is checked
     (an unknown one fails listing the known ones)."""
-    from maskstore import algebra
-    from maskstore.opener import open_bundle
+    from maskstore.compare import algebra
+    from maskstore.store.opener import open_bundle
 
     base = open_bundle(bundle_path)
     others: dict[str, object] = {}

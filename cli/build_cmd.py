@@ -9,13 +9,13 @@ import typer
 from rich.table import Table
 
 from maskstore.errors import MaskstoreError
-from maskstore.names import check_persona_name
-from maskstore.opener import open_bundle
+from maskstore.store.names import check_persona_name
+from maskstore.store.opener import open_bundle
 
 from ._common import console, emit_json, fmt_bytes, progress, safe
 from .app import DeviceOpt, app, choice
 
-# the names of maskstore.methods.METHODS, listed here so that --help needs no torch (a test
+# the names of maskstore.build.methods.METHODS, listed here so that --help needs no torch (a test
 # checks the two agree)
 METHODS = (
     "wanda",
@@ -30,7 +30,7 @@ METHODS = (
 def _parse_personas(specs: list[str]) -> tuple[dict[str, list], list[tuple[str, str]], list[str]]:
     """``NAME=FILE`` (one persona) or ``POS:NEG=FILE.csv`` (a question,matching,not_matching pair).
     A bare ``NAME`` selects a persona of ``--from-stats``."""
-    from maskstore import calibration as cal
+    from maskstore.build import calibration as cal
 
     data: dict[str, list] = {}
     pairs: list[tuple[str, str]] = []
@@ -192,11 +192,11 @@ def build(
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Build persona masks from a model and calibration data (or from stored statistics)."""
-    from maskstore import distributed
     from maskstore.build import (
         BuildConfig,
+        distributed,
     )
-    from maskstore.offload import parse_bytes
+    from maskstore.build.offload import parse_bytes
 
     _check_counts(max_tokens, batch_size, samples, chunk_mib)
     try:
@@ -209,7 +209,7 @@ def build(
     config.check()
     out = _output(out, into, force)
     data, names, pairs, source = _inputs(persona, pair, from_stats, config)
-    from maskstore.pipeline import BuildJob, run_build
+    from maskstore.build.pipeline import BuildJob, run_build
 
     rank, _ = distributed.world()
     if rank != 0:

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from maskstore import algebra
+from maskstore.compare import algebra
 from maskstore.errors import MaskstoreError
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 from ._common import (
     console,
@@ -156,7 +156,7 @@ def _card(b, bundle: Path, json_out: bool) -> None:
 def _is_repository(path: str) -> bool:
     """A repository (or a remote that push wrote) rather than a bundle."""
     if "://" in path and not path.startswith("file://"):
-        from maskstore.stores import open_store
+        from maskstore.store.stores import open_store
 
         store = open_store(path)
         return store.get("maskstore-repo.json", limit=4096) is not None or (
@@ -562,7 +562,7 @@ def import_pt_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Convert the research code's pickled bool tensors into a bundle (weights_only loading)."""
-    from maskstore.importers import import_pt
+    from maskstore.build.importers import import_pt
 
     fingerprint = None
     if model is not None and like is not None:
@@ -604,7 +604,7 @@ def export_pt_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Write personas as the research code's M_{persona}_{module}.pt bool tensors."""
-    from maskstore.importers import export_pt
+    from maskstore.build.importers import export_pt
 
     n = export_pt(open_bundle(bundle), out, personas_of(persona), force=force)
     if json_out:
@@ -623,7 +623,7 @@ def pack(
 ) -> None:
     """Copy a directory bundle into one read-only .zip bundle."""
     out = one_out(out, out_opt)
-    from maskstore.writer import pack_zip
+    from maskstore.store.writer import pack_zip
 
     if "://" in bundle:
         raise MaskstoreError(f"{safe(bundle)}: pack copies a folder bundle; check it out first")
@@ -643,7 +643,7 @@ def cp(
     json_out: JsonOpt = False,
 ) -> None:
     """Copy a persona (masks, statistics, metadata; same digest) into a bundle of one model."""
-    from maskstore.edit import copy_persona
+    from maskstore.store.edit import copy_persona
 
     if "#" not in src:
         raise MaskstoreError(f"cp takes SOURCE#NAME, got {src!r} (e.g. out/b.zarr#introvert)")
@@ -661,7 +661,7 @@ def mv(
     json_out: JsonOpt = False,
 ) -> None:
     """Rename a persona in place (same digest)."""
-    from maskstore.edit import rename_persona
+    from maskstore.store.edit import rename_persona
 
     meta = rename_persona(open_bundle(bundle, writable=True), old, new)
     _edited(bundle, new, meta["digest"], f"renamed {old}", json_out)
@@ -674,7 +674,7 @@ def rm(
     json_out: JsonOpt = False,
 ) -> None:
     """Remove a persona from a bundle (refused while a blend combines it)."""
-    from maskstore.edit import remove_persona
+    from maskstore.store.edit import remove_persona
 
     b = open_bundle(bundle, writable=True)
     digest = b.persona(persona)["digest"]

@@ -107,7 +107,7 @@ def commit(
     json_out: JsonOpt = False,
 ) -> None:
     """Snapshot a bundle as a new version (the repository is created if needed)."""
-    from maskstore.opener import open_bundle
+    from maskstore.store.opener import open_bundle
 
     b = open_bundle(bundle)
     r = init_repo(repo)
@@ -617,7 +617,7 @@ def status(
     head = r.branch_head(branch)
     doc: dict = {"branch": branch, "head": head, "bundle": bundle}
     if bundle is not None:
-        from maskstore.opener import open_bundle
+        from maskstore.store.opener import open_bundle
 
         b = open_bundle(bundle)
         had = {}

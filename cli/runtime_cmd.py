@@ -12,10 +12,10 @@ import typer
 from rich.table import Table
 
 from maskstore.errors import MaskstoreError
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 if TYPE_CHECKING:
-    from maskstore.runtime import MaskHandle
+    from maskstore.serve.runtime import MaskHandle
 
 from ._common import console, emit_json, err_console, persona_refs, personas_of, safe
 from .app import BundleArg, DeviceOpt, JsonOpt, ModelOpt, app, choice
@@ -49,7 +49,7 @@ def _attach(
     dtype: str = "float32",
 ) -> tuple[MaskHandle, object]:
     from maskstore.models import load_model, recorded_model
-    from maskstore.runtime import attach
+    from maskstore.serve.runtime import attach
 
     b = open_bundle(bundle)
     name, revision = recorded_model(b.model_source, model, revision)
@@ -71,7 +71,7 @@ def _gathered(bundle: str | Path, specs: list[str]) -> Iterator[tuple[Path, dict
     if not any("#" in s for s in specs):
         yield bundle, {s: s for s in specs}
         return
-    from maskstore import algebra
+    from maskstore.compare import algebra
 
     with tempfile.TemporaryDirectory(prefix="maskstore-") as tmp:
         out = Path(tmp) / "gathered.zarr"
@@ -125,8 +125,8 @@ def run(
     """Generate (greedy) with a persona on, or compare the base model with every persona."""
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
-    from maskstore.evaluate import check_generation, compared_personas
-    from maskstore.evaluate import compare as compare_all
+    from maskstore.compare.evaluate import check_generation, compared_personas
+    from maskstore.compare.evaluate import compare as compare_all
 
     check_generation(prompt, max_new_tokens)
     b = open_bundle(bundle)
@@ -253,7 +253,7 @@ def eval_cmd(
     plus prompt, with summed and length-normalised accuracy and 95% intervals."""
     import json
 
-    from maskstore import evaluate
+    from maskstore.compare import evaluate
 
     from ._common import progress
 
@@ -326,11 +326,11 @@ def similarity(
     json_out: JsonOpt = False,
 ) -> None:
     """Per-layer cosine similarity of hidden states under personas A and B (paper, sec. 3.4)."""
-    from maskstore.calibration import read_samples
+    from maskstore.build.calibration import read_samples
 
     _writable(png, "--png")
     lines = [s.text for s in read_samples(texts)][:limit]
-    from maskstore import evaluate
+    from maskstore.compare import evaluate
 
     from ._common import progress
 
@@ -405,7 +405,7 @@ def export_model_cmd(
 ) -> None:
     """Write the model with a persona applied as a standalone Hugging Face checkpoint (its
     provenance in config.json under 'maskstore' and in a model card README.md)."""
-    from maskstore.export import export_model
+    from maskstore.serve.export import export_model
 
     if not 0.0 <= gamma <= 1.0:
         raise MaskstoreError(f"--gamma must be in [0, 1], got {gamma}")
@@ -415,7 +415,7 @@ def export_model_cmd(
         raise MaskstoreError(
             "--format compressed-tensors stores pruned weights as zeros: use --gamma 0"
         )
-    from maskstore.writer import check_output_folder
+    from maskstore.store.writer import check_output_folder
 
     b = open_bundle(bundle)
     b.persona(persona)

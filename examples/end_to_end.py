@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import maskstore
-from maskstore import algebra
-from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build
+from maskstore.build import calibration as cal
+from maskstore.compare import algebra
 from maskstore.models import load_model
 
 DATA = Path(__file__).resolve().parent / "data"

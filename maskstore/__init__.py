@@ -12,25 +12,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _moved
 from ._version import __version__
 from .errors import IntegrityError, MaskstoreError, MergeConflict, RefConflict
-from .format import Bundle
-from .opener import open_bundle
-from .stats import ChannelStats
-from .writer import create_bundle, pack_zip
+from .store.format import Bundle
+from .store.opener import open_bundle
+from .store.stats import ChannelStats
+from .store.writer import create_bundle, pack_zip
 
 open = open_bundle
+_moved.install()  # the import paths from before the job subpackages (maskstore.format, ...)
 
 _LAZY = {
-    "MaskHandle": "runtime",
-    "attach": "runtime",
+    "MaskHandle": "serve.runtime",
+    "attach": "serve.runtime",
     "maskable_modules": "modules",
     "model_fingerprint": "modules",
     "BuildConfig": "build",
     "load_model": "models",
     "open_repo": "repo",
     "init_repo": "repo",
-    "overlap": "algebra",
+    "overlap": "compare.algebra",
     "serve": "serve",
 }
 

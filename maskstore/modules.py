@@ -15,7 +15,7 @@ from .errors import MaskstoreError
 if TYPE_CHECKING:
     from torch import nn
 
-from .names import module_kind, module_layer  # noqa: F401 - module_layer re-exported
+from .store.names import module_kind, module_layer  # noqa: F401 - module_layer re-exported
 
 _NEVER = re.compile(r"(^|\.)(embed_tokens|embed_out|wte|wpe|embeddings?)($|\.)")
 _HEAD = re.compile(r"(^|\.)lm_head$")

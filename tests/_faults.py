@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from maskstore.stores import Store
+from maskstore.store.stores import Store
 
 
 class KillAfter(Store):

@@ -7,10 +7,11 @@ from _helpers import random_fingerprint, random_masks, write_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maskstore import algebra, create_bundle
+from maskstore import create_bundle
+from maskstore.build.importers import import_pt
+from maskstore.compare import algebra
 from maskstore.errors import MaskstoreError
-from maskstore.importers import import_pt
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 
 def _expected(masks, names, modules=None):

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskstore.bits import pack, pad_mask, popcount, unpack, unpack_torch
+from maskstore.store.bits import pack, pad_mask, popcount, unpack, unpack_torch
 
 
 @settings(max_examples=60, deadline=None)
@@ -27,7 +27,7 @@ def test_bit_order_is_little():
 
 def test_unpack_torch_generic_path_matches_numpy():
     # unpack_torch's device path (shifts), called on a CPU tensor: no GPU needed to test it
-    from maskstore import bits
+    from maskstore.store import bits
 
     for shape in ((5, 13), (3, 8), (1, 1), (4, 17)):
         m = np.random.default_rng(0).random(shape) < 0.3

@@ -6,11 +6,11 @@ import torch
 from _helpers import pair_args
 from _tiny import byte_tokenizer, tiny_llama
 
-from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build, collect_stats
-from maskstore.collect import StatsCollector
+from maskstore.build import calibration as cal
+from maskstore.build.collect import StatsCollector
 from maskstore.modules import maskable_modules, module_kind
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_stats_match_captured_activations_without_padding(model, tok, calib_file
 
 
 def test_shared_inputs_reduced_once(model, tok, calib_files, monkeypatch):
-    import maskstore.collect as collect
+    import maskstore.build.collect as collect
 
     calls = []
     orig = collect._reduce
@@ -295,10 +295,10 @@ def test_a_realised_sparsity_off_target_warns_and_shows_in_the_card(tmp_path, ti
 def test_the_api_and_the_cli_give_the_same_persona_digest(tmp_path, tiny_dir, calib_files, cli):
     """One calibration digest definition (over the token batches): batches made as the
     command line makes them, with its description, give the persona digest it gives."""
-    from maskstore import calibration as cal
     from maskstore.build import BuildConfig, build
+    from maskstore.build import calibration as cal
     from maskstore.models import load_model
-    from maskstore.opener import open_bundle
+    from maskstore.store.opener import open_bundle
 
     out = tmp_path / "cli.zarr"
     code, _, err = cli("build", "--model", tiny_dir, "--samples", "6", "--max-tokens", "24",

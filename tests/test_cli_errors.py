@@ -12,8 +12,8 @@ import torch
 import zstandard
 from _helpers import write_bundle
 
-from maskstore.hashing import blake2b_hex, canonical_json
 from maskstore.repo import init_repo
+from maskstore.store.hashing import blake2b_hex, canonical_json
 
 FP = {"architecture": "T", "modules": {"model.layers.0.mlp.up_proj": [8, 12]}}
 
@@ -232,7 +232,7 @@ def test_exit_codes_damage_usage_and_internal_errors(tmp_path, rng, cli, monkeyp
     code, out, _ = cli("overlap", b, "nobody", "--json")
     assert code == 2 and json.loads(out)["exit_code"] == 2
 
-    from maskstore import format as fmt
+    from maskstore.store import format as fmt
 
     def boom(self):
         raise RuntimeError("a bug")
@@ -290,7 +290,7 @@ def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli
 
     from maskstore import create_bundle
     from maskstore.errors import MaskstoreError
-    from maskstore.opener import open_bundle
+    from maskstore.store.opener import open_bundle
 
     fp = {"architecture": "T", "modules": {"l.0.mlp.up_proj": [4, 8]}}
     b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
@@ -301,8 +301,8 @@ def test_library_messages_name_parameters_the_cli_names_flags(tmp_path, rng, cli
     assert code == 2 and "--force" in err and "force=True" not in err, err
 
     # parameters in backquotes: the library says `max_memory`, the command line --max-memory
-    from maskstore.algebra import apply_op
-    from maskstore.offload import parse_bytes
+    from maskstore.build.offload import parse_bytes
+    from maskstore.compare.algebra import apply_op
 
     with pytest.raises(MaskstoreError, match="`max_memory` 'lots'") as e:
         parse_bytes("lots")

@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from maskstore import calibration as cal
+from maskstore.build import calibration as cal
 from maskstore.errors import MaskstoreError
 
 
@@ -29,7 +29,7 @@ def test_quoted_newlines_survive_calibration_and_pair_files(tmp_path):
 
 
 def test_quoted_newlines_survive_multiple_choice_files(tmp_path):
-    from maskstore.evaluate import read_mc
+    from maskstore.compare.evaluate import read_mc
 
     q = "Pick one:\n(A) quiet\n(B) loud"
     p = _write(tmp_path / "mc.csv", ["question", "A", "B", "matching"], [[q, "a", "b", "A"]])

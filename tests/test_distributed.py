@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from _tiny import save_tiny
 
-from maskstore import methods
-from maskstore.distributed import shard
-from maskstore.opener import open_bundle
+from maskstore.build import methods
+from maskstore.build.distributed import shard
+from maskstore.store.opener import open_bundle
 
 
 def _args(folder, calib_files, out, method="contrastive-wanda"):
@@ -66,8 +66,8 @@ def test_a_rank_without_batches_still_gets_every_gram(monkeypatch):
     matrices, and which modules share them, from the others: folded in calibration order,
     the bits of one process. The gather itself is simulated in-process here (the real
     two-process runs are above): rank 0 saw batches 0, 1 and 2, rank 1 none."""
-    from maskstore import distributed
-    from maskstore.collect import StatsCollector
+    from maskstore.build import distributed
+    from maskstore.build.collect import StatsCollector
 
     # float addition is not associative: (1e16 + 1) - 1e16 is 0, (1e16 - 1e16) + 1 is 1, so
     # only the fold in calibration order gives one process's bits

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _helpers import pair_args
 
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 
 @pytest.fixture

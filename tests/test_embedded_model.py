@@ -60,7 +60,7 @@ def test_half_precision_builds_have_finite_stats_and_float32_masks(tmp_path, cal
     from float64 upcasts, so float16 and bfloat16 builds stay finite and near float32's masks."""
     import numpy as np
 
-    from maskstore.opener import open_bundle
+    from maskstore.store.opener import open_bundle
 
     outs = {}
     for dtype in ("float32", "float16", "bfloat16"):

@@ -11,8 +11,8 @@ from _helpers import pair_args
 from _tiny import tiny_llama
 
 from maskstore.build import build
-from maskstore.export import export_model
-from maskstore.opener import open_bundle
+from maskstore.serve.export import export_model
+from maskstore.store.opener import open_bundle
 
 
 def test_export_model_loads_with_transformers_bit_for_bit(tmp_path, tiny_dir, calib_files, cli):
@@ -109,7 +109,7 @@ def test_compressed_tensors_export_decompresses_bit_for_bit(tmp_path, tiny_dir, 
         assert torch.equal(got[name].view(torch.int32), t.detach().view(torch.int32)), name
     assert got[f"{mod}.weight"][rows[0], cols[0]].view(torch.int32) == -(2**31)  # -0.0 kept
     with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
-        assert f.metadata()["maskstore.format"] == "compressed-tensors"
+        assert f.metadata()["maskstore.store.format"] == "compressed-tensors"
         dense = sum(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".compressed"))
     assert dense == sum(e["kept"] for e in b.persona("introvert")["modules"].values())
     assert ct.__version__

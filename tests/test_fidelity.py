@@ -9,10 +9,10 @@ from _tiny import tiny_llama
 
 import maskstore
 from maskstore.build import BuildConfig, TieWarning, build
+from maskstore.build.importers import import_pt, split_name
 from maskstore.errors import MaskstoreError
-from maskstore.importers import import_pt, split_name
 from maskstore.modules import check_untied, maskable_modules, model_fingerprint
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 
 def _batches(seed=0, n=4, lo=0, hi=256):

@@ -15,8 +15,8 @@ from _helpers import random_fingerprint, random_masks, write_bundle
 import maskstore
 from maskstore import create_bundle, open_bundle, pack_zip
 from maskstore.errors import IntegrityError, MaskstoreError
-from maskstore.stats import ChannelStats
-from maskstore.stores import ZipStore
+from maskstore.store.stats import ChannelStats
+from maskstore.store.stores import ZipStore
 
 
 def _chunk_files(bundle: Path, persona: str, module: str) -> list[Path]:
@@ -195,7 +195,7 @@ def test_killed_writer_leaves_bundle_valid(tmp_path, rng):
     write_bundle(tmp_path / "b", fp, {"a": {"l.0.mlp.up_proj": np.ones((256, 256), bool)}})
     script = textwrap.dedent(f"""
         import numpy as np, sys
-        from maskstore.opener import open_bundle
+        from maskstore.store.opener import open_bundle
         b = open_bundle({str(tmp_path / "b")!r}, writable=True)
         with b.persona_writer("victim", method="t") as w:
             for i in range(200):
@@ -266,7 +266,7 @@ def test_existing_bundle_not_overwritten_without_force(tmp_path, rng):
 def test_metadata_only_until_arrays_are_asked(tmp_path, rng, monkeypatch):
     fp = random_fingerprint(rng)
     write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))
-    from maskstore.stores import LocalStore
+    from maskstore.store.stores import LocalStore
 
     reads = []
     get, read_into = LocalStore.get, LocalStore.read_into
@@ -318,7 +318,7 @@ def test_an_edited_fingerprint_is_refused_before_any_allocation(tmp_path, rng):
     from _helpers import random_fingerprint, random_masks, write_bundle
 
     from maskstore.errors import IntegrityError
-    from maskstore.opener import open_bundle
+    from maskstore.store.opener import open_bundle
 
     fp = random_fingerprint(rng)
     b = write_bundle(tmp_path / "b", fp, random_masks(rng, fp, ["a"]))

@@ -9,8 +9,8 @@ from _helpers import random_fingerprint, write_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskstore import gapcode
-from maskstore.codecs import entropy
+from maskstore.store import gapcode
+from maskstore.store.codecs import entropy
 
 
 @settings(max_examples=60, deadline=None)
@@ -71,9 +71,9 @@ def test_a_repository_stores_skewed_masks_gap_coded_and_reads_them_back(tmp_path
     when smaller; they read back bit for bit; a damaged one is an integrity error."""
 
     from maskstore.errors import IntegrityError
-    from maskstore.opener import open_bundle
     from maskstore.repo import init_repo
     from maskstore.repo.objects import chunk_key, decode_chunk
+    from maskstore.store.opener import open_bundle
 
     fp = random_fingerprint(rng)
     fp["modules"] = {m: [300, 400] for m in list(fp["modules"])[:3]}

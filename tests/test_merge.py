@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from _helpers import write_bundle
 
-from maskstore.opener import open_bundle
 from maskstore.repo import MergeConflict, init_repo, open_repo
-from maskstore.stores import RefConflict
+from maskstore.store.opener import open_bundle
+from maskstore.store.stores import RefConflict
 
 FP = {
     "architecture": "T",

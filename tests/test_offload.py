@@ -6,9 +6,9 @@ import pytest
 from _helpers import pair_args
 from _tiny import save_tiny
 
-from maskstore import methods
-from maskstore.offload import parse_bytes
-from maskstore.opener import open_bundle
+from maskstore.build import methods
+from maskstore.build.offload import parse_bytes
+from maskstore.store.opener import open_bundle
 
 
 @pytest.fixture(scope="module")

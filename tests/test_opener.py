@@ -12,7 +12,7 @@ import torch
 
 import maskstore
 from maskstore.errors import MaskstoreError
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 
 def _upload(folder, bucket: str, prefix: str) -> None:

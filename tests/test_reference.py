@@ -17,7 +17,7 @@ from _tiny import tiny_llama
 
 from maskstore.build import BuildConfig, TieWarning, build
 from maskstore.modules import maskable_modules
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 _spec = importlib.util.spec_from_file_location(
     "reference_port", Path(__file__).parent.parent / "examples/paper/reference_port.py"

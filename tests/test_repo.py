@@ -11,12 +11,12 @@ from _helpers import random_masks, write_bundle
 from _tiny import byte_tokenizer, tiny_llama
 
 import maskstore
-from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build
+from maskstore.build import calibration as cal
 from maskstore.errors import IntegrityError, MaskstoreError
-from maskstore.opener import open_bundle
 from maskstore.repo import MAX_DELTA_DEPTH, init_repo, open_repo
-from maskstore.stores import RefConflict, open_store
+from maskstore.store.opener import open_bundle
+from maskstore.store.stores import RefConflict, open_store
 
 
 def _family(rng, fp, names, flip=0.02):
@@ -257,7 +257,7 @@ def _run_killed(code: str, kill_after: int) -> int:
     completed writes."""
     prelude = (
         f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from _faults import KillAfter\nfrom maskstore.stores import open_store\n"
+        "from _faults import KillAfter\nfrom maskstore.store.stores import open_store\n"
         f"def store(path):\n    return KillAfter(open_store(path, create=True), {kill_after})\n"
     )
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True).returncode

@@ -7,10 +7,11 @@ from _helpers import pair_args
 from _tiny import byte_tokenizer, tiny_llama
 
 import maskstore
-from maskstore import create_bundle, evaluate
+from maskstore import create_bundle
+from maskstore.compare import evaluate
 from maskstore.errors import MaskstoreError
 from maskstore.modules import maskable_modules, model_fingerprint
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 
 def _loaded(tmp_path, dtype=torch.float32, seed=5):
@@ -443,7 +444,7 @@ def test_weights_are_checked_by_default(setup):
     with pytest.raises(MaskstoreError, match="check_weights=False"):
         maskstore.attach(other, path)
     maskstore.attach(other, path, check_weights=False).use("a")
-    with pytest.warns(maskstore.runtime.WeightsWarning, match="bfloat16"):
+    with pytest.warns(maskstore.serve.runtime.WeightsWarning, match="bfloat16"):
         maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path)
     with pytest.raises(MaskstoreError, match="weights differ"):
         maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path, check_weights=True)
@@ -776,7 +777,7 @@ def test_recorded_model_names_resolve(tmp_path, tiny_dir):
 
 
 def test_mcnemar_exact_and_the_small_sample_warning(tmp_path, tiny_dir, calib_files, cli):
-    from maskstore.evaluate import mcnemar_exact, min_p_value
+    from maskstore.compare.evaluate import mcnemar_exact, min_p_value
 
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from maskstore import scoring
+from maskstore.build import scoring
 from maskstore.errors import MaskstoreError
-from maskstore.stats import ChannelStats
+from maskstore.store.stats import ChannelStats
 
 
 def _stats(rng, n, samples=6, tokens=5):
@@ -274,7 +274,7 @@ def test_gram_and_hinv_bits_do_not_depend_on_the_thread_count(rng):
     """X^T X and [H^-1]_jj (SparseGPT) have one set of bits whatever torch's thread count:
     a BLAS splits the token dimension across threads, so left alone a build on 1 core (or a
     torchrun rank) would not reproduce one on 4. The caller's thread count is restored."""
-    from maskstore.collect import _reduce
+    from maskstore.build.collect import _reduce
 
     x = torch.from_numpy(rng.normal(size=(3, 700, 96))).float()
     before = torch.get_num_threads()

@@ -397,9 +397,9 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
 
     from maskstore import create_bundle
     from maskstore.modules import maskable_modules, model_fingerprint
-    from maskstore.opener import open_bundle
-    from maskstore.runtime import MaskHandle
     from maskstore.serve import Catalog, Engine, Request
+    from maskstore.serve.runtime import MaskHandle
+    from maskstore.store.opener import open_bundle
 
     model = tiny_llama(seed=3)
     mods = maskable_modules(model)

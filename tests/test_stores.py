@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from maskstore.errors import IntegrityError, MaskstoreError, RefConflict
-from maskstore.stores import FsspecStore, LocalStore, Store, ZipStore
+from maskstore.store.stores import FsspecStore, LocalStore, Store, ZipStore
 
 CONTENT = {"a/one": b"1", "a/b/two": b"22", "three": b"333", "a/empty": b""}
 

@@ -18,9 +18,9 @@ from _helpers import write_bundle
 
 from maskstore import open_bundle, pack_zip
 from maskstore.errors import IntegrityError, MaskstoreError
-from maskstore.hashing import blake2b_hex, canonical_json, metadata_digest
 from maskstore.repo import init_repo, open_repo
 from maskstore.repo.objects import chunk_key
+from maskstore.store.hashing import blake2b_hex, canonical_json, metadata_digest
 
 TESTS = Path(__file__).parent
 FP = {"architecture": "T", "modules": {f"model.layers.{i}.mlp.up_proj": [39, 50] for i in range(3)}}
@@ -60,7 +60,7 @@ def test_fingerprint_edit_is_caught_before_any_read(bundle):
 
 def _shorten(path: Path, persona: str, rows: int) -> None:
     """Rewrite an array's zarr.json to declare fewer rows, chunk digests made to match."""
-    from maskstore.hashing import xxh3
+    from maskstore.store.hashing import xxh3
 
     arr = path / "personas" / persona / "masks" / M0
     data = open_bundle(path).read_packed(persona, M0)[:rows]
@@ -113,7 +113,7 @@ def test_swapped_or_edited_arrays_are_refused(bundle):
     bn = open_bundle(path)
     data = bn.read_packed("b", M0).copy()
     data[0, 0] ^= 1
-    from maskstore.hashing import xxh3
+    from maskstore.store.hashing import xxh3
 
     zstd = "zstd" in (b_ / "zarr.json").read_text()
     chunk.write_bytes(
@@ -236,7 +236,7 @@ def test_forged_remote_with_a_short_array_is_refused(tmp_path, rng):
     _, remote = _repo_and_remote(tmp_path, rng)
 
     def shorten(man):  # a complete forgery: new chunk objects too, every digest made to match
-        from maskstore.hashing import xxh3
+        from maskstore.store.hashing import xxh3
 
         e = man["personas"]["a"]["arrays"][f"masks/{M0}"]
         raw = np.zeros((29, 7), np.uint8).tobytes()
@@ -358,7 +358,7 @@ def test_gc_never_deletes_what_a_concurrent_commit_references(tmp_path, rng):
         repo.commit(open_bundle(tmp_path / f"x{i}"), "doomed", branch="tmp")
         repo.delete_branch("tmp")  # its chunks are now unreachable, and older than gc's start
         commit = prelude + (
-            "from _faults import Slow\nfrom maskstore.stores import open_store\n"
+            "from _faults import Slow\nfrom maskstore.store.stores import open_store\n"
             "from maskstore.repo import Repository\nfrom maskstore import open_bundle\n"
             f"r = Repository(Slow(open_store({str(tmp_path / 'repo')!r}), 0.08), {str(tmp_path / 'repo')!r})\n"
             f"r.commit(open_bundle({str(tmp_path / f'x{i}')!r}), 'c{i}')\n"

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import reference_port as ref
 
-from maskstore import calibration as cal
 from maskstore.build import BuildConfig, build
+from maskstore.build import calibration as cal
 from maskstore.models import load_model
 from maskstore.modules import maskable_modules
-from maskstore.opener import open_bundle
+from maskstore.store.opener import open_bundle
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "introvert_extrovert.csv"
 

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MaskstoreError
-from ..format import Bundle
-from ..hashing import canonical_json
-from ..names import check_ref_name
 from ..progress import Progress
-from ..stores import Store, open_store
+from ..store.format import Bundle
+from ..store.hashing import canonical_json
+from ..store.names import check_ref_name
+from ..store.stores import Store, open_store
 from . import commit as _commit
 from . import history, maintenance, signing, transfer
 from .merge import MergeConflict, MergeResult, merge
@@ -332,7 +332,7 @@ class Repository:
         url = entry["url"]
         if "://" not in url or url.startswith("file://"):
             return open_store(url)
-        from ..stores import FsspecStore
+        from ..store.stores import FsspecStore
 
         opts: dict = {}
         client = {k2: entry[k1] for k1, k2 in (("endpoint_url", "endpoint_url"),

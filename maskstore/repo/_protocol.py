@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..stores import Store
+from ..store.stores import Store
 from .objects import Objects
 from .refs import Refs
 

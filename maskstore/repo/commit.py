@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import codecs
-from ..bits import popcount
 from ..errors import MaskstoreError
-from ..format import Bundle
-from ..names import check_ref_name
 from ..progress import Progress, counter
+from ..store import codecs
+from ..store.bits import popcount
+from ..store.format import Bundle
+from ..store.names import check_ref_name
 from .objects import new_manifest
 from .snapshot import MAX_DELTA_DEPTH, VersionSource
 

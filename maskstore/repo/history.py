@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..stores import Store
+from ..store.stores import Store
 
 if TYPE_CHECKING:
     from ._protocol import RepositoryLike as Repository
@@ -43,7 +43,7 @@ def log(repo: Repository, ref: str = "main") -> list[dict]:
 
 def diff(repo: Repository, a: str, b: str) -> dict:
     """Which personas and modules differ between versions ``a`` and ``b``, and by how much."""
-    from .. import algebra
+    from ..compare import algebra
 
     sa, sb = repo.snapshot(a), repo.snapshot(b)
     ba, bb = sa.bundle, sb.bundle

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import MaskstoreError
-from ..hashing import blake2b_hex
+from ..store.hashing import blake2b_hex
 from .snapshot import check_metadata
 from .transfer import needed, reflog_heads
 

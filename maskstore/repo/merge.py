@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import MaskstoreError, MergeConflict
-from ..format import bundle_digest
+from ..store.format import bundle_digest
 from .history import ancestors
 from .objects import new_manifest
 from .snapshot import check_metadata

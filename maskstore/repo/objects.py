@@ -1,6 +1,6 @@
 """Repository objects: chunks named by their xxh3-128, version manifests named by their blake2b-256.
 
-Both are zstd frames, except mask chunks that the Golomb coder of :mod:`maskstore.gapcode` makes
+Both are zstd frames, except mask chunks that the Golomb coder of :mod:`maskstore.store.gapcode` makes
 smaller (sparse or skewed bits; told apart by their magic). A chunk's raw bytes are checked against its name on every read; a manifest's
 against its version id. Decompression is bounded by what the object may hold.
 """
@@ -11,11 +11,11 @@ import json
 
 import numpy as np
 
-from .. import codecs
 from ..errors import IntegrityError, MaskstoreError
-from ..hashing import blake2b_hex, canonical_json, xxh3
-from ..names import check_persona_name, is_hex
-from ..stores import Store
+from ..store import codecs
+from ..store.hashing import blake2b_hex, canonical_json, xxh3
+from ..store.names import check_persona_name, is_hex
+from ..store.stores import Store
 
 REPO_MARKER = "maskstore-repo.json"
 REPO_FORMAT = 1
@@ -30,7 +30,7 @@ def version_key(vid: str) -> str:
     return f"versions/{vid}"
 
 
-GAP_MAGIC = b"\x89MSG"  # maskstore.gapcode.MAGIC (not imported: it loads numba)
+GAP_MAGIC = b"\x89MSG"  # maskstore.store.gapcode.MAGIC (not imported: it loads numba)
 MAX_OBJECT_BYTES = 256 << 20  # what one chunk may decode to when its size is not known
 MAX_MANIFEST_BYTES = 64 << 20  # what one manifest may decode to
 
@@ -44,10 +44,10 @@ def stored_bound(raw_bytes: int) -> int:
 def encode_chunk(raw: np.ndarray | bytes, kept_share: float | None) -> bytes:
     """A chunk as stored: one zstd frame, its level from the codec policy; for mask bits far
     from half set (skewed masks, xor deltas), the Golomb-coded frame of
-    :mod:`maskstore.gapcode` instead when it is smaller."""
+    :mod:`maskstore.store.gapcode` instead when it is smaller."""
     frame = codecs.zstd_compress(raw, codecs.zstd_level(kept_share))
     if codecs.is_skewed(kept_share):
-        from .. import gapcode
+        from ..store import gapcode
 
         gap = gapcode.encode(np.frombuffer(memoryview(raw), np.uint8), limit=len(frame) - 1)
         if gap is not None:
@@ -59,7 +59,7 @@ def decode_chunk(h: str, data: bytes, where: str, limit: int = MAX_OBJECT_BYTES)
     """The raw bytes of chunk object ``h`` (at most ``limit``), checked against its xxh3 name."""
     try:
         if data[:4] == GAP_MAGIC:
-            from .. import gapcode
+            from ..store import gapcode
 
             raw = gapcode.decode(data, limit)
         else:
@@ -83,7 +83,7 @@ def new_manifest(
     from datetime import UTC, datetime
 
     from .._version import __version__
-    from ..format import FORMAT_VERSION
+    from ..store.format import FORMAT_VERSION
 
     return {
         "format": 1,

@@ -1,6 +1,6 @@
 """Refs: tags (never move) and branches (move by compare-and-swap), each a file holding a version id.
 
-``refs/tags/<name>`` and ``refs/branches/<name>``; names follow :func:`maskstore.names.check_ref_name`.
+``refs/tags/<name>`` and ``refs/branches/<name>``; names follow :func:`maskstore.store.names.check_ref_name`.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 
 from ..errors import IntegrityError, MaskstoreError
-from ..names import check_ref_name, is_hex
-from ..stores import RefConflict, Store
+from ..store.names import check_ref_name, is_hex
+from ..store.stores import RefConflict, Store
 
 KINDS = ("tags", "branches")
 SINGULAR = {"tags": "tag", "branches": "branch"}

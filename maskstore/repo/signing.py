@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MaskstoreError
-from ..names import check_ref_name, is_hex
+from ..store.names import check_ref_name, is_hex
 
 NAMESPACE = "maskstore-ref"
 MAX_SIGNATURE_BYTES = 16 << 10

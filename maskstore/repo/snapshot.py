@@ -1,4 +1,4 @@
-"""Reading a stored version: a :class:`Snapshot` composes a :class:`~maskstore.format.Bundle` whose
+"""Reading a stored version: a :class:`Snapshot` composes a :class:`~maskstore.store.format.Bundle` whose
 source is the version's manifest, so every reader (set algebra, runtime, verify, info) works on a
 version unchanged. Mask arrays stored as xor deltas are resolved chunk by chunk.
 """
@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..chunks import ArrayMeta, ChunkSource
 from ..errors import IntegrityError, MaskstoreError
-from ..format import Bundle, BundleSource
-from ..hashing import ArrayHasher
 from ..progress import Progress, counter
+from ..store.chunks import ArrayMeta, ChunkSource
+from ..store.format import Bundle, BundleSource
+from ..store.hashing import ArrayHasher
 
 if TYPE_CHECKING:
     from ._protocol import RepositoryLike as Repository
@@ -221,7 +221,7 @@ class Snapshot:
         """Write this version as a plain bundle at ``out`` (recipes need ``model`` and
         ``recompute``, see :meth:`VersionSource.recipe_masks`); ``progress(done, total)`` as
         modules are written or recomputed (``progress(done, total)``)."""
-        from ..writer import create_bundle
+        from ..store.writer import create_bundle
 
         b = self.bundle
         named = dict(model.named_modules()) if model is not None else {}

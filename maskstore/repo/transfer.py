@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..chunks import ArrayMeta
 from ..errors import IntegrityError, MaskstoreError
-from ..hashing import blake2b_hex, canonical_json
-from ..names import check_ref_name, is_hex
 from ..progress import Progress
-from ..stores import RefConflict, Store, ZipStore, open_store
-from ..writer import temp_sibling
+from ..store.chunks import ArrayMeta
+from ..store.hashing import blake2b_hex, canonical_json
+from ..store.names import check_ref_name, is_hex
+from ..store.stores import RefConflict, Store, ZipStore, open_store
+from ..store.writer import temp_sibling
 from . import signing
 from .history import ancestors
 from .merge import MergeResult, merge

@@ -1,7 +1,7 @@
 """Serving personas over an OpenAI-compatible HTTP API (the ``serve`` extra: FastAPI, uvicorn).
 
 ``maskstore serve SOURCE...`` calls :func:`serve`; :func:`build_server` gives the pieces to run
-in-process. One model, one :class:`~maskstore.runtime.MaskHandle` over a :class:`Catalog` of
+in-process. One model, one :class:`~maskstore.serve.runtime.MaskHandle` over a :class:`Catalog` of
 every source, one :class:`Engine` thread for all forward passes, and the app of
 :mod:`maskstore.serve.app`.
 """
@@ -54,7 +54,7 @@ class Server:
 
 def open_sources(sources: Sequence[str]) -> Catalog:
     """Every source opened (lazily: metadata only) and joined into one catalog."""
-    from ..opener import open_bundle
+    from ..store.opener import open_bundle
 
     if not sources:
         raise MaskstoreError("serve needs at least one bundle (a folder, a .zip, REPO@REF)")
@@ -70,7 +70,7 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
             that is not the one the bundles were built on, ...
     """
     from ..models import load_model, recorded_model
-    from ..runtime import MaskHandle
+    from .runtime import MaskHandle
 
     catalog = open_sources(cfg.sources)
     name, revision = recorded_model(catalog.model_source, cfg.model, cfg.revision)
@@ -91,7 +91,7 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
 
 def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
     """:func:`build_engine` plus the FastAPI app over it."""
-    from ..opener import open_bundle
+    from ..store.opener import open_bundle
     from .app import create_app
 
     server = build_engine(cfg, log)

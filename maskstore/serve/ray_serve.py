@@ -113,7 +113,7 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
     from ray import serve
 
     from ..models import load_tokenizer, model_folder, recorded_model
-    from ..opener import open_bundle
+    from ..store.opener import open_bundle
     from . import build_engine, open_sources
     from .app import create_app
 

@@ -11,9 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny import tiny_llama
 
 import maskstore
-from maskstore import scoring
-from maskstore.build import BuildConfig, build
-from maskstore.opener import open_bundle
+from maskstore.build import BuildConfig, build, scoring
+from maskstore.store.opener import open_bundle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

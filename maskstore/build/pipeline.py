@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import calibration as cal
 from . import distributed
-from .build import (
+from . import (
     BuildConfig,
     PersonaStats,
     block_finisher,
@@ -28,11 +28,11 @@ from .build import (
     stats_from_bundle,
     write_bundle,
 )
-from .format import DEFAULT_CHUNK_BYTES, Bundle
-from .models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
-from .modules import check_untied, maskable_modules
+from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
+from ..models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
+from ..modules import check_untied, maskable_modules
 from .offload import LayerwiseModel, checkpoint_bytes, collect_by_block
-from .progress import Progress, Stage
+from ..progress import Progress, Stage
 
 
 @dataclass(kw_only=True)
@@ -94,7 +94,7 @@ def run_build(job: BuildJob, stage: Stage | None = None) -> BuildResult | None:
     folder = model_folder(job.model, job.revision)
     layerwise = None
     if job.offload or (budget is not None and checkpoint_bytes(folder) > budget):
-        from .models import check_device
+        from ..models import check_device
 
         check_device(job.device)
         layerwise = LayerwiseModel(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MaskstoreError
-from .hashing import canonical_json, xxh3
+from ..errors import MaskstoreError
+from ..store.hashing import canonical_json, xxh3
 
 _TEXT_KEYS = ("text", "content", "statement", "prompt")
 

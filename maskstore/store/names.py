@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import MaskstoreError
+from ..errors import MaskstoreError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 _MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")

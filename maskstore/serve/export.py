@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._version import __version__
-from .errors import MaskstoreError
-from .format import Bundle
+from .._version import __version__
+from ..errors import MaskstoreError
+from ..store.format import Bundle
+from ..store.writer import new_folder
 from .runtime import attach
-from .writer import new_folder
 
 
 def export_model(
@@ -74,7 +74,7 @@ def export_model(
     meta = bundle.persona(persona)  # unknown names fail before anything is written
     cast = None
     if dtype is not None:
-        from .models import torch_dtype
+        from ..models import torch_dtype
 
         cast = torch_dtype(dtype)
     h = attach(model, bundle, check_weights=check_weights, untie=untie)
@@ -104,7 +104,7 @@ def export_model(
             else:
                 masked = list(meta["modules"])
                 state = _bitmask_state(model, bundle, persona, masked, cast)
-                metadata["maskstore.format"] = format
+                metadata["maskstore.store.format"] = format
                 save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
                 kept = sum(e["kept"] for e in meta["modules"].values())
                 numel = sum(bundle.modules[m].numel for m in masked)

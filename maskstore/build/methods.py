@@ -1,7 +1,7 @@
 """The scoring methods, one registry entry each: what a method needs and how it turns one module's
 weight and statistics into masks.
 
-To add a method, write its scores in :mod:`maskstore.scoring`, then :func:`register` a
+To add a method, write its scores in :mod:`maskstore.build.scoring`, then :func:`register` a
 :class:`Method` here, and test it; ``maskstore build --method NAME``, recipes and stored-statistics
 builds find it by name.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from . import scoring
-from .errors import MaskstoreError
-from .stats import ChannelStats
+from ..errors import MaskstoreError
+from ..store.stats import ChannelStats
 
 
 class BuildConfig(Protocol):

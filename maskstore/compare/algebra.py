@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bits import pad_mask
-from .errors import MaskstoreError
-from .format import Bundle
-from .names import module_kind, module_layer
-from .progress import Progress, counter
+from ..errors import MaskstoreError
+from ..progress import Progress, counter
+from ..store.bits import pad_mask
+from ..store.format import Bundle
+from ..store.names import module_kind, module_layer
 
 GROUPINGS = ("model", "kind", "layer", "module")
 METRICS = ("jaccard", "diff", "pruned_jaccard", "overlap", "intersection", "hamming")
@@ -431,13 +431,13 @@ def blend(bundle: Bundle, weights: dict[str, float], name: str, overwrite: bool 
 
 def gather(refs: list[Ref], out: str | os.PathLike) -> list[str]:
     """Copy personas of several bundles of one model into a new bundle at ``out`` (so that one
-    :class:`~maskstore.runtime.MaskHandle` can switch between them). Masks only; metadata and
+    :class:`~maskstore.serve.runtime.MaskHandle` can switch between them). Masks only; metadata and
     digests as they were. A name taken twice gets a ``.2``, ``.3``... suffix.
 
     Returns:
         The name of each ref's copy, in order.
     """
-    from .writer import create_bundle
+    from ..store.writer import create_bundle
 
     check_compatible(refs)
     names: list[str] = []

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, MaskstoreError, RefConflict
+from ..errors import IntegrityError, MaskstoreError, RefConflict
 
 MAX_OBJECT = 1 << 30  # no single stored object is read past 1 GiB
 

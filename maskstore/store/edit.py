@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 
-from .errors import IntegrityError, MaskstoreError
+from ..errors import IntegrityError, MaskstoreError
 from .format import STAGING, Bundle
 from .writer import WritableBundle
 

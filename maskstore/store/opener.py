@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import MaskstoreError
+from ..errors import MaskstoreError
 from .format import Bundle
 from .writer import WritableBundle
 
@@ -33,7 +33,7 @@ def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
                 raise MaskstoreError(
                     f"{s} is a stored version and read-only: check it out to modify it"
                 )
-            from .repo import open_version  # the repository loads only for versions
+            from ..repo import open_version  # the repository loads only for versions
 
             return open_version(s).bundle
     if remote:

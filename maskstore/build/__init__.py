@@ -5,7 +5,7 @@ Two stages, so that one calibration pass serves many masks ("score once, thresho
 1. :func:`collect_stats` runs the model over token batches once per persona (or
    :func:`stats_from_bundle` reads statistics a bundle stored);
 2. :func:`write_bundle` scores one module at a time (never a whole model's scores at once),
-   selects each persona's mask with the method's registry entry (:mod:`maskstore.methods`), and
+   selects each persona's mask with the method's registry entry (:mod:`maskstore.build.methods`), and
    streams masks and statistics into a new bundle.
 
 :func:`build` and :func:`build_from_stats` are the two stages together; the CLI, recipes and the
@@ -31,15 +31,15 @@ from torch import nn
 from . import methods, scoring
 from .calibration import API_SOURCE, Recorder
 from .collect import Batch, StatsCollector
-from .errors import MaskstoreError
-from .format import DEFAULT_CHUNK_BYTES, Bundle
-from .hashing import metadata_digest
-from .modules import maskable_modules, model_fingerprint
-from .names import check_persona_name
+from ..errors import MaskstoreError
+from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
+from ..store.hashing import metadata_digest
+from ..modules import maskable_modules, model_fingerprint
+from ..store.names import check_persona_name
 from .offload import collect_by_block, decoder_layers
-from .progress import Progress, Stage, counter
-from .stats import ChannelStats
-from .writer import WritableBundle, create_bundle
+from ..progress import Progress, Stage, counter
+from ..store.stats import ChannelStats
+from ..store.writer import WritableBundle, create_bundle
 
 ZERO_SCORE_WARN = 0.05  # warn when more of a persona's kept weights than this scored exactly 0
 
@@ -231,7 +231,7 @@ def block_finisher(
     config: BuildConfig,
     gather: Callable[[Mapping[str, StatsCollector], list[str]], None] | None = None,
 ) -> Callable[[nn.Module], None]:
-    """``after_block`` for :func:`maskstore.offload.collect_by_block`: the block's Gram
+    """``after_block`` for :func:`maskstore.build.offload.collect_by_block`: the block's Gram
     matrices (first ``gather``-ed across ranks) turned into what the method keeps, and freed."""
 
     def after_block(block: nn.Module) -> None:
@@ -502,7 +502,7 @@ def recompute_recipe(
     method and parameters over ``weight`` and the stored statistics (``stats``: the persona's
     and, for a contrastive pair, its opposite's). What repositories are given to recompute
     recipes (they never import this torch side)."""
-    from .bits import pack
+    from ..store.bits import pack
 
     config = BuildConfig.from_params(meta["method"], meta["sparsity"], meta["params"])
     p, persona = meta["params"], meta["name"]
@@ -563,8 +563,8 @@ def build(
             one ``"calibrating, block by block"`` in blocks), then ``"scoring"`` in modules (off
             by default).
         calibration_source: how the batches were made, recorded with their digest
-            (:class:`maskstore.calibration.Recorder`); the command line records
-            :func:`maskstore.calibration.describe`, so batches made as it makes them, with that
+            (:class:`maskstore.build.calibration.Recorder`); the command line records
+            :func:`maskstore.build.calibration.describe`, so batches made as it makes them, with that
             description, give the persona digests it gives.
     Returns:
         The bundle path.

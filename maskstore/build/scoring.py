@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .errors import MaskstoreError
-from .stats import ChannelStats
+from ..errors import MaskstoreError
+from ..store.stats import ChannelStats
 
 SELECTIONS = ("row", "nm", "layer")
 NORMS = ("tokens", "sample-mean")
@@ -214,7 +214,7 @@ def topk_mask(scores: torch.Tensor, k: int, tie: torch.Tensor | None = None) -> 
     then to the lowest column index; NaN counts as ``-inf``.
 
     On CPU, float32 (and the lossless float16/bfloat16) rows go to a compiled selection kernel
-    (``maskstore._select``). Elsewhere: one ``kthvalue`` per row for the threshold, a comparison,
+    (``maskstore.build._select``). Elsewhere: one ``kthvalue`` per row for the threshold, a comparison,
     and, only in rows with more tied values than places left, a ranking of the tied values.
     Both paths give the same bits.
     """

@@ -2,7 +2,7 @@
 
 :class:`ArrayMeta` is an array's ``zarr.json`` parsed once. A :class:`ChunkSource` yields an
 array's row chunks in order; two implement it: :class:`StoreArray` here (a bundle's zarr v3
-arrays, in any :class:`~maskstore.stores.Store`) and the repository's object arrays
+arrays, in any :class:`~maskstore.store.stores.Store`) and the repository's object arrays
 (``maskstore.repo.snapshot``).
 
 maskstore writes 2-D arrays on a regular chunk grid, split along rows only, with the default chunk
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MaskstoreError
 from . import codecs
-from .errors import MaskstoreError
 from .stores import Store
 
 _CODECS = ("zstd", "gzip", "blosc")
@@ -154,7 +154,7 @@ class ChunkSource(ABC):
 
 
 class StoreArray(ChunkSource):
-    """A zarr v3 array of a bundle, read from a :class:`~maskstore.stores.Store`.
+    """A zarr v3 array of a bundle, read from a :class:`~maskstore.store.stores.Store`.
 
     Args:
         store: where the bundle lives.

@@ -8,8 +8,8 @@ Layout (see ``schemas/FORMAT.md`` for the full specification)::
     bundle/personas/<name>/stats/<module>     float64 (rows, in): sum, sumsq, norm_mean, norm_m2, ...
 
 A :class:`Bundle` reads through a :class:`BundleSource`: :class:`StoreSource` reads this layout from
-any :class:`~maskstore.stores.Store` (a folder or a zip), and the repository's snapshot source
-reads a stored version. Writing lives in :mod:`maskstore.writer`.
+any :class:`~maskstore.store.stores.Store` (a folder or a zip), and the repository's snapshot source
+reads a stored version. Writing lives in :mod:`maskstore.store.writer`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import IntegrityError, MaskstoreError
+from ..progress import Progress, counter
 from .bits import packed_width, unpack
 from .chunks import MAX_META_BYTES, ArrayMeta, ChunkSource, StoreArray
-from .errors import IntegrityError, MaskstoreError
 from .hashing import ArrayHasher, metadata_digest, xxh3
 from .names import check_persona_name
-from .progress import Progress, counter
 from .stats import ChannelStats
 from .stores import LocalStore, Store, ZipStore
 
@@ -181,7 +181,7 @@ class BundleSource(ABC):
 
 
 class StoreSource(BundleSource):
-    """The zarr v3 bundle layout in a :class:`~maskstore.stores.Store` (a folder or a zip)."""
+    """The zarr v3 bundle layout in a :class:`~maskstore.store.stores.Store` (a folder or a zip)."""
 
     def __init__(self, store: Store, label: str | None = None) -> None:
         self.store = store
@@ -278,7 +278,7 @@ class Bundle:
     Args:
         path: a bundle directory or a ``.zip`` of one.
         writable: open a directory bundle's store for writing (see
-            :class:`maskstore.writer.WritableBundle`, which adds personas).
+            :class:`maskstore.store.writer.WritableBundle`, which adds personas).
         source: read from this source instead of ``path`` (a stored version, say).
     """
 

@@ -21,8 +21,8 @@ from numba import njit, types
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
-from ._threads import POOL as _POOL
-from ._threads import THREADS
+from .._threads import POOL as _POOL
+from .._threads import THREADS
 
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -250,7 +250,7 @@ def job_file(
     bf16: bool,
 ) -> tuple:
     """:func:`job` for a module whose base values are all in ``base`` (same raw dtype as
-    ``w``; memory-mapped from the checkpoint); ``tail`` is :func:`maskstore.bits.pad_mask`
+    ``w``; memory-mapped from the checkpoint); ``tail`` is :func:`maskstore.store.bits.pad_mask`
     of the row width."""
     tail = _words(tail[None])[0]
     dummy = np.zeros((1, tail.shape[0]), tail.dtype)

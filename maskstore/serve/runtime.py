@@ -7,7 +7,7 @@ compiled graphs keep working), and the forward pass does no extra work.
 Memory grows with what can be lost: each masked ``nn.Linear`` keeps the base values of only the
 positions some persona used so far prunes (packed positions plus values, optionally on another
 device with ``pristine="cpu"``), never a full copy. A switch rewrites only the weights whose gate
-changes (``A xor B``), on CPU with a compiled kernel (:mod:`maskstore._switch`). Masks are read
+changes (``A xor B``), on CPU with a compiled kernel (:mod:`maskstore.serve._switch`). Masks are read
 lazily per module and cached packed, 1 bit a weight, in an LRU bounded by bytes.
 """
 
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bits import packed_width, pad_mask, unpack, unpack_torch
-from .errors import MaskstoreError
-from .format import Bundle
-from .modules import check_untied, weights_hash
-from .opener import open_bundle
+from ..errors import MaskstoreError
+from ..modules import check_untied, weights_hash
+from ..store.bits import packed_width, pad_mask, unpack, unpack_torch
+from ..store.format import Bundle
+from ..store.opener import open_bundle
 
 
 @dataclass
@@ -248,7 +248,7 @@ class MaskHandle:
         if getattr(self.bundle, "is_recipe", None) and self.bundle.is_recipe(persona):
             # a recipe persona: recompute its masks from this model's base weights (digests
             # are checked against the recorded ones)
-            from .build import recompute_recipe
+            from ..build import recompute_recipe
 
             packed = self.bundle.recipe_masks(persona, self.base_weight,
                                               recompute=recompute_recipe)  # fmt: skip
@@ -345,7 +345,7 @@ class MaskHandle:
             self._checkpoint.check_unchanged()
 
     def _blend_weights(self, persona: str) -> dict[str, float] | None:
-        """The weights of a stored blend (:func:`maskstore.algebra.blend`), None for a mask."""
+        """The weights of a stored blend (:func:`maskstore.compare.algebra.blend`), None for a mask."""
         meta = self.bundle.persona(persona)
         if meta["method"] != "blend":
             return None
@@ -366,7 +366,7 @@ class MaskHandle:
 
     def _use_weighted(self, weights: dict[str, float], gamma: float) -> None:
         """``W = W0 * sum_p w_p G_p`` at every position some of the personas prune."""
-        from .algebra import check_blend_weights
+        from ..compare.algebra import check_blend_weights
 
         check_blend_weights(self.bundle, weights)
         masks = {p: self._load(p) for p in weights}
@@ -543,7 +543,7 @@ class MaskHandle:
         """
         if not names:
             return set()
-        from . import _threads
+        from .. import _threads
 
         weights = {n: self.modules[n].weight for n in names}
         maps: dict[str, torch.Tensor] = {}
@@ -839,7 +839,7 @@ def _warm_switching() -> None:
     (a first switch gated from the checkpoint needs none; the next switch will)."""
     import sys
 
-    if "maskstore._switch" in sys.modules or not _WARMING.acquire(blocking=False):
+    if "maskstore.serve._switch" in sys.modules or not _WARMING.acquire(blocking=False):
         return
 
     def warm() -> None:
@@ -862,7 +862,7 @@ def _checkpoint_of(model: nn.Module, base: str | os.PathLike):
     """The safetensors checkpoint base values are read back from: ``base`` a folder, or
     ``"auto"``: the folder the model was loaded from when it holds safetensors (None when
     not, or for ``"memory"``)."""
-    from .checkpoint import Checkpoint
+    from ..checkpoint import Checkpoint
 
     if base == "memory":
         return None

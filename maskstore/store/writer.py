@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .._version import __version__
+from ..errors import MaskstoreError
 from . import codecs
-from ._version import __version__
 from .bits import pack, packed_width, popcount
-from .errors import MaskstoreError
 from .format import (
     DEFAULT_CHUNK_BYTES,
     FORMAT_VERSION,
@@ -64,7 +64,7 @@ def compressor(
 ) -> Any:
     """A stock zarr v3 codec by name: zstd (default), blosc, gzip or none.
 
-    With zstd and no explicit level the codec follows the data (:mod:`maskstore.codecs`): level
+    With zstd and no explicit level the codec follows the data (:mod:`maskstore.store.codecs`): level
     16 for a skewed mask, else level 3, or raw bytes when a trial compression of ``sample``
     saves under 2% (the bits are incompressible and reads skip a decode).
     """

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .progress import Progress, counter
+from ..progress import Progress, counter
 from .scoring import one_thread
-from .stats import ChannelStats
+from ..store.stats import ChannelStats
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 
@@ -81,7 +81,7 @@ class StatsCollector:
         self.grams: dict[str, np.ndarray] = {}  # X^T X per input group (first module's name)
         self.gram_tokens: dict[str, int] = {}  # tokens folded into each group's X^T X
         # recording: each batch's X^T X apart, ``(index, gram, tokens)``, for a fold in
-        # calibration order across ranks (:func:`maskstore.distributed.gather_grams`)
+        # calibration order across ranks (:func:`maskstore.build.distributed.gather_grams`)
         self.gram_parts: dict[str, list[tuple[int, np.ndarray, int]]] = {}
         self.finished: dict[str, tuple[str, object]] = {}  # group -> what finish() made of it
         self.group_of: dict[str, str] = {}  # module -> the module whose input it shares

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
+from ..checkpoint import Checkpoint
 from .collect import Batch, StatsCollector
-from .errors import MaskstoreError
-from .progress import Progress, counter
+from ..errors import MaskstoreError
+from ..progress import Progress, counter
 
 
 def release_memory() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MaskstoreError
-from .writer import create_bundle
+from ..errors import MaskstoreError
+from ..store.writer import create_bundle
 
 _FILE = re.compile(r"^M_(.+)\.pt$")
 
@@ -161,7 +161,7 @@ def export_pt(
     Returns:
         The number of files written.
     """
-    from .writer import new_folder
+    from ..store.writer import new_folder
 
     # a blend is a soft gate, not a mask: the research layout has no place for it
     names = list(personas or [p for p in bundle.personas if bundle.persona(p)["method"] != "blend"])
