@@ -627,20 +627,30 @@ def test_mixed_blocks_refuse_nesting_and_bad_rows(setup):
     assert h.active == "b"
 
 
-def test_regroup_lets_rows_leave_a_mixed_batch(setup):
+def test_regroup_lets_rows_leave_and_join_a_mixed_batch(setup):
+    """Rows leave a mixed batch, and rows of a persona new to the block join it: each row
+    still equals its persona alone; an unknown persona or a blend is refused in one line."""
     model, mods, masks, base, path = setup
     h = maskstore.attach(model, path)
     ids = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), h.mixed(["a", "b", None]):
         h.regroup(["b", None])  # row 0 left
         got = model(ids[1:]).logits
-        with pytest.raises(MaskstoreError, match="half not among"):
-            h.regroup(["half"])
+        h.regroup(["half", "b", None], masks={"half": h.read_masks("half")})  # joined
+        joined = model(ids).logits
+        with pytest.raises(MaskstoreError, match="unknown persona 'nobody'"):
+            h.regroup(["nobody"])
+        with pytest.raises(MaskstoreError, match="one persona name"):
+            h.regroup([])
     with pytest.raises(MaskstoreError, match="inside a mixed"):
         h.regroup(["a"])
     for i, p in enumerate(("b", None)):
         with torch.no_grad(), h.persona(p):
             assert torch.allclose(got[i], model(ids[1 + i : 2 + i]).logits[0], atol=1e-5)
+    for i, p in enumerate(("half", "b", None)):
+        with torch.no_grad(), h.persona(p):
+            assert torch.allclose(joined[i], model(ids[i : i + 1]).logits[0], atol=1e-5), p
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
 
 
 def test_threads_switching_while_another_generates(setup):

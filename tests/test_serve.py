@@ -432,6 +432,82 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step(tmp_path):
         engine.close()
 
 
+def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, rng):
+    """Continuous batching: requests submitted while a batch runs join it at a step boundary
+    (any persona when the batch is mixed, new to it or the base model; its own persona in
+    persona mode), and every request gets the tokens it gets alone. While a request that
+    cannot join waits, none joins."""
+    import threading
+
+    from _tiny import byte_tokenizer, tiny_llama
+
+    from maskstore import create_bundle
+    from maskstore.modules import maskable_modules, model_fingerprint
+    from maskstore.serve import Catalog, Engine, Request
+    from maskstore.serve.runtime import MaskHandle
+    from maskstore.store.opener import open_bundle
+
+    model = tiny_llama(seed=5)
+    mods = maskable_modules(model)
+    with create_bundle(tmp_path / "b", model_fingerprint(model, mods, hash_weights=True)) as b:
+        for p in ("a", "b", "c"):
+            with b.persona_writer(p, method="t") as w:
+                for n, m in mods.items():
+                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
+    tok = byte_tokenizer()
+    handle = MaskHandle(model, Catalog([("b", open_bundle(tmp_path / "b"))]))
+
+    def run(engine: Engine, first: list, later: list) -> list[str]:
+        """``first`` submitted together; ``later`` from the first request's third delta on."""
+        jobs = first + later
+        done = [threading.Event() for _ in jobs]
+        out = [""] * len(jobs)
+        deltas = [0]
+
+        def sink(i):
+            def f(ev):
+                assert ev.kind in ("delta", "done"), ev
+                if ev.kind == "done":
+                    done[i].set()
+                    return
+                out[i] += ev.text
+                if i == 0:
+                    deltas[0] += 1
+                    if deltas[0] == 3:  # on the engine thread, mid-batch
+                        for k, job in enumerate(later, start=len(first)):
+                            submit(k, job)
+
+            return f
+
+        def submit(i, job):
+            p, prompt, n = job
+            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
+
+        for i, job in enumerate(first):
+            submit(i, job)
+        assert all(d.wait(60) for d in done)
+        return out
+
+    cases = {
+        "mixed": ([("a", "hello", 24), ("b", "hi there", 24)],
+                  [("c", "x y", 6), (None, "q", 5), ("a", "more text", 4)], 3),
+        "persona": ([("a", "hello", 24)], [("a", "more", 5), ("a", "x y z", 7)], 2),
+        "waiting": ([("a", "hello", 24)], [("b", "hi", 5), ("a", "more", 5)], 0),
+    }  # fmt: skip
+    for case, (first, later, joins) in cases.items():
+        mode = "persona" if case == "waiting" else case
+        engine = Engine(handle, tok, batching=mode, window_s=0.1)
+        try:
+            for p in ("a", "b", "c"):
+                engine.load(p)
+            alone = [run(engine, [job], [])[0] for job in first + later]
+            before = engine.metrics.get("maskstore_joined_rows_total")
+            assert run(engine, first, later) == alone, case
+            assert engine.metrics.get("maskstore_joined_rows_total") - before == joins, case
+        finally:
+            engine.close()
+
+
 def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
     """In-process: the engine with mixed batches and with one persona a batch gives every
     request the tokens it gets alone; persona mode never mixes personas in a batch."""

@@ -10,9 +10,13 @@ Reading order:
    requests join the ready queue once loaded (a failed load fails only them, 503).
 3. The engine thread takes the ready requests (up to ``max_batch``, after a short window for
    others to join), switches in place when the batch has one persona, or opens
-   ``handle.mixed(...)`` when it has several, and decodes step by step with a KV cache. Rows
-   leave at step boundaries (finished, stopped or cancelled): the cache and the row groups are
-   cut down to the rows still running. New requests wait for the next batch.
+   ``handle.mixed(...)`` when it has several, and decodes step by step with a KV cache
+   (:class:`_Rows`). At each step boundary rows leave (finished, stopped or cancelled: the
+   cache and the row groups are cut down to the rows still running) and waiting requests join
+   (continuous batching): their prompts run as a batch of their own, and their caches are
+   left-padded to the running batch's length and appended to it. A request joins a batch
+   of its persona, or any mixed batch; while one that cannot join waits, none joins, so the
+   batch drains and the next one starts with the oldest waiting request.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -72,6 +77,8 @@ class Request:
     lp: list = field(default_factory=list)  # logprob entries, in token order
     lp_sent: int = 0  # entries already sent
     text_len: int = 0  # characters of the decoded output at the previous step
+    gen: torch.Generator | None = None  # its sampling generator (seeded from ``seed``)
+    next: int = 0  # the token sampled last, fed to the next step
 
     def cancel(self) -> None:
         """The client went away: the row leaves the batch at the next step."""
@@ -276,50 +283,98 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, batch: list[Request], mixed: bool) -> None:
-        n = max(len(r.ids) for r in batch)
-        ids = torch.full((len(batch), n), self.pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's last token is at -1
+        """Decode ``batch`` step by step; at each step boundary finished rows leave and
+        waiting requests that fit join (continuous batching): a request joins when it has the
+        batch's persona, or any persona when the batch is mixed, and no request that cannot
+        join is waiting (so one persona never starves the others)."""
+        run = _Rows(self, [])
+        joining = batch
+        while True:
+            if joining:
+                if mixed:
+                    self.handle.regroup([r.persona for r in joining],
+                                        masks={r.persona: r.masks for r in joining
+                                               if r.persona is not None})  # fmt: skip
+                run.merge(self._prefill(joining))
+                if mixed:
+                    self.handle.regroup([r.persona for r in run.reqs])
+            if self._stopping.is_set():
+                for r in run.reqs:
+                    r.sink(Event("error", "the server is shutting down", status=503))
+                return
+            if not run.reqs:
+                return
+            joining = self._joiners(run.reqs, mixed)
+            if joining:
+                self.metrics.inc("maskstore_joined_rows_total", len(joining))
+            out = self._forward(run.ids, run.attn, run.cache)
+            run.cache = out.cache
+            keep = self._sample(run.reqs, out.logits)
+            if len(keep) < len(run.reqs):  # rows leave the batch at this step boundary
+                run.select(keep)
+                if mixed and run.reqs:
+                    self.handle.regroup([r.persona for r in run.reqs])
+            run.next_step()
+
+    def _prefill(self, reqs: list[Request]) -> _Rows:
+        """Run the prompts of ``reqs`` (left-padded together) and sample their first tokens;
+        the rows still running, with their cache."""
+        n = max(len(r.ids) for r in reqs)
+        ids = torch.full((len(reqs), n), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(reqs), n), dtype=torch.long)
+        for i, r in enumerate(reqs):  # left padding: every row's last token is at -1
             ids[i, n - len(r.ids) :] = torch.tensor(r.ids, dtype=torch.long)
             attn[i, n - len(r.ids) :] = 1
-        gens = [_generator(r.seed) for r in batch]
-        rows = list(range(len(batch)))  # which requests the cache's rows are
-        cache = None
-        step_ids = ids
-        while True:
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            out = self.model(
-                input_ids=step_ids.to(self.device),
-                attention_mask=attn.to(self.device),
-                position_ids=pos.to(self.device),
-                use_cache=True,
-                **{self._cache_arg: cache},
-            )
-            cache = getattr(out, "cache", None) or out.past_key_values
-            logits = out.logits[:, -1, :].float().cpu()
-            nxt = torch.empty(len(rows), dtype=torch.long)
-            keep = []
-            for j, i in enumerate(rows):
-                r = batch[i]
-                tok = _sample(logits[j], r.temperature, r.top_p, gens[i])
-                nxt[j] = tok
-                if self._advance(r, tok, _logprobs(logits[j], tok, r.logprobs)):
-                    keep.append(j)
-            if self._stopping.is_set():
-                for j in keep:
-                    batch[rows[j]].sink(Event("error", "the server is shutting down", status=503))
-                return
-            if not keep:
-                return
-            if len(keep) < len(rows):  # rows leave the batch at this step boundary
-                idx = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(idx.to(self.device))
-                attn, nxt = attn[idx], nxt[idx]
-                rows = [rows[j] for j in keep]
-                if mixed:
-                    self.handle.regroup([batch[i].persona for i in rows])
-            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            step_ids = nxt[:, None]
+            r.gen = _generator(r.seed)
+        out = self._forward(ids, attn, None)
+        rows = _Rows(self, reqs, out.cache, attn)
+        keep = self._sample(reqs, out.logits)
+        rows.select(keep)
+        rows.next_step()
+        return rows
+
+    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, cache) -> _Step:
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=pos.to(self.device),
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return _Step(out.logits[:, -1, :].float().cpu(), cache)
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """Each row's next token, sent on; the indices of the rows that go on."""
+        keep = []
+        for j, r in enumerate(reqs):
+            tok = _sample(logits[j], r.temperature, r.top_p, r.gen)
+            r.next = tok
+            if self._advance(r, tok, _logprobs(logits[j], tok, r.logprobs)):
+                keep.append(j)
+        return keep
+
+    def _joiners(self, running: list[Request], mixed: bool) -> list[Request]:
+        """Waiting requests that join the running batch at this step boundary."""
+        room = self.max_batch - len(running)
+        while True:  # everything ready, in arrival order, after what was already held
+            try:
+                req = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if req is None:
+                self._ready.put(None)  # leave the stop mark for the loop
+                break
+            self._held.append(req)
+        self._held = [r for r in self._held if not r.cancelled.is_set()]
+        if room <= 0 or not self._held:
+            return []
+        persona = running[0].persona if running else None
+        if not all(mixed or r.persona == persona for r in self._held):
+            return []  # someone else waits: let this batch drain
+        joining, self._held = self._held[:room], self._held[room:]
+        return joining
 
     def _advance(self, r: Request, tok: int, lp: tuple | None = None) -> bool:
         """Add ``tok`` to ``r``'s output and send what became final; False when ``r`` ends.
@@ -422,3 +477,73 @@ def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
         if k >= 0 and (best is None or k < best):
             best = k
     return best
+
+
+@dataclass
+class _Step:
+    logits: torch.Tensor  # (rows, vocab) float32 on the CPU: each row's last position
+    cache: Any
+
+
+class _Rows:
+    """The running rows of a batch: their requests, KV cache and attention mask, and the ids
+    the next forward pass takes (one new token a row after the prompt)."""
+
+    def __init__(self, engine: Engine, reqs: list[Request], cache=None, attn=None) -> None:
+        self.engine, self.reqs, self.cache = engine, reqs, cache
+        self.attn = attn if attn is not None else torch.zeros((0, 0), dtype=torch.long)
+        self.ids = torch.zeros((len(reqs), 1), dtype=torch.long)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` (indices) only."""
+        if len(keep) == len(self.reqs):
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        if keep:
+            self.cache.batch_select_indices(idx.to(self.engine.device))
+        self.attn = self.attn[idx]
+        self.reqs = [self.reqs[j] for j in keep]
+
+    def next_step(self) -> None:
+        """The next forward pass: each row's sampled token, one more attended position."""
+        self.ids = torch.tensor([[r.next] for r in self.reqs], dtype=torch.long)
+        ones = torch.ones((len(self.reqs), 1), dtype=torch.long)
+        self.attn = torch.cat([self.attn, ones], dim=1)
+
+    def merge(self, other: _Rows) -> None:
+        """Append ``other``'s rows: both caches left-padded to one length (masked out)."""
+        if not other.reqs:
+            return
+        if not self.reqs:
+            self.reqs, self.cache, self.attn, self.ids = (other.reqs, other.cache, other.attn,
+                                                          other.ids)  # fmt: skip
+            return
+        n = max(self.attn.shape[1], other.attn.shape[1])
+        for a, b in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            for kind in ("keys", "values"):
+                x, y = getattr(a, kind), getattr(b, kind)
+                setattr(a, kind, torch.cat([_left_pad(x, n - 1, 2), _left_pad(y, n - 1, 2)]))
+        self.attn = torch.cat([_left_pad(self.attn, n, 1), _left_pad(other.attn, n, 1)])
+        self.ids = torch.cat([self.ids, other.ids])
+        self.reqs = self.reqs + other.reqs
+
+
+def _layers(cache) -> list:
+    """The layers of a transformers ``DynamicCache`` (each with ``keys`` and ``values`` of
+    shape ``(rows, heads, positions, dim)``)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
+        raise MaskstoreError(
+            "continuous batching needs a transformers DynamicCache with per-layer keys and values"
+        )
+    return layers
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros before it along ``dim`` up to length ``n``."""
+    short = n - t.shape[dim]
+    if short <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -14,7 +14,8 @@ HELP = {
     "maskstore_persona_cache_bytes": ("gauge", "Bytes of packed masks held in the cache."),
     "maskstore_persona_load_seconds": ("histogram", "Time to read a persona's masks."),
     "maskstore_switch_seconds": ("histogram", "Time to switch or set up a batch's personas."),
-    "maskstore_batch_rows": ("histogram", "Requests decoded together in one batch."),
+    "maskstore_batch_rows": ("histogram", "Requests a batch started with."),
+    "maskstore_joined_rows_total": ("counter", "Requests that joined a running batch."),
 }
 _BUCKETS = {
     "maskstore_batch_rows": (1, 2, 4, 8, 16, 32, 64),

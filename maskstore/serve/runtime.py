@@ -155,6 +155,7 @@ class MaskHandle:
         self._cache_lock = threading.Lock()
         self._lock = threading.RLock()
         self._mixing = False
+        self._gated: dict[str, dict] = {}  # a mixed() block's weights: module -> persona -> W*G
         self._detached = False
         self.active: str | dict[str, float] | None = None
         self.gamma: float = 0.0
@@ -667,8 +668,9 @@ class MaskHandle:
         at its base weights inside and returns to what was active after.
 
         The block holds the handle's lock; blocks do not nest, and ``use`` inside one raises.
-        :meth:`regroup` changes which row uses which of the block's personas (rows leaving a
-        batch). ``masks``: preloaded masks by persona (:meth:`read_masks`).
+        :meth:`regroup` changes which row uses which persona (rows leaving or joining a
+        batch, personas new to the block included). ``masks``: preloaded masks by persona
+        (:meth:`read_masks`).
         """
         if not personas or not all(p is None or isinstance(p, str) for p in personas):
             raise MaskstoreError(
@@ -684,55 +686,67 @@ class MaskHandle:
                         f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
                     )
             prev, prev_gamma = self.active, self.gamma
-            given = masks or {}
-            loaded = {p: given[p] if p in given else self._load(p) for p in names}
             self.use(None)
+            self._gated = {name: {None: mod.weight.detach()} for name, mod in self.modules.items()}
             self._groups = _Groups()
-            self._group_names = set(names)
-            self.regroup(personas, _started=True)
-            patched = []
+            self._mix_gamma = float(gamma)
             self._mixing = True
             try:
-                with torch.no_grad():
-                    for name, mod in self.modules.items():
-                        w = mod.weight.detach()
-                        gated = {None: w}
-                        for p in names:
-                            if name in loaded[p]:
-                                keep = unpack_torch(torch.from_numpy(loaded[p][name]), w.shape[1])
-                                gate = torch.where(keep.to(w.device), 1.0, gamma).to(w.dtype)
-                                gated[p] = torch.mul(w, gate)
-                            else:
-                                gated[p] = w
-                        mod.forward = _grouped_forward(mod, gated, self._groups)
-                        patched.append(mod)
+                self.regroup(personas, masks)
+                for name, mod in self.modules.items():
+                    mod.forward = _grouped_forward(mod, self._gated[name], self._groups)
                 yield self
             finally:
-                for mod in patched:
-                    del mod.forward
+                for mod in self.modules.values():
+                    mod.__dict__.pop("forward", None)
                 self._mixing = False
                 self._groups = None
+                self._gated = {}
                 if not self._detached:
                     self.use(prev, prev_gamma)
 
-    def regroup(self, personas: list[str | None], _started: bool = False) -> None:
-        """Inside a :meth:`mixed` block: row ``i`` now uses ``personas[i]`` (each one of the
-        block's personas or None), e.g. after finished rows left the batch."""
+    def regroup(
+        self,
+        personas: list[str | None],
+        masks: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
+        """Inside a :meth:`mixed` block: row ``i`` now uses ``personas[i]`` (None: the base
+        model), e.g. after finished rows left the batch or new ones joined it. A persona new
+        to the block has its gated weights made now (``masks``: its preloaded masks, else they
+        are read)."""
+        if not personas or not all(p is None or isinstance(p, str) for p in personas):
+            raise MaskstoreError("regroup() needs one persona name (or None) per row")
         with self._lock:
-            if not (_started or self._mixing):
+            if not self._mixing:
                 raise MaskstoreError("regroup() works inside a mixed() block only")
-            if not personas or not all(p is None or isinstance(p, str) for p in personas):
-                raise MaskstoreError("regroup() needs one persona name (or None) per row")
-            extra = {p for p in personas if p is not None} - self._group_names
-            if extra:
-                raise MaskstoreError(
-                    f"regroup(): {', '.join(sorted(extra))} not among the mixed() block's personas"
-                )
+            first = next(iter(self._gated.values()), {})
+            new = [p for p in dict.fromkeys(personas) if p is not None and p not in first]
+            for p in new:
+                self._check_known(p)
+                if self._blend_weights(p) is not None:
+                    raise MaskstoreError(
+                        f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
+                    )
+            given = masks or {}
+            for p in new:
+                self._add_gated(p, given[p] if p in given else self._load(p))
             self._groups.rows = [
                 (p, torch.tensor([i for i, q in enumerate(personas) if q == p], dtype=torch.long))
                 for p in dict.fromkeys(personas)
             ]
             self._groups.batch = len(personas)
+
+    @torch.no_grad()
+    def _add_gated(self, persona: str, masks: Mapping[str, np.ndarray]) -> None:
+        """A :meth:`mixed` block's gated weights of ``persona``, module by module."""
+        for name, gated in self._gated.items():
+            w = gated[None]
+            if name in masks:
+                keep = unpack_torch(torch.from_numpy(masks[name]), w.shape[1])
+                gate = torch.where(keep.to(w.device), 1.0, self._mix_gamma).to(w.dtype)
+                gated[persona] = torch.mul(w, gate)
+            else:
+                gated[persona] = w
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[MaskHandle]:
         """PEFT-style: the base model inside the block."""
