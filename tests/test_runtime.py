@@ -1054,3 +1054,40 @@ def test_a_first_blend_looks_at_the_process_maps_once(tmp_path, rng, monkeypatch
     h.use({"a": 0.5, "b": 0.5}, 0.2)
     assert calls == [len(h.modules)]
     assert h.memory_overhead() == 0  # read back from the file: nothing stored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mixed_rows_match_use_in_each_dtype_and_not_their_batch_mates(tmp_path, rng, dtype):
+    """float32 and bfloat16 take the fused kernel (no weight copies) and a row's outputs are
+    bit for bit those it gets alone; float16 takes gated copies. Every row matches its
+    persona switched in place."""
+    model = tiny_llama(seed=6).to(dtype)
+    mods = maskable_modules(model)
+    with create_bundle(tmp_path / "b", model_fingerprint(model, mods, hash_weights=True)) as b:
+        for p in ("a", "b"):
+            with b.persona_writer(p, method="t") as w:
+                for n, m in mods.items():
+                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
+    h = maskstore.attach(model, tmp_path / "b")
+    rows = ["a", None, "b", "a", "b"]
+    ids = torch.randint(0, 256, (5, 7), generator=torch.Generator().manual_seed(2))
+    name, mod = list(mods.items())[-1]  # a down projection: in not a multiple of 16
+    x = torch.randn(5, 3, mod.in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad(), h.mixed(rows):
+        assert h._mix.fused == (dtype != torch.float16)
+        assert not any(h._mix.gated[n] for n in mods) or dtype == torch.float16
+        y = mod(x)
+        logits = model(ids).logits.float()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    for i, p in enumerate(rows):
+        with torch.no_grad(), h.mixed([p]):
+            alone = mod(x[i : i + 1])[0]
+        if dtype != torch.float16:
+            assert torch.equal(alone, y[i]), (p, i)
+        with torch.no_grad(), h.persona(p):
+            want = model(ids[i : i + 1]).logits.float()[0]
+            assert torch.allclose(mod(x[i : i + 1])[0].float(), y[i].float(), atol=tol, rtol=tol)
+        assert torch.allclose(logits[i], want, atol=tol, rtol=tol), (
+            p,
+            (logits[i] - want).abs().max(),
+        )

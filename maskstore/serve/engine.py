@@ -9,14 +9,16 @@ Reading order:
    thread (:meth:`MaskHandle.read_masks`, no lock held), so other personas keep decoding; its
    requests join the ready queue once loaded (a failed load fails only them, 503).
 3. The engine thread takes the ready requests (up to ``max_batch``, after a short window for
-   others to join), switches in place when the batch has one persona, or opens
-   ``handle.mixed(...)`` when it has several, and decodes step by step with a KV cache
-   (:class:`_Rows`). At each step boundary rows leave (finished, stopped or cancelled: the
-   cache and the row groups are cut down to the rows still running) and waiting requests join
-   (continuous batching): their prompts run as a batch of their own, and their caches are
-   left-padded to the running batch's length and appended to it. A request joins a batch
-   of its persona, or any mixed batch; while one that cannot join waits, none joins, so the
-   batch drains and the next one starts with the oldest waiting request.
+   others to join). With ``batching="persona"`` a batch has one persona, switched in place;
+   with ``"mixed"`` it runs in a ``handle.mixed(...)`` block, whatever its personas (on CPU a
+   fused kernel: a request's tokens do not depend on its batch-mates). It decodes step by
+   step with a KV cache (:class:`_Rows`).
+4. At each step boundary rows leave (finished, stopped or cancelled: the cache and the row
+   groups are cut down to the rows still running) and waiting requests join (continuous
+   batching): their prompts run as a batch of their own, and their caches are left-padded to
+   the running batch's length and appended to it. In persona mode only the batch's persona
+   joins, and none while a request of another persona waits, so the batch drains and the
+   next one starts with the oldest waiting request.
 """
 
 from __future__ import annotations
@@ -253,6 +255,11 @@ class Engine:
         return batch
 
     def _loop(self) -> None:
+        if self.batching == "mixed":
+            with contextlib.suppress(Exception):  # only a head start: a batch compiles it too
+                from . import _mixed
+
+                _mixed.warm()  # the fused kernel, before the first batch needs it
         while not self._stopping.is_set():
             batch = [r for r in self._take() if not r.cancelled.is_set()]
             if not batch:
@@ -266,27 +273,25 @@ class Engine:
 
     def _run(self, batch: list[Request]) -> None:
         personas = [r.persona for r in batch]
-        names = list(dict.fromkeys(p for p in personas if p is not None))
         self.metrics.observe("maskstore_batch_rows", len(batch))
         t0 = time.perf_counter()
+        mixed = self.batching == "mixed"
         with self.handle.lock:
-            if len(set(personas)) == 1:  # one persona: switch in place (delta writes)
+            if mixed:  # every masked Linear groups the rows by persona (rows join and leave)
+                masks = {r.persona: r.masks for r in batch if r.persona is not None}
+                ctx = self.handle.mixed(personas, masks=masks)
+            else:  # one persona: switch in place (delta writes)
                 p = personas[0]
                 self.handle.use(p, masks=batch[0].masks if p is not None else None)
                 ctx = contextlib.nullcontext()
-            else:  # several: each masked Linear groups the rows by persona
-                masks = {r.persona: r.masks for r in batch if r.persona is not None}
-                ctx = self.handle.mixed(personas, masks={p: masks[p] for p in names})
             with ctx:
                 self.metrics.observe("maskstore_switch_seconds", time.perf_counter() - t0)
-                self._decode(batch, mixed=len(set(personas)) > 1)
+                self._decode(batch, mixed)
 
     @torch.inference_mode()
     def _decode(self, batch: list[Request], mixed: bool) -> None:
         """Decode ``batch`` step by step; at each step boundary finished rows leave and
-        waiting requests that fit join (continuous batching): a request joins when it has the
-        batch's persona, or any persona when the batch is mixed, and no request that cannot
-        join is waiting (so one persona never starves the others)."""
+        waiting requests join while there is room (see the module docstring, step 4)."""
         run = _Rows(self, [])
         joining = batch
         while True:

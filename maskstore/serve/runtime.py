@@ -155,7 +155,7 @@ class MaskHandle:
         self._cache_lock = threading.Lock()
         self._lock = threading.RLock()
         self._mixing = False
-        self._gated: dict[str, dict] = {}  # a mixed() block's weights: module -> persona -> W*G
+        self._mix: _Mix | None = None  # the mixed() block's state, inside one
         self._detached = False
         self.active: str | dict[str, float] | None = None
         self.gamma: float = 0.0
@@ -687,21 +687,18 @@ class MaskHandle:
                     )
             prev, prev_gamma = self.active, self.gamma
             self.use(None)
-            self._gated = {name: {None: mod.weight.detach()} for name, mod in self.modules.items()}
-            self._groups = _Groups()
-            self._mix_gamma = float(gamma)
+            self._mix = _Mix(self.modules, gamma)
             self._mixing = True
             try:
                 self.regroup(personas, masks)
                 for name, mod in self.modules.items():
-                    mod.forward = _grouped_forward(mod, self._gated[name], self._groups)
+                    mod.forward = self._mix.forward(name, mod)
                 yield self
             finally:
                 for mod in self.modules.values():
                     mod.__dict__.pop("forward", None)
                 self._mixing = False
-                self._groups = None
-                self._gated = {}
+                self._mix = None
                 if not self._detached:
                     self.use(prev, prev_gamma)
 
@@ -712,15 +709,13 @@ class MaskHandle:
     ) -> None:
         """Inside a :meth:`mixed` block: row ``i`` now uses ``personas[i]`` (None: the base
         model), e.g. after finished rows left the batch or new ones joined it. A persona new
-        to the block has its gated weights made now (``masks``: its preloaded masks, else they
-        are read)."""
+        to the block is added (``masks``: its preloaded masks, else they are read now)."""
         if not personas or not all(p is None or isinstance(p, str) for p in personas):
             raise MaskstoreError("regroup() needs one persona name (or None) per row")
         with self._lock:
             if not self._mixing:
                 raise MaskstoreError("regroup() works inside a mixed() block only")
-            first = next(iter(self._gated.values()), {})
-            new = [p for p in dict.fromkeys(personas) if p is not None and p not in first]
+            new = [p for p in dict.fromkeys(personas) if p is not None and p not in self._mix]
             for p in new:
                 self._check_known(p)
                 if self._blend_weights(p) is not None:
@@ -729,24 +724,8 @@ class MaskHandle:
                     )
             given = masks or {}
             for p in new:
-                self._add_gated(p, given[p] if p in given else self._load(p))
-            self._groups.rows = [
-                (p, torch.tensor([i for i, q in enumerate(personas) if q == p], dtype=torch.long))
-                for p in dict.fromkeys(personas)
-            ]
-            self._groups.batch = len(personas)
-
-    @torch.no_grad()
-    def _add_gated(self, persona: str, masks: Mapping[str, np.ndarray]) -> None:
-        """A :meth:`mixed` block's gated weights of ``persona``, module by module."""
-        for name, gated in self._gated.items():
-            w = gated[None]
-            if name in masks:
-                keep = unpack_torch(torch.from_numpy(masks[name]), w.shape[1])
-                gate = torch.where(keep.to(w.device), 1.0, self._mix_gamma).to(w.dtype)
-                gated[persona] = torch.mul(w, gate)
-            else:
-                gated[persona] = w
+                self._mix.add(p, given[p] if p in given else self._load(p))
+            self._mix.group(personas)
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[MaskHandle]:
         """PEFT-style: the base model inside the block."""
@@ -815,34 +794,102 @@ def _mark(handle: MaskHandle) -> None:
         _MASKED[handle.model] = label
 
 
-@dataclass
-class _Groups:
-    """A mixed() block's rows: ``(persona, row indices)`` per persona, and the batch size
-    (:meth:`MaskHandle.regroup` updates them in place)."""
+class _Mix:
+    """A :meth:`MaskHandle.mixed` block: its personas' masks, which rows use which persona, and
+    each masked Linear's forward over them. ``fused`` (CPU, float32 or bfloat16 weights): the
+    kernel of :mod:`._mixed` gates each weight from the packed masks as it reads it; else each
+    persona's gated weights are made once, when it joins the block."""
 
-    rows: list = None  # type: ignore[assignment]
-    batch: int = 0
+    def __init__(self, modules: dict[str, nn.Linear], gamma: float) -> None:
+        self.modules, self.gamma = modules, float(gamma)
+        self.fused = all(
+            m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)
+            and m.weight.is_contiguous() for m in modules.values()
+        )  # fmt: skip
+        self.kernel = None
+        if self.fused:
+            from . import _mixed
 
+            self.kernel = _mixed
+            self.lists = {n: _mixed.mask_list([]) for n in modules}  # module -> packed masks
+        self.index: dict[str, dict[str, int]] = {n: {} for n in modules}  # -> persona -> slot
+        self.gated: dict[str, dict] = {n: {} for n in modules}  # copies: module -> persona -> W*G
+        self.personas: set[str] = set()
+        self.batch = 0
+        self.rows: list[tuple[str | None, torch.Tensor]] = []
+        self.order = self.start = np.zeros(0, np.int64)
+        self.sel: dict[str, np.ndarray] = {}
 
-def _grouped_forward(mod: nn.Linear, gated: dict, groups: _Groups):
-    """``mod``'s forward with each group of batch rows through its own persona's weight."""
-    bias = mod.bias
+    def __contains__(self, persona: str) -> bool:
+        return persona in self.personas
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        batch, rows = groups.batch, groups.rows
-        if x.shape[0] != batch:
-            raise MaskstoreError(
-                f"mixed() was given {batch} personas but the batch has {x.shape[0]} rows"
-            )
-        if len(rows) == 1:
-            return nn.functional.linear(x, gated[rows[0][0]], bias)
-        out = x.new_empty((*x.shape[:-1], mod.out_features))
-        for p, idx in rows:
-            idx = idx.to(x.device)
-            out[idx] = nn.functional.linear(x[idx], gated[p], bias)
-        return out
+    @torch.no_grad()
+    def add(self, persona: str, masks: Mapping[str, np.ndarray]) -> None:
+        for name, mod in self.modules.items():
+            if name not in masks:
+                continue
+            if self.fused:
+                self.index[name][persona] = len(self.lists[name])
+                self.lists[name].append(np.ascontiguousarray(masks[name], dtype=np.uint8))
+            else:
+                w = mod.weight.detach()
+                keep = unpack_torch(torch.from_numpy(masks[name]), w.shape[1])
+                gate = torch.where(keep.to(w.device), 1.0, self.gamma).to(w.dtype)
+                self.gated[name][persona] = torch.mul(w, gate)
+        self.personas.add(persona)
 
-    return forward
+    def group(self, personas: list[str | None]) -> None:
+        groups = list(dict.fromkeys(personas))
+        self.batch = len(personas)
+        self.rows = [
+            (p, torch.tensor([i for i, q in enumerate(personas) if q == p], dtype=torch.long))
+            for p in groups
+        ]
+        self.order = np.array([i for _, idx in self.rows for i in idx.tolist()], np.int64)
+        self.start = np.cumsum([0] + [len(idx) for _, idx in self.rows], dtype=np.int64)
+        self.sel = {
+            name: np.array([-1 if p is None else slots.get(p, -1) for p in groups], np.int64)
+            for name, slots in self.index.items()
+        }
+
+    def forward(self, name: str, mod: nn.Linear):
+        """``mod``'s forward inside the block."""
+        weight, bias = mod.weight, mod.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != self.batch:
+                raise MaskstoreError(
+                    f"mixed() was given {self.batch} personas but the batch has {x.shape[0]} rows"
+                )
+            if self.fused and x.device.type == "cpu":
+                return self._fused(name, mod, x)
+            gated = self.gated[name]
+            if len(self.rows) == 1:
+                return nn.functional.linear(x, gated.get(self.rows[0][0], weight), bias)
+            out = x.new_empty((*x.shape[:-1], mod.out_features))
+            for p, idx in self.rows:
+                idx = idx.to(x.device)
+                out[idx] = nn.functional.linear(x[idx], gated.get(p, weight), bias)
+            return out
+
+        return forward
+
+    def _fused(self, name: str, mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        # x: (batch, *tokens, in) -> (batch * tokens, in); a batch row's tokens are its rows
+        per = x[0].numel() // x.shape[-1]
+        flat = x.detach().reshape(-1, x.shape[-1]).float().contiguous().numpy()
+        w = mod.weight.detach()
+        raw = w.numpy() if w.dtype == torch.float32 else w.view(torch.uint16).numpy()
+        order, start = self.order, self.start
+        if per > 1:
+            order = (order[:, None] * per + np.arange(per)).reshape(-1)
+            start = start * per
+        out = self.kernel.linear(flat, raw, self.lists[name], self.gamma, self.sel[name],
+                                 order, start)  # fmt: skip
+        y = torch.from_numpy(out).reshape(*x.shape[:-1], mod.out_features)
+        if mod.bias is not None:
+            y = y + mod.bias.detach().float()
+        return y.to(x.dtype)
 
 
 _WARMING = threading.Lock()
