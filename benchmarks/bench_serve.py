@@ -3,7 +3,9 @@
 Ratios in one run:
 - tokens/s of 16 concurrent clients spread over 1, 4 and 16 personas, against 1 persona, for
   both batching modes: one persona a batch (``--batching persona``, switched in place) and
-  mixed-persona batches (``--batching mixed``, a gated weight copy per persona in the batch);
+  mixed-persona batches (``--batching mixed``, the fused kernel that gates each weight from
+  every persona's packed bits as it reads it), and a naive server that decodes one request at
+  a time (``--batching persona --max-batch 1``);
 - the first request to an uncached persona against the same request once it is cached;
 - the mask cache's bytes per persona against the persona's packed mask bytes, and the server's
   resident memory growth per persona used.
@@ -93,8 +95,10 @@ def main() -> None:
         packed = make_bundle(bundle)
         names = [f"p{i}" for i in range(N_PERSONAS)]
         results = {}
-        for mode in ("persona", "mixed"):
-            proc, url = start(bundle, "--batching", mode)
+        modes = {"persona": ("--batching", "persona"), "mixed": ("--batching", "mixed"),
+                 "naive": ("--batching", "persona", "--max-batch", "1")}  # fmt: skip
+        for mode, flags in modes.items():
+            proc, url = start(bundle, *flags)
             procs.append(proc)
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
                                    timeout=600)  # fmt: skip
@@ -125,13 +129,16 @@ def main() -> None:
         print(f"embedded SmolLM2-135M, {CLIENTS} clients x {TOKENS} tokens, greedy, "
               f"{os.cpu_count()} CPU cores")  # fmt: skip
         one_p = results["persona"][0][1]
-        print("| clients over | --batching persona | --batching mixed |")
-        print("| --- | --- | --- |")
+        print("| clients over | --batching persona | --batching mixed | one request at a time |")
+        print("| --- | --- | --- | --- |")
         for k in (1, 4, 16):
             cells = [f"{results[m][0][k]:.1f} tok/s ({results[m][0][k] / one_p:.2f}x)"
-                     for m in ("persona", "mixed")]  # fmt: skip
-            print(f"| {k} persona{'s' if k > 1 else ''} | {cells[0]} | {cells[1]} |")
-        print("(ratios against 1 persona with --batching persona)")
+                     for m in modes]  # fmt: skip
+            print(f"| {k} persona{'s' if k > 1 else ''} | {' | '.join(cells)} |")
+        mixed = results["mixed"][0]
+        print(f"(ratios against 1 persona with --batching persona; within --batching mixed, "
+              f"4 personas {mixed[4] / mixed[1]:.2f}x and 16 personas {mixed[16] / mixed[1]:.2f}x "
+              f"its 1 persona)")  # fmt: skip
         for m, (_rates, first, cold, warm, rss, per) in results.items():
             print(f"--batching {m}: first request to an uncached persona {cold * 1000:.0f} ms "
                   f"against {warm * 1000:.0f} ms cached ({cold / warm:.1f}x), the server's first "
