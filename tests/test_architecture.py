@@ -474,3 +474,15 @@ except ModuleNotFoundError:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "OK"
+
+
+def test_the_cli_stays_a_shell():
+    """No command-line function over 80 lines: the work lives in the library."""
+    long = []
+    for f in sorted((ROOT / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                size = node.end_lineno - node.lineno + 1
+                if size > 80:
+                    long.append(f"{f.name}:{node.name} ({size} lines)")
+    assert not long, long
