@@ -432,6 +432,27 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step(tmp_path):
         engine.close()
 
 
+def _three_personas(tmp_path: Path, rng, seed: int):
+    """A tiny model with a handle on a bundle of random personas ``a``, ``b`` and ``c``, and
+    its tokenizer, for in-process engine tests."""
+    from _tiny import byte_tokenizer, tiny_llama
+
+    from maskstore import create_bundle
+    from maskstore.modules import maskable_modules, model_fingerprint
+    from maskstore.serve import Catalog
+    from maskstore.serve.runtime import MaskHandle
+    from maskstore.store.opener import open_bundle
+
+    model = tiny_llama(seed=seed)
+    mods = maskable_modules(model)
+    with create_bundle(tmp_path / "b", model_fingerprint(model, mods, hash_weights=True)) as b:
+        for p in ("a", "b", "c"):
+            with b.persona_writer(p, method="t") as w:
+                for n, m in mods.items():
+                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
+    return MaskHandle(model, Catalog([("b", open_bundle(tmp_path / "b"))])), byte_tokenizer()
+
+
 def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, rng):
     """Continuous batching: requests submitted while a batch runs join it at a step boundary
     (any persona when the batch is mixed, new to it or the base model; its own persona in
@@ -439,23 +460,9 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
     cannot join waits, none joins."""
     import threading
 
-    from _tiny import byte_tokenizer, tiny_llama
+    from maskstore.serve import Engine, Request
 
-    from maskstore import create_bundle
-    from maskstore.modules import maskable_modules, model_fingerprint
-    from maskstore.serve import Catalog, Engine, Request
-    from maskstore.serve.runtime import MaskHandle
-    from maskstore.store.opener import open_bundle
-
-    model = tiny_llama(seed=5)
-    mods = maskable_modules(model)
-    with create_bundle(tmp_path / "b", model_fingerprint(model, mods, hash_weights=True)) as b:
-        for p in ("a", "b", "c"):
-            with b.persona_writer(p, method="t") as w:
-                for n, m in mods.items():
-                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
-    tok = byte_tokenizer()
-    handle = MaskHandle(model, Catalog([("b", open_bundle(tmp_path / "b"))]))
+    handle, tok = _three_personas(tmp_path, rng, seed=5)
 
     def run(engine: Engine, first: list, later: list) -> list[str]:
         """``first`` submitted together; ``later`` from the first request's third delta on."""
@@ -513,23 +520,9 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
     request the tokens it gets alone; persona mode never mixes personas in a batch."""
     import threading
 
-    from _tiny import byte_tokenizer, tiny_llama
+    from maskstore.serve import Engine, Request
 
-    from maskstore import create_bundle
-    from maskstore.modules import maskable_modules, model_fingerprint
-    from maskstore.serve import Catalog, Engine, Request
-    from maskstore.serve.runtime import MaskHandle
-    from maskstore.store.opener import open_bundle
-
-    model = tiny_llama(seed=3)
-    mods = maskable_modules(model)
-    with create_bundle(tmp_path / "b", model_fingerprint(model, mods, hash_weights=True)) as b:
-        for p in ("a", "b", "c"):
-            with b.persona_writer(p, method="t") as w:
-                for n, m in mods.items():
-                    w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
-    tok = byte_tokenizer()
-    handle = MaskHandle(model, Catalog([("b", open_bundle(tmp_path / "b"))]))
+    handle, tok = _three_personas(tmp_path, rng, seed=3)
 
     def run(engine: Engine, jobs: list) -> list[str]:
         done = [threading.Event() for _ in jobs]
