@@ -34,8 +34,11 @@ _ServeCacheBytesOpt = Annotated[
     int, typer.Option(help="bound of the packed masks held in memory (LRU by persona)")
 ]
 _ServeBatchingOpt = Annotated[
-    choice("persona", "mixed"),
-    typer.Option(help="persona: one persona a batch; mixed: any personas in one batch"),
+    choice("auto", "persona", "mixed"),
+    typer.Option(
+        help="persona: one persona a batch; mixed: any personas in one batch; auto: "
+        "mixed where the fused CPU kernel runs, else persona"
+    ),
 ]
 _ServeRayReplicasOpt = Annotated[
     int,
@@ -64,7 +67,7 @@ def serve(
     allow_runtime_loading: _ServeAllowRuntimeLoadingOpt = False,
     cache_bytes: _ServeCacheBytesOpt = 1 << 30,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
-    batching: _ServeBatchingOpt = "persona",
+    batching: _ServeBatchingOpt = "auto",
     ray_replicas: _ServeRayReplicasOpt = 0,
     ray_address: _ServeRayAddressOpt = None,
     check_weights: _ServeCheckWeightsOpt = True,

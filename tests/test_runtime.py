@@ -1074,7 +1074,7 @@ def test_mixed_rows_match_use_in_each_dtype_and_not_their_batch_mates(tmp_path, 
     name, mod = list(mods.items())[-1]  # a down projection: in not a multiple of 16
     x = torch.randn(5, 3, mod.in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
     with torch.no_grad(), h.mixed(rows):
-        assert h._mix.fused == (dtype != torch.float16)
+        assert h.fused_mixing == h._mix.fused == (dtype != torch.float16)
         assert not any(h._mix.gated[n] for n in mods) or dtype == torch.float16
         y = mod(x)
         logits = model(ids).logits.float()

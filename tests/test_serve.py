@@ -558,6 +558,9 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
         assert seen and all(len(s) == 1 for s in seen) and len(seen) < len(jobs)
         with pytest.raises(Exception, match="batching"):
             Engine(handle, tok, batching="nope")
+        auto = Engine(handle, tok)  # the default: mixed where the fused kernel runs
+        auto.close()
+        assert handle.fused_mixing and auto.batching == "mixed"
     finally:
         for e in engines.values():
             e.close()

@@ -37,7 +37,9 @@ class ServeConfig:
     allow_runtime_loading: bool = False
     cache_bytes: int = 1 << 30
     max_batch: int = 16
-    batching: str = "persona"  # or "mixed": any personas in one batch (see docs/serve.md)
+    batching: str = (
+        "auto"  # "persona", "mixed" (any personas in one batch) or "auto" (docs/serve.md)
+    )
     check_weights: bool = True
 
 

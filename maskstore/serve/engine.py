@@ -99,7 +99,7 @@ class Engine:
         window_s: float = 0.01,
         loaders: int = 2,
         metrics: Metrics | None = None,
-        batching: str = "persona",
+        batching: str = "auto",
     ) -> None:
         self.handle = handle
         self.tok = tokenizer
@@ -107,8 +107,10 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.max_batch = max_batch
         self.window_s = window_s
-        if batching not in ("mixed", "persona"):
-            raise MaskstoreError(f"batching is 'mixed' or 'persona', not {batching!r}")
+        if batching not in ("auto", "mixed", "persona"):
+            raise MaskstoreError(f"batching is 'auto', 'mixed' or 'persona', not {batching!r}")
+        if batching == "auto":  # mixed batches where they need no weight copies
+            batching = "mixed" if handle.fused_mixing else "persona"
         self.batching = batching  # persona: a batch holds one persona's requests only
         self._held: list[Request] = []  # taken from the queue for a later batch (persona mode)
         self.metrics = metrics or Metrics()

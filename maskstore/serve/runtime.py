@@ -170,6 +170,13 @@ class MaskHandle:
     def detached(self) -> bool:
         return self._detached
 
+    @property
+    def fused_mixing(self) -> bool:
+        """Whether :meth:`mixed` blocks run the fused CPU kernel (every masked weight on the
+        CPU, contiguous, float32 or bfloat16): no weight copies, and rows independent of their
+        batch-mates. Otherwise they make a gated weight copy per persona."""
+        return _Mix.fusable(self.modules)
+
     def _live(self, what: str) -> None:
         if self._detached:
             raise MaskstoreError(f"{what}: this handle was detached; attach the bundle again")
@@ -802,10 +809,7 @@ class _Mix:
 
     def __init__(self, modules: dict[str, nn.Linear], gamma: float) -> None:
         self.modules, self.gamma = modules, float(gamma)
-        self.fused = all(
-            m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)
-            and m.weight.is_contiguous() for m in modules.values()
-        )  # fmt: skip
+        self.fused = self.fusable(modules)
         self.kernel = None
         if self.fused:
             from . import _mixed
@@ -819,6 +823,13 @@ class _Mix:
         self.rows: list[tuple[str | None, torch.Tensor]] = []
         self.order = self.start = np.zeros(0, np.int64)
         self.sel: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def fusable(modules: dict[str, nn.Linear]) -> bool:
+        return all(
+            m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)
+            and m.weight.is_contiguous() for m in modules.values()
+        )  # fmt: skip
 
     def __contains__(self, persona: str) -> bool:
         return persona in self.personas
