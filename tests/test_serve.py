@@ -515,6 +515,60 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
             engine.close()
 
 
+def test_a_failing_step_fails_every_row_joined_or_not_and_the_engine_goes_on(tmp_path, rng):
+    """A forward pass that raises mid-batch sends one 500 to each request still running in
+    it, those that joined included, and none to those that had ended; the next batch runs."""
+    import threading
+
+    from maskstore.serve import Engine, Request
+
+    handle, tok = _three_personas(tmp_path, rng, seed=7)
+    engine = Engine(handle, tok, window_s=0.1)
+    calls, real = [0], engine._forward
+
+    def flaky(*a, **k):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise RuntimeError("device lost")
+        return real(*a, **k)
+
+    engine._forward = flaky
+    events: dict[int, list] = {}
+    over = {i: threading.Event() for i in range(4)}
+
+    def sink(i):
+        def f(ev):
+            events.setdefault(i, []).append(ev)
+            if ev.kind in ("done", "error"):
+                over[i].set()
+            if i == 0 and ev.kind == "delta" and len(events[0]) == 2:
+                submit(2, "b", 50)  # joins at the next step boundary
+                submit(3, "c", 50)
+
+        return f
+
+    def submit(i, persona, n):
+        ids = tok("hello")["input_ids"]
+        engine.submit(Request(persona, ids, n, sink(i), temperature=0.0))
+
+    try:
+        for p in ("a", "b", "c"):
+            engine.load(p)
+        submit(0, "a", 50)
+        submit(1, None, 1)  # ends at its first token, before the failure
+        assert all(e.wait(60) for e in over.values())
+        ends = {i: [e.kind for e in evs if e.kind != "delta"] for i, evs in events.items()}
+        assert ends == {0: ["error"], 1: ["done"], 2: ["error"], 3: ["error"]}, ends
+        assert all(evs[-1].status == 500 and "device lost" in evs[-1].text
+                   for i, evs in events.items() if i != 1)  # fmt: skip
+        again = threading.Event()
+        engine.submit(Request("a", tok("hi")["input_ids"], 3,
+                              lambda ev: ev.kind == "done" and again.set(), temperature=0.0))  # fmt: skip
+        assert again.wait(60)
+    finally:
+        engine.close()
+
+
 def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
     """In-process: the engine with mixed batches and with one persona a batch gives every
     request the tokens it gets alone; persona mode never mixes personas in a batch."""

@@ -80,6 +80,7 @@ class Request:
     lp_sent: int = 0  # entries already sent
     text_len: int = 0  # characters of the decoded output at the previous step
     gen: torch.Generator | None = None  # its sampling generator (seeded from ``seed``)
+    ended: bool = False  # its last event (done or an error) was sent, or it was cancelled
     next: int = 0  # the token sampled last, fed to the next step
 
     def cancel(self) -> None:
@@ -267,11 +268,13 @@ class Engine:
             if not batch:
                 continue
             try:
-                self._run(batch)
+                self._run(batch)  # requests that join the batch are appended to it
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
                 msg = " ".join(f"{type(e).__name__}: {e}".split())[:500]
                 for req in batch:
-                    req.sink(Event("error", f"generation failed: {msg}", status=500))
+                    if not req.ended:
+                        req.ended = True
+                        req.sink(Event("error", f"generation failed: {msg}", status=500))
 
     def _run(self, batch: list[Request]) -> None:
         personas = [r.persona for r in batch]
@@ -307,11 +310,13 @@ class Engine:
                     self.handle.regroup([r.persona for r in run.reqs])
             if self._stopping.is_set():
                 for r in run.reqs:
+                    r.ended = True
                     r.sink(Event("error", "the server is shutting down", status=503))
                 return
             if not run.reqs:
                 return
             joining = self._joiners(run.reqs, mixed)
+            batch.extend(joining)  # so that a failure reaches them too
             if joining:
                 self.metrics.inc("maskstore_joined_rows_total", len(joining))
             out = self._forward(run.ids, run.attn, run.cache)
@@ -334,7 +339,7 @@ class Engine:
             attn[i, n - len(r.ids) :] = 1
             r.gen = _generator(r.seed)
         out = self._forward(ids, attn, None)
-        rows = _Rows(self, reqs, out.cache, attn)
+        rows = _Rows(self, list(reqs), out.cache, attn)
         keep = self._sample(reqs, out.logits)
         rows.select(keep)
         rows.next_step()
@@ -387,6 +392,7 @@ class Engine:
         """Add ``tok`` to ``r``'s output and send what became final; False when ``r`` ends.
         ``lp``: the token's ``(logprob, top)`` when ``r`` asked for logprobs."""
         if r.cancelled.is_set():
+            r.ended = True
             return False
         done = None
         if tok in self.eos:
@@ -415,6 +421,7 @@ class Engine:
         if len(text) > r.sent:
             start, r.sent = r.sent, len(text)
             r.sink(Event("delta", text[start:], logprobs=_sent_lp(r)))
+        r.ended = True
         r.sink(Event("done", finish_reason=done, prompt_tokens=len(r.ids),
                      completion_tokens=len(r.out)))  # fmt: skip
         return False
