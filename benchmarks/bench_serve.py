@@ -8,7 +8,7 @@ Ratios in one run:
   a time (``--batching persona --max-batch 1``);
 - the first request to an uncached persona against the same request once it is cached;
 - the mask cache's bytes per persona against the persona's packed mask bytes, and the server's
-  resident memory growth per persona used.
+  resident memory growth per persona loaded (each by one short request, before the bursts).
 
 Personas are random masks at sparsity 0.2 (the serving cost does not depend on how masks were
 scored). Run: python benchmarks/bench_serve.py  (about 5 minutes on 2 cores)
@@ -121,8 +121,10 @@ def main() -> None:
             rss0 = rss_mib(proc.pid)  # after the first persona (which copies the weights)
             cold = _timed(lambda one=one: one("p1", 1))
             warm = min(_timed(lambda one=one: one("p1", 1)) for _ in range(3))
+            for p in names[2:]:  # every persona loaded by one short request, one at a time
+                one(p, 1)
+            rss = rss_mib(proc.pid) - rss0  # before the bursts' batches grow the heap
             rates = {k: burst(names[:k]) for k in (1, 4, 16)}
-            rss = rss_mib(proc.pid) - rss0
             results[mode] = (rates, first, cold, warm, rss, cache_bytes(url) / N_PERSONAS)
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
