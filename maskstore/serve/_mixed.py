@@ -191,8 +191,12 @@ def linear(
     step = -(-rows // THREADS // 4) * 4
     if THREADS == 1 or rows <= 64:
         _rows(*args, 0, rows)
-    else:
-        list(POOL.map(lambda r: _rows(*args, r, min(rows, r + step)), range(0, rows, step)))
+        return out
+    # the pool takes all blocks but the last, which this thread runs meanwhile
+    futures = [POOL.submit(_rows, *args, r, min(rows, r + step)) for r in range(0, rows, step)[:-1]]
+    _rows(*args, range(0, rows, step)[-1], rows)
+    for f in futures:
+        f.result()
     return out
 
 
