@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -565,6 +566,47 @@ def test_a_failing_step_fails_every_row_joined_or_not_and_the_engine_goes_on(tmp
         engine.submit(Request("a", tok("hi")["input_ids"], 3,
                               lambda ev: ev.kind == "done" and again.set(), temperature=0.0))  # fmt: skip
         assert again.wait(60)
+    finally:
+        engine.close()
+
+
+def test_a_batch_is_never_longer_than_its_longest_row(tmp_path, rng):
+    """When rows leave, positions that are padding in every row left are cut from the attention
+    mask and the KV cache (a batch that requests keep joining never drains), and the row left
+    goes on with the tokens it gets alone."""
+    from maskstore.serve import Engine, Request
+
+    handle, tok = _three_personas(tmp_path, rng, seed=8)
+    engine = Engine(handle, tok, batching="persona")
+    try:
+        handle.use(None)
+        reqs = [Request(None, tok(t)["input_ids"], 6, lambda ev: None, temperature=0.0)
+                for t in ("a long prompt of many bytes", "hi")]  # fmt: skip
+        with torch.inference_mode():
+            run = engine._prefill(reqs)
+            out = engine._forward(run.ids, run.attn, run.cache)
+            run.cache = out.cache
+            engine._sample(run.reqs, out.logits)
+            assert run.attn.shape == (2, len(reqs[0].ids) + 1)
+            run.select([1])  # the long one leaves
+            assert run.attn.shape == (1, len(reqs[1].ids) + 1) and bool(run.attn.all())
+            keys = run.cache.layers[0].keys
+            assert keys.shape[0] == 1 and keys.shape[2] == len(reqs[1].ids) + 1
+            run.next_step()
+            for _ in range(2):
+                out = engine._forward(run.ids, run.attn, run.cache)
+                run.cache = out.cache
+                engine._sample(run.reqs, out.logits)
+                run.next_step()
+        alone = Request(None, tok("hi")["input_ids"], 6, lambda ev: None, temperature=0.0)
+        with torch.inference_mode():
+            one = engine._prefill([alone])
+            for _ in range(3):
+                out = engine._forward(one.ids, one.attn, one.cache)
+                one.cache = out.cache
+                engine._sample(one.reqs, out.logits)
+                one.next_step()
+        assert reqs[1].out == alone.out
     finally:
         engine.close()
 

@@ -517,6 +517,14 @@ class _Rows:
             self.cache.batch_select_indices(idx.to(self.engine.device))
         self.attn = self.attn[idx]
         self.reqs = [self.reqs[j] for j in keep]
+        # positions that are padding in every row left are dropped: with requests joining all
+        # the time the batch never drains, and its length must not grow past its longest row
+        lead = int(self.attn.any(0).to(torch.int8).argmax()) if keep else 0
+        if lead:
+            self.attn = self.attn[:, lead:]
+            for layer in _layers(self.cache):
+                layer.keys = layer.keys[:, :, lead:]
+                layer.values = layer.values[:, :, lead:]
 
     def next_step(self) -> None:
         """The next forward pass: each row's sampled token, one more attended position."""
