@@ -137,6 +137,8 @@ def _apply_file(
     """``w = base * gate_new`` where the gate differs from ``cur``'s, with every base value at
     hand in ``base`` (the ``(out, in)`` weight memory-mapped from its checkpoint): no stored
     set, the position is the index. ``tail`` masks each row's padding bits (one row of words).
+    A position kept by ``cur`` holds its base value already: it is read from ``w``, and the
+    file is read only where a pruned weight comes back (or its gamma changes).
     """
     g = np.float32(g_new)
     unit = np.float32(1.0)
@@ -156,7 +158,7 @@ def _apply_file(
             while d != zero:
                 low = d & (zero - d)
                 j = b * bits + np.int64(trailing_zeros(d))
-                v = base[row + j]
+                v = w[i, j] if (c & low) != zero else base[row + j]
                 keep = (n & low) != zero
                 if not bf16:
                     w[i, j] = v * (unit if keep else g)
