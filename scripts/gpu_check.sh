@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (under 8 minutes on one GPU):
 #   - tests/gpu: switching on CUDA (bitwise restore, pristine values on the CPU), scoring on
-#     CUDA against the CPU kernel, float64 statistics from CUDA against the CPU's;
+#     CUDA against the CPU kernel, float64 statistics from CUDA against the CPU's, the serving
+#     engine on a CUDA model in both batching modes;
 #   - an offloaded build of a 1.1B-parameter model on the GPU, and its runtime figures.
 # Run from the repository root after scripts/setup.sh (torch with CUDA: pip install torch).
 set -euo pipefail

@@ -65,8 +65,9 @@ def test_scoring_on_cuda_gives_the_cpu_bits(rng):
 
 
 def test_cuda_statistics_match_cpu(tmp_path):
-    """float64 statistics from CUDA activations: equal to the CPU's to 1e-9 relative (the
-    forward passes round differently), and the masks built from them identical."""
+    """float64 statistics from CUDA activations: equal to the CPU's to 1e-5 of their scale (the
+    float32 forward passes round differently there: cuBLAS and the attention kernels; 2e-7
+    was seen on an H200), and the masks built from them identical."""
     cal = {"a": _batches(0, 0, 128), "b": _batches(1, 128, 256)}
     cfg = BuildConfig(method="contrastive-wanda", phi="softplus")
     build(tiny_llama(seed=2), cal, tmp_path / "cpu.zarr", pairs=[("a", "b")], config=cfg)
@@ -77,5 +78,71 @@ def test_cuda_statistics_match_cpu(tmp_path):
     for p in ("a", "b"):
         for m in c.modules:
             x, y = c.read_stats(p, m).to_array()[0], g.read_stats(p, m).to_array()[0]
-            assert np.allclose(x, y, rtol=1e-9, atol=0), (p, m)
+            worst = float(np.abs(x - y).max() / np.abs(x).max())  # relative to the row's scale
+            print(f"{p} {m}: largest difference {worst:.2e} of the largest statistic")
+            assert worst < 1e-5, (p, m, worst)
             assert (c.read_mask(p, m) == g.read_mask(p, m)).all(), (p, m)
+
+
+@pytest.mark.parametrize("batching", ["persona", "mixed"])
+def test_the_serving_engine_on_cuda(tmp_path, batching):
+    """The engine on a CUDA model: ``auto`` picks one persona a batch (mixed batches there make
+    weight copies), and in both modes every request, those that join running batches
+    included, gets the tokens it gets alone."""
+    import threading
+
+    from _tiny import byte_tokenizer
+
+    from maskstore.serve import Catalog, Engine, Request
+    from maskstore.serve.runtime import MaskHandle
+
+    model = tiny_llama(seed=3)
+    build(model, {p: _batches(i, 32 * i, 32 * i + 64) for i, p in enumerate("abc")},
+          tmp_path / "b.zarr")  # fmt: skip
+    handle = MaskHandle(model.to("cuda"), Catalog([("b", open_bundle(tmp_path / "b.zarr"))]))
+    tok = byte_tokenizer()
+    auto = Engine(handle, tok)
+    auto.close()
+    assert not handle.fused_mixing and auto.batching == "persona"
+    engine = Engine(handle, tok, batching=batching, window_s=0.1)
+
+    def run(first: list, later: list) -> list[str]:
+        jobs = first + later
+        done = [threading.Event() for _ in jobs]
+        out = [""] * len(jobs)
+
+        def sink(i):
+            def f(ev):
+                assert ev.kind in ("delta", "done"), ev
+                if ev.kind == "done":
+                    done[i].set()
+                    return
+                out[i] += ev.text
+                if i == 0 and len(out[0]) and not getattr(f, "sent", False):
+                    f.sent = True  # the later ones arrive while the first batch runs
+                    for k, job in enumerate(later, start=len(first)):
+                        submit(k, job)
+
+            return f
+
+        def submit(i, job):
+            p, prompt, n = job
+            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
+
+        for i, job in enumerate(first):
+            submit(i, job)
+        assert all(d.wait(120) for d in done)
+        return out
+
+    first = [("a", "hello", 24), ("a" if batching == "persona" else "b", "hi there", 24)]
+    later = [("a", "x y", 6), ("a", "more text", 4)]
+    if batching == "mixed":
+        later += [("c", "q", 5), (None, "zz", 5)]
+    try:
+        for p in "abc":
+            engine.load(p)
+        alone = [run([job], [])[0] for job in first + later]
+        assert run(first, later) == alone
+        assert engine.metrics.get("maskstore_joined_rows_total") > 0
+    finally:
+        engine.close()
