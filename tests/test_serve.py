@@ -501,10 +501,13 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
                   [("c", "x y", 6), (None, "q", 5), ("a", "more text", 4)], 3),
         "persona": ([("a", "hello", 24)], [("a", "more", 5), ("a", "x y z", 7)], 2),
         "waiting": ([("a", "hello", 24)], [("b", "hi", 5), ("a", "more", 5)], 0),
+        "no joins": ([("a", "hello", 24)], [("a", "more", 5), ("a", "x y z", 7)], 0),
     }  # fmt: skip
     for case, (first, later, joins) in cases.items():
-        mode = "persona" if case == "waiting" else case
+        mode = case if case in ("mixed", "persona") else "persona"
         engine = Engine(handle, tok, batching=mode, window_s=0.1)
+        if case == "no joins":  # as for a model whose KV cache cannot be joined
+            engine.joins = False
         try:
             for p in ("a", "b", "c"):
                 engine.load(p)
@@ -609,6 +612,27 @@ def test_a_batch_is_never_longer_than_its_longest_row(tmp_path, rng):
         assert reqs[1].out == alone.out
     finally:
         engine.close()
+
+
+def test_caches_that_cannot_be_joined_mean_no_joins():
+    """Only a plain transformers DynamicCache is padded, cut and joined (either layout); a
+    sliding-window cache or anything else is refused in one line, and an engine whose model
+    has one lets waiting requests wait for the next batch (tested below with ``joins``)."""
+    from types import SimpleNamespace as NS
+
+    from maskstore.errors import MaskstoreError
+    from maskstore.serve.engine import _KV
+
+    t = torch.zeros(1, 2, 3, 4)
+    for bad, words in ((object(), "not object"),
+                       (NS(layers=[NS(is_sliding=True, keys=t, values=t)]), "sliding-window")):  # fmt: skip
+        with pytest.raises(MaskstoreError, match=words):
+            _KV(bad)
+    old = NS(key_cache=[t], value_cache=[t + 1])  # transformers before 4.56
+    kv = _KV(old)
+    assert len(kv) == 1 and torch.equal(kv[0][1], t + 1)
+    kv[0] = (t[:, :, 1:], t[:, :, 2:])
+    assert old.key_cache[0].shape[2] == 2 and old.value_cache[0].shape[2] == 1
 
 
 def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):

@@ -113,7 +113,8 @@ class Engine:
         if batching == "auto":  # mixed batches where they need no weight copies
             batching = "mixed" if handle.fused_mixing else "persona"
         self.batching = batching  # persona: a batch holds one persona's requests only
-        self._held: list[Request] = []  # taken from the queue for a later batch (persona mode)
+        self._held: list[Request] = []  # taken from the queue for a later batch
+        self.joins: bool | None = None  # whether requests can join running batches (the cache)
         self.metrics = metrics or Metrics()
         self.cache = PersonaCache(cache_bytes, on_evict=self._evicted)
         self.eos = _eos_ids(self.model, tokenizer)
@@ -339,6 +340,12 @@ class Engine:
             attn[i, n - len(r.ids) :] = 1
             r.gen = _generator(r.seed)
         out = self._forward(ids, attn, None)
+        if self.joins is None:  # once: can this model's KV caches be padded, cut and joined?
+            try:
+                _KV(out.cache)
+                self.joins = True
+            except MaskstoreError:
+                self.joins = False  # requests wait for the next batch instead
         rows = _Rows(self, list(reqs), out.cache, attn)
         keep = self._sample(reqs, out.logits)
         rows.select(keep)
@@ -380,7 +387,7 @@ class Engine:
                 break
             self._held.append(req)
         self._held = [r for r in self._held if not r.cancelled.is_set()]
-        if room <= 0 or not self._held:
+        if room <= 0 or not self._held or not self.joins:
             return []
         persona = running[0].persona if running else None
         if not all(mixed or r.persona == persona for r in self._held):
@@ -520,11 +527,11 @@ class _Rows:
         # positions that are padding in every row left are dropped: with requests joining all
         # the time the batch never drains, and its length must not grow past its longest row
         lead = int(self.attn.any(0).to(torch.int8).argmax()) if keep else 0
-        if lead:
+        if lead and self.engine.joins:  # (a cache that cannot be cut keeps its length)
             self.attn = self.attn[:, lead:]
-            for layer in _layers(self.cache):
-                layer.keys = layer.keys[:, :, lead:]
-                layer.values = layer.values[:, :, lead:]
+            kv = _KV(self.cache)
+            for i in range(len(kv)):
+                kv[i] = tuple(t[:, :, lead:] for t in kv[i])
 
     def next_step(self) -> None:
         """The next forward pass: each row's sampled token, one more attended position."""
@@ -541,24 +548,47 @@ class _Rows:
                                                           other.ids)  # fmt: skip
             return
         n = max(self.attn.shape[1], other.attn.shape[1])
-        for a, b in zip(_layers(self.cache), _layers(other.cache), strict=True):
-            for kind in ("keys", "values"):
-                x, y = getattr(a, kind), getattr(b, kind)
-                setattr(a, kind, torch.cat([_left_pad(x, n - 1, 2), _left_pad(y, n - 1, 2)]))
+        mine, theirs = _KV(self.cache), _KV(other.cache)
+        for i in range(len(mine)):
+            mine[i] = tuple(torch.cat([_left_pad(x, n - 1, 2), _left_pad(y, n - 1, 2)])
+                            for x, y in zip(mine[i], theirs[i], strict=True))  # fmt: skip
         self.attn = torch.cat([_left_pad(self.attn, n, 1), _left_pad(other.attn, n, 1)])
         self.ids = torch.cat([self.ids, other.ids])
         self.reqs = self.reqs + other.reqs
 
 
-def _layers(cache) -> list:
-    """The layers of a transformers ``DynamicCache`` (each with ``keys`` and ``values`` of
-    shape ``(rows, heads, positions, dim)``)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
-        raise MaskstoreError(
-            "continuous batching needs a transformers DynamicCache with per-layer keys and values"
-        )
-    return layers
+class _KV:
+    """A transformers ``DynamicCache``'s per-layer ``(keys, values)``, each of shape ``(rows,
+    heads, positions, dim)``: ``cache.layers[i].keys`` (transformers 4.56 and later) or
+    ``cache.key_cache[i]`` (before)."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        layers = getattr(cache, "layers", None)
+        if layers is not None and any(getattr(x, "is_sliding", False) for x in layers):
+            raise MaskstoreError("a sliding-window KV cache cannot be padded or cut")
+        if layers is not None and all(hasattr(x, "keys") for x in layers):
+            self.layers = layers
+        elif hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):
+            self.layers = None
+        else:
+            raise MaskstoreError(
+                f"continuous batching needs a transformers DynamicCache, not {type(cache).__name__}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.layers) if self.layers is not None else len(self.cache.key_cache)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layers is not None:
+            return self.layers[i].keys, self.layers[i].values
+        return self.cache.key_cache[i], self.cache.value_cache[i]
+
+    def __setitem__(self, i: int, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.layers is not None:
+            self.layers[i].keys, self.layers[i].values = kv
+        else:
+            self.cache.key_cache[i], self.cache.value_cache[i] = kv
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
