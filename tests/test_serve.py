@@ -628,7 +628,7 @@ def test_caches_that_cannot_be_joined_mean_no_joins():
                        (NS(layers=[NS(is_sliding=True, keys=t, values=t)]), "sliding-window")):  # fmt: skip
         with pytest.raises(MaskstoreError, match=words):
             _KV(bad)
-    old = NS(key_cache=[t], value_cache=[t + 1])  # transformers before 4.56
+    old = NS(key_cache=[t], value_cache=[t + 1])  # older transformers releases
     kv = _KV(old)
     assert len(kv) == 1 and torch.equal(kv[0][1], t + 1)
     kv[0] = (t[:, :, 1:], t[:, :, 2:])

@@ -559,8 +559,8 @@ class _Rows:
 
 class _KV:
     """A transformers ``DynamicCache``'s per-layer ``(keys, values)``, each of shape ``(rows,
-    heads, positions, dim)``: ``cache.layers[i].keys`` (transformers 4.56 and later) or
-    ``cache.key_cache[i]`` (before)."""
+    heads, positions, dim)``: ``cache.layers[i].keys`` (transformers 5) or
+    ``cache.key_cache[i]`` (older releases)."""
 
     def __init__(self, cache) -> None:
         self.cache = cache
