@@ -97,7 +97,8 @@ def check_compatible(refs: list[Ref]) -> list[str]:
 
 
 def _lockstep(refs: list[Ref], module: str) -> Iterator[list[np.ndarray]]:
-    """Blocks of one module, aligned across personas; each chunk of each persona read once."""
+    """Blocks of one module, aligned across personas; each chunk of each persona read once.
+    Like :meth:`Bundle.iter_chunks`' blocks, they are valid until the next step."""
     gens = [r.bundle.iter_chunks(r.name, module) for r in refs]
     for items in zip(*gens, strict=True):
         starts = {r0 for r0, _ in items}
