@@ -80,3 +80,41 @@ def check_cli_document(command: str, code: int, out: str) -> None:
     except fastjsonschema.JsonSchemaException as e:
         msg = f"maskstore {command} --json: {e.message} (schemas/cli/{name}.json)"
         raise AssertionError(msg) from None
+
+
+def run_with_joiners(engine, tok, first: list, later: list, after: int, wait: float = 60) -> list:
+    """Greedy texts of ``first`` (``(persona, prompt, max_tokens)`` each), submitted together,
+    and of ``later``, submitted from the engine's thread on the first request's ``after``-th
+    text delta, so that they arrive while its batch runs (to join it, or wait)."""
+    import threading
+
+    from maskstore.serve import Request
+
+    jobs = first + later
+    done = [threading.Event() for _ in jobs]
+    out = [""] * len(jobs)
+    deltas = [0]
+
+    def sink(i):
+        def f(ev):
+            assert ev.kind in ("delta", "done"), ev
+            if ev.kind == "done":
+                done[i].set()
+                return
+            out[i] += ev.text
+            if i == 0:
+                deltas[0] += 1
+                if deltas[0] == after:  # on the engine thread, mid-batch
+                    for k, job in enumerate(later, start=len(first)):
+                        submit(k, job)
+
+        return f
+
+    def submit(i, job):
+        p, prompt, n = job
+        engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
+
+    for i, job in enumerate(first):
+        submit(i, job)
+    assert all(d.wait(wait) for d in done)
+    return out

@@ -459,43 +459,11 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
     (any persona when the batch is mixed, new to it or the base model; its own persona in
     persona mode), and every request gets the tokens it gets alone. While a request that
     cannot join waits, none joins."""
-    import threading
+    from _helpers import run_with_joiners
 
-    from maskstore.serve import Engine, Request
+    from maskstore.serve import Engine
 
     handle, tok = _three_personas(tmp_path, rng, seed=5)
-
-    def run(engine: Engine, first: list, later: list) -> list[str]:
-        """``first`` submitted together; ``later`` from the first request's third delta on."""
-        jobs = first + later
-        done = [threading.Event() for _ in jobs]
-        out = [""] * len(jobs)
-        deltas = [0]
-
-        def sink(i):
-            def f(ev):
-                assert ev.kind in ("delta", "done"), ev
-                if ev.kind == "done":
-                    done[i].set()
-                    return
-                out[i] += ev.text
-                if i == 0:
-                    deltas[0] += 1
-                    if deltas[0] == 3:  # on the engine thread, mid-batch
-                        for k, job in enumerate(later, start=len(first)):
-                            submit(k, job)
-
-            return f
-
-        def submit(i, job):
-            p, prompt, n = job
-            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
-
-        for i, job in enumerate(first):
-            submit(i, job)
-        assert all(d.wait(60) for d in done)
-        return out
-
     cases = {
         "mixed": ([("a", "hello", 24), ("b", "hi there", 24)],
                   [("c", "x y", 6), (None, "q", 5), ("a", "more text", 4)], 3),
@@ -511,9 +479,9 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
         try:
             for p in ("a", "b", "c"):
                 engine.load(p)
-            alone = [run(engine, [job], [])[0] for job in first + later]
+            alone = [run_with_joiners(engine, tok, [job], [], 3)[0] for job in first + later]
             before = engine.metrics.get("maskstore_joined_rows_total")
-            assert run(engine, first, later) == alone, case
+            assert run_with_joiners(engine, tok, first, later, 3) == alone, case
             assert engine.metrics.get("maskstore_joined_rows_total") - before == joins, case
         finally:
             engine.close()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _helpers import run_with_joiners
 from _tiny import tiny_llama
 
 import maskstore
@@ -89,11 +90,9 @@ def test_the_serving_engine_on_cuda(tmp_path, batching):
     """The engine on a CUDA model: ``auto`` picks one persona a batch (mixed batches there make
     weight copies), and in both modes every request, those that join running batches
     included, gets the tokens it gets alone."""
-    import threading
-
     from _tiny import byte_tokenizer
 
-    from maskstore.serve import Catalog, Engine, Request
+    from maskstore.serve import Catalog, Engine
     from maskstore.serve.runtime import MaskHandle
 
     model = tiny_llama(seed=3)
@@ -106,34 +105,6 @@ def test_the_serving_engine_on_cuda(tmp_path, batching):
     assert not handle.fused_mixing and auto.batching == "persona"
     engine = Engine(handle, tok, batching=batching, window_s=0.1)
 
-    def run(first: list, later: list) -> list[str]:
-        jobs = first + later
-        done = [threading.Event() for _ in jobs]
-        out = [""] * len(jobs)
-
-        def sink(i):
-            def f(ev):
-                assert ev.kind in ("delta", "done"), ev
-                if ev.kind == "done":
-                    done[i].set()
-                    return
-                out[i] += ev.text
-                if i == 0 and len(out[0]) and not getattr(f, "sent", False):
-                    f.sent = True  # the later ones arrive while the first batch runs
-                    for k, job in enumerate(later, start=len(first)):
-                        submit(k, job)
-
-            return f
-
-        def submit(i, job):
-            p, prompt, n = job
-            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
-
-        for i, job in enumerate(first):
-            submit(i, job)
-        assert all(d.wait(120) for d in done)
-        return out
-
     first = [("a", "hello", 24), ("a" if batching == "persona" else "b", "hi there", 24)]
     later = [("a", "x y", 6), ("a", "more text", 4)]
     if batching == "mixed":
@@ -141,8 +112,8 @@ def test_the_serving_engine_on_cuda(tmp_path, batching):
     try:
         for p in "abc":
             engine.load(p)
-        alone = [run([job], [])[0] for job in first + later]
-        assert run(first, later) == alone
+        alone = [run_with_joiners(engine, tok, [job], [], 1, 120)[0] for job in first + later]
+        assert run_with_joiners(engine, tok, first, later, 1, 120) == alone
         assert engine.metrics.get("maskstore_joined_rows_total") > 0
     finally:
         engine.close()
