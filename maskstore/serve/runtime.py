@@ -685,13 +685,8 @@ class MaskHandle:
             )
         with self._lock:
             self._live("mixed")
-            names = list(dict.fromkeys(p for p in personas if p is not None))
-            for p in names:
-                self._check_known(p)
-                if self._blend_weights(p) is not None:
-                    raise MaskstoreError(
-                        f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
-                    )
+            for p in dict.fromkeys(p for p in personas if p is not None):
+                self._check_mixable(p)  # before any switch
             prev, prev_gamma = self.active, self.gamma
             self.use(None)
             self._mix = _Mix(self.modules, gamma)
@@ -724,15 +719,18 @@ class MaskHandle:
                 raise MaskstoreError("regroup() works inside a mixed() block only")
             new = [p for p in dict.fromkeys(personas) if p is not None and p not in self._mix]
             for p in new:
-                self._check_known(p)
-                if self._blend_weights(p) is not None:
-                    raise MaskstoreError(
-                        f"{p!r} is a blend (a soft gate): mixed batches take mask personas only"
-                    )
+                self._check_mixable(p)
             given = masks or {}
             for p in new:
                 self._mix.add(p, given[p] if p in given else self._load(p))
             self._mix.group(personas)
+
+    def _check_mixable(self, persona: str) -> None:
+        self._check_known(persona)
+        if self._blend_weights(persona) is not None:
+            raise MaskstoreError(
+                f"{persona!r} is a blend (a soft gate): mixed batches take mask personas only"
+            )
 
     def disable_adapter(self) -> contextlib.AbstractContextManager[MaskHandle]:
         """PEFT-style: the base model inside the block."""
