@@ -389,6 +389,8 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and len(err.strip().splitlines()) == 1
     code, _, err = cli("serve", tmp_path, "--port", "70000")
     assert code == 2 and "--port" in err
+    code, _, err = cli("serve", tmp_path, "--batching", "../auto")
+    assert code == 2 and "--batching" in err and "auto" in err
 
 
 def test_a_cancelled_request_leaves_the_batch_at_the_next_step(tmp_path):
