@@ -17,13 +17,16 @@ is a NaN, whose payload torch itself writes differently on its scalar and vector
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 from .._threads import POOL as _POOL
 from .._threads import THREADS
 
+_LOW16 = np.uint64(0xFFFF)
 _POP = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
@@ -72,6 +75,83 @@ def _popcount(typingctx, x):  # pragma: no cover - compiled
         return builder.ctpop(args[0])
 
     return x(x), codegen
+
+
+def _lanes16(kind: str):
+    """An intrinsic rewriting sixteen weights ``w[pos:pos + 16]`` as one vector, where bit t
+    of ``d`` is set: ``w = v * (1 if bit t of n else g)``, ``v`` the base value. ``kind`` says
+    where base values are: ``"live"``, in ``w`` itself (every lane of ``d`` is kept by the
+    current gate); ``"file"``, in ``w`` where bit t of ``c`` is set, else in ``src[spos + t]``
+    (the checkpoint's weight, read as one vector). ``w`` and ``src`` are
+    float32, or bfloat16 bits as uint16: then the product is taken in float32 and rounded to
+    nearest even (a NaN becomes ``0xFFFF``), and kept lanes take ``v``'s bits, as
+    :func:`_gated_bf16` and the scalar loops do. Lanes outside ``d`` are stored back unchanged:
+    the sixteen weights must lie in one row, which only this thread writes."""
+
+    @intrinsic
+    def lanes(typingctx, w, src, pos, spos, c, n, d, g):
+        sig = types.void(w, src, pos, spos, c, n, d, g)
+
+        def codegen(context, builder, sig, args):
+            wv_, sv_, wpos, spos_, cw, nw, dw, gamma = args
+            wa = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=wv_)
+            sa = cgutils.create_struct_proxy(sig.args[1])(context, builder, value=sv_)
+            bf = sig.args[0].dtype == types.uint16
+            elt = ir.IntType(16) if bf else ir.FloatType()
+            vt = ir.VectorType(elt, 16)
+            i32 = ir.VectorType(ir.IntType(32), 16)
+            f32 = ir.VectorType(ir.FloatType(), 16)
+
+            def mask(x):
+                x16 = builder.trunc(x, ir.IntType(16)) if x.type.width > 16 else x
+                if x16.type.width < 16:
+                    x16 = builder.zext(x16, ir.IntType(16))
+                return builder.bitcast(x16, ir.VectorType(ir.IntType(1), 16))
+
+            def splat(vtype, value):
+                undef = ir.Constant(vtype, ir.Undefined)
+                one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+                zeros = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+                return builder.shuffle_vector(one, undef, zeros)
+
+            wptr = builder.bitcast(builder.gep(wa.data, [wpos]), vt.as_pointer())
+            old = builder.load(wptr, align=2 if bf else 4)
+            v = old
+            if kind == "file":
+                sptr = builder.bitcast(builder.gep(sa.data, [spos_]), vt.as_pointer())
+                v = builder.select(mask(cw), old, builder.load(sptr, align=2 if bf else 4))
+            keep = mask(nw)
+            if not bf:
+                gate = builder.select(
+                    keep, splat(f32, ir.Constant(ir.FloatType(), 1.0)), splat(f32, gamma)
+                )
+                out = builder.fmul(v, gate)
+            else:
+                wide = builder.bitcast(
+                    builder.shl(builder.zext(v, i32), ir.Constant(i32, [16] * 16)), f32
+                )
+                u = builder.bitcast(builder.fmul(wide, splat(f32, gamma)), i32)
+                nan = builder.icmp_unsigned(
+                    ">",
+                    builder.and_(u, ir.Constant(i32, [0x7FFFFFFF] * 16)),
+                    ir.Constant(i32, [0x7F800000] * 16),
+                )
+                odd = builder.and_(builder.lshr(u, ir.Constant(i32, [16] * 16)),
+                                   ir.Constant(i32, [1] * 16))  # fmt: skip
+                r = builder.add(builder.add(u, ir.Constant(i32, [0x7FFF] * 16)), odd)
+                r16 = builder.trunc(builder.lshr(r, ir.Constant(i32, [16] * 16)), vt)
+                rounded = builder.select(nan, ir.Constant(vt, [0xFFFF] * 16), r16)
+                out = builder.select(keep, v, rounded)
+            builder.store(builder.select(mask(dw), out, old), wptr, align=2 if bf else 4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return lanes
+
+
+_live16 = _lanes16("live")
+_file16 = _lanes16("file")
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -138,7 +218,9 @@ def _apply_file(
     hand in ``base`` (the ``(out, in)`` weight memory-mapped from its checkpoint): no stored
     set, the position is the index. ``tail`` masks each row's padding bits (one row of words).
     A position kept by ``cur`` holds its base value already: it is read from ``w``, and the
-    file is read only where a pruned weight comes back (or its gamma changes).
+    file is read only where a pruned weight comes back (or its gamma changes). Rows of whole
+    64-bit words (widths that divide by 64) are rewritten sixteen weights a vector, skipping
+    groups with nothing to rewrite (``_live16``/``_file16``); other rows weight by weight.
     """
     g = np.float32(g_new)
     unit = np.float32(1.0)
@@ -155,6 +237,22 @@ def _apply_file(
             c = ones if cur_base else cur[i, b]
             n = ones if new_base else new[i, b]
             d = ((c ^ n) if same_gamma else ~(c & n)) & tail[b]
+            if bits == 64:  # four groups of sixteen lanes, each one vector
+                if d == zero:
+                    continue
+                for q in range(4):
+                    sh = np.uint64(16 * q)
+                    dq = (np.uint64(d) >> sh) & _LOW16
+                    if dq == 0:
+                        continue
+                    cq = (np.uint64(c) >> sh) & _LOW16
+                    nq = (np.uint64(n) >> sh) & _LOW16
+                    pos = row + b * 64 + 16 * q
+                    if dq & ~cq & _LOW16:  # a pruned weight comes back: read the file
+                        _file16(w, base, pos, pos, cq, nq, dq, g)
+                    else:  # the file's line is not read at all
+                        _live16(w, w, pos, pos, cq, nq, dq, g)
+                continue
             while d != zero:
                 low = d & (zero - d)
                 j = b * bits + np.int64(trailing_zeros(d))
