@@ -575,9 +575,14 @@ class MaskHandle:
         same = dict(zip(local, same, strict=True))
         for n in gated:  # one pass from the file: W = W0 * G
             w = weights[n]
-            keep = unpack_torch(torch.from_numpy(masks[n]), w.shape[1])
-            gate = keep if gamma == 0.0 else torch.where(keep, 1.0, gamma).to(w.dtype)
-            w.data = torch.mul(maps[n], gate).to(w.dtype)
+            out = torch.empty_like(w.data)
+            # gates unpacked a few rows at a time: a whole module's would be fresh memory too
+            step = max(1, (1 << 18) // w.shape[1])
+            for r in range(0, w.shape[0], step):
+                keep = unpack_torch(torch.from_numpy(masks[n][r : r + step]), w.shape[1])
+                gate = keep if gamma == 0.0 else torch.where(keep, 1.0, gamma).to(w.dtype)
+                torch.mul(maps[n][r : r + step], gate, out=out[r : r + step])
+            w.data = out
             self._gate[n] = masks[n]
         for n, w in weights.items():
             saved: _Saved | _FileBase
