@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import MaskstoreError
+from .files import open_regular
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,14 +36,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 def _open_regular(path: Path):
     """``path`` opened for reading if it is a regular file (after symlinks, as the Hugging
     Face cache uses them); a FIFO or device is refused without blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise MaskstoreError(f"cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise MaskstoreError(f"{path} is not a regular file: refusing to read model weights")
-    return os.fdopen(fd, "rb")
+    return open_regular(path, "model weights file")
 
 
 class Checkpoint:

@@ -394,7 +394,7 @@ except TypeError:
     assert out.stdout.strip() == "KW-ONLY"
 
 
-STORAGE_CORE = ["store", "compare.algebra", "errors", "progress", "repo"]
+STORAGE_CORE = ["store", "compare.algebra", "errors", "files", "progress", "repo"]
 TORCH_EDGE = ["build", "serve", "compare.evaluate", "models", "modules", "checkpoint"]
 
 

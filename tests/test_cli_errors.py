@@ -362,3 +362,49 @@ def test_several_personas_are_named_by_repeats_or_commas_alike(tmp_path, rng, cl
     assert not (tmp_path / "bad").exists()
     code, _, err = cli("overlap", small, "a,/etc/passwd#x")
     _one_line(code, err, "not a bundle")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "huge"])
+def test_input_files_that_are_no_regular_file_or_too_big(tmp_path, cli, tiny_dir, small, kind):
+    """The files a user names (``build --persona NAME=FILE``, ``eval --mc``, ``similarity
+    --texts``): a FIFO with no writer, a device, a folder or a file past the 256 MiB bound is
+    one line and exit 2, refused without blocking or reading it whole; nothing is written."""
+    import os
+    import threading
+
+    if kind == "fifo":
+        path = tmp_path / "calib.txt"
+        os.mkfifo(path)
+        # a reader that blocked on the open would be freed (and then fail the assertions
+        # below) rather than hang the suite
+        stop = threading.Event()
+
+        def unblock() -> None:
+            if not stop.wait(30):
+                with open(path, "wb"):
+                    pass
+
+        threading.Thread(target=unblock, daemon=True).start()
+    elif kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "folder":
+        path = tmp_path / "calib"
+        path.mkdir()
+    else:
+        path = tmp_path / "calib.txt"
+        with open(path, "wb") as f:
+            f.truncate(257 << 20)  # sparse: no disk used
+    want = {"fifo": "not a regular file", "device": "not a regular file",
+            "folder": "is a folder", "huge": "larger than 256 MiB"}[kind]  # fmt: skip
+    try:
+        code, _, err = cli("build", "--model", tiny_dir, "--persona", f"a={path}",
+                           "--out", tmp_path / "o.zarr")  # fmt: skip
+        _one_line(code, err, "calibration file", want)
+        assert not (tmp_path / "o.zarr").exists()
+        code, _, err = cli("eval", small, "--mc", path)
+        _one_line(code, err, "multiple-choice file", want)
+        code, _, err = cli("similarity", small, "a", "a", "--texts", path)
+        _one_line(code, err, want)
+    finally:
+        if kind == "fifo":
+            stop.set()

@@ -40,7 +40,7 @@ def test_quoted_newlines_survive_multiple_choice_files(tmp_path):
 def test_unreadable_csv_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"text\n\xff\xfe\n")
-    with pytest.raises(MaskstoreError, match="cannot read calibration file"):
+    with pytest.raises(MaskstoreError, match="calibration file .* is not UTF-8"):
         cal.read_samples(bad)
     with pytest.raises(MaskstoreError, match="does not exist"):
         cal.read_pair_csv(tmp_path / "missing.csv")

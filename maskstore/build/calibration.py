@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MaskstoreError
+from ..files import read_text
 from ..store.hashing import canonical_json, xxh3
 
 _TEXT_KEYS = ("text", "content", "statement", "prompt")
@@ -28,26 +30,14 @@ class Sample:
         return [self.prompt, self.text]
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MaskstoreError(f"calibration file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MaskstoreError(f"cannot read calibration file {path}: {type(e).__name__}") from None
-
-
 def read_csv_rows(path: str | Path, what: str = "calibration file") -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts, read with the ``csv`` module over the file itself, so quoted
-    fields keep their newlines (``"wealthy?\nAnswer"`` stays two lines)."""
-    path = Path(path)
+    """Rows of a CSV file as dicts, read with the ``csv`` module over the file's own newlines,
+    so quoted fields keep theirs (``"wealthy?\nAnswer"`` stays two lines)."""
+    text = read_text(path, what)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise MaskstoreError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise MaskstoreError(f"cannot read {what} {path}: {type(e).__name__}") from None
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise MaskstoreError(f"cannot read {what} {path}: {e}") from None
 
 
 def read_samples(path: str | Path) -> list[Sample]:
@@ -55,7 +45,7 @@ def read_samples(path: str | Path) -> list[Sample]:
     ``.csv`` (a ``text`` column, else the first column)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    raw = "" if suffix == ".csv" else _read_text(path)
+    raw = "" if suffix == ".csv" else read_text(path, "calibration file")
     out: list[Sample] = []
     if suffix == ".jsonl":
         for i, line in enumerate(raw.splitlines(), 1):
