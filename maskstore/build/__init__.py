@@ -28,18 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import MaskstoreError
+from ..modules import maskable_modules, model_fingerprint
+from ..progress import Progress, Stage, counter
+from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
+from ..store.hashing import metadata_digest
+from ..store.names import check_persona_name
+from ..store.stats import ChannelStats
+from ..store.writer import WritableBundle, create_bundle
 from . import methods, scoring
 from .calibration import API_SOURCE, Recorder
 from .collect import Batch, StatsCollector
-from ..errors import MaskstoreError
-from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
-from ..store.hashing import metadata_digest
-from ..modules import maskable_modules, model_fingerprint
-from ..store.names import check_persona_name
 from .offload import collect_by_block, decoder_layers
-from ..progress import Progress, Stage, counter
-from ..store.stats import ChannelStats
-from ..store.writer import WritableBundle, create_bundle
 
 ZERO_SCORE_WARN = 0.05  # warn when more of a persona's kept weights than this scored exactly 0
 

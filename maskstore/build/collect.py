@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..progress import Progress, counter
-from .scoring import one_thread
 from ..store.stats import ChannelStats
+from .scoring import one_thread
 
 Batch = Mapping[str, torch.Tensor] | torch.Tensor
 

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..errors import MaskstoreError
 from ..store.bits import pack, unpack
 from .collect import StatsCollector
-from ..errors import MaskstoreError
 
 
 def world() -> tuple[int, int]:

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from . import scoring
 from ..errors import MaskstoreError
 from ..store.stats import ChannelStats
+from . import scoring
 
 
 class BuildConfig(Protocol):

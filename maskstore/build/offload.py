@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from .collect import Batch, StatsCollector
 from ..errors import MaskstoreError
 from ..progress import Progress, counter
+from .collect import Batch, StatsCollector
 
 
 def release_memory() -> None:

@@ -14,13 +14,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import calibration as cal
-from . import distributed
+from ..models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
+from ..modules import check_untied, maskable_modules
+from ..progress import Progress, Stage
+from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
 from . import (
     BuildConfig,
     PersonaStats,
     block_finisher,
     collector,
+    distributed,
     finish_stats,
     gram_blocks,
     masks_for_module,
@@ -28,11 +31,8 @@ from . import (
     stats_from_bundle,
     write_bundle,
 )
-from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
-from ..models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
-from ..modules import check_untied, maskable_modules
+from . import calibration as cal
 from .offload import LayerwiseModel, checkpoint_bytes, collect_by_block
-from ..progress import Progress, Stage
 
 
 @dataclass(kw_only=True)
