@@ -9,6 +9,7 @@ through :mod:`maskstore.store.stores`, which never follows them.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -19,19 +20,27 @@ from .errors import MaskstoreError
 MAX_TEXT = 256 << 20  # calibration sets and evaluation files are kilobytes to megabytes
 
 
-def open_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO:
+def open_regular(path: str | os.PathLike, what: str = "file", follow: bool = True) -> BinaryIO:
     """``path`` opened for binary reading if it is a regular file.
 
+    Args:
+        follow: follow a symbolic link at ``path`` (a path the user typed); False for files
+            found in a folder from elsewhere, whose links could point anywhere.
     Raises:
         MaskstoreError: the file is missing or unreadable, or is a FIFO, socket, device or
-            folder (refused without blocking).
+            folder (refused without blocking), or a symbolic link when ``follow`` is False.
     """
     path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise MaskstoreError(f"{what} {path} does not exist") from None
     except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise MaskstoreError(
+                f"{what} {path} is a symbolic link: refused (links are not followed here)"
+            ) from None
         raise MaskstoreError(f"cannot read {what} {path}: {e.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode

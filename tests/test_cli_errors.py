@@ -408,3 +408,25 @@ def test_input_files_that_are_no_regular_file_or_too_big(tmp_path, cli, tiny_dir
     finally:
         if kind == "fifo":
             stop.set()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-out", "device-link"])
+def test_import_pt_never_opens_fifos_or_follows_links(tmp_path, cli, kind):
+    """A folder of research ``.pt`` files comes from elsewhere: a FIFO in it is refused without
+    blocking, and a link (to a tensor file outside, or to a device) is refused, not followed."""
+    import os
+
+    src = tmp_path / "pt"
+    src.mkdir()
+    name = src / "M_a_model.layers.0.mlp.up_proj.pt"
+    if kind == "fifo":
+        os.mkfifo(name)
+    elif kind == "link-out":
+        outside = tmp_path / "outside.pt"
+        torch.save(torch.ones(2, 8, dtype=torch.bool), outside)
+        name.symlink_to(outside)
+    else:
+        name.symlink_to("/dev/zero")
+    want = "not a regular file" if kind == "fifo" else "symbolic link"
+    _one_line(*cli("import-pt", src, "--out", tmp_path / "o")[::2], "mask file", want)
+    assert not (tmp_path / "o").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MaskstoreError
+from ..files import open_regular
 from ..store.writer import create_bundle
 
 _FILE = re.compile(r"^M_(.+)\.pt$")
@@ -42,10 +43,12 @@ MAX_WEIGHTS = 1 << 34  # of one imported mask
 
 
 def _load_tensor(path: Path) -> torch.Tensor:
+    # a FIFO, device or link in a folder from elsewhere is refused before torch reads a byte
+    fh = open_regular(path, "mask file", follow=False)
     try:
-        with warnings.catch_warnings():  # torch warns about the files it refuses
+        with fh, warnings.catch_warnings():  # torch warns about the files it refuses
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever fails, the file is not a plain tensor file
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise MaskstoreError(
