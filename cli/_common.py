@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -79,6 +80,47 @@ def one_out(positional: Path | None, option: Path | None) -> Path:
     if (positional is None) == (option is None):
         raise MaskstoreError("name the output once: as the last argument or with --out")
     return positional or option  # type: ignore[return-value]
+
+
+def check_output(path: Path | None, flag: str) -> None:
+    """Fail before any compute when an output file (``--png``, ``--per-item``) cannot be
+    written where asked: its folder is missing, or the path is a folder, FIFO or device."""
+    import os
+    import stat
+
+    from maskstore.errors import MaskstoreError
+
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise MaskstoreError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise MaskstoreError(f"{flag} {path} exists and is not a regular file: choose another path")
+
+
+def write_output(path: Path, data: bytes, flag: str) -> None:
+    """``data`` written to exactly ``path``: into a new file in its folder, then renamed over
+    it, so a reader never sees half a file and a link at ``path`` is replaced, not followed."""
+    import os
+    import tempfile
+
+    check_output(path, flag)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def emit_json(doc: object) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from maskstore.errors import MaskstoreError
 
+from ._common import check_output, write_output
+
 
 def _plt():
     try:
@@ -20,8 +22,18 @@ def _plt():
 
 def check_png(path: Path | None) -> None:
     """Fail before any compute when the figure cannot be written where asked."""
-    if path is not None and not path.parent.is_dir():
-        raise MaskstoreError(f"--png {path}: folder {path.parent} does not exist; create it first")
+    check_output(path, "--png")
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    """The figure as PNG at exactly ``path`` (matplotlib would add ``.png`` to a path without
+    it, and write through a link or into a FIFO)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _plt().close(fig)
+    write_output(path, buf.getvalue(), "--png")
 
 
 def overlap_heatmap(rows: list[str], layers: list[str], values, metric: str, path: Path) -> None:
@@ -42,8 +54,7 @@ def overlap_heatmap(rows: list[str], layers: list[str], values, metric: str, pat
     ax.set_title(f"{metric} by layer (colour scale: {np.nanmin(v):.4f} to {np.nanmax(v):.4f})")
     fig.colorbar(im, ax=ax, label=metric, fraction=0.04, pad=0.02)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, 130)
 
 
 def diff_by_layer(series: dict[str, dict[str, float]], title: str, path: Path) -> None:
@@ -65,5 +76,17 @@ def diff_by_layer(series: dict[str, dict[str, float]], title: str, path: Path) -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, 130)
+
+
+def cosine_by_layer(cos: list[float], a: str, b: str, path: Path) -> None:
+    """Mean cosine similarity of hidden states under personas ``a`` and ``b``, layer by layer."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(len(cos)), cos, marker="o")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("mean cosine similarity")
+    ax.set_title(f"hidden states: {a} vs {b}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path, 120)

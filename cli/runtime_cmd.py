@@ -17,7 +17,16 @@ from maskstore.store.opener import open_bundle
 if TYPE_CHECKING:
     from maskstore.serve.runtime import MaskHandle
 
-from ._common import console, emit_json, err_console, persona_refs, personas_of, safe
+from ._common import (
+    check_output,
+    console,
+    emit_json,
+    err_console,
+    persona_refs,
+    personas_of,
+    safe,
+    write_output,
+)
 from .app import BundleArg, DeviceOpt, JsonOpt, ModelOpt, app, choice
 
 RevisionOpt = Annotated[
@@ -81,8 +90,7 @@ def _gathered(bundle: str | Path, specs: list[str]) -> Iterator[tuple[Path, dict
 
 def _writable(path: Path | None, flag: str) -> None:
     """Fail before any compute when an output file cannot be written where asked."""
-    if path is not None and not path.parent.is_dir():
-        raise MaskstoreError(f"{flag} {path}: folder {path.parent} does not exist; create it first")
+    check_output(path, flag)
 
 
 @app.command()
@@ -299,8 +307,8 @@ def eval_cmd(
     keys_for = {shown.get(p, p): v for p, v in keys_for.items()}
     if per_item is not None:
         recs = [r | {"persona": shown.get(r["persona"], r["persona"])} for r in res["records"]]
-        per_item.write_text("".join(json.dumps(r) + "\n" for r in recs),
-                            encoding="utf-8")  # fmt: skip
+        write_output(per_item, "".join(json.dumps(r) + "\n" for r in recs).encode(),
+                     "--per-item")  # fmt: skip
     _print_eval(res, rows, items, matches, keys_for, metas, template, system_prompt, mc,
                 per_item, json_out)  # fmt: skip
 
@@ -348,22 +356,9 @@ def similarity(
                 progress=lambda d, t: bar.update(task, completed=d, total=t),
             )
     if png is not None:
-        try:
-            import matplotlib
+        from ._plots import cosine_by_layer
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise MaskstoreError("--png needs matplotlib: pip install 'maskstore[plot]'") from None
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(range(len(cos)), cos, marker="o")
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.set_ylabel("mean cosine similarity")
-        ax.set_title(f"hidden states: {a} vs {b}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(png, dpi=120)
-        plt.close(fig)
+        cosine_by_layer(cos, a, b, png)
     if json_out:
         emit_json({"a": a, "b": b, "texts": len(lines), "layers": cos})
         return

@@ -328,6 +328,55 @@ def test_overlap_and_diff_pngs_and_fitted_colours(tmp_path, rng, cli):
     assert heat(0.936, "jaccard", 0.936, 0.948)[:18] != heat(0.948, "jaccard", 0.936, 0.948)[:18]
 
 
+def _unblock_later(fifo, after: float = 30.0) -> None:
+    """Open ``fifo`` for reading after ``after`` s: code that wrongly blocked writing into it
+    is freed (and then fails its assertions) instead of hanging the suite."""
+    import os
+    import threading
+
+    def drain() -> None:
+        import time
+
+        time.sleep(after)
+        try:  # gone once the test passed
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
+def test_png_outputs_go_exactly_where_asked_and_never_through_fifos_or_links(tmp_path, rng, cli):
+    """``--png`` writes the path given (no ``.png`` added), replaces a link instead of writing
+    through it, and refuses a FIFO or folder in one line before any compute, without blocking."""
+    import os
+
+    fp = random_fingerprint(rng, n_layers=2)
+    path = write_bundle(tmp_path / "b.zarr", fp, random_masks(rng, fp, ["a", "b"]))
+    plain = tmp_path / "figure"
+    code, out, err = cli("overlap", path, "--png", plain)
+    assert code == 0, err
+    assert plain.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "figure.png").exists()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "link.png"
+    link.symlink_to(victim)
+    code, out, err = cli("diff", path, "a", "b", "--png", link)
+    assert code == 0, err
+    assert victim.read_text() == "keep me" and not link.is_symlink()
+    assert link.read_bytes()[:4] == b"\x89PNG"
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.png").mkdir()
+    _unblock_later(fifo)
+    for target in (fifo, tmp_path / "dir.png"):
+        for cmd in (["overlap", path], ["diff", path, "a", "b"]):
+            code, out, err = cli(*cmd, "--png", target)
+            assert code == 2 and "is not a regular file" in err, err
+            assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_gather_copies_personas_of_several_bundles(tmp_path, rng):
     fp = random_fingerprint(rng)
     m1, m2 = random_masks(rng, fp, ["a", "b"]), random_masks(rng, fp, ["a"])

@@ -430,3 +430,18 @@ def test_import_pt_never_opens_fifos_or_follows_links(tmp_path, cli, kind):
     want = "not a regular file" if kind == "fifo" else "symbolic link"
     _one_line(*cli("import-pt", src, "--out", tmp_path / "o")[::2], "mask file", want)
     assert not (tmp_path / "o").exists()
+
+
+def test_per_item_output_that_is_a_fifo_or_folder(tmp_path, cli, small):
+    """``eval --per-item`` naming a FIFO or a folder: one line, exit 2, before the model
+    loads (nothing blocks on the FIFO)."""
+    import os
+
+    mc = tmp_path / "mc.csv"
+    mc.write_text("question,A,B,matching\nQuiet or loud?,quiet,loud,A\n")
+    fifo = tmp_path / "items.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.jsonl").mkdir()
+    for target in (fifo, tmp_path / "dir.jsonl"):
+        code, _, err = cli("eval", small, "--mc", mc, "--per-item", target)
+        _one_line(code, err, "--per-item", "is not a regular file")
