@@ -445,3 +445,25 @@ def test_per_item_output_that_is_a_fifo_or_folder(tmp_path, cli, small):
     for target in (fifo, tmp_path / "dir.jsonl"):
         code, _, err = cli("eval", small, "--mc", mc, "--per-item", target)
         _one_line(code, err, "--per-item", "is not a regular file")
+
+
+@pytest.mark.parametrize(
+    "url", ["s3://", "s3:///x", "s3://o", "s3://Bad_Bucket/x", "s3://a..b/x", "s3://masks/a/../b",
+            "s3://masks//x", "s3a://-masks/x"],
+)  # fmt: skip
+def test_s3_urls_without_a_valid_bucket_or_with_dot_parts(tmp_path, cli, small, url):
+    """A remote URL that names no valid bucket, or whose prefix has empty, ``.`` or ``..``
+    parts, is refused when added (one line; the remotes stay as they were) and wherever an
+    ``s3://`` source is opened, before any connection is tried."""
+    repo = tmp_path / "repo"
+    assert cli("commit", small, "-m", "one", "--repo", repo)[0] == 0
+
+    def files() -> dict:
+        return {p: p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+
+    before = files()
+    _one_line(*cli("remote", "add", "team", url, "--repo", repo)[::2], "remote")
+    assert files() == before
+    _one_line(*cli("info", f"{url}@v1")[::2], "remote")
+    _one_line(*cli("clone", url, tmp_path / "c")[::2], "remote")
+    assert not (tmp_path / "c").exists()

@@ -35,7 +35,7 @@ from ..progress import Progress
 from ..store.format import Bundle
 from ..store.hashing import canonical_json
 from ..store.names import check_ref_name
-from ..store.stores import Store, open_store
+from ..store.stores import Store, check_s3_url, open_store
 from . import commit as _commit
 from . import history, maintenance, signing, transfer
 from .merge import MergeConflict, MergeResult, merge
@@ -308,6 +308,8 @@ class Repository:
             raise MaskstoreError("give the remote's URL or folder")
         if "://" in url and not url.startswith(("s3://", "s3a://", "file://")):
             raise MaskstoreError(f"remote {url!r}: use a folder or an s3:// URL")
+        if url.startswith(("s3://", "s3a://")):
+            check_s3_url(url)
         entry = {"url": url if "://" in url else str(Path(url).resolve())}
         for k, v in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile)):
             if v:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 import stat
 import time
@@ -421,6 +422,25 @@ class LocalStore(Store):
             p.unlink(missing_ok=True)
 
 
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def check_s3_url(url: str) -> None:
+    """Refuse, in one line, an ``s3://`` URL that names no valid bucket or whose prefix has
+    empty, ``.`` or ``..`` parts (S3 would take ``a/../b`` literally; maskstore refuses it)."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, prefix = rest.rstrip("/").partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise MaskstoreError(
+            f"remote {url!r}: {bucket or 'no bucket'} is not an S3 bucket name (3-63 "
+            f"lowercase letters, digits, '.' and '-'): write it as {scheme}://BUCKET/PREFIX"
+        )
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise MaskstoreError(
+            f"remote {url!r}: the prefix after the bucket has an empty, '.' or '..' part"
+        )
+
+
 class FsspecStore(Store):
     """Any fsspec URL. Atomic create and compare-and-swap use S3's conditional writes
     (``If-None-Match: *`` and ``If-Match: <etag>``), which AWS S3 and compatible servers honour."""
@@ -428,6 +448,8 @@ class FsspecStore(Store):
     def __init__(self, url: str, **storage_options: Any) -> None:
         import fsspec
 
+        if url.startswith(("s3://", "s3a://")):
+            check_s3_url(url)
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.protocol = (
