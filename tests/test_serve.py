@@ -160,6 +160,45 @@ def test_completions_chat_and_streaming(served):
         assert cut == full[: full.index(full[2:4])]
 
 
+def test_chat_content_parts_and_text_that_is_no_unicode(served):
+    """Chat content given as text parts (as the OpenAI client may send it) reads as their joined
+    text; a non-text part is a 400. Lone UTF-16 surrogates, which JSON can escape but no
+    tokenizer takes, are a 400 in OpenAI's shape wherever text goes (they were a plain 500)."""
+    c, url = served["client"], served["url"]
+
+    def chat(content, **kw):
+        r = c.chat.completions.create(model="p2", messages=[{"role": "user", "content": content}],
+                                      max_tokens=6, temperature=0, **kw)  # fmt: skip
+        return r.choices[0].message.content
+
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo there"}]
+    assert chat(parts) == chat("Hello there")
+    with pytest.raises(openai.BadRequestError):
+        chat([{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}])
+    bodies = [
+        {"model": "p1", "prompt": "\ud800hi", "max_tokens": 2},
+        {"model": "p1", "prompt": ["a\udfff"], "max_tokens": 2},
+        {"model": "p1", "prompt": "hi", "max_tokens": 2, "stop": ["\udc00"]},
+        {"model": "p1\ud800", "prompt": "hi", "max_tokens": 2},
+    ]
+    chats = [
+        {"model": "p2", "messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2},
+        {"model": "p2", "messages": [{"role": "user", "content": [{"type": "text",
+                                                                    "text": "x\udbff"}]}]},
+    ]  # fmt: skip
+    for route, body in [("completions", b) for b in bodies] + [("chat/completions", b)
+                                                               for b in chats]:  # fmt: skip
+        raw = json.dumps(body).encode()  # json escapes the surrogates as \\uXXXX
+        assert b"\\ud" in raw or b"\\udc" in raw or b"\\udf" in raw
+        req = urllib.request.Request(f"{url}/v1/{route}", data=raw, headers={
+            "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        err = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and "surrogate" in err["message"], (body, err)
+    assert complete(c, "p1", "Hello there", n=4)  # the server goes on
+
+
 def test_n_choices_are_rows_of_their_own(served):
     """``n`` choices: greedy ones equal the single answer; sampled ones (choice i with seed
     + i) are reproducible and differ; streamed chunks carry their choice's index and join to
@@ -706,3 +745,43 @@ def test_served_from_an_s3_version_and_a_remote_that_goes_down(tmp_path, tiny_di
             stop(proc)
         if moto.poll() is None:
             moto.kill()
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_shape_and_the_server_goes_on(tmp_path, rng):
+    """A failure the routes do not foresee (here the tokenizer raising once) answers 500 with
+    OpenAI's error body naming only the exception's type, not a plain-text page; the next
+    request is served."""
+    from fastapi.testclient import TestClient
+
+    from maskstore.serve import Engine
+    from maskstore.serve.app import create_app
+
+    handle, tok = _three_personas(tmp_path, rng, seed=5)
+    engine = Engine(handle, tok)
+    try:
+        app = create_app(engine, handle.bundle, "tiny")
+        calls = {"n": 0}
+        real = engine.tok
+
+        class Flaky:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __call__(self, *a, **kw):
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("secret /path/in/message")
+                return real(*a, **kw)
+
+        engine.tok = Flaky()
+        with TestClient(app, raise_server_exceptions=False) as client:
+            body = {"model": "a", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 500
+            err = r.json()["error"]
+            assert err["code"] == 500 and "RuntimeError" in err["message"]
+            assert "secret" not in err["message"]
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"]
+    finally:
+        engine.close()

@@ -14,12 +14,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..errors import MaskstoreError
 from .catalog import Catalog
@@ -31,30 +31,66 @@ MAX_STOPS = 4
 MAX_N = 8  # choices a request may ask for (each one a batch row)
 
 
+def _unicode(s: str) -> str:
+    """JSON may escape lone UTF-16 surrogates (``"\\ud800"``), which are no text a tokenizer
+    can take: refused as a 400 rather than failing inside the tokenizer."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "holds a lone surrogate (\\ud800-\\udfff): send valid Unicode text"
+        ) from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _union_tag(part: object) -> bool:
+    """A part of a validation error's location that names a union member, not a field
+    (``"str"``, ``"list[str]"``, ``"function-after[_unicode(), str]"``)."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     n: int = Field(1, ge=1, le=MAX_N)
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)  # each token's, and the k likeliest
+
+
+class TextPart(BaseModel):
+    """A content part of a chat message; only text parts are served (no images or audio)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: Text | list[TextPart]
+
+    def text(self) -> str:
+        """The message's text: its parts joined (as OpenAI reads a list of text parts)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
 
 
 class ChatBody(_Sampling):
@@ -67,8 +103,8 @@ class ChatBody(_Sampling):
 class LoadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    persona: str | None = None
-    source: str | None = None
+    persona: Text | None = None
+    source: Text | None = None
 
 
 class ApiError(Exception):
@@ -112,10 +148,18 @@ def create_app(
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
         return error_response(e.status, e.message, e.param)
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:  # logged by the server too
+        return error_response(500, f"internal error ({type(e).__name__}); see the server log")
+
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        errors = e.errors()
+        # a union (str | list[str]) fails once per member: a validator's own error says most
+        first = next((x for x in errors if x.get("type") == "value_error"), None)
+        first = first or (errors[0] if errors else {})
+        loc = [x for x in first.get("loc", ())[1:] if not _union_tag(x)]
+        where = ".".join(str(x) for x in loc) or None
         msg = first.get("msg", "malformed request body")
         return error_response(400, f"{where + ': ' if where else ''}{msg}", where)
 
@@ -185,7 +229,7 @@ def create_app(
     async def chat(body: ChatBody, request: Request):
         if not getattr(engine.tok, "chat_template", None):
             raise ApiError(400, "the model's tokenizer has no chat template: use /v1/completions")
-        msgs = [{"role": m.role, "content": m.content} for m in body.messages]
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = engine.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - the template's own error, said in one line
