@@ -3,9 +3,10 @@
 zstd frames are written and read with ``zstandard`` (12 ms to import, where numcodecs takes
 over 200 ms), every decode bounded by the size it may produce.
 
-Mask bits with a kept share far from 0.5 compress well and get zstd level 16, whose entropy coder
-lands within 5% of H(p) where level 3 is 17% off (``benchmarks/bench_storage.py``); balanced masks
-get level 3, or no compression at all when a trial shows it saves under 2%.
+Mask bits with a kept share far from 0.5 compress well and get zstd level 16 (its btultra
+strategy with 6-byte minimum matches), whose entropy coder lands within 4% of H(p) where level 3
+is 17% off (``benchmarks/bench_storage.py``); balanced masks get level 3, or no compression at
+all when a trial shows it saves under 2%.
 """
 
 from __future__ import annotations
@@ -21,9 +22,23 @@ TRIAL_BYTES = 1 << 20  # the head of an array that the incompressibility trial c
 
 
 def zstd_compress(data: Any, level: int = DEFAULT_LEVEL) -> bytes:
-    """One zstd frame (with its content size) of ``data``."""
+    """One zstd frame (with its content size) of ``data``.
+
+    At :data:`SKEWED_LEVEL` the frame is made with zstd's btultra strategy and 6-byte
+    minimum matches: on mask bits the same entropy coder lands as close to H(p) as plain level
+    16 (slightly closer) in a third of the time, since random bits hold no long matches to
+    search for (``benchmarks/bench_storage.py``). Any zstd decoder reads either frame.
+    """
     import zstandard
 
+    if level == SKEWED_LEVEL:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level,
+            source_size=memoryview(data).nbytes,
+            strategy=zstandard.STRATEGY_BTULTRA,
+            min_match=6,
+        )
+        return zstandard.ZstdCompressor(compression_params=params).compress(data)
     return zstandard.ZstdCompressor(level=level).compress(data)
 
 
