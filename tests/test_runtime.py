@@ -122,6 +122,17 @@ def test_bad_persona_gamma_and_model(setup, tmp_path):
     for g in (-0.1, 1.5):
         with pytest.raises(MaskstoreError, match="gamma"):
             h.use("a", gamma=g)
+    with pytest.raises(MaskstoreError, match="'lm_head' is not a masked module"):
+        h.base_weight("lm_head")
+    for bad in (None, "model", path):  # not a module: one clear error, not a TypeError
+        with pytest.raises(MaskstoreError, match="needs a torch.nn.Module"):
+            maskstore.attach(bad, path)
+    h.detach()
+    for size in (-1, 1.5, True):
+        with pytest.raises(MaskstoreError, match="cache_bytes"):
+            maskstore.attach(model, path, cache_bytes=size)
+    h = maskstore.attach(model, path)  # the refusals left no live handle behind
+    h.detach()
     other = tiny_llama(seed=5, intermediate=96)
     with pytest.raises(MaskstoreError, match="mlp.gate_proj is .* wrong model"):
         maskstore.attach(other, path)

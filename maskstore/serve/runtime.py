@@ -141,6 +141,10 @@ class MaskHandle:
         base: str | os.PathLike = "auto",
     ) -> None:
         """See :func:`attach`."""
+        if not isinstance(model, nn.Module):
+            raise MaskstoreError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise MaskstoreError(f"`cache_bytes` must be an integer >= 0, got {cache_bytes!r}")
         self.model = model
         self.bundle = bundle
         _claim(model, None)  # refuse a second live handle before the weights check
@@ -201,6 +205,8 @@ class MaskHandle:
 
     def base_weight(self, name: str) -> torch.Tensor:
         """Module ``name``'s base weight (a new tensor when a persona is active)."""
+        if name not in self.modules:
+            raise MaskstoreError(f"{name!r} is not a masked module of this model")
         w = self.modules[name].weight.detach()
         saved = self._saved.get(name)
         if saved is None or self._gate.get(name) is None:  # the module holds its base weight
