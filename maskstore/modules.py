@@ -148,3 +148,13 @@ def model_fingerprint(
     if hash_weights:
         fp["weights_xxh3"] = weights_hash(modules, weight_of)
     return fp
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """How many token embeddings ``model`` has (None when it does not say)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    n = getattr(emb, "num_embeddings", None)
+    return n if isinstance(n, int) else None

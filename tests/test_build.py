@@ -9,6 +9,7 @@ from _tiny import byte_tokenizer, tiny_llama
 from maskstore.build import BuildConfig, build, collect_stats
 from maskstore.build import calibration as cal
 from maskstore.build.collect import StatsCollector
+from maskstore.errors import MaskstoreError
 from maskstore.modules import maskable_modules, module_kind
 from maskstore.store.opener import open_bundle
 
@@ -352,3 +353,39 @@ def test_sparsegpt_block_by_block_gives_the_bits_of_the_whole_model_pass(
         ref = build_mod.scoring.select_fused(w, whole[n].extra["hinv_diag_damp0.01"], 0.5,
                                              square=True)  # fmt: skip
         assert torch.equal(torch.from_numpy(b.read_mask("introvert", n)), ref)
+
+
+@pytest.mark.parametrize(
+    "batch, phrase",
+    [
+        ("some text", "not str"),
+        ({"attention_mask": torch.ones(1, 3)}, "not dict"),
+        (torch.rand(1, 4), "must be integers"),
+        (torch.ones(1, 4, dtype=torch.bool), "must be integers"),
+        (torch.tensor([1, 2, 3]), "(batch, tokens)"),
+        (torch.tensor([[1, 10**6]]), "token id 1000000 lies outside the model's 260 embeddings"),
+        (torch.tensor([[-1, 2]]), "token id -1 lies outside"),
+        ({"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 3)},
+         "attention_mask (1, 3) does not match input_ids (1, 2)"),
+    ],
+)  # fmt: skip
+def test_batches_the_model_cannot_take_are_one_clear_error(tmp_path, batch, phrase):
+    """``build`` checks every calibration batch before the model sees it: strings, float or
+    bool ids, a flat tensor, ids outside the embeddings (another tokenizer's) and a mask of
+    another shape are each one MaskstoreError naming the problem (they were TypeError,
+    RuntimeError or IndexError from inside the model); no bundle is left behind."""
+    model = tiny_llama(seed=1)
+    good = torch.tensor([[5, 6, 7]])
+    with pytest.raises(MaskstoreError) as e:
+        build(model, {"a": [good, batch]}, tmp_path / "o.zarr")
+    assert phrase in str(e.value)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_build_needs_a_persona_and_batches_need_a_size(tmp_path):
+    with pytest.raises(MaskstoreError, match="names no persona"):
+        build(tiny_llama(seed=1), {}, tmp_path / "o.zarr")
+    assert not (tmp_path / "o.zarr").exists()
+    for kw in ({"batch_size": 0}, {"max_tokens": 0}):
+        with pytest.raises(MaskstoreError, match="must be at least 1"):
+            list(cal.batches(byte_tokenizer(), [cal.Sample("x")], **kw))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MaskstoreError
-from ..modules import maskable_modules, model_fingerprint
+from ..modules import maskable_modules, model_fingerprint, vocab_size
 from ..progress import Progress, Stage, counter
 from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
 from ..store.hashing import metadata_digest
@@ -571,14 +571,18 @@ def build(
     """
     config = config or BuildConfig()
     config.check()
+    if not calibration:
+        raise MaskstoreError("`calibration` names no persona: give {name: batches}")
     for n in calibration:
         check_persona_name(n)
+    vocab = vocab_size(model)
     check_pairs(list(calibration), list(pairs), config)
     modules = dict(modules) if modules is not None else maskable_modules(model)
     personas = []
     layers = gram_blocks(model, modules, config)
     if layers is not None:  # SparseGPT: one block's Gram matrices at a time
-        recs = {n: Recorder(bs, calibration_source or API_SOURCE) for n, bs in calibration.items()}
+        recs = {n: Recorder(bs, calibration_source or API_SOURCE, vocab)
+                for n, bs in calibration.items()}  # fmt: skip
         batches = {n: list(enumerate(rec)) for n, rec in recs.items()}
         colls = {n: collector(modules, config) for n in calibration}
         step = progress("calibrating, block by block", len(layers)) if progress else None
@@ -588,7 +592,7 @@ def build(
             personas.append(PersonaStats(name, finish_stats(colls[name], config), rec.record()))
     for name, batches in calibration.items() if layers is None else ():
         step = progress(f"calibrating {name}", None) if progress else None
-        rec = Recorder(batches, calibration_source or API_SOURCE)
+        rec = Recorder(batches, calibration_source or API_SOURCE, vocab)
         st = collect_stats(model, modules, rec, config, step)
         personas.append(PersonaStats(name, st, rec.record()))
     write_bundle(

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,16 +123,53 @@ def describe(max_tokens: int, seed: int, chat_template: bool) -> str:
     return f"max_tokens={max_tokens} seed={seed} chat_template={chat_template}"
 
 
+def check_batch(b: object, vocab: int | None = None) -> None:
+    """Refuse, in one line, a calibration batch the model cannot take.
+
+    A batch is an integer tensor of token ids ``(batch, tokens)``, or a mapping whose
+    ``input_ids`` is one and whose ``attention_mask``, if given, has the same shape; with
+    ``vocab``, every id lies in ``[0, vocab)``.
+
+    Raises:
+        MaskstoreError: naming what is wrong and how to make a batch.
+    """
+    how = "make batches with maskstore.build.calibration.batches(tokenizer, samples)"
+    ids = (
+        b if isinstance(b, torch.Tensor) else b.get("input_ids") if isinstance(b, Mapping) else None
+    )
+    if not isinstance(ids, torch.Tensor):
+        raise MaskstoreError(
+            f"a calibration batch is a tensor of token ids or a dict with 'input_ids', not "
+            f"{type(b).__name__}: {how}"
+        )
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise MaskstoreError(f"token ids must be integers, got {ids.dtype}: {how}")
+    if ids.ndim != 2:
+        raise MaskstoreError(f"token ids must be (batch, tokens), got shape {tuple(ids.shape)}")
+    mask = b.get("attention_mask") if isinstance(b, Mapping) else None
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise MaskstoreError(f"attention_mask {shape} does not match input_ids {tuple(ids.shape)}")
+    if vocab is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise MaskstoreError(
+                f"token id {lo if lo < 0 else hi} lies outside the model's {vocab} embeddings: "
+                "tokenize with the model's own tokenizer"
+            )
+
+
 class Recorder:
     """The one definition of a persona's calibration record: passes token batches through
     while hashing them (xxh3-128 over each batch's ``input_ids`` as int64 and
     ``attention_mask`` as int8, in order) and counting samples and tokens. The API build and
     the command line both use it, so the same batches give the same persona digest."""
 
-    def __init__(self, batches, source: str = API_SOURCE) -> None:
+    def __init__(self, batches, source: str = API_SOURCE, vocab: int | None = None) -> None:
         import xxhash
 
         self.batches, self.samples, self.tokens, self.source = batches, 0, 0, source
+        self.vocab = vocab  # when known, token ids are checked against it
         self._h = xxhash.xxh3_128()
 
     def __iter__(self):
@@ -141,7 +178,9 @@ class Recorder:
             yield b
 
     def add(self, b) -> None:
-        """Account for one batch (a tensor of ids or a dict with ``attention_mask``)."""
+        """Account for one batch (a tensor of ids or a dict with ``attention_mask``), checked
+        first (:func:`check_batch`)."""
+        check_batch(b, self.vocab)
         ids = b if isinstance(b, torch.Tensor) else b["input_ids"]
         mask = None if isinstance(b, torch.Tensor) else b.get("attention_mask")
         self._h.update(ids.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
@@ -175,6 +214,10 @@ def batches(
     chat_template: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded token batches ``{"input_ids", "attention_mask"}`` of ``batch_size`` samples."""
+    if batch_size < 1 or max_tokens < 1:
+        raise MaskstoreError(
+            f"`batch_size` and `max_tokens` must be at least 1, got {batch_size} and {max_tokens}"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     for i in range(0, len(samples), batch_size):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer, model_folder, torch_dtype
-from ..modules import check_untied, maskable_modules
+from ..modules import check_untied, maskable_modules, vocab_size
 from ..progress import Progress, Stage
 from ..store.format import DEFAULT_CHUNK_BYTES, Bundle
 from . import (
@@ -167,8 +167,10 @@ def _calibrate(job, mdl, tok, mods, layerwise, rank, size, stage) -> list[Person
     made = {n: list(cal.batches(tok, c, job.max_tokens, job.batch_size, job.chat_template))
             for n, c in chosen.items()}  # fmt: skip
     records = {}
+    vocab = vocab_size(layerwise.model if layerwise is not None else mdl)  # another tokenizer?
     for n, bs in made.items():
-        records[n] = cal.Recorder(bs, cal.describe(job.max_tokens, job.seed, job.chat_template))
+        records[n] = cal.Recorder(bs, cal.describe(job.max_tokens, job.seed, job.chat_template),
+                                  vocab)  # fmt: skip
         for _ in records[n]:
             pass
     # each rank takes every size-th batch; one process takes them all
