@@ -408,6 +408,8 @@ def test_authors_empty_commits_and_repositories_found_from_subfolders(tmp_path, 
     assert json.loads(out)["versions"][0]["author"] == "Ada <ada@example.com>"
     code, _, err = cli("commit", b, "-m", "same again")
     assert code == 2 and "nothing to commit" in err and "--allow-empty" in err
+    with pytest.raises(MaskstoreError, match="`message` must be a string"):
+        open_repo(work / ".maskstore").commit(b, None, allow_empty=True)
     assert not (work / "sub" / "deeper" / ".maskstore").exists()  # found above, not created here
     monkeypatch.delenv("MASKSTORE_AUTHOR")
     code, out, err = cli("commit", b, "-m", "again", "--allow-empty", "--author", "Bob", "--json")

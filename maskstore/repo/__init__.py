@@ -107,6 +107,8 @@ class Repository:
         """Snapshot a bundle as a new version on ``branch``; returns the version id. With
         ``sign`` (an SSH private key file) the new branch head is signed. ``author`` defaults
         to :meth:`author` (None records none); an unchanged bundle needs ``allow_empty``."""
+        if not isinstance(message, str):
+            raise MaskstoreError(f"`message` must be a string, got {type(message).__name__}")
         if sign is not None and not Path(sign).is_file():
             raise MaskstoreError(f"`sign` {sign}: no such key file")
         b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
