@@ -365,14 +365,15 @@ def test_sparsegpt_block_by_block_gives_the_bits_of_the_whole_model_pass(
         (torch.tensor([1, 2, 3]), "(batch, tokens)"),
         (torch.tensor([[1, 10**6]]), "token id 1000000 lies outside the model's 260 embeddings"),
         (torch.tensor([[-1, 2]]), "token id -1 lies outside"),
+        (torch.ones(1, 1, dtype=torch.long).expand(10**6, 10**6), "past the 67,108,864"),
         ({"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.ones(1, 3)},
          "attention_mask (1, 3) does not match input_ids (1, 2)"),
     ],
 )  # fmt: skip
 def test_batches_the_model_cannot_take_are_one_clear_error(tmp_path, batch, phrase):
     """``build`` checks every calibration batch before the model sees it: strings, float or
-    bool ids, a flat tensor, ids outside the embeddings (another tokenizer's) and a mask of
-    another shape are each one MaskstoreError naming the problem (they were TypeError,
+    bool ids, a flat tensor, ids outside the embeddings (another tokenizer's), a stride-0 view
+    of 10^12 ids and a mask of another shape are each one MaskstoreError naming the problem (they were TypeError,
     RuntimeError or IndexError from inside the model); no bundle is left behind."""
     model = tiny_llama(seed=1)
     good = torch.tensor([[5, 6, 7]])

@@ -17,6 +17,7 @@ from ..files import read_text
 from ..store.hashing import canonical_json, xxh3
 
 _TEXT_KEYS = ("text", "content", "statement", "prompt")
+MAX_BATCH_TOKENS = 1 << 26  # of one calibration batch (batch x tokens)
 
 
 @dataclass
@@ -146,6 +147,11 @@ def check_batch(b: object, vocab: int | None = None) -> None:
         raise MaskstoreError(f"token ids must be integers, got {ids.dtype}: {how}")
     if ids.ndim != 2:
         raise MaskstoreError(f"token ids must be (batch, tokens), got shape {tuple(ids.shape)}")
+    if ids.numel() > MAX_BATCH_TOKENS:  # before any pass over it (an expanded view is cheap)
+        raise MaskstoreError(
+            f"a calibration batch of {ids.shape[0]} x {ids.shape[1]} tokens is past the "
+            f"{MAX_BATCH_TOKENS:,} a batch may hold: use smaller batches"
+        )
     mask = b.get("attention_mask") if isinstance(b, Mapping) else None
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
