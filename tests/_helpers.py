@@ -118,3 +118,23 @@ def run_with_joiners(engine, tok, first: list, later: list, after: int, wait: fl
         submit(i, job)
     assert all(d.wait(wait) for d in done)
     return out
+
+
+def unblock_fifo_later(fifo: Path, after: float = 30.0) -> None:
+    """Open ``fifo`` from the other side after ``after`` s (for writing and for reading, both
+    without blocking where the OS allows): code that wrongly blocked on it, reading or writing,
+    is freed (and then fails its test) instead of hanging the suite. A test that passes leaves
+    the thread nothing to do."""
+    import os
+    import threading
+    import time
+
+    def unblock() -> None:
+        time.sleep(after)
+        for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+            try:
+                os.close(os.open(fifo, flags))
+            except OSError:  # gone once the test ended, or no reader to write to
+                pass
+
+    threading.Thread(target=unblock, daemon=True).start()

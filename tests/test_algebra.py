@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _helpers import random_fingerprint, random_masks, write_bundle
+from _helpers import random_fingerprint, random_masks, unblock_fifo_later, write_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -328,24 +328,6 @@ def test_overlap_and_diff_pngs_and_fitted_colours(tmp_path, rng, cli):
     assert heat(0.936, "jaccard", 0.936, 0.948)[:18] != heat(0.948, "jaccard", 0.936, 0.948)[:18]
 
 
-def _unblock_later(fifo, after: float = 30.0) -> None:
-    """Open ``fifo`` for reading after ``after`` s: code that wrongly blocked writing into it
-    is freed (and then fails its assertions) instead of hanging the suite."""
-    import os
-    import threading
-
-    def drain() -> None:
-        import time
-
-        time.sleep(after)
-        try:  # gone once the test passed
-            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-
-    threading.Thread(target=drain, daemon=True).start()
-
-
 def test_png_outputs_go_exactly_where_asked_and_never_through_fifos_or_links(tmp_path, rng, cli):
     """``--png`` writes the path given (no ``.png`` added), replaces a link instead of writing
     through it, and refuses a FIFO or folder in one line before any compute, without blocking."""
@@ -368,7 +350,7 @@ def test_png_outputs_go_exactly_where_asked_and_never_through_fifos_or_links(tmp
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
     (tmp_path / "dir.png").mkdir()
-    _unblock_later(fifo)
+    unblock_fifo_later(fifo)
     for target in (fifo, tmp_path / "dir.png"):
         for cmd in (["overlap", path], ["diff", path, "a", "b"]):
             code, out, err = cli(*cmd, "--png", target)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
-from _helpers import write_bundle
+from _helpers import unblock_fifo_later, write_bundle
 
 from maskstore.repo import init_repo
 from maskstore.store.hashing import blake2b_hex, canonical_json
@@ -370,21 +370,11 @@ def test_input_files_that_are_no_regular_file_or_too_big(tmp_path, cli, tiny_dir
     --texts``): a FIFO with no writer, a device, a folder or a file past the 256 MiB bound is
     one line and exit 2, refused without blocking or reading it whole; nothing is written."""
     import os
-    import threading
 
     if kind == "fifo":
         path = tmp_path / "calib.txt"
         os.mkfifo(path)
-        # a reader that blocked on the open would be freed (and then fail the assertions
-        # below) rather than hang the suite
-        stop = threading.Event()
-
-        def unblock() -> None:
-            if not stop.wait(30):
-                with open(path, "wb"):
-                    pass
-
-        threading.Thread(target=unblock, daemon=True).start()
+        unblock_fifo_later(path)
     elif kind == "device":
         path = Path("/dev/zero")
     elif kind == "folder":
@@ -396,18 +386,14 @@ def test_input_files_that_are_no_regular_file_or_too_big(tmp_path, cli, tiny_dir
             f.truncate(257 << 20)  # sparse: no disk used
     want = {"fifo": "not a regular file", "device": "not a regular file",
             "folder": "is a folder", "huge": "larger than 256 MiB"}[kind]  # fmt: skip
-    try:
-        code, _, err = cli("build", "--model", tiny_dir, "--persona", f"a={path}",
-                           "--out", tmp_path / "o.zarr")  # fmt: skip
-        _one_line(code, err, "calibration file", want)
-        assert not (tmp_path / "o.zarr").exists()
-        code, _, err = cli("eval", small, "--mc", path)
-        _one_line(code, err, "multiple-choice file", want)
-        code, _, err = cli("similarity", small, "a", "a", "--texts", path)
-        _one_line(code, err, want)
-    finally:
-        if kind == "fifo":
-            stop.set()
+    code, _, err = cli("build", "--model", tiny_dir, "--persona", f"a={path}",
+                       "--out", tmp_path / "o.zarr")  # fmt: skip
+    _one_line(code, err, "calibration file", want)
+    assert not (tmp_path / "o.zarr").exists()
+    code, _, err = cli("eval", small, "--mc", path)
+    _one_line(code, err, "multiple-choice file", want)
+    code, _, err = cli("similarity", small, "a", "a", "--texts", path)
+    _one_line(code, err, want)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link-out", "device-link"])
@@ -421,6 +407,7 @@ def test_import_pt_never_opens_fifos_or_follows_links(tmp_path, cli, kind):
     name = src / "M_a_model.layers.0.mlp.up_proj.pt"
     if kind == "fifo":
         os.mkfifo(name)
+        unblock_fifo_later(name)
     elif kind == "link-out":
         outside = tmp_path / "outside.pt"
         torch.save(torch.ones(2, 8, dtype=torch.bool), outside)
@@ -441,6 +428,7 @@ def test_per_item_output_that_is_a_fifo_or_folder(tmp_path, cli, small):
     mc.write_text("question,A,B,matching\nQuiet or loud?,quiet,loud,A\n")
     fifo = tmp_path / "items.jsonl"
     os.mkfifo(fifo)
+    unblock_fifo_later(fifo)
     (tmp_path / "dir.jsonl").mkdir()
     for target in (fifo, tmp_path / "dir.jsonl"):
         code, _, err = cli("eval", small, "--mc", mc, "--per-item", target)
