@@ -425,3 +425,17 @@ def test_same_named_personas_of_two_sources_are_labelled_by_source(tmp_path, rng
         assert rec["jaccard"] == pytest.approx(jaccard(ma["optimist"], mb["optimist"]))
     code, _, err = cli("overlap", a, "optimist", "optimist")
     assert code == 2 and "given twice" in err
+
+
+def test_overlap_in_the_library_refuses_what_the_command_line_refuses(tmp_path, rng):
+    """``maskstore.overlap``: a persona named twice, an unknown one, a single one and an
+    unknown grouping are each one MaskstoreError, as ``maskstore overlap`` says them."""
+    fp = random_fingerprint(rng, n_layers=2)
+    b = open_bundle(write_bundle(tmp_path / "b.zarr", fp, random_masks(rng, fp, ["a", "b"])))
+    for personas, phrase in ((["a", "a"], "a given twice"), (["a", "zz"], "unknown persona"),
+                             (["a"], "at least two"), (["a", "b", "a"], "a given twice")):  # fmt: skip
+        with pytest.raises(MaskstoreError, match=phrase):
+            algebra.overlap(b, personas)
+    with pytest.raises(MaskstoreError, match="by must be one of"):
+        algebra.overlap(b, by="x")
+    assert len(algebra.overlap(b, ["b", "a"])) == 1

@@ -487,7 +487,11 @@ def overlap(bundle: Bundle, personas: list[str] | None = None, by: str = "model"
     per ``by`` group (``kind``, ``layer``, ``module``)."""
     if by not in GROUPINGS:
         raise MaskstoreError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
-    refs = [Ref(bundle, p) for p in (bundle.personas if personas is None else personas)]
+    names = list(bundle.personas if personas is None else personas)
+    dup = sorted({p for p in names if names.count(p) > 1})
+    if dup:  # as the command line says it
+        raise MaskstoreError(f"{', '.join(map(str, dup))} given twice: name each persona once")
+    refs = [Ref(bundle, p) for p in names]
     for r in refs:
         bundle.persona(r.name)
     if len(refs) < 2:
