@@ -113,7 +113,7 @@ def main() -> None:
         err_console.print("[red]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - last resort: still one line
-        hint = _s3_hint(e) or _disk_hint(e)
+        hint = _s3_hint(e) or _disk_hint(e) or _path_hint(e)
         if hint is not None:
             err_console.print(f"[red]error:[/] {safe(hint)}", highlight=False, soft_wrap=True)
             _json_error(hint, 2)
@@ -124,6 +124,20 @@ def main() -> None:
                           soft_wrap=True)  # fmt: skip
         _json_error(msg, 3)
         sys.exit(3)
+
+
+def _path_hint(e: Exception) -> str | None:
+    """One line for a path the system refuses (too long, not permitted, a loop of links, a
+    file where a folder should be), naming it cut short."""
+    import errno
+
+    from maskstore.files import shorten
+
+    bad = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EROFS)
+    if isinstance(e, OSError) and e.errno in bad:
+        where = f" {shorten(str(e.filename))}" if e.filename else ""
+        return f"cannot use the path{where}: {e.strerror}; check it (and its permissions)"
+    return None
 
 
 def _disk_hint(e: Exception) -> str | None:

@@ -20,6 +20,14 @@ from .errors import MaskstoreError
 MAX_TEXT = 256 << 20  # calibration sets and evaluation files are kilobytes to megabytes
 
 
+def shorten(text: str, keep: int = 120) -> str:
+    """``text`` cut to about ``keep`` characters (its start and end), for messages that name
+    a path someone else chose."""
+    if len(text) <= keep:
+        return text
+    return f"{text[: keep // 2]}...{text[-(keep // 2) :]} ({len(text)} characters)"
+
+
 def open_regular(path: str | os.PathLike, what: str = "file", follow: bool = True) -> BinaryIO:
     """``path`` opened for binary reading if it is a regular file.
 
@@ -41,7 +49,7 @@ def open_regular(path: str | os.PathLike, what: str = "file", follow: bool = Tru
             raise MaskstoreError(
                 f"{what} {path} is a symbolic link: refused (links are not followed here)"
             ) from None
-        raise MaskstoreError(f"cannot read {what} {path}: {e.strerror}") from None
+        raise MaskstoreError(f"cannot read {what} {shorten(str(path))}: {e.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

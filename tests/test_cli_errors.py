@@ -455,3 +455,21 @@ def test_s3_urls_without_a_valid_bucket_or_with_dot_parts(tmp_path, cli, small, 
     _one_line(*cli("info", f"{url}@v1")[::2], "remote")
     _one_line(*cli("clone", url, tmp_path / "c")[::2], "remote")
     assert not (tmp_path / "c").exists()
+
+
+def test_paths_the_system_refuses_are_one_short_line(tmp_path, cli, small):
+    """A path too long for the filesystem, as a bundle, an input file or an output, is one
+    line and exit 2 that names it cut short (it was "internal error" and exit 3, echoing all
+    of it)."""
+    long = "b" * 5000
+    for args, phrase in (
+        (["info", tmp_path / long], "cannot open"),
+        (["info", "a/" * 3000 + "x"], "cannot open"),
+        (["build", "--persona", f"a={tmp_path / long}", "--out", tmp_path / "o"], "cannot read"),
+        (["pack", small, tmp_path / f"{long}.zip"], "cannot use the path"),
+        (["export-pt", small, "--persona", "a", "--out", tmp_path / long], "cannot use the path"),
+    ):
+        code, _, err = cli(*args)
+        _one_line(code, err, phrase, "File name too long", " characters)")
+        assert len(err) < 400, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.zarr"]

@@ -372,6 +372,9 @@ def test_runtime_load_and_unload(served, tmp_path, calib_files):
     assert post("load", {"source": str(tmp_path / "missing")})[0] == 400
     assert post("load", {"source": str(calib_files["introvert"])})[0] == 400  # not a bundle
     assert post("load", {"persona": "nobody"})[0] == 404
+    for source in ("x" * 100_000, "a/" * 3000 + "x", "s3://Bad_Bucket/x"):  # never a 500
+        code, body = post("load", {"source": source})
+        assert code == 400 and len(body["error"]["message"]) < 400, (code, body)
     assert post("unload", {"persona": "late"}) == (200, {"unloaded": "late"})
     with pytest.raises(openai.NotFoundError):
         complete(c, "late", "hi")

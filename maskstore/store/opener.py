@@ -5,12 +5,16 @@ The one place that knows both the bundle format and the repository, so neither i
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 from ..errors import MaskstoreError
+from ..files import shorten
 from .format import Bundle
 from .writer import WritableBundle
+
+_PATH_ERRORS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR)
 
 
 def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
@@ -23,7 +27,19 @@ def open_bundle(path: str | os.PathLike, writable: bool = False) -> Bundle:
         writable: open a folder bundle for adding personas.
     Returns:
         A :class:`Bundle` (only the chunks that are read are fetched).
+    Raises:
+        MaskstoreError: nothing readable as a bundle is there, or the path itself cannot be
+            used (too long, not permitted, a loop of links).
     """
+    try:
+        return _open(path, writable)
+    except OSError as e:
+        if e.errno not in _PATH_ERRORS:
+            raise
+        raise MaskstoreError(f"cannot open {shorten(str(path))}: {e.strerror}") from None
+
+
+def _open(path: str | os.PathLike, writable: bool) -> Bundle:
     s = str(path)
     remote = "://" in s and not s.startswith("file://")
     if "@" in s and (remote or not Path(s).exists()):
