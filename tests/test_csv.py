@@ -44,3 +44,18 @@ def test_unreadable_csv_is_one_clear_error(tmp_path):
         cal.read_samples(bad)
     with pytest.raises(MaskstoreError, match="does not exist"):
         cal.read_pair_csv(tmp_path / "missing.csv")
+
+
+def test_a_csv_with_a_header_and_no_rows_says_so(tmp_path):
+    """A multiple-choice or pair CSV holding its header only is said to hold no rows (it was
+    "needs columns ...; found none", though the columns were there)."""
+    from maskstore.compare.evaluate import read_mc
+
+    mc = _write(tmp_path / "mc.csv", ["question", "A", "B", "matching"], [])
+    with pytest.raises(MaskstoreError, match="holds no items"):
+        read_mc(mc)
+    pairs = _write(tmp_path / "p.csv", ["question", "matching", "not_matching"], [])
+    with pytest.raises(MaskstoreError, match="holds no rows"):
+        cal.read_pair_csv(pairs)
+    with pytest.raises(MaskstoreError, match="needs columns question,A,B,matching; found x"):
+        read_mc(_write(tmp_path / "x.csv", ["x"], [["1"]]))

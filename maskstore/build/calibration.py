@@ -83,7 +83,11 @@ def read_pair_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
     path = Path(path)
     rows = read_csv_rows(path)
     need = {"question", "matching", "not_matching"}
-    have = set(rows[0]) if rows else set()
+    if not rows:
+        raise MaskstoreError(
+            f"{path} holds no rows: one a question, columns question,matching,not_matching"
+        )
+    have = set(rows[0])
     if not need <= have:
         raise MaskstoreError(
             f"{path}: a pair CSV needs columns question,matching,not_matching; "

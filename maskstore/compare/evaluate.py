@@ -39,8 +39,10 @@ def read_mc(path: str | Path) -> list[MCItem]:
     path = Path(path)
     rows = read_csv_rows(path, "multiple-choice file")
     need = {"question", "A", "B", "matching"}
-    if not rows or not need <= set(rows[0]):
-        have = ",".join(rows[0]) if rows else "none"
+    if not rows:
+        raise MaskstoreError(f"{path} holds no items: one row each, columns question,A,B,matching")
+    if not need <= set(rows[0]):
+        have = ",".join(rows[0])
         raise MaskstoreError(f"{path}: needs columns question,A,B,matching; found {have}")
     items = []
     for i, r in enumerate(rows, 2):
