@@ -75,11 +75,13 @@ def serve(
 ) -> None:
     """Serve personas over an OpenAI-compatible API: the request's model field names one."""
     from maskstore.serve import ServeConfig, api_key_from_env, serve
+    from maskstore.serve.app import check_api_key
 
     if not 0 <= port <= 65535:
         raise MaskstoreError(f"--port {port}: use 0-65535")
     if max_batch < 1 or cache_bytes < 0:
         raise MaskstoreError("--max-batch must be >= 1 and --cache-bytes >= 0")
+    check_api_key(api_key_from_env(api_key))  # before the model loads
     cfg = ServeConfig(
         sources=sources,
         model=model,

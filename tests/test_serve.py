@@ -435,6 +435,19 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and "--batching" in err and "auto" in err
 
 
+@pytest.mark.parametrize("key", ["", " ", "a b", "key\n", "k\x1b[31m"])
+def test_an_empty_or_unprintable_api_key_is_refused_not_dropped(tmp_path, cli, monkeypatch, key):
+    """``--api-key "$KEY"`` with KEY unset gives an empty key: the server refuses to start
+    (it served without a key before), as it does for keys a header cannot carry; from
+    ``$MASKSTORE_API_KEY`` too. Nothing is loaded first."""
+    monkeypatch.delenv("MASKSTORE_API_KEY", raising=False)
+    for args, env in ((["--api-key", key], None), ([], key)):
+        if env is not None:
+            monkeypatch.setenv("MASKSTORE_API_KEY", env)
+        code, _, err = cli("serve", tmp_path / "missing.zarr", "--port", "0", *args)
+        assert code == 2 and "API key" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_cancelled_request_leaves_the_batch_at_the_next_step(tmp_path):
     """In-process and without a race: the client goes away (``cancel``) while its first token
     is being sent; the engine makes no further token for it, ends it without a ``done``, and

@@ -151,8 +151,10 @@ def serve(
 
 
 def api_key_from_env(key: str | None) -> str | None:
-    """``key``, else ``$MASKSTORE_API_KEY`` (None when neither is set)."""
-    return key or os.environ.get("MASKSTORE_API_KEY") or None
+    """``key``, else ``$MASKSTORE_API_KEY`` (None when neither is given). A key given empty
+    stays empty, for :func:`maskstore.serve.app.create_app` to refuse: ``--api-key "$KEY"``
+    with ``KEY`` unset must not serve without one."""
+    return key if key is not None else os.environ.get("MASKSTORE_API_KEY")
 
 
 __all__ = [

@@ -123,6 +123,17 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     return JSONResponse({"error": body}, status_code=status)
 
 
+def check_api_key(key: str | None) -> None:
+    """Refuse an API key that is empty (a ``--api-key "$KEY"`` whose variable is unset) or
+    that holds whitespace or control characters (a header cannot carry it reliably); None
+    means no key."""
+    if key is not None and (not key or not all(0x21 <= ord(c) <= 0x7E for c in key)):
+        raise MaskstoreError(
+            "the API key is empty or holds spaces or control characters: give one of visible "
+            "ASCII characters, or none to serve without a key"
+        )
+
+
 def create_app(
     engine: Engine,
     catalog: Catalog,
@@ -141,6 +152,7 @@ def create_app(
         allow_runtime_loading: enable ``/v1/personas/load`` and ``/v1/personas/unload``.
         open_source: opens a source named in ``/v1/personas/load`` (as the opener does).
     """
+    check_api_key(api_key)
     app = FastAPI(title="maskstore", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
