@@ -26,7 +26,7 @@ def zstd_compress(data: Any, level: int = DEFAULT_LEVEL) -> bytes:
 
     At :data:`SKEWED_LEVEL` the frame is made with zstd's btultra strategy and 6-byte
     minimum matches: on mask bits the same entropy coder lands as close to H(p) as plain level
-    16 (slightly closer) in a third of the time, since random bits hold no long matches to
+    16 (slightly closer) in 0.35x-0.46x the time, since random bits hold no long matches to
     search for (``benchmarks/bench_storage.py``). Any zstd decoder reads either frame.
     """
     import zstandard
