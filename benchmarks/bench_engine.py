@@ -37,8 +37,8 @@ def main() -> None:
 
     from maskstore import create_bundle
     from maskstore.modules import maskable_modules, model_fingerprint
+    from maskstore.runtime import MaskHandle
     from maskstore.serve import Catalog, Engine, Request
-    from maskstore.serve.runtime import MaskHandle
     from maskstore.store.opener import open_bundle
 
     if args.model_dir is None:

@@ -79,7 +79,7 @@ def kernel(rows: int = 16) -> None:
     import numpy as np
 
     from maskstore.modules import maskable_modules
-    from maskstore.serve import _mixed
+    from maskstore.runtime import _mixed
 
     model, _ = load_model(None)
     weights = [m.weight.detach() for m in maskable_modules(model).values()]
@@ -102,7 +102,7 @@ def _one_module(w: torch.Tensor, rows: int, personas: int, rng, reps: int = 5) -
     persona, the fused kernel."""
     import numpy as np
 
-    from maskstore.serve import _mixed
+    from maskstore.runtime import _mixed
 
     of = np.arange(rows) % personas
     order = np.argsort(of, kind="stable").astype(np.int64)

@@ -15,7 +15,7 @@ from maskstore.errors import MaskstoreError
 from maskstore.store.opener import open_bundle
 
 if TYPE_CHECKING:
-    from maskstore.serve.runtime import MaskHandle
+    from maskstore.runtime import MaskHandle
 
 from ._common import (
     check_output,
@@ -58,7 +58,7 @@ def _attach(
     dtype: str = "float32",
 ) -> tuple[MaskHandle, object]:
     from maskstore.models import load_model, recorded_model
-    from maskstore.serve.runtime import attach
+    from maskstore.runtime import attach
 
     b = open_bundle(bundle)
     name, revision = recorded_model(b.model_source, model, revision)

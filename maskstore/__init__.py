@@ -24,8 +24,8 @@ open = open_bundle
 _moved.install()  # the import paths from before the job subpackages (maskstore.format, ...)
 
 _LAZY = {
-    "MaskHandle": "serve.runtime",
-    "attach": "serve.runtime",
+    "MaskHandle": "runtime",
+    "attach": "runtime",
     "maskable_modules": "modules",
     "model_fingerprint": "modules",
     "BuildConfig": "build",

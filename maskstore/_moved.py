@@ -17,7 +17,12 @@ MOVED = {
     **{m: f"compare.{m}" for m in ("algebra", "evaluate")},
     **{m: f"build.{m}" for m in ("calibration", "collect", "distributed", "importers",
                                  "methods", "offload", "pipeline", "scoring", "_select")},
-    **{m: f"serve.{m}" for m in ("export", "runtime", "_switch")},
+    "export": "serve.export",
+    "_switch": "runtime._switch",
+    # the runtime left serve/ for its own package
+    "serve.runtime": "runtime.handle",
+    "serve._switch": "runtime._switch",
+    "serve._mixed": "runtime._mixed",
 }  # fmt: skip
 
 
@@ -25,7 +30,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``maskstore.OLD`` and leaves the module at ``maskstore.NEW`` in its place."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None):
-        head, _, old = fullname.partition(".")
+        head, _, old = fullname.partition(".")  # old may be dotted: serve.runtime
         if head != "maskstore" or old not in MOVED:
             return None
         return importlib.machinery.ModuleSpec(fullname, self)

@@ -395,7 +395,7 @@ except TypeError:
 
 
 STORAGE_CORE = ["store", "compare.algebra", "errors", "files", "progress", "repo"]
-TORCH_EDGE = ["build", "serve", "compare.evaluate", "models", "modules", "checkpoint"]
+TORCH_EDGE = ["build", "runtime", "serve", "compare.evaluate", "models", "modules", "checkpoint"]
 
 
 def test_every_module_sits_in_one_side():

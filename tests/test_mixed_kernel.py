@@ -1,4 +1,4 @@
-"""The fused mixed-persona kernel (``maskstore.serve._mixed``) against a plain reference: every
+"""The fused mixed-persona kernel (``maskstore.runtime._mixed``) against a plain reference: every
 row through its persona's gated weight, any shape, float32 and bfloat16 weights, and each row's
 outputs bit for bit the same whatever else is in the batch."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskstore.serve import _mixed
+from maskstore.runtime import _mixed
 
 SHAPES = [  # (rows, out, in, personas): odd widths and heights, in < 16, enough rows for threads
     (16, 96, 64, 4),

@@ -455,7 +455,7 @@ def test_weights_are_checked_by_default(setup):
     with pytest.raises(MaskstoreError, match="check_weights=False"):
         maskstore.attach(other, path)
     maskstore.attach(other, path, check_weights=False).use("a")
-    with pytest.warns(maskstore.serve.runtime.WeightsWarning, match="bfloat16"):
+    with pytest.warns(maskstore.runtime.WeightsWarning, match="bfloat16"):
         maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path)
     with pytest.raises(MaskstoreError, match="weights differ"):
         maskstore.attach(tiny_llama(seed=5).to(torch.bfloat16), path, check_weights=True)

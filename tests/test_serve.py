@@ -458,8 +458,8 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step(tmp_path):
 
     from maskstore import create_bundle
     from maskstore.modules import maskable_modules, model_fingerprint
+    from maskstore.runtime import MaskHandle
     from maskstore.serve import Catalog, Engine, Request
-    from maskstore.serve.runtime import MaskHandle
     from maskstore.store.opener import open_bundle
 
     model = tiny_llama(seed=4)
@@ -497,8 +497,8 @@ def _three_personas(tmp_path: Path, rng, seed: int):
 
     from maskstore import create_bundle
     from maskstore.modules import maskable_modules, model_fingerprint
+    from maskstore.runtime import MaskHandle
     from maskstore.serve import Catalog
-    from maskstore.serve.runtime import MaskHandle
     from maskstore.store.opener import open_bundle
 
     model = tiny_llama(seed=seed)

@@ -32,8 +32,8 @@ def test_ray_serve_routes_personas_to_replicas_holding_them(tmp_path, tiny_dir, 
     from test_serve import _build
 
     from maskstore.models import load_model
+    from maskstore.runtime import MaskHandle
     from maskstore.serve import Catalog, Engine, Request
-    from maskstore.serve.runtime import MaskHandle
     from maskstore.store.opener import open_bundle
 
     b = tmp_path / "b.zarr"

@@ -1,4 +1,4 @@
-"""The compiled switching kernels (``maskstore.serve._switch``) against ``torch.mul(base, gate)``:
+"""The compiled switching kernels (``maskstore.runtime._switch``) against ``torch.mul(base, gate)``:
 widths that take the sixteen-lane vector path (multiples of 64) and widths that go weight by
 weight, float32 and bfloat16 bits, every gate transition, gammas that change, and the values a
 sloppy kernel would lose (-0.0, NaN, inf, subnormals, bfloat16 ties)."""
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskstore.serve import _switch
+from maskstore.runtime import _switch
 from maskstore.store.bits import pad_mask
 
 WIDTHS = [64, 192, 72, 9]  # two vector widths, two weight-by-weight ones

@@ -432,7 +432,7 @@ def blend(bundle: Bundle, weights: dict[str, float], name: str, overwrite: bool 
 
 def gather(refs: list[Ref], out: str | os.PathLike) -> list[str]:
     """Copy personas of several bundles of one model into a new bundle at ``out`` (so that one
-    :class:`~maskstore.serve.runtime.MaskHandle` can switch between them). Masks only; metadata and
+    :class:`~maskstore.runtime.MaskHandle` can switch between them). Masks only; metadata and
     digests as they were. A name taken twice gets a ``.2``, ``.3``... suffix.
 
     Returns:

@@ -20,7 +20,7 @@ import torch
 from ..build.calibration import read_csv_rows
 from ..errors import MaskstoreError
 from ..progress import Progress, counter
-from ..serve.runtime import MaskHandle
+from ..runtime import MaskHandle
 
 
 @dataclass
@@ -328,7 +328,7 @@ def protocol(
     exact McNemar p-value of that difference (paired by item).
 
     Args:
-        handle: a :class:`~maskstore.serve.runtime.MaskHandle` over the personas.
+        handle: a :class:`~maskstore.runtime.MaskHandle` over the personas.
         keys_for: persona -> each item's key ("A"/"B") as that persona answers.
         descriptions: persona -> system prompt of its prompt rows (default :func:`describe`).
         system_prompt: system prompt of the base and mask rows (None: none).

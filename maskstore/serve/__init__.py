@@ -1,7 +1,7 @@
 """Serving personas over an OpenAI-compatible HTTP API (the ``serve`` extra: FastAPI, uvicorn).
 
 ``maskstore serve SOURCE...`` calls :func:`serve`; :func:`build_server` gives the pieces to run
-in-process. One model, one :class:`~maskstore.serve.runtime.MaskHandle` over a :class:`Catalog` of
+in-process. One model, one :class:`~maskstore.runtime.MaskHandle` over a :class:`Catalog` of
 every source, one :class:`Engine` thread for all forward passes, and the app of
 :mod:`maskstore.serve.app`.
 """
@@ -72,7 +72,7 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
             that is not the one the bundles were built on, ...
     """
     from ..models import load_model, recorded_model
-    from .runtime import MaskHandle
+    from ..runtime import MaskHandle
 
     catalog = open_sources(cfg.sources)
     name, revision = recorded_model(catalog.model_source, cfg.model, cfg.revision)

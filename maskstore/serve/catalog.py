@@ -3,7 +3,7 @@ loaded masks bounded by bytes.
 
 A :class:`Catalog` joins bundles of one model (folders, zips, ``REPO@REF``, ...) under unique
 names (``NAME``, or ``SOURCE#NAME`` where two sources share a name) and answers what
-:class:`~maskstore.serve.runtime.MaskHandle` asks a bundle. Blends are left out: a server applies one
+:class:`~maskstore.runtime.MaskHandle` asks a bundle. Blends are left out: a server applies one
 binary mask per row. :class:`PersonaCache` holds whole personas' packed masks, least recently
 used first out.
 """

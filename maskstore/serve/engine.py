@@ -261,7 +261,7 @@ class Engine:
     def _loop(self) -> None:
         if self.batching == "mixed":
             with contextlib.suppress(Exception):  # only a head start: a batch compiles it too
-                from . import _mixed
+                from ..runtime import _mixed
 
                 _mixed.warm()  # the fused kernel, before the first batch needs it
         while not self._stopping.is_set():

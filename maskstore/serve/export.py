@@ -26,9 +26,9 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import MaskstoreError
+from ..runtime import attach
 from ..store.format import Bundle
 from ..store.writer import new_folder
-from .runtime import attach
 
 
 def export_model(

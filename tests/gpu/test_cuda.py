@@ -92,8 +92,8 @@ def test_the_serving_engine_on_cuda(tmp_path, batching):
     included, gets the tokens it gets alone."""
     from _tiny import byte_tokenizer
 
+    from maskstore.runtime import MaskHandle
     from maskstore.serve import Catalog, Engine
-    from maskstore.serve.runtime import MaskHandle
 
     model = tiny_llama(seed=3)
     build(model, {p: _batches(i, 32 * i, 32 * i + 64) for i, p in enumerate("abc")},

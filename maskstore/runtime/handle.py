@@ -7,7 +7,7 @@ compiled graphs keep working), and the forward pass does no extra work.
 Memory grows with what can be lost: each masked ``nn.Linear`` keeps the base values of only the
 positions some persona used so far prunes (packed positions plus values, optionally on another
 device with ``pristine="cpu"``), never a full copy. A switch rewrites only the weights whose gate
-changes (``A xor B``), on CPU with a compiled kernel (:mod:`maskstore.serve._switch`). Masks are read
+changes (``A xor B``), on CPU with a compiled kernel (:mod:`maskstore.runtime._switch`). Masks are read
 lazily per module and cached packed, 1 bit a weight, in an LRU bounded by bytes.
 """
 
@@ -920,7 +920,7 @@ def _warm_switching() -> None:
     (a first switch gated from the checkpoint needs none; the next switch will)."""
     import sys
 
-    if "maskstore.serve._switch" in sys.modules or not _WARMING.acquire(blocking=False):
+    if "maskstore.runtime._switch" in sys.modules or not _WARMING.acquire(blocking=False):
         return
 
     def warm() -> None:
