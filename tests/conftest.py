@@ -12,6 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
 from _helpers import (  # noqa: F401 - re-exported for the fixtures below
     CLI_SCHEMAS,
     SCHEMA_OF,
@@ -22,6 +23,18 @@ from _helpers import (  # noqa: F401 - re-exported for the fixtures below
     random_masks,
     write_bundle,
 )
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# without a GPU, the Triton kernels run on CPU tensors under Triton's interpreter (it must be
+# set before a kernel is first decorated); tests/gpu runs them compiled
+if _no_gpu():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -9,6 +9,13 @@ positions some persona used so far prunes (packed positions plus values, optiona
 device with ``pristine="cpu"``), never a full copy. A switch rewrites only the weights whose gate
 changes (``A xor B``), on CPU with a compiled kernel (:mod:`maskstore.runtime._switch`). Masks are read
 lazily per module and cached packed, 1 bit a weight, in an LRU bounded by bytes.
+
+On a GPU (any device but the CPU) the kernels are the device backend's
+(:mod:`maskstore.runtime.kernels`: Triton, else torch ops) and the masks live in three tiers, as
+vLLM keeps LoRA adapters: an LRU of packed masks in device memory (``device_cache_bytes``), the
+host LRU behind it (pinned on CUDA), the bundle behind that. A switch is then one pass per module
+from a pristine copy of its base weight on the device (``base * G``, no host copies, no host
+syncs); ``pristine="cpu"`` keeps only the pruned positions' base values instead, in host memory.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from ..modules import check_untied, weights_hash
 from ..store.bits import packed_width, pad_mask, unpack, unpack_torch
 from ..store.format import Bundle
 from ..store.opener import open_bundle
+from . import kernels
 
 
 @dataclass
@@ -52,6 +60,9 @@ class _PackedCache:
         self._d: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self.bytes = self.hits = self.misses = 0
 
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._d
+
     def get(self, key: tuple[str, str]) -> torch.Tensor | None:
         t = self._d.get(key)
         if t is None:
@@ -65,7 +76,7 @@ class _PackedCache:
         if key in self._d:
             return
         self._d[key] = t
-        self.bytes += t.numel()
+        self.bytes += t.numel()  # uint8: a byte an element
         while self.bytes > self.limit and len(self._d) > 1:
             _, old = self._d.popitem(last=False)
             self.bytes -= old.numel()
@@ -97,13 +108,17 @@ class _Saved:
 
 @dataclass
 class _FileBase:
-    """A masked module whose base values are all in the checkpoint the model was loaded from:
-    the ``(out, in)`` weight memory-mapped read-only (checked equal to the live weight before
-    the first write). It holds no RAM of its own: the pages are the page cache's."""
+    """A masked module whose base values are all in one dense tensor: the checkpoint the model
+    was loaded from, its ``(out, in)`` weight memory-mapped read-only (checked equal to the
+    live weight before the first write; no RAM of its own: the pages are the page cache's), or
+    with a device backend a pristine copy of the weight on its device (``owned``)."""
 
     base: torch.Tensor
+    owned: bool = False
 
-    nbytes = 0
+    @property
+    def nbytes(self) -> int:
+        return self.base.numel() * self.base.element_size() if self.owned else 0
 
     def raw(self) -> np.ndarray:
         if getattr(self, "_raw", None) is None:
@@ -112,6 +127,7 @@ class _FileBase:
 
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+_DEVICE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the device kernels' dtypes
 _WEIGHTED = object()  # a module's gate is a weighted combination (not one packed mask)
 
 
@@ -139,23 +155,29 @@ class MaskHandle:
         untie: bool = False,
         pristine: str | torch.device | None = None,
         base: str | os.PathLike = "auto",
+        device_cache_bytes: int = 2 << 30,
     ) -> None:
         """See :func:`attach`."""
         if not isinstance(model, nn.Module):
             raise MaskstoreError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise MaskstoreError(f"`cache_bytes` must be an integer >= 0, got {cache_bytes!r}")
+        for what, v in (("cache_bytes", cache_bytes), ("device_cache_bytes", device_cache_bytes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise MaskstoreError(f"`{what}` must be an integer >= 0, got {v!r}")
         self.model = model
         self.bundle = bundle
         _claim(model, None)  # refuse a second live handle before the weights check
         self.modules = _match(model, bundle, check_weights)
         check_untied(model, self.modules, untie)
+        first = next(iter(self.modules.values()), None)
+        self._backend = kernels.select(first.weight.device if first is not None else "cpu")
         self.pristine_device = None if pristine is None else torch.device(pristine)
         self._checkpoint = _checkpoint_of(model, base) if pristine is None else None
         self._saved: dict[str, _Saved | _FileBase] = {}
         self._gate: dict[str, np.ndarray | None] = {}  # each module's current packed mask
         self._covered: set[tuple[str, str]] = set()  # (persona, module) whose pruned are stored
         self._cache = _PackedCache(cache_bytes)
+        self._dcache = _PackedCache(device_cache_bytes)  # packed masks on the weights' device
+        self._gate_dev: dict[str, tuple[np.ndarray, torch.Tensor]] = {}  # _gate's device copy
         self._cache_lock = threading.Lock()
         self._lock = threading.RLock()
         self._mixing = False
@@ -175,11 +197,18 @@ class MaskHandle:
         return self._detached
 
     @property
+    def backend(self) -> str:
+        """The kernels that switch and mix this model's weights: ``numba`` (CPU), ``triton``
+        or ``torch`` (see :mod:`maskstore.runtime.kernels`; ``MASKSTORE_BACKEND`` forces one)."""
+        return self._backend
+
+    @property
     def fused_mixing(self) -> bool:
-        """Whether :meth:`mixed` blocks run the fused CPU kernel (every masked weight on the
-        CPU, contiguous, float32 or bfloat16): no weight copies, and rows independent of their
-        batch-mates. Otherwise they make a gated weight copy per persona."""
-        return _Mix.fusable(self.modules)
+        """Whether :meth:`mixed` blocks gate weights as they read them, with no weight copies:
+        the fused CPU kernel (every masked weight on the CPU, contiguous, float32 or bfloat16),
+        or a device backend's masked segmented product (contiguous float32, float16 or
+        bfloat16 weights). Otherwise they make a gated weight copy per persona."""
+        return _Mix.fusable(self.modules) or _Mix.device_fusable(self.modules, self._backend)
 
     def _live(self, what: str) -> None:
         if self._detached:
@@ -197,11 +226,16 @@ class MaskHandle:
     def cache_info(self) -> CacheInfo:
         return self._cache.info()
 
+    def device_cache_info(self) -> CacheInfo:
+        """The LRU of packed masks on the weights' device (device backends only)."""
+        return self._dcache.info()
+
     def memory_overhead(self) -> int:
-        """Bytes held beyond the model: the packed-mask cache, plus, for modules whose base
-        values are not read back from the model's checkpoint file, the base values of the
-        positions some persona used so far prunes (with their packed positions)."""
-        return sum(v.nbytes for v in self._saved.values()) + self._cache.bytes
+        """Bytes held beyond the model: the packed-mask caches (host and device), plus, for
+        modules whose base values are not read back from the model's checkpoint file, the
+        base values of the positions some persona used so far prunes (with their packed
+        positions), or a device backend's pristine copy of the weight."""
+        return sum(v.nbytes for v in self._saved.values()) + self._cache.bytes + self._dcache.bytes
 
     def base_weight(self, name: str) -> torch.Tensor:
         """Module ``name``'s base weight (a new tensor when a persona is active)."""
@@ -229,9 +263,10 @@ class MaskHandle:
             self._live("prepare")
             with torch.no_grad():
                 self._privatize([n for n in self.modules if n not in self._saved])
-            from . import _switch
+            if self._backend == "numba":
+                from . import _switch
 
-            _switch.warm()  # and load the compiled kernels now
+                _switch.warm()  # and load the compiled kernels now
 
     def read_masks(self, persona: str) -> dict[str, np.ndarray]:
         """Every packed mask of ``persona`` for the attached modules, read and verified
@@ -339,15 +374,18 @@ class MaskHandle:
                     from . import _switch
 
                     _switch.run(jobs)
-                elif done:
+                elif done and self._backend == "numba":
                     _warm_switching()  # the next switch will want the compiled kernels
         except BaseException:
             self._restore_all()
             raise
         if persona is not None:
+            pin = self._backend != "numba" and torch.cuda.is_available()
             with self._cache_lock:
                 for name, t in masks.items():
-                    self._cache.put((persona, name), torch.from_numpy(t))
+                    if (persona, name) not in self._cache:
+                        h = torch.from_numpy(t)
+                        self._cache.put((persona, name), h.pin_memory() if pin else h)
         self.active, self.gamma = persona, gamma
 
     def _check_checkpoint(self) -> None:
@@ -450,7 +488,7 @@ class MaskHandle:
         # position either gate prunes
         same_gamma = cur is None or new is None or self.gamma == gamma
         if isinstance(saved, _FileBase):
-            self._switch_file(w, saved, cur, new, gamma, same_gamma, jobs)
+            self._switch_file(w, saved, cur, new, gamma, same_gamma, jobs, name, key)
         elif self._fast(w, saved):
             from . import _switch
 
@@ -476,6 +514,30 @@ class MaskHandle:
                 keep = unpack_torch(torch.from_numpy(new).to(w.device), w.shape[1])[where]
                 w[where] = vals * torch.where(keep, 1.0, gamma).to(w.dtype)
         self._gate[name] = new
+        held = self._gate_dev.get(name)
+        if held is not None and held[0] is not new:  # a device copy of a gate no longer held
+            del self._gate_dev[name]
+
+    def _on_device(
+        self, name: str, persona: str | None, packed: np.ndarray, device: torch.device
+    ) -> torch.Tensor:
+        """``packed`` (module ``name``'s mask; ``persona``'s when given, else the gate the
+        module holds now) on ``device``: from the device LRU, else copied there (from pinned
+        host memory when the host cache pinned it, without waiting) and cached. The module's
+        current gate stays on the device too, so a switch away from it copies nothing."""
+        held = self._gate_dev.get(name)
+        if held is not None and held[0] is packed:
+            return held[1]
+        t = None if not persona else self._dcache.get((persona, name))
+        if t is None or t.shape != packed.shape:
+            host = None if not persona else self._cache.get((persona, name))
+            if host is None or host.numpy().ctypes.data != packed.ctypes.data:
+                host = torch.from_numpy(np.ascontiguousarray(packed))
+            t = host.to(device, non_blocking=host.is_pinned())
+            if persona:
+                self._dcache.put((persona, name), t)
+        self._gate_dev[name] = (packed, t)
+        return t
 
     def _switch_file(
         self,
@@ -486,9 +548,28 @@ class MaskHandle:
         gamma: float,
         same_gamma: bool,
         jobs: list[tuple],
+        name: str = "",
+        key: str = "",
     ) -> None:
-        """:meth:`_switch` for a module whose base values are read from its checkpoint."""
-        if w.dtype in _BITS and w.is_contiguous():  # on CPU (the checkpoint is)
+        """:meth:`_switch` for a module whose base values are one dense tensor (its checkpoint,
+        or a device backend's pristine copy)."""
+        if (
+            self._backend != "numba"
+            and w.dtype in _DEVICE_DTYPES
+            and w.is_contiguous()
+            and saved.base.device == w.device
+            and saved.base.is_contiguous()
+        ):
+            kernels.get(self._backend).gate(
+                w.data,
+                saved.base,
+                None if cur is None else self._on_device(name, None, cur, w.device),
+                None if new is None else self._on_device(name, key, new, w.device),
+                _rounded(gamma, w.dtype),
+                same_gamma,
+            )
+            return
+        if self._backend == "numba" and w.dtype in _BITS and w.is_contiguous():
             from . import _switch
 
             jobs.append(
@@ -592,10 +673,13 @@ class MaskHandle:
             self._gate[n] = masks[n]
         for n, w in weights.items():
             saved: _Saved | _FileBase
-            if n not in gated:
+            pristine = self._backend != "numba" and self.pristine_device is None
+            if n not in gated and (n in fresh or not pristine):
                 w.data = fresh[n] if n in fresh else w.data.clone()
             if n in gated or (n in maps and same.get(n, False)):
                 saved = _FileBase(maps[n])
+            elif pristine and _room_for_copy(w):  # a device backend: W0 on the device
+                saved = _FileBase(w.data.clone(), owned=True)
             else:
                 rows, width = w.shape[0], packed_width(w.shape[1])
                 saved = _Saved(
@@ -700,7 +784,7 @@ class MaskHandle:
                 self._check_mixable(p)  # before any switch
             prev, prev_gamma = self.active, self.gamma
             self.use(None)
-            self._mix = _Mix(self.modules, gamma)
+            self._mix = _Mix(self.modules, gamma, self._backend)
             self._mixing = True
             try:
                 self.regroup(personas, masks)
@@ -759,9 +843,11 @@ class MaskHandle:
             self._restore_all()
             self._saved.clear()
             self._gate.clear()
+            self._gate_dev.clear()
             self._covered.clear()
             with self._cache_lock:
                 self._cache = _PackedCache(self._cache.limit)
+                self._dcache = _PackedCache(self._dcache.limit)
             self._detached = True
             _mark(self)
             _release(self.model, self)
@@ -813,12 +899,17 @@ def _mark(handle: MaskHandle) -> None:
 class _Mix:
     """A :meth:`MaskHandle.mixed` block: its personas' masks, which rows use which persona, and
     each masked Linear's forward over them. ``fused`` (CPU, float32 or bfloat16 weights): the
-    kernel of :mod:`._mixed` gates each weight from the packed masks as it reads it; else each
-    persona's gated weights are made once, when it joins the block."""
+    kernel of :mod:`._mixed` gates each weight from the packed masks as it reads it; ``device``
+    (a device backend): its masked segmented product over a stack of the personas' packed masks
+    on the weights' device (rows sorted by persona, put back after); else each persona's gated
+    weights are made once, when it joins the block."""
 
-    def __init__(self, modules: dict[str, nn.Linear], gamma: float) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], gamma: float, backend: str = "numba") -> None:
         self.modules, self.gamma = modules, float(gamma)
-        self.fused = self.fusable(modules)
+        self.fused = backend == "numba" and self.fusable(modules)
+        self.device = kernels.get(backend) if self.device_fusable(modules, backend) else None
+        self.stacks: dict[str, torch.Tensor] = {}  # module -> (slots, out, ceil(in/8)) uint8
+        self._idx: dict[int, torch.Tensor] = {}  # tokens per row -> sorted row order, on device
         self.kernel = None
         if self.fused:
             from . import _mixed
@@ -840,6 +931,12 @@ class _Mix:
             and m.weight.is_contiguous() for m in modules.values()
         )  # fmt: skip
 
+    @staticmethod
+    def device_fusable(modules: dict[str, nn.Linear], backend: str) -> bool:
+        return backend != "numba" and all(
+            m.weight.dtype in _DEVICE_DTYPES and m.weight.is_contiguous() for m in modules.values()
+        )
+
     def __contains__(self, persona: str) -> bool:
         return persona in self.personas
 
@@ -851,6 +948,13 @@ class _Mix:
             if self.fused:
                 self.index[name][persona] = len(self.lists[name])
                 self.lists[name].append(np.ascontiguousarray(masks[name], dtype=np.uint8))
+            elif self.device is not None:
+                w = mod.weight
+                t = torch.from_numpy(np.ascontiguousarray(masks[name], dtype=np.uint8))
+                t = t.to(w.device)[None]
+                old = self.stacks.get(name)
+                self.index[name][persona] = 0 if old is None else old.shape[0]
+                self.stacks[name] = t if old is None else torch.cat([old, t])
             else:
                 w = mod.weight.detach()
                 keep = unpack_torch(torch.from_numpy(masks[name]), w.shape[1])
@@ -867,6 +971,7 @@ class _Mix:
         ]
         self.order = np.array([i for _, idx in self.rows for i in idx.tolist()], np.int64)
         self.start = np.cumsum([0] + [len(idx) for _, idx in self.rows], dtype=np.int64)
+        self._idx = {}
         self.sel = {
             name: np.array([-1 if p is None else slots.get(p, -1) for p in groups], np.int64)
             for name, slots in self.index.items()
@@ -883,6 +988,8 @@ class _Mix:
                 )
             if self.fused and x.device.type == "cpu":
                 return self._fused(name, mod, x)
+            if self.device is not None:
+                return self._segmented(name, mod, x)
             gated = self.gated[name]
             if len(self.rows) == 1:
                 return nn.functional.linear(x, gated.get(self.rows[0][0], weight), bias)
@@ -893,6 +1000,27 @@ class _Mix:
             return out
 
         return forward
+
+    def _segmented(self, name: str, mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        # x: (batch, *tokens, in) -> rows sorted by persona -> the device backend's sgmv
+        per = x[0].numel() // x.shape[-1]
+        w = mod.weight.detach()
+        idx = self._idx.get(per)
+        if idx is None:
+            order = self.order if per == 1 else (self.order[:, None] * per + np.arange(per))
+            idx = self._idx[per] = torch.from_numpy(order.reshape(-1)).to(x.device)
+        stack = self.stacks.get(name)
+        if stack is None:
+            stack = torch.zeros((0, *w.shape[:1], (w.shape[1] + 7) // 8), dtype=torch.uint8,
+                                device=w.device)  # fmt: skip
+        flat = x.detach().reshape(-1, x.shape[-1]).index_select(0, idx).to(w.dtype)
+        ys = self.device.sgmv(flat, w, stack, _rounded(self.gamma, w.dtype),
+                              (self.start * per).tolist(), self.sel[name].tolist())  # fmt: skip
+        y = torch.empty_like(ys).index_copy_(0, idx, ys)
+        y = y.reshape(*x.shape[:-1], mod.out_features)
+        if mod.bias is not None:
+            y = y + mod.bias.detach()
+        return y.to(x.dtype)
 
     def _fused(self, name: str, mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, *tokens, in) -> (batch * tokens, in); a batch row's tokens are its rows
@@ -932,6 +1060,15 @@ def _warm_switching() -> None:
             pass
 
     threading.Thread(target=warm, name="maskstore-warm-kernels").start()
+
+
+def _room_for_copy(w: torch.Tensor) -> bool:
+    """Whether ``w``'s device has room for a pristine copy of it and a margin (a quarter of
+    what is free stays free); otherwise the pruned positions' base values are kept instead."""
+    if w.device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(w.device)
+    return w.numel() * w.element_size() <= 0.75 * free
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
@@ -1032,6 +1169,7 @@ def attach(
     untie: bool = False,
     pristine: str | torch.device | None = None,
     base: str | os.PathLike = "auto",
+    device_cache_bytes: int = 2 << 30,
 ) -> MaskHandle:
     """Attach a bundle's personas to ``model`` (reads metadata only).
 
@@ -1055,9 +1193,15 @@ def attach(
             and every other model, stores the base values of pruned positions in RAM as
             personas are used); ``"memory"``: always store them; a folder: that checkpoint.
             Keep the files in place while attached (rewriting them in place breaks the map).
+            With a device backend (a model on a GPU), the default keeps a pristine copy of
+            each masked weight on its device (while a quarter of the free memory stays free;
+            else the pruned positions' values are kept, as with ``pristine``).
+        device_cache_bytes: bound of the LRU of packed masks on the weights' device (device
+            backends only; a persona costs its packed bits, 1 bit a masked weight).
     Returns:
         A :class:`MaskHandle` with the base model active.
     """
     if not isinstance(bundle, Bundle):
         bundle = open_bundle(bundle)
-    return MaskHandle(model, bundle, cache_bytes, check_weights, untie, pristine, base)
+    return MaskHandle(model, bundle, cache_bytes, check_weights, untie, pristine, base,
+                      device_cache_bytes)  # fmt: skip
