@@ -33,11 +33,15 @@ _ServeAllowRuntimeLoadingOpt = Annotated[
 _ServeCacheBytesOpt = Annotated[
     int, typer.Option(help="bound of the packed masks held in memory (LRU by persona)")
 ]
+_ServeDeviceCacheBytesOpt = Annotated[
+    int,
+    typer.Option(help="bound of the packed masks held in GPU memory (LRU by module mask)"),
+]
 _ServeBatchingOpt = Annotated[
     choice("auto", "persona", "mixed"),
     typer.Option(
         help="persona: one persona a batch; mixed: any personas in one batch; auto: "
-        "mixed where the fused CPU kernel runs, else persona"
+        "mixed where a fused kernel runs (CPU or GPU), else persona"
     ),
 ]
 _ServeRayReplicasOpt = Annotated[
@@ -66,6 +70,7 @@ def serve(
     api_key: _ServeApiKeyOpt = None,
     allow_runtime_loading: _ServeAllowRuntimeLoadingOpt = False,
     cache_bytes: _ServeCacheBytesOpt = 1 << 30,
+    device_cache_bytes: _ServeDeviceCacheBytesOpt = 2 << 30,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
     batching: _ServeBatchingOpt = "auto",
     ray_replicas: _ServeRayReplicasOpt = 0,
@@ -79,8 +84,8 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise MaskstoreError(f"--port {port}: use 0-65535")
-    if max_batch < 1 or cache_bytes < 0:
-        raise MaskstoreError("--max-batch must be >= 1 and --cache-bytes >= 0")
+    if max_batch < 1 or min(cache_bytes, device_cache_bytes) < 0:
+        raise MaskstoreError("--max-batch must be >= 1, --cache-bytes/--device-cache-bytes >= 0")
     check_api_key(api_key_from_env(api_key))  # before the model loads
     cfg = ServeConfig(
         sources=sources,
@@ -94,6 +99,7 @@ def serve(
         api_key=api_key_from_env(api_key),
         allow_runtime_loading=allow_runtime_loading,
         cache_bytes=cache_bytes,
+        device_cache_bytes=device_cache_bytes,
         max_batch=max_batch,
         batching=batching,
         check_weights=check_weights,

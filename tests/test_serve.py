@@ -433,6 +433,8 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and "--port" in err
     code, _, err = cli("serve", tmp_path, "--batching", "../auto")
     assert code == 2 and "--batching" in err and "auto" in err
+    code, _, err = cli("serve", tmp_path, "--device-cache-bytes", "-1")
+    assert code == 2 and "--device-cache-bytes" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("key", ["", " ", "a b", "key\n", "k\x1b[31m"])
@@ -660,14 +662,18 @@ def test_caches_that_cannot_be_joined_mean_no_joins():
     assert old.key_cache[0].shape[2] == 2 and old.value_cache[0].shape[2] == 1
 
 
-def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng):
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng, monkeypatch, backend):
     """In-process: the engine with mixed batches and with one persona a batch gives every
-    request the tokens it gets alone; persona mode never mixes personas in a batch."""
+    request the tokens it gets alone; persona mode never mixes personas in a batch. On a
+    device backend too (torch ops on CPU tensors), where auto mixes with its kernel."""
     import threading
 
     from maskstore.serve import Engine, Request
 
+    monkeypatch.setenv("MASKSTORE_BACKEND", backend)
     handle, tok = _three_personas(tmp_path, rng, seed=3)
+    assert handle.backend == backend
 
     def run(engine: Engine, jobs: list) -> list[str]:
         done = [threading.Event() for _ in jobs]
@@ -801,3 +807,32 @@ def test_an_unexpected_failure_is_a_500_in_openai_shape_and_the_server_goes_on(t
             assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"]
     finally:
         engine.close()
+
+
+def test_metrics_show_the_device_mask_cache_and_its_evictions(tmp_path, rng, monkeypatch):
+    """On a device backend, /metrics reports the packed masks held in device memory, bounded
+    by the handle's device_cache_bytes, and counts what the bound evicted."""
+    from fastapi.testclient import TestClient
+
+    from maskstore.serve import Engine
+    from maskstore.serve.app import create_app
+
+    monkeypatch.setenv("MASKSTORE_BACKEND", "torch")
+    handle, tok = _three_personas(tmp_path, rng, seed=6)
+    persona = sum(m.out_features * ((m.in_features + 7) // 8) for m in handle.modules.values())
+    handle._dcache.limit = persona  # one persona's masks
+    engine = Engine(handle, tok, batching="persona")
+    try:
+        app = create_app(engine, handle.bundle, "tiny")
+        with TestClient(app) as client:
+            for p in ("a", "b"):
+                body = {"model": p, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+                assert client.post("/v1/completions", json=body).status_code == 200
+            text = client.get("/metrics").text
+    finally:
+        engine.close()
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+              if ln.startswith("maskstore_device_cache")}  # fmt: skip
+    assert values["maskstore_device_cache_bytes"] == persona
+    assert values["maskstore_device_cache_entries"] == len(handle.modules)
+    assert values["maskstore_device_cache_evictions_total"] == len(handle.modules)

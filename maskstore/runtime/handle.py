@@ -50,6 +50,7 @@ class CacheInfo:
     limit: int
     hits: int
     misses: int
+    evictions: int = 0
 
 
 class _PackedCache:
@@ -58,7 +59,7 @@ class _PackedCache:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._d: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self.bytes = self.hits = self.misses = 0
+        self.bytes = self.hits = self.misses = self.evictions = 0
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._d
@@ -80,9 +81,11 @@ class _PackedCache:
         while self.bytes > self.limit and len(self._d) > 1:
             _, old = self._d.popitem(last=False)
             self.bytes -= old.numel()
+            self.evictions += 1
 
     def info(self) -> CacheInfo:
-        return CacheInfo(len(self._d), self.bytes, self.limit, self.hits, self.misses)
+        return CacheInfo(len(self._d), self.bytes, self.limit, self.hits, self.misses,
+                         self.evictions)  # fmt: skip
 
 
 @dataclass
@@ -528,15 +531,25 @@ class MaskHandle:
         held = self._gate_dev.get(name)
         if held is not None and held[0] is packed:
             return held[1]
-        t = None if not persona else self._dcache.get((persona, name))
-        if t is None or t.shape != packed.shape:
-            host = None if not persona else self._cache.get((persona, name))
-            if host is None or host.numpy().ctypes.data != packed.ctypes.data:
-                host = torch.from_numpy(np.ascontiguousarray(packed))
-            t = host.to(device, non_blocking=host.is_pinned())
-            if persona:
-                self._dcache.put((persona, name), t)
+        t = self._device_mask(persona, name, packed, device)
         self._gate_dev[name] = (packed, t)
+        return t
+
+    def _device_mask(
+        self, persona: str | None, name: str, packed: np.ndarray, device: torch.device
+    ) -> torch.Tensor:
+        """``persona``'s packed mask of module ``name`` on ``device``, through the device LRU."""
+        with self._cache_lock:
+            t = None if not persona else self._dcache.get((persona, name))
+            host = None if not persona else self._cache.get((persona, name))
+        if t is not None and t.shape == packed.shape:
+            return t
+        if host is None or host.numpy().ctypes.data != packed.ctypes.data:
+            host = torch.from_numpy(np.ascontiguousarray(packed))
+        t = host.to(device, non_blocking=host.is_pinned())
+        if persona:
+            with self._cache_lock:
+                self._dcache.put((persona, name), t)
         return t
 
     def _switch_file(
@@ -817,7 +830,7 @@ class MaskHandle:
                 self._check_mixable(p)
             given = masks or {}
             for p in new:
-                self._mix.add(p, given[p] if p in given else self._load(p))
+                self._mix.add(p, given[p] if p in given else self._load(p), self._device_mask)
             self._mix.group(personas)
 
     def _check_mixable(self, persona: str) -> None:
@@ -941,7 +954,9 @@ class _Mix:
         return persona in self.personas
 
     @torch.no_grad()
-    def add(self, persona: str, masks: Mapping[str, np.ndarray]) -> None:
+    def add(self, persona: str, masks: Mapping[str, np.ndarray], upload=None) -> None:
+        """``persona`` joins the block; ``upload(persona, module, packed, device)`` brings a
+        packed mask to the device (the handle's device LRU)."""
         for name, mod in self.modules.items():
             if name not in masks:
                 continue
@@ -950,8 +965,9 @@ class _Mix:
                 self.lists[name].append(np.ascontiguousarray(masks[name], dtype=np.uint8))
             elif self.device is not None:
                 w = mod.weight
-                t = torch.from_numpy(np.ascontiguousarray(masks[name], dtype=np.uint8))
-                t = t.to(w.device)[None]
+                packed = np.ascontiguousarray(masks[name], dtype=np.uint8)
+                t = (upload(persona, name, packed, w.device) if upload is not None
+                     else torch.from_numpy(packed).to(w.device))[None]  # fmt: skip
                 old = self.stacks.get(name)
                 self.index[name][persona] = 0 if old is None else old.shape[0]
                 self.stacks[name] = t if old is None else torch.cat([old, t])

@@ -36,6 +36,7 @@ class ServeConfig:
     api_key: str | None = None
     allow_runtime_loading: bool = False
     cache_bytes: int = 1 << 30
+    device_cache_bytes: int = 2 << 30  # packed masks in GPU memory (device backends)
     max_batch: int = 16
     batching: str = (
         "auto"  # "persona", "mixed" (any personas in one batch) or "auto" (docs/serve.md)
@@ -79,7 +80,8 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
     log(f"loading model {name or 'embedded SmolLM2-135M-Instruct'}")
     model, tok = load_model(name, dtype=cfg.dtype, device=cfg.device, revision=revision)
     handle = MaskHandle(model, catalog, cache_bytes=0,
-                        check_weights=None if cfg.check_weights else False)  # fmt: skip
+                        check_weights=None if cfg.check_weights else False,
+                        device_cache_bytes=cfg.device_cache_bytes)  # fmt: skip
     handle.prepare()  # the first request does not pay for copying memory-mapped weights
     base_id = cfg.served_model_name or Path(name or "SmolLM2-135M-Instruct").name
     if base_id in catalog.personas:

@@ -216,6 +216,12 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        handle = getattr(engine, "handle", None)
+        if handle is not None and handle.backend != "numba":  # the device's mask LRU
+            info = handle.device_cache_info()
+            engine.metrics.set("maskstore_device_cache_bytes", info.bytes)
+            engine.metrics.set("maskstore_device_cache_entries", info.entries)
+            engine.metrics.set("maskstore_device_cache_evictions_total", info.evictions)
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

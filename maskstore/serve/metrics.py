@@ -12,6 +12,12 @@ HELP = {
     "maskstore_persona_evictions_total": ("counter", "Personas evicted from the mask cache."),
     "maskstore_load_failures_total": ("counter", "Persona loads that failed."),
     "maskstore_persona_cache_bytes": ("gauge", "Bytes of packed masks held in the cache."),
+    "maskstore_device_cache_bytes": ("gauge", "Bytes of packed masks in device memory."),
+    "maskstore_device_cache_entries": ("gauge", "Module masks held in device memory."),
+    "maskstore_device_cache_evictions_total": (
+        "counter",
+        "Module masks evicted from device memory.",
+    ),
     "maskstore_persona_load_seconds": ("histogram", "Time to read a persona's masks."),
     "maskstore_switch_seconds": ("histogram", "Time to switch or set up a batch's personas."),
     "maskstore_batch_rows": ("histogram", "Requests a batch started with."),

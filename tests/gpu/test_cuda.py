@@ -117,3 +117,46 @@ def test_the_serving_engine_on_cuda(tmp_path, batching):
         assert engine.metrics.get("maskstore_joined_rows_total") > 0
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernels_on_cuda_at_real_sizes(dtype):
+    """The Triton switch gives torch.mul's bits at a 7B MLP shape, and the masked segmented
+    product matches a per-persona F.linear, rows independent of their batch-mates."""
+    pytest.importorskip("triton")
+    from maskstore.runtime.kernels import triton_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, cols = 11008, 4096
+    base = torch.randn(rows, cols, device="cuda", generator=g).to(dtype)
+    keep = [torch.rand(rows, cols, device="cuda", generator=g) < 0.8 for _ in range(3)]
+    packed = [_pack(k) for k in keep]
+    w = base.clone()
+    for i, gamma in ((0, 0.0), (1, 0.0), (1, 0.25), (2, 0.25)):
+        gm = float(torch.tensor(gamma).to(dtype).float())
+        prev = None if i == 0 and gamma == 0.0 else packed[i - 1 if gamma == 0.0 else i]
+        triton_ops.gate(w, base, prev, packed[i], gm, same_gamma=prev is None or gamma == 0.0)
+        assert torch.equal(
+            _bits(w), _bits(torch.mul(base, torch.where(keep[i], 1.0, gm).to(dtype)))
+        )
+    triton_ops.gate(w, base, packed[2], None, 0.0)
+    assert torch.equal(_bits(w), _bits(base))
+    stack = torch.stack(packed)
+    x = torch.randn(40, cols, device="cuda", generator=g).to(dtype)
+    start, slots = [0, 16, 17, 30, 40], [0, -1, 2, 1]
+    y = triton_ops.sgmv(x, base, stack, 0.0, start, slots)
+    for s, p in enumerate(slots):
+        a, b = start[s], start[s + 1]
+        wt = base if p < 0 else torch.mul(base, keep[p].to(dtype))
+        want = torch.nn.functional.linear(x[a:b].float(), wt.float())
+        tol = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+        assert torch.allclose(y[a:b].float(), want, atol=tol * want.abs().max().item(), rtol=0)
+        alone = triton_ops.sgmv(x[a : a + 1], base, stack, 0.0, [0, 1], [p])
+        assert torch.equal(alone[0], y[a])
+
+
+def _pack(keep):
+    rows, cols = keep.shape
+    bits = torch.nn.functional.pad(keep, (0, (-cols) % 8)).view(rows, -1, 8).to(torch.uint8)
+    weights = (1 << torch.arange(8, device=keep.device, dtype=torch.uint8)).view(1, 1, 8)
+    return (bits * weights).sum(dim=2, dtype=torch.uint8)
