@@ -292,6 +292,8 @@ def eval_cmd(
         keys_for = {local[p]: [it.matching if m else it.flipped() for it in items]
                     for p, m in matches.items()}  # fmt: skip
         descr = {local.get(n, n): t for n, t in descr.items()}
+        for spec, name in local.items():  # prompt rows name the persona as the user did, never
+            descr.setdefault(name, evaluate.describe(spec.rsplit("#", 1)[-1]))  # a gathered label
         handle, tok = _attach(path, model, device, untie, check_weights, quiet=json_out,
                               revision=revision, dtype=load_dtype)  # fmt: skip
         with progress(disable=json_out) as bar:

@@ -849,6 +849,26 @@ def test_eval_scores_personas_of_several_bundles(tmp_path, tiny_dir, calib_files
         assert got["accuracy"] == ref["accuracy"] and got["p_vs_base"] == ref["p_vs_base"]
 
 
+def test_eval_prompt_rows_use_the_persona_name_not_a_gathered_label(tmp_path, tiny_dir,
+                                                                    calib_files, cli):  # fmt: skip
+    """Two bundles each holding an ``introvert``: the other bundle's one is gathered under an
+    internal label, but its prompt rows' system prompt names the persona as the user did."""
+    from maskstore.compare.evaluate import describe
+
+    tiny = ("--model", tiny_dir, "--samples", "4", "--max-tokens", "16")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    for out, src in ((a, "introvert"), (b, "extrovert")):
+        assert cli("build", *tiny, "--persona", f"introvert={calib_files[src]}",
+                   "--out", out)[0] == 0  # fmt: skip
+    code, out, err = cli("eval", a, "--persona", "introvert", "--persona", f"{b}#introvert",
+                         "--key", "introvert=matching", "--key", f"{b}#introvert=matching",
+                         "--mc", calib_files["mc"], "--template", "none", "--json")  # fmt: skip
+    assert code == 0, err
+    prompts = json.loads(out)["system_prompts"]
+    assert prompts[f"prompt:{b}#introvert"] == describe("introvert")
+    assert prompts["prompt:introvert"] == describe("introvert")
+
+
 def test_a_hub_cache_ref_naming_a_path_outside_is_refused(tmp_path, tiny_dir, monkeypatch):
     """A cached Hub id whose refs/main names a snapshot that leads out of the cache is not
     followed (a legitimate entry loads)."""
