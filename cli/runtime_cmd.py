@@ -450,10 +450,14 @@ def _print_eval(res, rows, items, matches, keys_for, metas, template, system_pro
             }
         )
         return
-    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items)")
-    for c in ("setting", "persona", "accuracy", "95% CI", "Δ vs base", "p (McNemar)",
-              "length-norm.", "95% CI "):  # fmt: skip
-        t.add_column(c, justify="left" if c in ("setting", "persona") else "right")
+    # readable at 80 columns: short headers (a legend below), no box, numbers never wrapped or
+    # cut; only the persona column folds
+    t = Table(title=f"persona alignment on {safe(mc.name)} ({len(items)} items)",
+              box=None, pad_edge=False, title_justify="left")  # fmt: skip
+    t.add_column("setting", no_wrap=True)
+    t.add_column("persona", overflow="fold", min_width=8)
+    for c in ("acc", "95% CI", "Δ base", "p", "norm", "95% CI "):
+        t.add_column(c, justify="right", no_wrap=True)
     for r in rows:
         lo, hi = r["accuracy_ci95"]
         nlo, nhi = r["accuracy_norm_ci95"]
@@ -469,11 +473,19 @@ def _print_eval(res, rows, items, matches, keys_for, metas, template, system_pro
             f"{nlo:.2f}-{nhi:.2f}",
         )
     console.print(t)
+    console.print("acc: share of items answered as the key (summed log-probability); norm: the "
+                  "same, length-normalised; Δ base and p: against the base row (exact McNemar)",
+                  highlight=False)  # fmt: skip
     console.print(f"template: {safe(template)}; system prompt of base and mask rows: "
                   f"{safe(repr(system_prompt))}", highlight=False)  # fmt: skip
     for p in keys_for:
         console.print(f"prompt rows of {safe(p)}: {safe(repr(res['system_prompts'][f'prompt:{p}']))}",
                       highlight=False)  # fmt: skip
+    weak = [r for r in rows if r.get("items_needed")]
+    for r in weak:
+        console.print(f"{r['setting']} {safe(r['persona'])}: Δ {r['delta_vs_base']:+.3f} is not "
+                      f"significant (p {r['p_vs_base']:.3f}); a difference this size needs about "
+                      f"{r['items_needed']} items for p < 0.05", highlight=False)  # fmt: skip
     if too_few:
         console.print(
             f"[yellow]with {len(items)} items no difference can be significant (the smallest "

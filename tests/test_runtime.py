@@ -867,6 +867,56 @@ def test_eval_prompt_rows_use_the_persona_name_not_a_gathered_label(tmp_path, ti
     prompts = json.loads(out)["system_prompts"]
     assert prompts[f"prompt:{b}#introvert"] == describe("introvert")
     assert prompts["prompt:introvert"] == describe("introvert")
+    # the table at 80 columns (as users read it): no line past 80, every figure whole
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80"}
+    r = subprocess.run([sys.executable, "-m", "maskstore.cli", "eval", str(a), "--persona",
+                        "introvert", "--persona", f"{b}#introvert", "--key", "introvert=matching",
+                        "--key", f"{b}#introvert=matching", "--mc", str(calib_files["mc"]),
+                        "--template", "none", "--model", str(tiny_dir)],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, [ln for ln in lines if len(ln) > 80]
+    cells = " ".join(lines).split()
+    for row in json.loads(out)["rows"]:
+        lo, hi = row["accuracy_ci95"]
+        for figure in (
+            f"{row['accuracy']:.3f}",
+            f"{lo:.2f}-{hi:.2f}",
+            f"{row['accuracy_norm']:.3f}",
+        ):
+            assert figure in cells, (figure, r.stdout)
+        if row["setting"] != "base":
+            assert f"{row['delta_vs_base']:+.3f}" in cells and f"{row['p_vs_base']:.3f}" in cells
+        if row["items_needed"] is not None:  # a difference that is not significant says so
+            assert f"needs about {row['items_needed']} items" in " ".join(cells)
+
+
+@pytest.mark.parametrize(("b", "c", "n"), [(2, 0, 12), (0, 3, 12), (3, 1, 20), (5, 2, 12),
+                                           (1, 0, 7), (7, 3, 40), (40, 30, 100)])  # fmt: skip
+def test_items_needed_is_the_fewest_items_a_difference_that_size_needs(b, c, n):
+    from maskstore.compare.evaluate import items_needed, mcnemar_exact
+
+    def p_at(m):
+        return mcnemar_exact(round(b * m / n), round(c * m / n))
+
+    want = next(m for m in range(n, 20_000) if p_at(m) < 0.05)  # a plain scan
+    assert items_needed(b, c, n) == want
+    assert p_at(want) < 0.05 <= p_at(want - 1)
+
+
+def test_items_needed_is_none_where_no_count_helps():
+    from maskstore.compare.evaluate import items_needed
+
+    assert items_needed(0, 0, 12) is None  # no difference
+    assert items_needed(3, 3, 12) is None
+    assert items_needed(9, 0, 12) is None  # already p < 0.05
+    assert items_needed(1, 0, 0) is None
+    assert items_needed(501, 500, 1001) is None  # past the cap
 
 
 def test_a_hub_cache_ref_naming_a_path_outside_is_refused(tmp_path, tiny_dir, monkeypatch):

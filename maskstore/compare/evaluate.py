@@ -300,6 +300,42 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _mcnemar_large(b: int, c: int) -> float:
+    """:func:`mcnemar_exact` in log space, for counts where exact integers would be slow."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+            for i in range(k + 1)]  # fmt: skip
+    top = max(logs)
+    return min(1.0, 2 * math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def items_needed(b: int, c: int, n: int, alpha: float = 0.05, cap: int = 1_000_000) -> int | None:
+    """The fewest items at which a difference of the observed size (``b`` and ``c``
+    discordant pairs among ``n`` items, scaled in proportion) reaches an exact McNemar
+    ``p < alpha``. None when it already does, when there is no difference (``b == c``), or
+    past ``cap`` items."""
+    if n <= 0 or b == c or mcnemar_exact(b, c) < alpha:
+        return None
+
+    def p_at(m: int) -> float:
+        bb, cc = round(b * m / n), round(c * m / n)
+        return mcnemar_exact(bb, cc) if bb + cc <= 1000 else _mcnemar_large(bb, cc)
+
+    lo, hi = n, 2 * n
+    while p_at(hi) >= alpha:
+        lo, hi = hi, 2 * hi
+        if hi > cap:
+            return None
+    if hi <= 4096:  # counts rounded to whole pairs make p jagged: scan for the first m
+        return next(m for m in range(n, hi + 1) if p_at(m) < alpha)
+    while hi - lo > 1:  # large counts: p falls smoothly; the smallest m in (lo, hi]
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if p_at(mid) < alpha else (mid, hi)
+    return hi
+
+
 def min_p_value(n: int) -> float:
     """The smallest two-sided exact McNemar p-value ``n`` items can give (all discordant one
     way): with fewer than 6 items no difference reaches p < 0.05."""
@@ -363,6 +399,7 @@ def protocol(
             b = sum(x and not y for x, y in zip(base, right, strict=True))
             c = sum(y and not x for x, y in zip(base, right, strict=True))
             row["p_vs_base"] = mcnemar_exact(b, c)
+            row["items_needed"] = items_needed(b, c, len(items))
             rows.append(row)
             records += per_item(scores, keys, setting=setting, persona=persona)
     finally:
