@@ -37,6 +37,14 @@ if _no_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests on the live server fixture or the S3 server (moto) run server processes: marked
+    ``server``, so ``-m "not server"`` deselects them."""
+    for item in items:
+        if {"served", "s3_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

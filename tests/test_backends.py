@@ -46,7 +46,7 @@ def _same(got, want):
 def test_every_backend_switches_bit_for_bit(tmp_path, rng, backend, dtype):
     if backend == "numba" and dtype == torch.float16:
         pytest.skip("numba switches float16 by torch indexing (covered in test_runtime)")
-    model = tiny_llama(seed=2).to(dtype)
+    model = tiny_llama(seed=2, layers=1).to(dtype)
     path = _bundle(tmp_path, model, rng)
     base = {n: m.weight.detach().clone() for n, m in maskable_modules(model).items()}
     h = maskstore.attach(model, path, check_weights=False)
@@ -71,7 +71,7 @@ def test_device_backends_keep_masks_in_a_bounded_device_lru(tmp_path, rng, monke
     """The device LRU holds packed bits only (a persona costs 1 bit a masked weight), evicts
     past its bound, and a switch back to a cached persona reads no mask from the host."""
     monkeypatch.setenv("MASKSTORE_BACKEND", "torch")
-    model = tiny_llama(seed=3)
+    model = tiny_llama(seed=3, layers=1)
     path = _bundle(tmp_path, model, rng, ("a", "b", "c"))
     mods = maskable_modules(model)
     per_persona = sum(m.out_features * ((m.in_features + 7) // 8) for m in mods.values())
@@ -92,7 +92,7 @@ def test_device_backends_keep_masks_in_a_bounded_device_lru(tmp_path, rng, monke
 
 def test_a_zero_device_cache_still_switches_right(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("MASKSTORE_BACKEND", "triton")
-    model = tiny_llama(seed=4)
+    model = tiny_llama(seed=4, layers=1)
     path = _bundle(tmp_path, model, rng)
     base = {n: m.weight.detach().clone() for n, m in maskable_modules(model).items()}
     h = maskstore.attach(model, path, device_cache_bytes=0, cache_bytes=0, check_weights=False)
@@ -104,7 +104,7 @@ def test_a_zero_device_cache_still_switches_right(tmp_path, rng, monkeypatch):
 
 def test_pristine_keeps_pruned_positions_only_on_a_device_backend(tmp_path, rng, monkeypatch):
     monkeypatch.setenv("MASKSTORE_BACKEND", "torch")
-    model = tiny_llama(seed=5)
+    model = tiny_llama(seed=5, layers=1)
     path = _bundle(tmp_path, model, rng)
     base = {n: m.weight.detach().clone() for n, m in maskable_modules(model).items()}
     h = maskstore.attach(model, path, pristine="cpu", check_weights=False)
@@ -117,7 +117,7 @@ def test_pristine_keeps_pruned_positions_only_on_a_device_backend(tmp_path, rng,
 
 @pytest.mark.parametrize("value", [-1, True, 1.5, "1GB"])
 def test_device_cache_bytes_is_a_non_negative_integer(tmp_path, rng, value):
-    model = tiny_llama(seed=6)
+    model = tiny_llama(seed=6, layers=1)
     path = _bundle(tmp_path, model, rng)
     with pytest.raises(MaskstoreError, match="device_cache_bytes"):
         maskstore.attach(model, path, device_cache_bytes=value)
@@ -125,7 +125,7 @@ def test_device_cache_bytes_is_a_non_negative_integer(tmp_path, rng, value):
 
 
 def test_an_unknown_backend_is_refused_at_attach(tmp_path, rng, monkeypatch):
-    model = tiny_llama(seed=6)
+    model = tiny_llama(seed=6, layers=1)
     path = _bundle(tmp_path, model, rng)
     monkeypatch.setenv("MASKSTORE_BACKEND", "cuda")
     with pytest.raises(MaskstoreError, match="not a backend: use one of numba, torch, triton"):
@@ -139,7 +139,7 @@ def test_mixed_rows_match_each_persona_on_every_backend(tmp_path, rng, backend, 
     """Mixed blocks gate as they read (no weight copies) on every backend; each row matches
     its persona switched in place, and on numba and Triton a row's outputs do not depend on
     its batch-mates, bit for bit."""
-    model = tiny_llama(seed=7).to(dtype)
+    model = tiny_llama(seed=7, layers=1).to(dtype)
     mods = maskable_modules(model)
     path = _bundle(tmp_path, model, rng)
     h = maskstore.attach(model, path, check_weights=False)

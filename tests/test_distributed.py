@@ -43,6 +43,7 @@ LEGS = [(m, False) for m in sorted(methods.METHODS)] + [
 ]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("method,offload", LEGS, ids=[f"{m}-{'offload' if o else 'whole'}"
                                                       for m, o in LEGS])  # fmt: skip
 def test_two_ranks_give_the_bits_of_one_process(tmp_path, cli, calib_files, method, offload):

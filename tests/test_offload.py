@@ -54,6 +54,7 @@ def test_offload_needs_a_layers_list_and_a_size(tmp_path, cli, calib_files, tiny
     assert parse_bytes("1.5GiB") == int(1.5 * 2**30) and parse_bytes("500MB") == 500_000_000
 
 
+@pytest.mark.slow  # five builds in fresh processes
 def test_offload_refuses_fifos_and_hostile_indexes_without_hanging(tmp_path, calib_files, tiny_dir):
     """``model.safetensors`` a FIFO (nothing would ever write it), an index that is not JSON,
     one without a weight_map, one naming ``../x.safetensors``: each is one line, exit 2, and

@@ -405,6 +405,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(served):
     assert complete(served["client"], "p1", "hi", n=2) is not None
 
 
+@pytest.mark.server
 def test_sigterm_exits_promptly_and_fails_or_finishes_in_flight(tmp_path, tiny_dir, calib_files):
     b = tmp_path / "b.zarr"
     _build(tiny_dir, {"a": calib_files["introvert"]}, b)
@@ -717,6 +718,7 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng, monkeypatch, 
             e.close()
 
 
+@pytest.mark.server
 def test_served_from_an_s3_version_and_a_remote_that_goes_down(tmp_path, tiny_dir, calib_files):
     """Personas served from ``s3://.../repo@v1`` on a moto server of this test's own: while it
     is up they load; once it is down, a persona not yet loaded gets a 503 and a loaded one

@@ -19,7 +19,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray.serve")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def _free_port() -> int:
