@@ -37,6 +37,16 @@ _ServeDeviceCacheBytesOpt = Annotated[
     int,
     typer.Option(help="bound of the packed masks held in GPU memory (LRU by module mask)"),
 ]
+_ServeMaxBodyOpt = Annotated[int, typer.Option(help="bytes a request body may have (413 past it)")]
+_ServeHeaderTimeoutOpt = Annotated[
+    float, typer.Option(help="seconds a connection has to send a request's headers")
+]
+_ServeMaxConnectionsOpt = Annotated[
+    int, typer.Option(help="requests in flight at most (503 past it)")
+]
+_ServeMaxPerClientOpt = Annotated[
+    int, typer.Option(help="open connections from one address at most")
+]
 _ServeBatchingOpt = Annotated[
     choice("auto", "persona", "mixed"),
     typer.Option(
@@ -71,6 +81,10 @@ def serve(
     allow_runtime_loading: _ServeAllowRuntimeLoadingOpt = False,
     cache_bytes: _ServeCacheBytesOpt = 1 << 30,
     device_cache_bytes: _ServeDeviceCacheBytesOpt = 2 << 30,
+    max_body_bytes: _ServeMaxBodyOpt = 1 << 20,
+    header_timeout: _ServeHeaderTimeoutOpt = 10.0,
+    max_connections: _ServeMaxConnectionsOpt = 1024,
+    max_connections_per_client: _ServeMaxPerClientOpt = 64,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
     batching: _ServeBatchingOpt = "auto",
     ray_replicas: _ServeRayReplicasOpt = 0,
@@ -81,29 +95,23 @@ def serve(
     """Serve personas over an OpenAI-compatible API: the request's model field names one."""
     from maskstore.serve import ServeConfig, api_key_from_env, serve
     from maskstore.serve.app import check_api_key
+    from maskstore.serve.limits import Limits
 
     if not 0 <= port <= 65535:
         raise MaskstoreError(f"--port {port}: use 0-65535")
     if max_batch < 1 or min(cache_bytes, device_cache_bytes) < 0:
         raise MaskstoreError("--max-batch must be >= 1, --cache-bytes/--device-cache-bytes >= 0")
+    if min(max_body_bytes, max_connections, max_connections_per_client) < 1 or not (
+        0 < header_timeout <= 3600
+    ):
+        raise MaskstoreError("--max-body-bytes and --max-connections* must be >= 1, "
+                             "--header-timeout in (0, 3600] seconds")  # fmt: skip
     check_api_key(api_key_from_env(api_key))  # before the model loads
-    cfg = ServeConfig(
-        sources=sources,
-        model=model,
-        revision=revision,
-        dtype=dtype,
-        device=device,
-        served_model_name=served_model_name,
-        host=host,
-        port=port,
-        api_key=api_key_from_env(api_key),
-        allow_runtime_loading=allow_runtime_loading,
-        cache_bytes=cache_bytes,
-        device_cache_bytes=device_cache_bytes,
-        max_batch=max_batch,
-        batching=batching,
-        check_weights=check_weights,
-    )
+    given = dict(locals())
+    cfg = ServeConfig(**{k: given[k] for k in ServeConfig.__dataclass_fields__ if k in given})
+    cfg.api_key = api_key_from_env(api_key)
+    cfg.limits = Limits(max_body=max_body_bytes, header_timeout=header_timeout,
+                        max_connections=max_connections, max_per_client=max_connections_per_client)  # fmt: skip
 
     def log(msg: str) -> None:
         err_console.print(safe(msg), highlight=False)

@@ -838,3 +838,95 @@ def test_metrics_show_the_device_mask_cache_and_its_evictions(tmp_path, rng, mon
     assert values["maskstore_device_cache_bytes"] == persona
     assert values["maskstore_device_cache_entries"] == len(handle.modules)
     assert values["maskstore_device_cache_evictions_total"] == len(handle.modules)
+
+
+def _raw(host: str, port: int, data: bytes, wait: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh connection; everything the server answers until it closes
+    (or ``wait`` s pass)."""
+    import socket
+
+    s = socket.create_connection((host, port), timeout=wait)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                part = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not part:
+                break
+            out += part
+            if b"\r\n\r\n" in out and b"content-length" in out.lower():
+                head, _, body = out.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                if len(body) >= length:
+                    break
+        return out
+    finally:
+        s.close()
+
+
+@pytest.mark.server
+def test_bodies_headers_and_slow_clients_are_bounded(served):
+    """A chunked body past --max-body-bytes is a 413 as a declared one is; a header block past
+    the bound (one huge header, or thousands) is refused, never served; connections that
+    trickle their headers are closed after --header-timeout while other clients are served;
+    one address opens at most --max-connections-per-client connections."""
+    import socket
+    from urllib.parse import urlsplit
+
+    proc, url = start(served["b"], "--header-timeout", "1", "--max-body-bytes", "4096",
+                      "--max-connections-per-client", "4")  # fmt: skip
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    try:
+        chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+        chunked += b"".join(b"400\r\n" + b"x" * 1024 + b"\r\n" for _ in range(8)) + b"0\r\n\r\n"
+        out = _raw(host, port, chunked)
+        assert out.startswith(b"HTTP/1.1 413") and b'"code": 413' in out, out[:300]
+        out = _raw(host, port, head + b"Content-Length: 100000\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 413"), out[:300]
+        small = json.dumps({"model": "p0", "prompt": "hi", "max_tokens": 1}).encode()
+        out = _raw(host, port, head + b"Content-Length: %d\r\n\r\n" % len(small) + small)
+        assert out.startswith(b"HTTP/1.1 200"), out[:300]  # under the bound: served
+        for block in (b"X-Big: " + b"a" * (1 << 20) + b"\r\n",
+                      b"".join(b"X-%d: 1\r\n" % i for i in range(20000))):  # fmt: skip
+            out = _raw(host, port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + block + b"\r\n")
+            assert not out.startswith(b"HTTP/1.1 200"), out[:200]
+        # three clients trickling their headers: closed within the timeout, others served
+        slow = [socket.create_connection((host, port), timeout=10) for _ in range(3)]
+        for s in slow:
+            s.sendall(b"GET /health HTTP/1.1\r\nHo")
+        assert _raw(host, port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+            b"HTTP/1.1 200"
+        )
+        t0 = time.monotonic()
+        for s in slow:
+            try:
+                s.sendall(b"s")  # still trickling
+                assert s.recv(100) == b""  # closed by the server
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # closed by the server, and said so
+            s.close()
+        assert time.monotonic() - t0 < 8
+        # one address: four connections at most, the fifth closed at once
+        held = [socket.create_connection((host, port), timeout=10) for _ in range(4)]
+        extra = socket.create_connection((host, port), timeout=10)
+        t0 = time.monotonic()
+        try:
+            try:
+                assert extra.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - t0 < 0.9  # at once, not at the header deadline
+        finally:
+            extra.close()
+            for s in held:
+                s.close()
+        time.sleep(0.3)
+        assert _raw(host, port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+            b"HTTP/1.1 200"
+        )
+    finally:
+        stop(proc)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import MaskstoreError
 from .catalog import Catalog, PersonaCache
 from .engine import Engine, Event, Request
+from .limits import Limits
 from .metrics import Metrics
 
 
@@ -42,6 +43,7 @@ class ServeConfig:
         "auto"  # "persona", "mixed" (any personas in one batch) or "auto" (docs/serve.md)
     )
     check_weights: bool = True
+    limits: Limits = field(default_factory=Limits)  # body, headers, connections
 
 
 @dataclass
@@ -101,7 +103,7 @@ def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
     server = build_engine(cfg, log)
     server.app = create_app(server.engine, server.catalog, server.base_id, api_key=cfg.api_key,
                             allow_runtime_loading=cfg.allow_runtime_loading,
-                            open_source=open_bundle)  # fmt: skip
+                            open_source=open_bundle, limits=cfg.limits)  # fmt: skip
     return server
 
 
@@ -135,7 +137,7 @@ def serve(
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=10,
-                            lifespan="on")  # fmt: skip
+                            lifespan="on", **cfg.limits.uvicorn_config())  # fmt: skip
     userver = uvicorn.Server(config)
     if ready is not None:
         _orig = userver.startup

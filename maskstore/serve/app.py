@@ -25,8 +25,8 @@ from ..errors import MaskstoreError
 from .catalog import Catalog
 from .engine import Engine, Event
 from .engine import Request as GenRequest
+from .limits import BoundedBody, Limits
 
-MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOPS = 4
 MAX_N = 8  # choices a request may ask for (each one a batch row)
 
@@ -141,6 +141,7 @@ def create_app(
     api_key: str | None = None,
     allow_runtime_loading: bool = False,
     open_source: Callable[[str], Any] | None = None,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The FastAPI application.
 
@@ -151,8 +152,11 @@ def create_app(
         api_key: when set, every route but ``/health`` needs ``Authorization: Bearer KEY``.
         allow_runtime_loading: enable ``/v1/personas/load`` and ``/v1/personas/unload``.
         open_source: opens a source named in ``/v1/personas/load`` (as the opener does).
+        limits: the body's bounds (:class:`~maskstore.serve.limits.Limits`; the header and
+            connection bounds are the HTTP server's, set by :func:`maskstore.serve.serve`).
     """
     check_api_key(api_key)
+    limits = limits or Limits()
     app = FastAPI(title="maskstore", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -177,14 +181,13 @@ def create_app(
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            return error_response(413, f"request body over {MAX_BODY} bytes")
         if api_key is not None and request.url.path != "/health":
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)")
         return await call_next(request)
+
+    app.add_middleware(BoundedBody, limits=limits)  # outermost: bodies bounded before any route
 
     def logprobs_doc(entries: list, kind: str) -> dict:
         """Logprob entries ``(offset, id, logprob, top)`` in OpenAI's shape for ``kind``."""
