@@ -930,3 +930,110 @@ def test_bodies_headers_and_slow_clients_are_bounded(served):
         )
     finally:
         stop(proc)
+
+
+def test_every_refusal_has_openai_shape_and_prompts_without_room_are_400(tmp_path, rng):
+    """In-process: no such route (404), a method a route does not take (405), a body that is
+    no UTF-8 or nested past the parser (400) all answer OpenAI's error shape; a prompt that
+    fills the context is a 400 even when max_tokens is unset; the base model cannot be
+    unloaded; tokenizing runs off the event loop (a slow tokenizer does not stall /health)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from maskstore.serve import Engine
+    from maskstore.serve.app import create_app
+
+    handle, tok = _three_personas(tmp_path, rng, seed=7)
+    engine = Engine(handle, tok)
+    try:
+        app = create_app(engine, handle.bundle, "tiny", allow_runtime_loading=True)
+        with TestClient(app, raise_server_exceptions=False) as client:
+
+            def shaped(r, status):
+                assert r.status_code == status, (r.status_code, r.text)
+                err = r.json()["error"]
+                assert err["code"] == status and err["type"] and err["message"]
+
+            shaped(client.get("/v1/nowhere"), 404)
+            shaped(client.get("/v1/completions"), 405)
+            head = {"content-type": "application/json"}
+            shaped(
+                client.post("/v1/completions", content=b'{"model": "\xff\xfe"}', headers=head), 400
+            )
+            deep = b'{"model": "a", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            shaped(client.post("/v1/completions", content=deep, headers=head), 400)
+            full = "x" * (engine.context + 10)  # the byte tokenizer: a token a character
+            for route, body in (("/v1/completions", {"prompt": full}),
+                                ("/v1/chat/completions",
+                                 {"messages": [{"role": "user", "content": full}]})):  # fmt: skip
+                r = client.post(route, json={"model": "a", **body})
+                if (
+                    route.endswith("chat/completions")
+                    and r.status_code == 400
+                    and ("chat template" in r.text)
+                ):
+                    continue  # this tokenizer has no chat template
+                shaped(r, 400)
+                assert "context" in r.json()["error"]["message"]
+            shaped(client.post("/v1/personas/unload", json={"persona": "tiny"}), 400)
+            assert client.get("/v1/models").status_code == 200
+
+            real = engine.tok
+
+            class Slow:
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+                def __call__(self, *a, **kw):
+                    time.sleep(2.0)
+                    return real(*a, **kw)
+
+            engine.tok = Slow()
+            body = {"model": "a", "prompt": "hi", "max_tokens": 1, "temperature": 0}
+            t = threading.Thread(
+                target=client.post, args=("/v1/completions",), kwargs={"json": body}
+            )
+            t.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert client.get("/health").status_code == 200
+            assert time.monotonic() - t0 < 1.0  # not behind the tokenizer
+            t.join()
+    finally:
+        engine.close()
+
+
+def test_a_persona_loaded_at_run_time_never_takes_the_base_models_id(tmp_path, rng):
+    """A bundle loaded at run time whose persona is named like the base model is served as
+    ``SOURCE#NAME`` (reachable), never as the base id (where it was accepted and unreachable)."""
+    from fastapi.testclient import TestClient
+
+    from maskstore import create_bundle
+    from maskstore.modules import model_fingerprint
+    from maskstore.serve import Engine
+    from maskstore.serve.app import create_app
+    from maskstore.store.opener import open_bundle
+
+    handle, tok = _three_personas(tmp_path / "one", rng, seed=8)
+    mods = handle.modules
+    other = tmp_path / "other.zarr"
+    with create_bundle(other, model_fingerprint(handle.model, mods, hash_weights=True)) as b:
+        with b.persona_writer("tiny", method="t") as w:
+            for n, m in mods.items():
+                w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
+    engine = Engine(handle, tok)
+    try:
+        app = create_app(engine, handle.bundle, "tiny", allow_runtime_loading=True,
+                         open_source=open_bundle)  # fmt: skip
+        with TestClient(app) as client:
+            r = client.post("/v1/personas/load", json={"source": str(other)})
+            assert r.status_code == 200, r.text
+            (name,) = r.json()["loaded"]
+            assert name == f"{other}#tiny"
+            ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+            assert ids.count("tiny") == 1 and name in ids
+            body = {"model": name, "prompt": "hi", "max_tokens": 2, "temperature": 0}
+            assert client.post("/v1/completions", json=body).status_code == 200
+    finally:
+        engine.close()

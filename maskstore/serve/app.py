@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MaskstoreError
 from .catalog import Catalog
@@ -28,6 +29,7 @@ from .engine import Request as GenRequest
 from .limits import BoundedBody, Limits
 
 MAX_STOPS = 4
+TOKENIZERS = 4  # prompts tokenized at once, on worker threads (never on the event loop)
 MAX_N = 8  # choices a request may ask for (each one a batch row)
 
 
@@ -114,6 +116,7 @@ class ApiError(Exception):
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 408: "invalid_request_error",
           413: "invalid_request_error", 503: "service_unavailable", 500: "internal_error"}  # fmt: skip
 
 
@@ -121,6 +124,20 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
     body = {"message": message, "type": _TYPES.get(status, "error"), "param": param,
             "code": status}  # fmt: skip
     return JSONResponse({"error": body}, status_code=status)
+
+
+def _public(ev: Event) -> str:
+    """An engine error as a client may read it: a 500's cause stays in the server log (its
+    text can name paths and every served persona)."""
+    if ev.status >= 500 and ev.status != 503:
+        return "generation failed (internal error); see the server log"
+    return ev.text
+
+
+def _printable(name: str) -> str:
+    """A persona id as JSON can carry it: a source path that is no UTF-8 keeps its bytes as
+    escapes (it was a 500 for /v1/models)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_api_key(key: str | None) -> None:
@@ -167,6 +184,15 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:  # logged by the server too
         return error_response(500, f"internal error ({type(e).__name__}); see the server log")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        # the framework's own refusals (no such route, a method a route does not take, a body
+        # that is not JSON: bad UTF-8, nesting past the parser's depth) in OpenAI's shape
+        text = {404: "no such route", 405: "method not allowed for this route"}.get(
+            e.status_code, "malformed request body: send a JSON object"
+        )
+        return error_response(e.status_code if e.status_code in _TYPES else 400, text)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -233,8 +259,16 @@ def create_app(
             return {"id": mid, "object": "model", "created": created, "owned_by": "maskstore",
                     "root": base_id, "parent": parent}  # fmt: skip
 
-        data = [card(base_id, None)] + [card(p, base_id) for p in catalog.personas]
+        data = [card(base_id, None)] + [card(_printable(p), base_id) for p in catalog.personas]
         return {"object": "list", "data": data}
+
+    tokenizing = asyncio.Semaphore(TOKENIZERS)
+
+    async def tokenize(fn: Callable[[], Any]) -> Any:
+        """``fn`` (the tokenizer's work) on a worker thread, a bounded number at once, so a
+        large prompt never holds the event loop (and with it /health and every stream)."""
+        async with tokenizing:
+            return await asyncio.to_thread(fn)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -243,7 +277,7 @@ def create_app(
             if len(prompt) != 1:
                 raise ApiError(400, "give one prompt per request", "prompt")
             prompt = prompt[0]
-        ids = engine.tok(prompt, add_special_tokens=True)["input_ids"]
+        ids = await tokenize(lambda: engine.tok(prompt, add_special_tokens=True)["input_ids"])
         return await _generate(body, ids, "text_completion", request)
 
     @app.post("/v1/chat/completions")
@@ -251,11 +285,15 @@ def create_app(
         if not getattr(engine.tok, "chat_template", None):
             raise ApiError(400, "the model's tokenizer has no chat template: use /v1/completions")
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
+
+        def chat_ids() -> list[int]:
             text = engine.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return engine.tok(text, add_special_tokens=False)["input_ids"]
+
+        try:
+            ids = await tokenize(chat_ids)
         except Exception as e:  # noqa: BLE001 - the template's own error, said in one line
             raise ApiError(400, f"chat template: {' '.join(str(e).split())[:300]}") from None
-        ids = engine.tok(text, add_special_tokens=False)["input_ids"]
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         return await _generate(body, ids, "chat.completion", request)
@@ -271,7 +309,7 @@ def create_app(
             )
         room = engine.context - len(ids)
         max_tokens = body.max_tokens if body.max_tokens is not None else min(256, room)
-        if len(ids) + max_tokens > engine.context:
+        if room < 1 or len(ids) + max_tokens > engine.context:  # room for one token at least
             raise ApiError(400, engine.context_error(len(ids), max_tokens), "max_tokens")
         if isinstance(body, ChatBody):
             if body.top_logprobs is not None and not body.logprobs:
@@ -314,7 +352,7 @@ def create_app(
                     texts[i].append(ev.text)
                     lps[i].extend(ev.logprobs or [])
                 elif ev.kind == "error":
-                    raise ApiError(ev.status, ev.text)
+                    raise ApiError(ev.status, _public(ev))
                 else:
                     done[i] = ev
         finally:
@@ -377,7 +415,7 @@ def create_app(
                 if ev.kind == "delta":
                     yield chunk(i, ev.text, None, lp=ev.logprobs)
                 elif ev.kind == "error":
-                    err = {"message": ev.text, "type": _TYPES.get(ev.status, "error"),
+                    err = {"message": _public(ev), "type": _TYPES.get(ev.status, "error"),
                            "param": None, "code": ev.status}  # fmt: skip
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     break
@@ -401,7 +439,7 @@ def create_app(
                 raise ApiError(400, "this server cannot open new sources")
             try:
                 bundle = await asyncio.to_thread(open_source, body.source)
-                added = catalog.add(body.source, bundle)
+                added = catalog.add(body.source, bundle, clash={base_id})  # never the base's id
             except MaskstoreError as e:
                 raise ApiError(400, str(e), "source") from None
         names = [body.persona] if body.persona is not None else added
@@ -422,7 +460,8 @@ def create_app(
                                 "--allow-runtime-loading")  # fmt: skip
         if body.persona is None:
             raise ApiError(400, "give the persona to unload", "persona")
-        persona_of(body.persona)
+        if persona_of(body.persona) is None:
+            raise ApiError(400, "the base model is not a persona: it cannot be unloaded", "persona")
         engine.unload(body.persona)
         catalog.remove(body.persona)
         return {"unloaded": body.persona}
