@@ -270,7 +270,9 @@ def test_metadata_only_until_arrays_are_asked(tmp_path, rng, monkeypatch):
 
     reads = []
     get, read_into = LocalStore.get, LocalStore.read_into
-    monkeypatch.setattr(LocalStore, "get", lambda s, k: reads.append(k) or get(s, k))
+    monkeypatch.setattr(
+        LocalStore, "get", lambda s, k, limit=None: reads.append(k) or get(s, k, limit)
+    )
     monkeypatch.setattr(
         LocalStore, "read_into", lambda s, k, buf: reads.append(k) or read_into(s, k, buf)
     )

@@ -188,7 +188,8 @@ class StoreSource(BundleSource):
         self.label = label or store.url
 
     def root_meta(self) -> dict:
-        data = self.store.get("zarr.json")
+        # bounded before it is read or inflated (a zip member may inflate a thousandfold)
+        data = self.store.get("zarr.json", limit=MAX_META_BYTES * 16)
         if data is None and hasattr(self.store, "check_bucket"):
             self.store.check_bucket()  # say so when the whole bucket is missing
         return group_attrs(data, f"{self.label} is not a readable maskstore bundle")
@@ -228,13 +229,13 @@ class StoreSource(BundleSource):
 
     def persona_meta(self, name: str) -> dict:
         return group_attrs(
-            self.store.get(f"personas/{name}/zarr.json"),
+            self.store.get(f"personas/{name}/zarr.json", limit=MAX_META_BYTES * 16),
             f"persona {name!r} in {self.label} has unreadable metadata",
         )
 
     def array(self, persona: str, kind: str, module: str) -> ChunkSource:
         path = f"personas/{persona}/{kind}/{module}"
-        raw = self.store.get(f"{path}/zarr.json")
+        raw = self.store.get(f"{path}/zarr.json", limit=MAX_META_BYTES)
         if raw is None:
             raise IntegrityError(
                 f"{path} in {self.label} is missing or unreadable: the bundle is truncated; restore it"
@@ -308,14 +309,18 @@ class Bundle:
         self.source = source
         self.path = Path(path) if path is not None else Path(source.label)
         self.writable = writable
-        meta = source.root_meta()
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise MaskstoreError(
-                f"{self.path} has format version {version!r}; this maskstore reads version "
-                f"{FORMAT_VERSION}: upgrade maskstore"
-            )
-        validate("bundle", meta, str(self.path))
+        try:
+            meta = source.root_meta()
+            version = meta.get("format_version")
+            if version != FORMAT_VERSION:
+                raise MaskstoreError(
+                    f"{self.path} has format version {version!r}; this maskstore reads version "
+                    f"{FORMAT_VERSION}: upgrade maskstore"
+                )
+            validate("bundle", meta, str(self.path))
+        except BaseException:
+            source.close()  # a refused bundle keeps nothing open (a zip's file descriptor)
+            raise
         self.meta = meta
         self._personas: dict[str, dict] = {}
 
