@@ -37,6 +37,13 @@ _ServeDeviceCacheBytesOpt = Annotated[
     int,
     typer.Option(help="bound of the packed masks held in GPU memory (LRU by module mask)"),
 ]
+_ServeBundleRootOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="with --allow-runtime-loading: a folder or s3:// prefix sources may come "
+        "from (repeat; default: none, only served names load)"
+    ),
+]
 _ServeMaxBodyOpt = Annotated[int, typer.Option(help="bytes a request body may have (413 past it)")]
 _ServeHeaderTimeoutOpt = Annotated[
     float, typer.Option(help="seconds a connection has to send a request's headers")
@@ -79,6 +86,7 @@ def serve(
     served_model_name: _ServeServedModelNameOpt = None,
     api_key: _ServeApiKeyOpt = None,
     allow_runtime_loading: _ServeAllowRuntimeLoadingOpt = False,
+    bundle_root: _ServeBundleRootOpt = None,
     cache_bytes: _ServeCacheBytesOpt = 1 << 30,
     device_cache_bytes: _ServeDeviceCacheBytesOpt = 2 << 30,
     max_body_bytes: _ServeMaxBodyOpt = 1 << 20,
@@ -109,7 +117,7 @@ def serve(
     check_api_key(api_key_from_env(api_key))  # before the model loads
     given = dict(locals())
     cfg = ServeConfig(**{k: given[k] for k in ServeConfig.__dataclass_fields__ if k in given})
-    cfg.api_key = api_key_from_env(api_key)
+    cfg.api_key, cfg.bundle_roots = api_key_from_env(api_key), tuple(bundle_root or ())
     cfg.limits = Limits(max_body=max_body_bytes, header_timeout=header_timeout,
                         max_connections=max_connections, max_per_client=max_connections_per_client)  # fmt: skip
 

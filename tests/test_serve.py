@@ -96,8 +96,11 @@ def served(tmp_path_factory, tiny_dir, calib_files):
         assert r.returncode == 0, r.stderr
     broken = tmp / "broken.zarr"
     _build(model, {"broken": calib_files["introvert"]}, broken)
+    roots = tmp / "roots"  # the only place run-time loading may open sources
+    roots.mkdir()
     proc, url = start(b, f"{repo}@v1", broken, "--api-key", KEY, "--allow-runtime-loading",
-                      "--cache-bytes", "30000", "--batching", "mixed")  # fmt: skip
+                      "--bundle-root", roots, "--cache-bytes", "30000",
+                      "--batching", "mixed")  # fmt: skip
     gone = [
         f for f in (broken / "personas" / "broken").rglob("*") if f.is_file() and "c" in f.parts
     ]
@@ -365,12 +368,38 @@ def test_runtime_load_and_unload(served, tmp_path, calib_files):
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    extra = tmp_path / "extra.zarr"
+    import zipfile
+
+    from maskstore.serve.sources import REFUSED
+
+    roots = served["tmp"] / "roots"
+    extra = roots / "extra.zarr"
     _build(served["tmp"] / "tiny", {"late": calib_files["introvert"]}, extra)
+    outside = tmp_path / "outside.zarr"
+    shutil.copytree(extra, outside)
+    (roots / "link.zarr").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(roots / "fifo.zip")
+    with zipfile.ZipFile(roots / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zarr.json", b" " * (64 << 20))  # 64 MiB of metadata in a ~64 KiB zip
+    with zipfile.ZipFile(roots / "bad.zip", "w") as z:
+        z.writestr("zarr.json", b"{not json")
     assert post("load", {"source": str(extra)}) == (200, {"loaded": ["late"]})
     assert complete(c, "late", "hi", n=3)
-    assert post("load", {"source": str(tmp_path / "missing")})[0] == 400
-    assert post("load", {"source": str(calib_files["introvert"])})[0] == 400  # not a bundle
+    # every refusal is the same line: nothing tells what exists on the server's disk
+    fd = len(os.listdir(f"/proc/{served['proc'].pid}/fd"))
+    refused = [str(roots / "missing"), str(calib_files["introvert"]), str(outside), "/etc",
+               str(roots / "link.zarr"), str(roots / "fifo.zip"), str(roots / "bomb.zip"),
+               str(roots / "bad.zip"), f"{roots}/../outside.zarr",
+               "zip://zarr.json::http://127.0.0.1:9/a.zip", "ftp://127.0.0.1:21/x",
+               "tar://x::file:///etc/hosts", "reference://x", "http://127.0.0.1:9/b.zarr",
+               "file:///etc", "s3://bucket/x", f"{served['repo']}@v1"]  # fmt: skip
+    for source in refused:
+        assert post("load", {"source": source}) == (400, {"error": {
+            "message": REFUSED, "type": "invalid_request_error", "param": "source",
+            "code": 400}}), source  # fmt: skip
+    for _ in range(300):  # refused zips leave no file descriptor open
+        assert post("load", {"source": str(roots / "bad.zip")})[0] == 400
+    assert len(os.listdir(f"/proc/{served['proc'].pid}/fd")) <= fd
     assert post("load", {"persona": "nobody"})[0] == 404
     for source in ("x" * 100_000, "a/" * 3000 + "x", "s3://Bad_Bucket/x"):  # never a 500
         code, body = post("load", {"source": source})
@@ -1036,4 +1065,69 @@ def test_a_persona_loaded_at_run_time_never_takes_the_base_models_id(tmp_path, r
             body = {"model": name, "prompt": "hi", "max_tokens": 2, "temperature": 0}
             assert client.post("/v1/completions", json=body).status_code == 200
     finally:
+        engine.close()
+
+
+def test_masks_read_for_an_unloaded_persona_are_never_served_for_a_new_one(tmp_path, rng):
+    """The race, made deterministic: persona ``a`` is being read when it is unloaded and a
+    bundle holding another ``a`` is loaded; the first read finishes last. Its masks are
+    dropped (the unload started a new generation of the name), the request waiting for the
+    old ``a`` ends alone with a 404, and a request for the new ``a`` gets the new masks."""
+    import threading
+
+    from maskstore import create_bundle
+    from maskstore.modules import model_fingerprint
+    from maskstore.serve import Engine, Request
+    from maskstore.store.opener import open_bundle
+
+    handle, tok = _three_personas(tmp_path / "one", rng, seed=9)
+    catalog, mods = handle.bundle, handle.modules
+    with create_bundle(
+        tmp_path / "two", model_fingerprint(handle.model, mods, hash_weights=True)
+    ) as b:
+        with b.persona_writer("a", method="t") as w:
+            for n, m in mods.items():
+                w.write_mask(n, rng.random((m.out_features, m.in_features)) < 0.5)
+    engine = Engine(handle, tok, batching="persona")
+    entered, release = threading.Event(), threading.Event()
+    real = handle.read_masks
+
+    def held(p):
+        masks = real(p)
+        if p == "a" and not entered.is_set():
+            entered.set()
+            release.wait(30)  # read, not yet cached
+        return masks
+
+    handle.read_masks = held
+    events: dict[int, list] = {0: [], 1: []}
+    done = [threading.Event(), threading.Event()]
+
+    def sink(i):
+        def f(ev):
+            events[i].append(ev)
+            if ev.kind in ("done", "error"):
+                done[i].set()
+
+        return f
+
+    import numpy as np
+
+    ids = tok("hi")["input_ids"]
+    try:
+        engine.submit(Request("a", list(ids), 2, sink(0), temperature=0.0))
+        assert entered.wait(30)
+        catalog.remove("a")
+        engine.unload("a")
+        assert catalog.add("two", open_bundle(tmp_path / "two")) == ["a"]
+        engine.submit(Request("a", list(ids), 2, sink(1), temperature=0.0))
+        release.set()
+        assert done[0].wait(60) and done[1].wait(60)
+        assert events[0][-1].kind == "error" and events[0][-1].status == 404
+        assert events[1][-1].kind == "done", events[1]
+        cached = engine.cache.get("a")
+        new = open_bundle(tmp_path / "two")
+        assert all(np.array_equal(cached[n], new.read_packed("a", n)) for n in mods)
+    finally:
+        release.set()
         engine.close()

@@ -20,6 +20,7 @@ from .catalog import Catalog, PersonaCache
 from .engine import Engine, Event, Request
 from .limits import Limits
 from .metrics import Metrics
+from .sources import SourcePolicy
 
 
 @dataclass(kw_only=True)
@@ -44,6 +45,7 @@ class ServeConfig:
     )
     check_weights: bool = True
     limits: Limits = field(default_factory=Limits)  # body, headers, connections
+    bundle_roots: Sequence[str] = ()  # where run-time loading may open sources (none: nowhere)
 
 
 @dataclass
@@ -97,13 +99,14 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
 
 def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
     """:func:`build_engine` plus the FastAPI app over it."""
-    from ..store.opener import open_bundle
     from .app import create_app
 
+    policy = SourcePolicy(cfg.bundle_roots)  # checked before the model loads
     server = build_engine(cfg, log)
     server.app = create_app(server.engine, server.catalog, server.base_id, api_key=cfg.api_key,
                             allow_runtime_loading=cfg.allow_runtime_loading,
-                            open_source=open_bundle, limits=cfg.limits)  # fmt: skip
+                            open_source=policy.open if policy else None,
+                            limits=cfg.limits)  # fmt: skip
     return server
 
 

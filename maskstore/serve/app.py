@@ -436,11 +436,17 @@ def create_app(
         added: list[str] = []
         if body.source is not None:
             if open_source is None:
-                raise ApiError(400, "this server cannot open new sources")
+                raise ApiError(400, "this server opens no new sources: start it with "
+                                    "--bundle-root DIR", "source")  # fmt: skip
+            bundle = None
             try:
                 bundle = await asyncio.to_thread(open_source, body.source)
                 added = catalog.add(body.source, bundle, clash={base_id})  # never the base's id
             except MaskstoreError as e:
+                if bundle is not None:  # opened, then refused (another model): close it
+                    bundle.close()
+                    raise ApiError(400, "source refused: its personas are of another model "
+                                        "than this server's", "source") from None  # fmt: skip
                 raise ApiError(400, str(e), "source") from None
         names = [body.persona] if body.persona is not None else added
         if not names:
@@ -462,8 +468,8 @@ def create_app(
             raise ApiError(400, "give the persona to unload", "persona")
         if persona_of(body.persona) is None:
             raise ApiError(400, "the base model is not a persona: it cannot be unloaded", "persona")
-        engine.unload(body.persona)
-        catalog.remove(body.persona)
+        catalog.remove(body.persona)  # first: no read can start for it after this
+        engine.unload(body.persona)  # then its next generation: reads in flight are dropped
         return {"unloaded": body.persona}
 
     return app

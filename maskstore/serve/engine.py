@@ -127,6 +127,10 @@ class Engine:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._ready: queue.Queue[Request | None] = queue.Queue()
         self._pending: dict[str, list[Request]] = {}  # persona -> requests waiting for its load
+        # persona -> generation, bumped by unload: masks read for an earlier generation (a
+        # persona unloaded while they were read, perhaps loaded again from another bundle
+        # under the same name) are never cached or served
+        self._gen: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(loaders, thread_name_prefix="maskstore-load")
         self._stopping = threading.Event()
@@ -166,13 +170,25 @@ class Engine:
     def load(self, persona: str) -> None:
         """Read ``persona``'s masks into the cache now (blocking; raises on failure)."""
         if self.cache.get(persona) is None:
-            self._put(persona, self._read(persona))
+            gen = self._generation(persona)
+            self._put(persona, self._read(persona), gen)
 
     def unload(self, persona: str) -> bool:
-        """Drop ``persona``'s masks from the cache (requests load it again)."""
-        dropped = self.cache.drop(persona)
+        """Drop ``persona``'s masks from the cache and start its next generation: a read in
+        flight is not cached, and requests still waiting for it fail (404). Rows already
+        decoding keep the masks they hold and finish."""
+        with self._lock:
+            self._gen[persona] = self._gen.get(persona, 0) + 1
+            waiting = self._pending.pop(persona, [])
+            dropped = self.cache.drop(persona)
         self.metrics.set("maskstore_persona_cache_bytes", self.cache.bytes)
+        for req in waiting:
+            req.sink(Event("error", f"persona {persona!r} was unloaded", status=404))
         return dropped
+
+    def _generation(self, persona: str) -> int:
+        with self._lock:
+            return self._gen.get(persona, 0)
 
     def _read(self, persona: str) -> dict:
         t0 = time.perf_counter()
@@ -181,15 +197,25 @@ class Engine:
         self.metrics.inc("maskstore_persona_loads_total", persona=persona)
         return masks
 
-    def _put(self, persona: str, masks: dict) -> None:
-        self.cache.put(persona, masks)
+    def _put(self, persona: str, masks: dict, gen: int) -> bool:
+        """Cache ``masks`` if ``persona`` is still at generation ``gen`` (else drop them)."""
+        with self._lock:
+            if self._gen.get(persona, 0) != gen:
+                return False
+            self.cache.put(persona, masks)
         self.metrics.set("maskstore_persona_cache_bytes", self.cache.bytes)
+        return True
 
     def _load(self, persona: str) -> None:
         """On a loader thread: read, cache, release the persona's waiting requests."""
+        gen = self._generation(persona)
         try:
             masks = self._read(persona)
-            self._put(persona, masks)
+            if not self._put(persona, masks, gen):  # unloaded meanwhile: read it anew
+                with self._lock:
+                    if self._pending.get(persona):
+                        self._loader.submit(self._load, persona)
+                return
             err = None
         except MaskstoreError as e:
             masks, err = None, f"persona {persona!r} could not be loaded: {e}"
@@ -265,7 +291,7 @@ class Engine:
 
                 _mixed.warm()  # the fused kernel, before the first batch needs it
         while not self._stopping.is_set():
-            batch = [r for r in self._take() if not r.cancelled.is_set()]
+            batch = self._served([r for r in self._take() if not r.cancelled.is_set()])
             if not batch:
                 continue
             try:
@@ -393,7 +419,20 @@ class Engine:
         if not all(mixed or r.persona == persona for r in self._held):
             return []  # someone else waits: let this batch drain
         joining, self._held = self._held[:room], self._held[room:]
-        return joining
+        return self._served(joining)
+
+    def _served(self, reqs: list[Request]) -> list[Request]:
+        """``reqs`` less those of a persona unloaded since they were queued (each ended alone,
+        404), so an unload never fails a batch of other personas."""
+        served = set(self.handle.bundle.personas)
+        out = []
+        for r in reqs:
+            if r.persona is None or r.persona in served:
+                out.append(r)
+            else:
+                r.ended = True
+                r.sink(Event("error", f"persona {r.persona!r} was unloaded", status=404))
+        return out
 
     def _advance(self, r: Request, tok: int, lp: tuple | None = None) -> bool:
         """Add ``tok`` to ``r``'s output and send what became final; False when ``r`` ends.

@@ -19,8 +19,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -101,8 +99,10 @@ class BoundedBody:
             await send(msg)
 
 
-def protocol(limits: Limits) -> type[H11Protocol]:
+def protocol(limits: Limits) -> type:
     """uvicorn's h11 protocol with a header deadline and a per-address connection bound."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol  # the serve extra
+
     open_by: Counter[str] = Counter()
 
     class Bounded(H11Protocol):
