@@ -435,25 +435,66 @@ def test_a_client_leaving_mid_stream_frees_its_slot(served):
 
 
 @pytest.mark.server
-def test_sigterm_exits_promptly_and_fails_or_finishes_in_flight(tmp_path, tiny_dir, calib_files):
+def test_sigterm_answers_every_request_in_flight(tmp_path, tiny_dir, calib_files):
+    """SIGTERM with a batch decoding and more requests queued: running rows finish (200),
+    queued ones get a 503 at once, none is cut without an answer, and the server exits; a
+    non-streamed request whose client leaves stops decoding."""
+    b = tmp_path / "b.zarr"
+    _build(tiny_dir, {"a": calib_files["introvert"]}, b)
+    proc, url = start(b, "--max-batch", "2")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def ask():
+        try:
+            r = client.completions.create(model="a", prompt="go", max_tokens=40, temperature=0)
+            return r.choices[0].finish_reason
+        except openai.APIStatusError as e:
+            return e.status_code
+        except openai.APIConnectionError:
+            return "cut"
+
+    with concurrent.futures.ThreadPoolExecutor(12) as ex:
+        futs = [ex.submit(ask) for _ in range(12)]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert time.monotonic() - t0 < 20
+        got = [f.result(timeout=30) for f in futs]
+    assert "cut" not in got, got
+    assert set(got) <= {"length", "stop", 503} and 503 in got, got
+    assert proc.returncode is not None
+
+
+@pytest.mark.server
+def test_a_client_leaving_a_non_streamed_request_stops_its_decoding(tmp_path, tiny_dir,
+                                                                     calib_files):  # fmt: skip
+    from urllib.parse import urlsplit
+
     b = tmp_path / "b.zarr"
     _build(tiny_dir, {"a": calib_files["introvert"]}, b)
     proc, url = start(b)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(client.completions.create, model="a", prompt="go", max_tokens=200,
-                        temperature=0)  # fmt: skip
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(25)
-        assert time.monotonic() - t0 < 20
-        try:
-            r = fut.result(timeout=30)
-            assert r.choices[0].finish_reason in ("length", "stop")
-        except openai.APIError:
-            pass  # failed cleanly (503 or the connection closed): never hung
-    assert proc.returncode is not None
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    try:
+        body = json.dumps({"model": "a", "prompt": "go", "max_tokens": 240, "temperature": 0,
+                           "stop": None}).encode()  # fmt: skip
+        s = __import__("socket").create_connection((host, port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        time.sleep(0.1)
+        s.close()  # the client leaves
+        time.sleep(1.0)
+
+        def tokens():
+            req = urllib.request.Request(f"{url}/metrics")
+            text = urllib.request.urlopen(req, timeout=30).read().decode()
+            return metric(text, "maskstore_generated_tokens_total", persona="a")
+
+        first = tokens()
+        time.sleep(1.5)
+        assert tokens() == first < 240  # no more tokens for nobody
+    finally:
+        stop(proc)
 
 
 def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):

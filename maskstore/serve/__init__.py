@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,9 @@ def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
     return server
 
 
+DRAIN_S = 10.0  # seconds running rows get to finish on SIGTERM
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: any free port), refused in one line when taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -139,9 +143,21 @@ def serve(
     server = build_server(cfg, log)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    config = uvicorn.Config(server.app, log_level="warning", timeout_graceful_shutdown=10,
-                            lifespan="on", **cfg.limits.uvicorn_config())  # fmt: skip
+    config = uvicorn.Config(server.app, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=DRAIN_S + 5,
+                            **cfg.limits.uvicorn_config())  # fmt: skip
     userver = uvicorn.Server(config)
+    _exit, draining = userver.handle_exit, threading.Event()
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        # SIGTERM/SIGINT: the engine drains (503 for what has not started, running rows
+        # finish for up to DRAIN_S) while uvicorn stops accepting and waits for the answers
+        if not draining.is_set():
+            draining.set()
+            threading.Thread(target=server.engine.drain, args=(DRAIN_S,), daemon=True).start()
+        _exit(sig, frame)
+
+    userver.handle_exit = handle_exit  # type: ignore[method-assign]
     if ready is not None:
         _orig = userver.startup
 

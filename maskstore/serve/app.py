@@ -26,7 +26,7 @@ from ..errors import MaskstoreError
 from .catalog import Catalog
 from .engine import Engine, Event
 from .engine import Request as GenRequest
-from .limits import BoundedBody, Limits
+from .limits import DISCONNECTED, BoundedBody, Limits
 
 MAX_STOPS = 4
 TOKENIZERS = 4  # prompts tokenized at once, on worker threads (never on the event loop)
@@ -345,9 +345,15 @@ def create_app(
         texts: list[list[str]] = [[] for _ in reqs]
         lps: list[list] = [[] for _ in reqs]
         done: dict[int, Event] = {}
+        gone = request.scope.get("state", {}).get(DISCONNECTED)
         try:
             while len(done) < len(reqs):
-                i, ev = await events.get()
+                try:
+                    i, ev = await asyncio.wait_for(events.get(), 0.25)
+                except TimeoutError:
+                    if gone is not None and gone.is_set():  # the client left: stop decoding
+                        return JSONResponse({}, status_code=499)
+                    continue
                 if ev.kind == "delta":
                     texts[i].append(ev.text)
                     lps[i].extend(ev.logprobs or [])

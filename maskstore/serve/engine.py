@@ -134,13 +134,15 @@ class Engine:
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(loaders, thread_name_prefix="maskstore-load")
         self._stopping = threading.Event()
+        self._draining = threading.Event()  # no new requests; running rows may finish
+        self._busy = threading.Event()  # a batch is decoding
         self._thread = threading.Thread(target=self._loop, name="maskstore-engine", daemon=True)
         self._thread.start()
 
     # ---- requests
     def submit(self, req: Request) -> None:
         """Queue ``req``; its events arrive through ``req.sink`` on other threads."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._draining.is_set():
             req.sink(Event("error", "the server is shutting down", status=503))
             return
         if len(req.ids) + req.max_tokens > self.context:
@@ -235,6 +237,21 @@ class Engine:
         self.metrics.inc("maskstore_persona_evictions_total", persona=persona)
 
     # ---- the engine thread
+    def drain(self, timeout: float = 10.0) -> None:
+        """Shut down as a server should: admit nothing more (503), answer every request not
+        yet decoding with a 503 now, let the running batch finish for up to ``timeout`` s,
+        then :meth:`close` (rows still running end with a 503)."""
+        self._draining.set()
+        with self._lock:
+            waiting = [r for rs in self._pending.values() for r in rs]
+            self._pending.clear()
+        for req in waiting:
+            req.sink(Event("error", "the server is shutting down", status=503))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self._busy.is_set() or not self._ready.empty()):
+            time.sleep(0.02)
+        self.close(timeout=max(1.0, deadline - time.monotonic()))
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop: requests still queued fail (503), the running batch ends at its next step."""
         self._stopping.set()
@@ -294,7 +311,13 @@ class Engine:
             batch = self._served([r for r in self._take() if not r.cancelled.is_set()])
             if not batch:
                 continue
+            if self._draining.is_set():  # taken after the drain began: not started, 503
+                for req in batch:
+                    req.ended = True
+                    req.sink(Event("error", "the server is shutting down", status=503))
+                continue
             try:
+                self._busy.set()
                 self._run(batch)  # requests that join the batch are appended to it
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
                 msg = " ".join(f"{type(e).__name__}: {e}".split())[:500]
@@ -302,6 +325,8 @@ class Engine:
                     if not req.ended:
                         req.ended = True
                         req.sink(Event("error", f"generation failed: {msg}", status=500))
+            finally:
+                self._busy.clear()
 
     def _run(self, batch: list[Request]) -> None:
         personas = [r.persona for r in batch]
@@ -413,7 +438,7 @@ class Engine:
                 break
             self._held.append(req)
         self._held = [r for r in self._held if not r.cancelled.is_set()]
-        if room <= 0 or not self._held or not self.joins:
+        if room <= 0 or not self._held or not self.joins or self._draining.is_set():
             return []
         persona = running[0].persona if running else None
         if not all(mixed or r.persona == persona for r in self._held):

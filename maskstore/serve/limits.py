@@ -51,9 +51,14 @@ def _error(status: int, message: str) -> list[dict]:
     ]  # fmt: skip
 
 
+DISCONNECTED = "maskstore_disconnected"  # scope["state"] key: an asyncio.Event set on disconnect
+
+
 class BoundedBody:
     """ASGI middleware: the request body read up front within its byte and time bounds, then
-    handed to the app (later ``receive`` calls go to the client: disconnects still show)."""
+    handed to the app. After the body only a disconnect can come from the client: a watcher
+    waits for it, sets ``scope["state"][DISCONNECTED]`` (a route polls it to stop work for a
+    client that left) and answers the app's later ``receive`` calls with it."""
 
     def __init__(self, app: Any, limits: Limits) -> None:
         self.app, self.limits = app, limits
@@ -83,15 +88,27 @@ class BoundedBody:
             if not msg.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
 
         async def replay() -> dict:
             nonlocal replayed
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        return await self.app(scope, replay, send)
+        scope.setdefault("state", {})[DISCONNECTED] = gone
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
 
     @staticmethod
     async def _refuse(send: Any, status: int, message: str) -> None:
