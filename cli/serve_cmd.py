@@ -104,6 +104,7 @@ def serve(
     from maskstore.serve import ServeConfig, api_key_from_env, serve
     from maskstore.serve.app import check_api_key
     from maskstore.serve.limits import Limits
+    from maskstore.serve.sources import SourcePolicy
 
     if not 0 <= port <= 65535:
         raise MaskstoreError(f"--port {port}: use 0-65535")
@@ -115,6 +116,7 @@ def serve(
         raise MaskstoreError("--max-body-bytes and --max-connections* must be >= 1, "
                              "--header-timeout in (0, 3600] seconds")  # fmt: skip
     check_api_key(api_key_from_env(api_key))  # before the model loads
+    SourcePolicy(bundle_root or ())  # each --bundle-root checked now, not after the model
     given = dict(locals())
     cfg = ServeConfig(**{k: given[k] for k in ServeConfig.__dataclass_fields__ if k in given})
     cfg.api_key, cfg.bundle_roots = api_key_from_env(api_key), tuple(bundle_root or ())
@@ -132,6 +134,9 @@ def serve(
 
     if ray_replicas < 0:
         raise MaskstoreError("--ray-replicas must be >= 0")
+    if ray_replicas and (allow_runtime_loading or bundle_root):
+        raise MaskstoreError("--allow-runtime-loading is not available with --ray-replicas (the "
+                             "replicas' sources are fixed when they deploy): drop one of them")  # fmt: skip
     if ray_replicas:
         from pathlib import Path
 

@@ -163,6 +163,34 @@ def test_completions_chat_and_streaming(served):
         assert cut == full[: full.index(full[2:4])]
 
 
+def test_openai_fields_not_implemented_are_a_400_naming_them(served):
+    """response_format, tools, penalties, logit_bias... set to anything but their no-op value
+    are a 400 naming the field (they were a 200 that ignored them); their no-op values and
+    stream_options.include_usage are served (usage arrives as a last chunk, as OpenAI sends it)."""
+    c = served["client"]
+    msgs = [{"role": "user", "content": "Hi"}]
+    for field, value in (("response_format", {"type": "json_object"}), ("presence_penalty", 0.5),
+                         ("frequency_penalty", -1.0), ("logit_bias", {"1": 5}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("tool_choice", "auto")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="p1", messages=msgs, max_tokens=2, **{field: value})
+        assert e.value.body["param"] == field and field in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="p1", prompt="x", max_tokens=2, echo=True)
+    r = c.chat.completions.create(model="p1", messages=msgs, max_tokens=2, presence_penalty=0,
+                                  frequency_penalty=0, temperature=0)  # fmt: skip
+    assert r.choices[0].finish_reason
+    chunks = list(c.chat.completions.create(model="p1", messages=msgs, max_tokens=3, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 3
+    assert chunks[-1].usage.total_tokens == (chunks[-1].usage.prompt_tokens
+                                             + chunks[-1].usage.completion_tokens)  # fmt: skip
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="p1", messages=msgs, max_tokens=2,
+                                  stream_options={"include_usage": True})  # fmt: skip
+
+
 def test_chat_content_parts_and_text_that_is_no_unicode(served):
     """Chat content given as text parts (as the OpenAI client may send it) reads as their joined
     text; a non-text part is a 400. Lone UTF-16 surrogates, which JSON can escape but no
@@ -506,6 +534,11 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and "--batching" in err and "auto" in err
     code, _, err = cli("serve", tmp_path, "--device-cache-bytes", "-1")
     assert code == 2 and "--device-cache-bytes" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("serve", tmp_path, "--ray-replicas", "2", "--allow-runtime-loading")
+    assert code == 2 and "--allow-runtime-loading" in err and len(err.strip().splitlines()) == 1
+    for bad in ("http://x", "s3://Bad_Bucket/x", str(tmp_path / "no-such-folder")):
+        code, _, err = cli("serve", tmp_path, "--allow-runtime-loading", "--bundle-root", bad)
+        assert code == 2 and "--bundle-root" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("key", ["", " ", "a b", "key\n", "k\x1b[31m"])

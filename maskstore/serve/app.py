@@ -54,8 +54,23 @@ def _union_tag(part: object) -> bool:
     return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
 
 
+# OpenAI request fields this server does not implement: a request that sets one (to anything
+# but its no-op value) is a 400 naming it, never a 200 that silently ignored it
+UNSUPPORTED = {"response_format": None, "tools": None, "tool_choice": None, "functions": None,
+               "function_call": None, "logit_bias": None, "presence_penalty": 0,
+               "frequency_penalty": 0, "best_of": 1, "echo": False, "suffix": None,
+               "parallel_tool_calls": None, "audio": None, "modalities": None,
+               "prediction": None, "web_search_options": None}  # fmt: skip
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: Text
     max_tokens: int | None = Field(None, ge=1)
@@ -64,7 +79,16 @@ class _Sampling(BaseModel):
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
+
+    def unsupported(self) -> str | None:
+        """The first OpenAI field set that this server does not implement."""
+        extra = self.model_extra or {}
+        for name, noop in UNSUPPORTED.items():
+            if name in extra and extra[name] is not None and extra[name] != noop:
+                return name
+        return None
 
 
 class CompletionBody(_Sampling):
@@ -299,6 +323,10 @@ def create_app(
         return await _generate(body, ids, "chat.completion", request)
 
     async def _generate(body: _Sampling, ids: list[int], kind: str, request: Request):
+        if (field := body.unsupported()) is not None:
+            raise ApiError(400, f"{field} is not supported by this server: leave it out", field)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options needs stream: true", "stream_options")
         persona = persona_of(body.model)
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
@@ -340,7 +368,15 @@ def create_app(
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             return StreamingResponse(
-                _stream(reqs, events, rid, kind, body.model), media_type="text/event-stream"
+                _stream(
+                    reqs,
+                    events,
+                    rid,
+                    kind,
+                    body.model,
+                    bool(body.stream_options and body.stream_options.include_usage),
+                ),
+                media_type="text/event-stream",
             )
         texts: list[list[str]] = [[] for _ in reqs]
         lps: list[list] = [[] for _ in reqs]
@@ -387,7 +423,12 @@ def create_app(
         return JSONResponse(doc, headers=headers)
 
     async def _stream(
-        reqs: list[GenRequest], events: asyncio.Queue, rid: str, kind: str, model: str
+        reqs: list[GenRequest],
+        events: asyncio.Queue,
+        rid: str,
+        kind: str,
+        model: str,
+        usage: bool = False,
     ) -> AsyncIterator[str]:
         chat = kind == "chat.completion"
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -412,6 +453,7 @@ def create_app(
             return f"data: {json.dumps(doc)}\n\n"
 
         ended: set[int] = set()
+        finals: dict[int, Event] = {}
         try:
             if chat:
                 for i in range(len(reqs)):
@@ -427,7 +469,15 @@ def create_app(
                     break
                 else:
                     ended.add(i)
+                    finals[i] = ev
                     yield chunk(i, None, ev.finish_reason)
+            if usage and len(finals) == len(reqs):  # stream_options.include_usage: one more
+                done = sum(e.completion_tokens for e in finals.values())  # chunk, as OpenAI's
+                doc = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+                       "choices": [], "usage": {"prompt_tokens": finals[0].prompt_tokens,
+                                                "completion_tokens": done,
+                                                "total_tokens": finals[0].prompt_tokens + done}}  # fmt: skip
+                yield f"data: {json.dumps(doc)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for i, req in enumerate(reqs):
