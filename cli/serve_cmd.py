@@ -110,18 +110,13 @@ def serve(
         raise MaskstoreError(f"--port {port}: use 0-65535")
     if max_batch < 1 or min(cache_bytes, device_cache_bytes) < 0:
         raise MaskstoreError("--max-batch must be >= 1, --cache-bytes/--device-cache-bytes >= 0")
-    if min(max_body_bytes, max_connections, max_connections_per_client) < 1 or not (
-        0 < header_timeout <= 3600
-    ):
-        raise MaskstoreError("--max-body-bytes and --max-connections* must be >= 1, "
-                             "--header-timeout in (0, 3600] seconds")  # fmt: skip
-    check_api_key(api_key_from_env(api_key))  # before the model loads
-    SourcePolicy(bundle_root or ())  # each --bundle-root checked now, not after the model
-    given = dict(locals())
+    limits = Limits(max_body=max_body_bytes, header_timeout=header_timeout,  # checked now,
+                    max_connections=max_connections, max_per_client=max_connections_per_client)  # fmt: skip
+    check_api_key(api_key_from_env(api_key))  # as these are: before the model loads
+    SourcePolicy(bundle_root or ())
+    given = dict(locals())  # the options by their ServeConfig names
     cfg = ServeConfig(**{k: given[k] for k in ServeConfig.__dataclass_fields__ if k in given})
     cfg.api_key, cfg.bundle_roots = api_key_from_env(api_key), tuple(bundle_root or ())
-    cfg.limits = Limits(max_body=max_body_bytes, header_timeout=header_timeout,
-                        max_connections=max_connections, max_per_client=max_connections_per_client)  # fmt: skip
 
     def log(msg: str) -> None:
         err_console.print(safe(msg), highlight=False)

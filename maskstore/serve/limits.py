@@ -29,6 +29,15 @@ class Limits:
     max_connections: int = 1024
     max_per_client: int = 64
 
+    def __post_init__(self) -> None:
+        from ..errors import MaskstoreError
+
+        if min(self.max_body, self.header_bytes, self.max_connections, self.max_per_client) < 1:
+            raise MaskstoreError("--max-body-bytes, --max-connections and "
+                                 "--max-connections-per-client must be >= 1")  # fmt: skip
+        if not (0 < self.header_timeout <= 3600 and 0 < self.body_timeout <= 3600):
+            raise MaskstoreError("--header-timeout must be in (0, 3600] seconds")
+
     def uvicorn_config(self) -> dict[str, Any]:
         """The ``uvicorn.Config`` arguments that enforce the header and connection bounds."""
         return {
