@@ -30,7 +30,7 @@ def random_fingerprint(rng: np.random.Generator, n_layers: int = 2) -> dict:
 
 def write_bundle(path: Path, fp: dict, masks: dict[str, dict[str, np.ndarray]], **kw) -> Path:
     """Write bool masks {persona: {module: (out, in)}} into a new bundle."""
-    with create_bundle(path, fp, force=kw.pop("force", False)) as b:
+    with create_bundle(path, fp, force=kw.pop("force", False), source=kw.pop("source", None)) as b:
         for name, mods in masks.items():
             with b.persona_writer(name, method="test", **kw) as w:
                 for m, arr in mods.items():

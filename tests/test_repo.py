@@ -478,3 +478,46 @@ def test_named_remotes_fetch_status_and_clone(tmp_path, rng, fp, cli, s3_server)
     assert code == 2 and not (tmp_path / "cl2").exists(), err
     code, _, err = cli("clone", tmp_path / "b1", tmp_path / "cl")  # exists
     assert code == 2 and "already exists" in err
+
+
+def test_provenance_survives_commit_checkout_push_clone_and_pull(tmp_path, rng, fp, cli):
+    """The model a bundle was built on (its `source`: model, revision, dtype) and every
+    persona's record come back bit for bit from a checkout, a checkout of a clone, and a
+    checkout after a pull; a checked-out bundle committed again keeps them (a checkout wrote
+    'model: unrecorded' and the next commit spread the loss)."""
+    source = {"model": "org/tiny-model", "revision": "a" * 40, "dtype": "bfloat16"}
+    write_bundle(tmp_path / "b", fp, _family(rng, fp, ["a", "b"]), source=source)
+    repo = str(tmp_path / "repo")
+    for args in (("init",), ("commit", tmp_path / "b", "-m", "x"), ("tag", "v1")):
+        assert cli(*args, "--repo", repo)[0] == 0
+    want = open_bundle(tmp_path / "b")
+    card = cli("info", tmp_path / "b", "--card", "--json")[1]
+
+    def same(path):
+        got = open_bundle(path)
+        assert got.model_source == source
+        assert {p: got.persona(p) for p in got.personas} == {
+            p: want.persona(p) for p in want.personas
+        }
+
+        def cards(doc):  # each card less its 'load' line, which names the bundle's path
+            return [{k: v for k, v in c.items() if k != "load"} for c in json.loads(doc)["cards"]]
+
+        assert cards(cli("info", path, "--card", "--json")[1]) == cards(card)
+        assert all("org/tiny-model" in c["load"] for c in json.loads(card)["cards"])
+
+    assert cli("checkout", "v1", "--out", tmp_path / "co", "--repo", repo)[0] == 0
+    same(tmp_path / "co")
+    assert cli("commit", tmp_path / "co", "-m", "again", "--allow-empty", "--repo", repo)[0] == 0
+    assert cli("checkout", "main", "--out", tmp_path / "co2", "--repo", repo)[0] == 0
+    same(tmp_path / "co2")
+    remote = tmp_path / "remote"
+    assert cli("push", remote, "main", "--repo", repo)[0] == 0
+    assert cli("clone", remote, tmp_path / "clone")[0] == 0
+    assert cli("checkout", "main", "--out", tmp_path / "co3", "--repo", tmp_path / "clone")[0] == 0
+    same(tmp_path / "co3")
+    other = str(tmp_path / "other")
+    assert cli("init", "--repo", other)[0] == 0
+    assert cli("pull", remote, "main", "--repo", other)[0] == 0
+    assert cli("checkout", "main", "--out", tmp_path / "co4", "--repo", other)[0] == 0
+    same(tmp_path / "co4")

@@ -226,7 +226,7 @@ class Snapshot:
         b = self.bundle
         named = dict(model.named_modules()) if model is not None else {}
         tick = counter(progress, sum(len(b.persona(p)["modules"]) for p in b.personas))
-        with create_bundle(out, b.fingerprint, force=force) as nb:
+        with create_bundle(out, b.fingerprint, force=force, source=b.model_source) as nb:
             for p in b.personas:
                 meta = b.persona(p)
                 recipe = {}
