@@ -521,3 +521,42 @@ def test_provenance_survives_commit_checkout_push_clone_and_pull(tmp_path, rng, 
     assert cli("pull", remote, "main", "--repo", other)[0] == 0
     assert cli("checkout", "main", "--out", tmp_path / "co4", "--repo", other)[0] == 0
     same(tmp_path / "co4")
+
+
+def test_remote_tracking_refs_follow_push_and_pull_and_hints_work_when_pasted(tmp_path, rng, fp,
+                                                                               cli):  # fmt: skip
+    """A push or pull through a named remote moves REMOTE/BRANCH (status said 'ahead' right
+    after a push, 'not fetched' after a pull), REMOTE/BRANCH is accepted as a ref, and the
+    advice after a refused push or a conflict names the remote as the user typed it and works
+    when pasted (it named the URL, which fails where the remote has options)."""
+    import shlex
+
+    for i in range(3):
+        write_bundle(tmp_path / f"b{i}", fp, _family(rng, fp, ["a", "b"], flip=0.3))
+    r1, r2 = str(tmp_path / "r1"), str(tmp_path / "r2")
+    remote = tmp_path / "remote"
+    assert cli("init", "--repo", r1)[0] == 0
+    assert cli("commit", tmp_path / "b0", "-m", "x", "--repo", r1)[0] == 0
+    assert cli("remote", "add", "team", remote, "--repo", r1)[0] == 0
+    assert cli("push", "team", "main", "--repo", r1)[0] == 0
+    assert "team/main: up to date" in cli("status", "--repo", r1)[1]
+    assert cli("checkout", "team/main", "--out", tmp_path / "co", "--repo", r1)[0] == 0
+    assert open_bundle(tmp_path / "co").digest == open_bundle(tmp_path / "b0").digest
+    # a teammate pushes, we commit: our push is refused, and its advice runs as printed
+    assert cli("clone", remote, r2)[0] == 0
+    assert cli("commit", tmp_path / "b1", "-m", "y", "--repo", r2)[0] == 0
+    assert cli("push", "origin", "main", "--repo", r2)[0] == 0
+    assert cli("commit", tmp_path / "b2", "-m", "z", "--repo", r1)[0] == 0
+    code, _, err = cli("push", "team", "main", "--repo", r1)
+    assert code == 2 and "maskstore pull team main" in err and str(remote) not in err
+    advice = err.split("with maskstore ", 1)[1].split(",")[0]
+    code, _, err = cli(*shlex.split(advice), "--repo", r1)  # the pasted command
+    assert code == 2 and "maskstore pull team main --ours NAME or --theirs NAME" in err
+    assert "team/main: diverged" in cli("status", "--repo", r1)[1]  # the remote's head is known
+    code, _, err = cli("pull", "team", "main", "--theirs", "a", "--theirs", "b", "--repo", r1)
+    assert code == 0, err
+    code, out, _ = cli("push", "team", "main", "--repo", r1)
+    assert code == 0 and "team/main: up to date" in cli("status", "--repo", r1)[1]
+    for bad in ("team/../../x", "nobody/main", "team/"):
+        code, _, err = cli("checkout", bad, "--out", tmp_path / "x", "--repo", r1)
+        assert code == 2 and len(err.strip().splitlines()) == 1

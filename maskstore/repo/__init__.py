@@ -239,9 +239,19 @@ class Repository:
         """Send tag or branch ``ref`` and what it needs to a remote (a configured remote's
         name or a URL); only missing objects move (``progress(done, total)`` follows the
         chunks)."""
-        if not isinstance(remote, Store) and str(remote) in self.remotes():
-            remote = self.remote_store(remote)
-        return transfer.push(self, remote, ref, progress)
+        named = (
+            None if isinstance(remote, Store) or str(remote) not in self.remotes() else str(remote)
+        )
+        said = None if isinstance(remote, Store) else str(remote)
+        rep = transfer.push(self, self.remote_store(remote, create=True) if named else remote,
+                            ref, progress, said=said)  # fmt: skip
+        if named is not None:  # REMOTE/REF follows what the remote now holds
+            self._track(named, ref, rep.version)
+        return rep
+
+    def _track(self, remote: str, ref: str, vid: str) -> None:
+        kind = self.refs.kind_of(ref) or "branches"
+        self.store.put(f"remotes/{remote}/{kind}/{ref}", vid.encode())
 
     def pull(
         self,
@@ -258,9 +268,21 @@ class Repository:
         folder or an export zip); verify everything, and with ``require_signed`` its signature
         too. A diverged local branch is merged persona by persona (conflicts resolved by
         ``ours``/``theirs``), or reset with ``force``."""
-        return transfer.pull(self, self.remote_store(remote), ref, progress=progress,
-                             require_signed=require_signed, allowed_signers=allowed_signers,
-                             force=force, ours=ours, theirs=theirs)  # fmt: skip
+        said = None if isinstance(remote, Store) else str(remote)
+        named = said if said is not None and said in self.remotes() else None
+        return transfer.pull(
+            self,
+            self.remote_store(remote),
+            ref,
+            progress=progress,
+            require_signed=require_signed,
+            allowed_signers=allowed_signers,
+            force=force,
+            ours=ours,
+            theirs=theirs,
+            said=said,
+            record=named,
+        )  # fmt: skip  (REMOTE/REF: the head just pulled)
 
     def fetch(self, remote: str, ref: str | None = None, progress: Progress | None = None) -> dict:
         """Bring a configured remote's tags and branches (or only ``ref``) with their objects,
@@ -326,8 +348,9 @@ class Repository:
         for key in self.store.list(f"remotes/{name}/"):
             self.store.delete(key)
 
-    def remote_store(self, remote: str | Store) -> Store:
-        """A configured remote's store (with its S3 options), else ``remote`` as a URL."""
+    def remote_store(self, remote: str | Store, create: bool = False) -> Store:
+        """A configured remote's store (with its S3 options), else ``remote`` as a URL;
+        ``create``: a folder remote that does not exist yet is made (a first push)."""
         if isinstance(remote, Store):
             return remote
         entry = self.remotes().get(str(remote))
@@ -335,7 +358,7 @@ class Repository:
             return open_store(remote)
         url = entry["url"]
         if "://" not in url or url.startswith("file://"):
-            return open_store(url)
+            return open_store(url, create=create)
         from ..store.stores import FsspecStore
 
         opts: dict = {}

@@ -72,6 +72,16 @@ class Refs:
         kind = self.kind_of(ref)
         if kind:
             return self.get(kind, ref)  # type: ignore[return-value]
+        if "/" in ref:  # REMOTE/REF: the head the last push, pull or fetch saw on that remote
+            remote, _, name = ref.partition("/")
+            for kind in KINDS:
+                try:
+                    data = self.store.get(f"remotes/{remote}/{kind}/{name}", limit=256)
+                except MaskstoreError:
+                    data = None  # not a name a key can hold
+                vid = data.decode("ascii", "replace").strip() if data else ""
+                if is_hex(vid, 64):
+                    return vid
         if _PREFIX.fullmatch(ref):
             hits = [k.split("/", 1)[1] for k in self.store.list("versions/")]
             hits = [h for h in hits if h.startswith(ref)]

@@ -129,15 +129,22 @@ def copy(
 
 
 def update_ref(
-    repo: Repository, history: Store, dst: Store, name: str, vid: str, kind: str
+    repo: Repository,
+    history: Store,
+    dst: Store,
+    name: str,
+    vid: str,
+    kind: str,
+    said: str | None = None,
 ) -> None:
     """Point ``name`` at ``vid`` in ``dst``: tags are created once, branches only fast-forward."""
     check_ref_name(name)
     refs = Refs(dst, dst.url)
+    where = said or dst.url  # the remote as the user named it
     other = "branches" if kind == "tags" else "tags"
     if dst.has(f"refs/{other}/{name}"):  # one namespace: a tag never shadows a branch
         raise RefConflict(
-            f"{name!r} is a {SINGULAR[other]} on {dst.url} and a {SINGULAR[kind]} where it comes "
+            f"{name!r} is a {SINGULAR[other]} on {where} and a {SINGULAR[kind]} where it comes "
             f"from: refusing to create a {SINGULAR[kind]} beside it; rename one of them"
         )
     if kind == "tags":
@@ -145,7 +152,7 @@ def update_ref(
             have = refs.get("tags", name) or ""
             if have != vid:
                 raise RefConflict(
-                    f"tag {name!r} is {have[:12]} on {dst.url}, not {vid[:12]}: tags never move; "
+                    f"tag {name!r} is {have[:12]} on {where}, not {vid[:12]}: tags never move; "
                     f"name this version anew (maskstore tag NEW_NAME {vid[:12]}) and send that"
                 )
         return
@@ -155,16 +162,21 @@ def update_ref(
         return
     if cur_v and cur_v not in set(ancestors(repo, vid, history)):
         raise RefConflict(
-            f"branch {name!r} on {dst.url} is at {cur_v[:12]}, which {vid[:12]} does not contain: "
-            f"merge it here with maskstore pull {dst.url} {name}, then push again"
+            f"branch {name!r} on {where} is at {cur_v[:12]}, which {vid[:12]} does not contain: "
+            f"merge it here with maskstore pull {where} {name}, then push again"
         )
     dst.swap(f"refs/branches/{name}", vid.encode(), cur)
 
 
 def push(
-    repo: Repository, remote: str | Store, ref: str = "main", progress: Progress | None = None
+    repo: Repository,
+    remote: str | Store,
+    ref: str = "main",
+    progress: Progress | None = None,
+    said: str | None = None,
 ):
-    """Send tag or branch ``ref`` and what it needs; only missing objects move."""
+    """Send tag or branch ``ref`` and what it needs; only missing objects move. ``said``: the
+    remote as the user named it (a configured name), for the advice in errors."""
     kind = repo.refs.kind_of(ref)
     if kind is None:
         repo.refs.resolve(ref)  # an unknown name fails here with its own message
@@ -178,7 +190,8 @@ def push(
         dst.create(REPO_MARKER, canonical_json({"format": REPO_FORMAT}))
         rep = copy(repo, repo.store, dst, [vid], progress)
         _copy_signature(repo.store, dst, kind, ref, vid)
-        update_ref(repo, repo.store, dst, ref, vid, kind)
+        update_ref(repo, repo.store, dst, ref, vid, kind, said)
+    rep.version = vid
     return rep
 
 
@@ -244,6 +257,8 @@ def pull(
     ours: tuple[str, ...] = (),
     theirs: tuple[str, ...] = (),
     tracking: str | None = None,
+    said: str | None = None,
+    record: str | None = None,
 ) -> TransferReport:
     """Fetch tag or branch ``ref`` from a remote (or an export zip) with what it needs.
 
@@ -261,7 +276,12 @@ def pull(
     kind = Refs(src, src.url).kind_of(ref)
     if kind is None:
         if hasattr(src, "check_bucket"):
-            src.check_bucket()
+            try:
+                src.check_bucket()
+            except MaskstoreError as e:
+                if said is None or said == src.url:
+                    raise
+                raise MaskstoreError(f"remote {said!r} ({src.url}): {e}") from None
         raise MaskstoreError(f"{src.url} has no tag or branch {ref!r}")
     vid = Refs(src, src.url).get(kind, ref) or ""
     if not is_hex(vid, 64):
@@ -282,6 +302,8 @@ def pull(
         for v in versions:
             check_metadata(repo, v)
         _copy_signature(src, repo.store, kind, ref, vid)
+        if record is not None:  # a configured remote's head: known now, merge or not
+            repo.store.put(f"remotes/{record}/{kind}/{ref}", vid.encode())
         if tracking is not None:
             repo.store.put(f"remotes/{tracking}/{kind}/{ref}", vid.encode())
             rep.outcome, rep.version = "fetched", vid
@@ -289,7 +311,7 @@ def pull(
             update_ref(repo, repo.store, repo.store, ref, vid, kind)
             rep.outcome, rep.version = "tag", vid
         else:
-            _integrate(repo, rep, src.url, ref, vid, force, tuple(ours), tuple(theirs))
+            _integrate(repo, rep, said or src.url, ref, vid, force, tuple(ours), tuple(theirs))
     return rep
 
 
