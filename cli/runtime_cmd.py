@@ -167,12 +167,32 @@ def run(
     console.print(t)
 
 
-def _keys(metas: dict[str, dict], specs: list[str], bundle: str | Path) -> dict[str, bool]:
+def _beside(name: str, opposite: object, metas: dict[str, dict]) -> str | None:
+    """The persona named ``opposite`` in ``name``'s own bundle (``SRC#opposite`` for a
+    persona given as ``SRC#name``), if it is scored."""
+    if not isinstance(opposite, str):
+        return None
+    src = name.rsplit("#", 1)[0] + "#" if "#" in name else ""
+    return src + opposite if src + opposite in metas else None
+
+
+def _keys(
+    metas: dict[str, dict], specs: list[str], bundle: str | Path, explicit: bool = False
+) -> dict[str, bool]:
     """persona -> True if the MC file's ``matching`` column is its answer, False if the other.
 
-    ``--key P`` or ``--key P=matching`` / ``--key P=not_matching``; without any, the bundle's
-    pair metadata decides (the ``+`` persona matches, its opposite does not)."""
+    Every pair recorded in a scored persona's own bundle keys both (the ``+`` persona matches,
+    its opposite does not); ``--key P`` / ``P=matching`` / ``P=not_matching`` sets the personas
+    it names and no others (one key alone: its recorded opposite takes the other answer).
+    ``explicit``: the personas were named, so each must end with a key (checked here, before
+    any model loads)."""
     out: dict[str, bool] = {}
+    for p, m in metas.items():
+        if m["params"].get("role") == "+":
+            opp = _beside(p, m["params"].get("opposite"), metas)
+            if opp is not None:
+                out[p], out[opp] = True, False
+    given: dict[str, bool] = {}
     for spec in specs:
         name, _, role = spec.partition("=")
         role = role or "matching"
@@ -180,23 +200,27 @@ def _keys(metas: dict[str, dict], specs: list[str], bundle: str | Path) -> dict[
             raise MaskstoreError(f"--key {spec!r}: write PERSONA=matching or PERSONA=not_matching")
         if name not in metas:
             raise MaskstoreError(
-                f"--key {name!r} is not a persona of {bundle}; known: {', '.join(metas)}"
+                f"--key {name!r} is not a persona being scored; scored: {', '.join(metas)}"
             )
-        out[name] = role == "matching"
-    if len(specs) == 1 and out:  # one key given: its recorded opposite takes the other answer
-        (name, matches), *_ = out.items()
-        opposite = metas[name]["params"].get("opposite")
-        if opposite in metas:
-            out[opposite] = not matches
-    if out:
-        return out
-    for p, m in metas.items():
-        if m["params"].get("role") == "+" and m["params"].get("opposite") in metas:
-            return {p: True, m["params"]["opposite"]: False}
-    raise MaskstoreError(
-        f"{bundle} records no pair roles, so the 'matching' column names nobody: "
-        "pass --key PERSONA=matching (and --key OTHER=not_matching)"
-    )
+        given[name] = role == "matching"
+    if len(given) == 1:  # one key given: its recorded opposite takes the other answer
+        (name, matches), *_ = given.items()
+        opp = _beside(name, metas[name]["params"].get("opposite"), metas)
+        if opp is not None:
+            given[opp] = not matches
+    out.update(given)
+    if not out:
+        raise MaskstoreError(
+            f"{bundle} records no pair roles, so the 'matching' column names nobody: "
+            "pass --key PERSONA=matching (and --key OTHER=not_matching)"
+        )
+    missing = [p for p in metas if p not in out]
+    if explicit and missing:
+        raise MaskstoreError(
+            f"no key for {', '.join(missing)} (no recorded pair): pass --key "
+            f"{missing[0]}=matching or =not_matching"
+        )
+    return out
 
 
 _EvalCmdKeyOpt = Annotated[
@@ -277,12 +301,7 @@ def eval_cmd(
         b = open_bundle(path)
         shown = {v: k for k, v in local.items()}  # local name -> the name as given
         metas = {shown[p]: b.persona(p) for p in b.personas if p in shown}
-        for m in metas.values():  # pair roles name the opposite as given where it was renamed
-            opp = m["params"].get("opposite")
-            if opp is not None and opp not in metas:
-                m["params"] = {**m["params"], "opposite": next(
-                    (k for k in metas if k.rsplit("#", 1)[-1] == opp), opp)}  # fmt: skip
-        matches = _keys(metas, key or [], bundle)
+        matches = _keys(metas, key or [], bundle, explicit=bool(persona))
         descr = {}
         for d in describe or []:
             if "=" not in d:

@@ -1172,3 +1172,33 @@ def test_mixed_rows_match_use_in_each_dtype_and_not_their_batch_mates(tmp_path, 
             p,
             (logits[i] - want).abs().max(),
         )
+
+
+def test_eval_reads_pair_roles_in_each_personas_own_bundle(tmp_path, tiny_dir, calib_files, cli):
+    """Personas of two bundles that each record an introvert/extrovert pair: both pairs are
+    keyed, each by its own bundle (the other bundle's pair was ignored, 'not scored' after the
+    compute); a --key names its personas and no others (it dropped the main bundle's pair); a
+    named persona left without a key is refused before any model loads."""
+    tiny = ("--model", tiny_dir, "--samples", "4", "--max-tokens", "16")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    for out in (a, b):
+        assert cli("build", *tiny, *pair_args(calib_files), "--out", out)[0] == 0
+    c = tmp_path / "c.zarr"  # a persona with no pair
+    assert cli("build", *tiny, "--persona", f"calm={calib_files['introvert']}", "--out", c)[0] == 0
+    common = ("--mc", calib_files["mc"], "--template", "none", "--json", "--model", tiny_dir)
+    four = ("--persona", "introvert", "--persona", "extrovert", "--persona", f"{b}#introvert",
+            "--persona", f"{b}#extrovert")  # fmt: skip
+    code, out, err = cli("eval", a, *four, *common)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["keys"] == {"introvert": "matching", "extrovert": "not_matching",
+                           f"{b}#introvert": "matching", f"{b}#extrovert": "not_matching"}  # fmt: skip
+    assert doc["unkeyed"] == []
+    code, out, err = cli("eval", a, *four, "--key", f"{b}#introvert=not_matching", *common)
+    assert code == 0, err
+    keys = json.loads(out)["keys"]
+    assert keys["introvert"] == "matching" and keys["extrovert"] == "not_matching"
+    assert keys[f"{b}#introvert"] == "not_matching" and keys[f"{b}#extrovert"] == "matching"
+    code, _, err = cli("eval", a, *four[:4], "--persona", f"{c}#calm", *common)
+    assert code == 2 and f"no key for {c}#calm" in err and len(err.strip().splitlines()) == 1
+    assert "evaluating" not in err  # refused before the model loaded and ran
