@@ -322,6 +322,7 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
     if verb == "pull":
         doc |= {"outcome": rep.outcome, "version": rep.version, "discarded": rep.discarded}
         doc["merge"] = _merge_doc(rep.merge) if rep.merge else None
+        doc["stale"] = rep.stale
     if json_out:
         emit_json(doc)
         return
@@ -339,6 +340,10 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
         )
     if rep.merge:
         _print_merge(rep.merge)
+    for path in getattr(rep, "stale", []):  # pull moves the branch, not bundles checked out
+        console.print(f"[yellow]{safe(path)} still holds the previous {safe(ref)}[/]: take the "
+                      f"new one with maskstore checkout {safe(ref)} --out {safe(path)} --force",
+                      highlight=False)  # fmt: skip
 
 
 def _print_merge(res) -> None:
@@ -624,12 +629,24 @@ def status(
         if head is not None:
             had = {p: e["meta"]["digest"] for p, e in r.objects.manifest(head)["personas"].items()}
         now = {p: b.persona(p)["digest"] for p in b.personas}
+        base = r.worktree(bundle)  # the version this bundle last held (checkout or commit)
         doc |= {
             "added": sorted(set(now) - set(had)),
             "removed": sorted(set(had) - set(now)),
             "changed": sorted(p for p in set(now) & set(had) if now[p] != had[p]),
             "unchanged": sorted(p for p in set(now) & set(had) if now[p] == had[p]),
+            "base": base,
         }
+        if base is not None:  # git's ahead/behind, persona by persona
+            was = {p: e["meta"]["digest"] for p, e in r.objects.manifest(base)["personas"].items()}
+            moved = [p for p in sorted(set(now) | set(had)) if now.get(p) != had.get(p)]
+            doc["here"] = [
+                p for p in moved if now.get(p) != was.get(p) and had.get(p) == was.get(p)
+            ]
+            doc["upstream"] = [
+                p for p in moved if now.get(p) == was.get(p) and had.get(p) != was.get(p)
+            ]
+            doc["both"] = [p for p in moved if p not in doc["here"] and p not in doc["upstream"]]
     remotes = {}
     for name in sorted(r.remotes()):
         theirs = r.tracking(name).get(f"branches/{branch}")
@@ -651,9 +668,17 @@ def status(
     console.print(f"on branch {safe(branch)} at {head[:12] if head else '(no version yet)'}")
     if bundle is not None:
         marks = (("added", "green", "+"), ("removed", "red", "-"), ("changed", "yellow", "~"))
+        upstream = set(doc.get("upstream", ())) | set(doc.get("both", ()))
         for key, colour, mark in marks:
             for p in doc[key]:
-                console.print(f"  [{colour}]{mark} {safe(p)}[/]")
+                if p not in upstream:
+                    console.print(f"  [{colour}]{mark} {safe(p)}[/]")
+        for p in doc.get("both", ()):
+            console.print(f"  [red]! {safe(p)}[/]: changed here and upstream")
+        if doc.get("upstream"):
+            console.print(f"  changed upstream since this bundle's version, not here: "
+                          f"{safe(', '.join(doc['upstream']))} (take them with maskstore "
+                          f"checkout {safe(branch)} --out {safe(bundle)} --force)")  # fmt: skip
         if not (doc["added"] or doc["removed"] or doc["changed"]):
             console.print("  nothing to commit: every persona is the branch head's")
     for name, rec in remotes.items():

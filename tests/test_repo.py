@@ -560,3 +560,44 @@ def test_remote_tracking_refs_follow_push_and_pull_and_hints_work_when_pasted(tm
     for bad in ("team/../../x", "nobody/main", "team/"):
         code, _, err = cli("checkout", bad, "--out", tmp_path / "x", "--repo", r1)
         assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_pull_names_stale_bundles_and_status_tells_here_from_upstream(tmp_path, rng, fp, cli):
+    """A teammate renames a persona and pushes; we pull (fast-forward). The pull says our
+    checked-out bundle still holds the old version, with the command that updates it, and
+    that command works when pasted; before it, status reports the rename as changed upstream
+    (it showed '+ new / - old' as if we had made it) and our own edit as changed here."""
+    import shlex
+
+    write_bundle(tmp_path / "b", fp, _family(rng, fp, ["quiet", "loud", "calm"], flip=0.3))
+    mine, theirs, remote = str(tmp_path / "mine"), str(tmp_path / "theirs"), tmp_path / "remote"
+    assert cli("init", "--repo", mine)[0] == 0
+    assert cli("commit", tmp_path / "b", "-m", "x", "--repo", mine)[0] == 0
+    assert cli("remote", "add", "team", remote, "--repo", mine)[0] == 0
+    assert cli("push", "team", "main", "--repo", mine)[0] == 0
+    work = tmp_path / "work.zarr"
+    assert cli("checkout", "main", "--out", work, "--repo", mine)[0] == 0
+    assert cli("clone", remote, theirs)[0] == 0
+    tw = tmp_path / "their.zarr"
+    assert cli("checkout", "main", "--out", tw, "--repo", theirs)[0] == 0
+    assert cli("mv", tw, "quiet", "introvert")[0] == 0
+    assert cli("commit", tw, "-m", "rename", "--repo", theirs)[0] == 0
+    assert cli("push", "origin", "main", "--repo", theirs)[0] == 0
+    assert cli("rm", work, "calm")[0] == 0  # our own, uncommitted change
+    code, out, err = cli("pull", "team", "main", "--repo", mine, "--json")
+    assert code == 0, err
+    # both bundles that held the old head: the one committed from, the one checked out
+    assert json.loads(out)["stale"] == sorted(
+        [str((tmp_path / "b").resolve()), str(work.resolve())]
+    )
+    code, out, _ = cli("status", work, "--repo", mine, "--json")
+    doc = json.loads(out)
+    assert doc["upstream"] == ["introvert", "quiet"] and doc["here"] == ["calm"]
+    text = cli("status", work, "--repo", mine)[1]
+    assert "+ introvert" not in text and "- quiet" not in text and "- calm" in text
+    assert "changed upstream" in text
+    code, out, _ = cli("pull", "team", "main", "--repo", mine)  # up to date: nothing stale
+    assert code == 0 and "still holds" not in out
+    advice = text.split("(take them with maskstore ", 1)[1].rsplit(")", 1)[0]
+    assert cli(*shlex.split(advice), "--repo", mine)[0] == 0  # the pasted command
+    assert "nothing to commit" in cli("status", work, "--repo", mine)[1]

@@ -34,8 +34,8 @@ from ..errors import MaskstoreError
 from ..progress import Progress
 from ..store.format import Bundle
 from ..store.hashing import canonical_json
-from ..store.names import check_ref_name
-from ..store.stores import Store, check_s3_url, open_store
+from ..store.names import check_ref_name, is_hex
+from ..store.stores import LocalStore, Store, check_s3_url, open_store
 from . import commit as _commit
 from . import history, maintenance, signing, transfer
 from .merge import MergeConflict, MergeResult, merge
@@ -119,7 +119,48 @@ class Repository:
         if sign is not None:
             sig = signing.sign(sign, "branches", branch, vid)
             self.store.put(signing.signature_key("branches", branch, vid), sig)
+        if isinstance(b.store, LocalStore):
+            self.set_worktree(b.path, vid)  # the bundle now holds this version
         return vid
+
+    # ---- working bundles: which version each local bundle last held
+    def _worktree_key(self, path: str | os.PathLike) -> tuple[str, str]:
+        from ..store.hashing import xxh3
+
+        where = str(Path(path).resolve())
+        return f"worktrees/{xxh3(where.encode('utf-8', 'surrogateescape'))}", where
+
+    def set_worktree(self, path: str | os.PathLike, vid: str) -> None:
+        """Record that the bundle at ``path`` holds version ``vid`` (a checkout or a commit
+        of it), so status can tell its changes from the branch's and pull can say it is
+        stale."""
+        key, where = self._worktree_key(path)
+        self.store.put(key, canonical_json({"path": where, "version": vid}))
+
+    def worktree(self, path: str | os.PathLike) -> str | None:
+        """The version the bundle at ``path`` last held here (None: unknown)."""
+        key, where = self._worktree_key(path)
+        try:
+            doc = json.loads(self.store.get(key, limit=8192) or b"null")
+        except ValueError:
+            return None
+        ok = isinstance(doc, dict) and doc.get("path") == where
+        vid = doc.get("version") if ok else None
+        return vid if isinstance(vid, str) and is_hex(vid, 64) else None
+
+    def worktrees(self) -> dict[str, str]:
+        """``{bundle path: version}`` for every working bundle recorded (existing or not)."""
+        out = {}
+        for key in self.store.list("worktrees/"):
+            try:
+                doc = json.loads(self.store.get(key, limit=8192) or b"null")
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("path"), str):
+                vid = doc.get("version")
+                if isinstance(vid, str) and is_hex(vid, 64):
+                    out[doc["path"]] = vid
+        return out
 
     def tag(self, name: str, ref: str, sign: str | os.PathLike | None = None) -> str:
         """Create tag ``name`` at ``ref`` (tags never move); with ``sign`` (an SSH private key
@@ -224,8 +265,11 @@ class Repository:
         """Write version ``ref`` as a plain bundle at ``out`` (recipes need ``model`` and
         ``recompute=maskstore.build.recompute_recipe``); ``progress(done, total)`` follows the modules
         written."""
-        return self.snapshot(ref).checkout(out, model=model, force=force, progress=progress,
-                                           recompute=recompute)  # fmt: skip
+        snap = self.snapshot(ref)
+        path = snap.checkout(out, model=model, force=force, progress=progress,
+                             recompute=recompute)  # fmt: skip
+        self.set_worktree(path, snap.version)
+        return path
 
     # ---- history
     def log(self, ref: str = "main") -> list[dict]:
@@ -269,20 +313,17 @@ class Repository:
         too. A diverged local branch is merged persona by persona (conflicts resolved by
         ``ours``/``theirs``), or reset with ``force``."""
         said = None if isinstance(remote, Store) else str(remote)
-        named = said if said is not None and said in self.remotes() else None
-        return transfer.pull(
-            self,
-            self.remote_store(remote),
-            ref,
-            progress=progress,
-            require_signed=require_signed,
-            allowed_signers=allowed_signers,
-            force=force,
-            ours=ours,
-            theirs=theirs,
-            said=said,
-            record=named,
-        )  # fmt: skip  (REMOTE/REF: the head just pulled)
+        named = said if said is not None and said in self.remotes() else None  # REMOTE/REF
+        before = self.refs.get("branches", ref)
+        rep = transfer.pull(self, self.remote_store(remote), ref, progress=progress,
+                            require_signed=require_signed, allowed_signers=allowed_signers,
+                            force=force, ours=ours, theirs=theirs, said=said,
+                            record=named)  # fmt: skip
+        if before is not None and rep.version and rep.version != before:
+            # local bundles that held the old head do not change by themselves: say which
+            rep.stale = sorted(p for p, v in self.worktrees().items()
+                               if v == before and Path(p).is_dir())  # fmt: skip
+        return rep
 
     def fetch(self, remote: str, ref: str | None = None, progress: Progress | None = None) -> dict:
         """Bring a configured remote's tags and branches (or only ``ref``) with their objects,

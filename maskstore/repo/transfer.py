@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +55,8 @@ class TransferReport:
     version: str = ""
     merge: MergeResult | None = None
     discarded: str | None = None  # the local head a forced pull moved the branch off
+    stale: list[str] = field(default_factory=list)  # working bundles the branch moved past
+    stale: list[str] = field(default_factory=list)  # working bundles the branch moved past
 
 
 def needed(
