@@ -102,7 +102,7 @@ def serve(
 ) -> None:
     """Serve personas over an OpenAI-compatible API: the request's model field names one."""
     from maskstore.serve import ServeConfig, api_key_from_env, serve
-    from maskstore.serve.app import check_api_key
+    from maskstore.serve.http import check_api_key
     from maskstore.serve.limits import Limits
     from maskstore.serve.sources import SourcePolicy
 

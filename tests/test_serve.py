@@ -1205,3 +1205,78 @@ def test_masks_read_for_an_unloaded_persona_are_never_served_for_a_new_one(tmp_p
     finally:
         release.set()
         engine.close()
+
+
+class _FakeEngine:
+    """An EngineClient that answers every request with its prompt reversed: the routes are
+    tested without a model."""
+
+    def __init__(self, tok, context: int = 64) -> None:
+        from maskstore.serve.metrics import Metrics
+
+        self.tok, self.context, self.metrics = tok, context, Metrics()
+        self.seen: list = []
+        self.unloaded: list = []
+
+    def submit(self, req) -> None:
+        from maskstore.serve.engine import Event
+
+        self.seen.append(req)
+        text = self.tok.decode(req.ids[::-1][: req.max_tokens])
+        for ch in text:
+            req.sink(Event("delta", ch))
+        req.sink(Event("done", finish_reason="length", prompt_tokens=len(req.ids),
+                       completion_tokens=len(text)))  # fmt: skip
+
+    def context_error(self, prompt: int, max_tokens: int) -> str:
+        return f"context {self.context}: prompt {prompt} + {max_tokens}"
+
+    def load(self, persona: str) -> None:
+        pass
+
+    def unload(self, persona: str) -> bool:
+        self.unloaded.append(persona)
+        return True
+
+
+def test_routes_run_over_any_engine_client(tmp_path, rng):
+    """The HTTP layer needs only the EngineClient surface: the in-process Engine and Ray's
+    RemoteEngine implement it, and every route works over a fake engine (no model)."""
+    from _tiny import byte_tokenizer
+    from fastapi.testclient import TestClient
+
+    from maskstore.serve import Engine
+    from maskstore.serve.client import EngineClient
+    from maskstore.serve.http import create_app
+    from maskstore.serve.ray_serve import RemoteEngine
+
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT
+    fake = _FakeEngine(tok)
+    handle, _ = _three_personas(tmp_path, rng, seed=10)
+    engine = Engine(handle, tok)
+    try:
+        assert isinstance(engine, EngineClient) and isinstance(fake, EngineClient)
+        assert isinstance(RemoteEngine(tok, 64, "tiny"), EngineClient)
+    finally:
+        engine.close()
+    app = create_app(fake, handle.bundle, "tiny", allow_runtime_loading=True)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "a", "prompt": "abc", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "cba"
+        assert fake.seen[-1].persona == "a" and fake.seen[-1].max_tokens == 3
+        r = client.post("/v1/chat/completions",
+                        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert r.status_code == 200 and fake.seen[-1].persona is None
+        assert r.json()["usage"]["prompt_tokens"] == len(fake.seen[-1].ids)
+        r = client.post("/v1/completions", json={"model": "b", "prompt": "xy", "max_tokens": 2,
+                                                 "stream": True})  # fmt: skip
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny", "a", "b", "c"]
+        assert (
+            client.post("/v1/completions", json={"model": "zz", "prompt": "x"}).status_code == 404
+        )
+        r = client.post("/v1/completions", json={"model": "a", "prompt": "x" * 80})
+        assert r.status_code == 400 and "context 64" in r.json()["error"]["message"]
+        assert client.post("/v1/personas/unload", json={"persona": "c"}).status_code == 200
+        assert fake.unloaded == ["c"] and "c" not in handle.bundle.personas

@@ -3,7 +3,7 @@
 ``maskstore serve SOURCE...`` calls :func:`serve`; :func:`build_server` gives the pieces to run
 in-process. One model, one :class:`~maskstore.runtime.MaskHandle` over a :class:`Catalog` of
 every source, one :class:`Engine` thread for all forward passes, and the app of
-:mod:`maskstore.serve.app`.
+:mod:`maskstore.serve.http`.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def build_engine(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) 
 
 def build_server(cfg: ServeConfig, log: Callable[[str], None] = lambda s: None) -> Server:
     """:func:`build_engine` plus the FastAPI app over it."""
-    from .app import create_app
+    from .http import create_app
 
     policy = SourcePolicy(cfg.bundle_roots)  # checked before the model loads
     server = build_engine(cfg, log)
@@ -175,7 +175,7 @@ def serve(
 
 def api_key_from_env(key: str | None) -> str | None:
     """``key``, else ``$MASKSTORE_API_KEY`` (None when neither is given). A key given empty
-    stays empty, for :func:`maskstore.serve.app.create_app` to refuse: ``--api-key "$KEY"``
+    stays empty, for :func:`maskstore.serve.http.create_app` to refuse: ``--api-key "$KEY"``
     with ``KEY`` unset must not serve without one."""
     return key if key is not None else os.environ.get("MASKSTORE_API_KEY")
 

@@ -7,7 +7,7 @@ Two deployments:
   ``get_persona`` (``@serve.multiplexed``) reads its masks into the replica's cache, and Ray
   routes each request to a replica that already holds its persona, loading it elsewhere only
   when none does (evicting least recently used personas past ``max_personas_per_replica``).
-- ``Ingress`` (one): the FastAPI app of :mod:`maskstore.serve.app` over a
+- ``Ingress`` (one): the FastAPI app of :mod:`maskstore.serve.http` over a
   :class:`RemoteEngine` that forwards each generation to
   ``replicas.options(multiplexed_model_id=PERSONA, stream=True)``. It loads the tokenizer only.
 
@@ -115,7 +115,7 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
     from ..models import load_tokenizer, model_folder, recorded_model
     from ..store.opener import open_bundle
     from . import build_engine, open_sources
-    from .app import create_app
+    from .http import create_app
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options={"num_cpus": replica_cpus},
                       max_ongoing_requests=64)  # fmt: skip
