@@ -343,7 +343,7 @@ def _transfer(verb: str, run, remote: str, ref: str, json_out: bool) -> None:
     for path in getattr(rep, "stale", []):  # pull moves the branch, not bundles checked out
         console.print(f"[yellow]{safe(path)} still holds the previous {safe(ref)}[/]: take the "
                       f"new one with maskstore checkout {safe(ref)} --out {safe(path)} --force",
-                      highlight=False)  # fmt: skip
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _print_merge(res) -> None:
@@ -676,9 +676,12 @@ def status(
         for p in doc.get("both", ()):
             console.print(f"  [red]! {safe(p)}[/]: changed here and upstream")
         if doc.get("upstream"):
-            console.print(f"  changed upstream since this bundle's version, not here: "
-                          f"{safe(', '.join(doc['upstream']))} (take them with maskstore "
-                          f"checkout {safe(branch)} --out {safe(bundle)} --force)")  # fmt: skip
+            console.print(
+                f"  changed upstream since this bundle's version, not here: "
+                f"{safe(', '.join(doc['upstream']))} (take them with maskstore "
+                f"checkout {safe(branch)} --out {safe(bundle)} --force)",
+                soft_wrap=True,
+            )  # fmt: skip  (a command to paste: never wrapped)
         if not (doc["added"] or doc["removed"] or doc["changed"]):
             console.print("  nothing to commit: every persona is the branch head's")
     for name, rec in remotes.items():

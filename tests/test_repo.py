@@ -598,6 +598,6 @@ def test_pull_names_stale_bundles_and_status_tells_here_from_upstream(tmp_path, 
     assert "changed upstream" in text
     code, out, _ = cli("pull", "team", "main", "--repo", mine)  # up to date: nothing stale
     assert code == 0 and "still holds" not in out
-    advice = text.split("(take them with maskstore ", 1)[1].rsplit(")", 1)[0]
+    advice = text.split("(take them with maskstore ", 1)[1].split(")\n", 1)[0]  # one line
     assert cli(*shlex.split(advice), "--repo", mine)[0] == 0  # the pasted command
     assert "nothing to commit" in cli("status", work, "--repo", mine)[1]
