@@ -1280,3 +1280,28 @@ def test_routes_run_over_any_engine_client(tmp_path, rng):
         assert r.status_code == 400 and "context 64" in r.json()["error"]["message"]
         assert client.post("/v1/personas/unload", json={"persona": "c"}).status_code == 200
         assert fake.unloaded == ["c"] and "c" not in handle.bundle.personas
+
+
+def test_metrics_absorb_replica_figures_under_a_replica_label():
+    """What Ray replicas report rides to the ingress as plain data and renders beside the
+    ingress's own series, each with its replica label; a replica's newer report replaces
+    its older one."""
+    from maskstore.serve.metrics import Metrics
+
+    rep, ingress = Metrics(), Metrics()
+    rep.inc("maskstore_persona_loads_total", persona="p0")
+    rep.set("maskstore_persona_cache_bytes", 1234)
+    rep.inc("maskstore_requests_total", persona="p0")
+    snap = rep.snapshot(skip=("maskstore_requests_total",))
+    assert json.loads(json.dumps(snap)) == snap  # plain data
+    ingress.inc("maskstore_requests_total", persona="p0")
+    ingress.absorb("r1", snap)
+    ingress.absorb("r2", [["maskstore_persona_loads_total", [["persona", "p1"]], 2.0],
+                          ["not_a_metric", [], 1.0]])  # fmt: skip
+    text = ingress.render()
+    assert 'maskstore_persona_loads_total{persona="p0",replica="r1"} 1' in text
+    assert 'maskstore_persona_loads_total{persona="p1",replica="r2"} 2' in text
+    assert 'maskstore_persona_cache_bytes{replica="r1"} 1234' in text
+    assert 'maskstore_requests_total{persona="p0"} 1' in text and "not_a_metric" not in text
+    ingress.absorb("r1", [])
+    assert 'replica="r1"' not in ingress.render()

@@ -82,6 +82,20 @@ def test_ray_serve_routes_personas_to_replicas_holding_them(tmp_path, tiny_dir, 
             assert {t for t, _, _ in answers} == {warm[p][0]}, (p, answers)
         with pytest.raises(openai.NotFoundError):
             ask("nobody")
+        # /metrics: the replicas' own figures, each with its replica label; the base model
+        # is one name (persona "") in every series
+        ask(tiny_dir.name)
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+        loads = re.findall(r'^maskstore_persona_loads_total\{persona="([^"]+)",replica="([^"]+)"\} '
+                           r"(\S+)$", text, re.M)  # fmt: skip
+        assert {p for p, _, _ in loads} == set(personas), text
+        assert {r for _, r, _ in loads} <= {r for answers in got.values() for _, r, _ in answers}
+        assert 'maskstore_requests_total{persona=""}' in text
+        assert 'maskstore_generated_tokens_total{persona=""}' in text
+        assert f'persona="{tiny_dir.name}"' not in text
 
         # the same answers as one process running the engine directly
         model, tok = load_model(str(tiny_dir))

@@ -36,6 +36,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, tuple], float] = {}
         self._hist: dict[str, tuple[list[int], list[float]]] = {}
+        self._replicas: dict[str, dict[tuple[str, tuple], float]] = {}  # absorbed, by replica
 
     def inc(self, name: str, by: float = 1.0, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -50,6 +51,24 @@ class Metrics:
         with self._lock:
             return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
 
+    def snapshot(self, skip: tuple[str, ...] = ()) -> list:
+        """Counters and gauges as ``[[name, [[label, value], ...], number], ...]`` (plain
+        data: it travels from a Ray replica to the ingress)."""
+        with self._lock:
+            return [[n, [list(x) for x in lb], v] for (n, lb), v in self._values.items()
+                    if n not in skip]  # fmt: skip
+
+    def absorb(self, replica: str, snapshot: list) -> None:
+        """Replace what ``replica`` reported last with ``snapshot``: rendered with a
+        ``replica`` label beside this process's own figures."""
+        rows: dict[tuple[str, tuple], float] = {}
+        for name, labels, value in snapshot:
+            if name in HELP and isinstance(value, int | float):
+                lb = tuple(sorted([*((str(k), str(v)) for k, v in labels), ("replica", replica)]))
+                rows[(name, lb)] = float(value)
+        with self._lock:
+            self._replicas[replica] = rows
+
     def observe(self, name: str, value: float) -> None:
         bounds = _BUCKETS.get(name, _SECONDS)
         with self._lock:
@@ -61,6 +80,8 @@ class Metrics:
         lines = []
         with self._lock:
             values = dict(self._values)
+            for rows in self._replicas.values():
+                values.update(rows)
             hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
         for name, (kind, text) in HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]

@@ -34,6 +34,10 @@ from .metrics import Metrics
 _REPLICAS: list = []  # the ingress replica's handle to the model replicas (set in its __init__)
 
 
+# what the ingress counts itself (a replica's count of these would count twice)
+_AT_INGRESS = ("maskstore_requests_total", "maskstore_generated_tokens_total")
+
+
 class RemoteEngine:
     """What the HTTP app needs of an engine, answered by Ray replicas."""
 
@@ -58,6 +62,7 @@ class RemoteEngine:
         )
 
     def submit(self, req: Request) -> None:
+        # the base model is persona "" in every series, as the in-process engine counts it
         self.metrics.inc("maskstore_requests_total", persona=req.persona or "")
         asyncio.get_running_loop().create_task(self._pump(req))
 
@@ -76,7 +81,11 @@ class RemoteEngine:
                     return
                 if ev["kind"] == "delta":
                     n = len(self.tok(ev["text"], add_special_tokens=False)["input_ids"])
-                    self.metrics.inc("maskstore_generated_tokens_total", n, persona=mid)
+                    self.metrics.inc("maskstore_generated_tokens_total", n,
+                                     persona=req.persona or "")  # fmt: skip
+                snap = ev.pop("metrics", None)
+                if snap is not None:  # the replica's loads, evictions, cache: by replica
+                    self.metrics.absorb(str(ev.get("replica") or "?"), snap)
                 req.sink(Event(**ev))
         except Exception as e:  # noqa: BLE001 - a replica failed: this request gets a 503
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
@@ -158,8 +167,11 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
                 while not done:
                     ev = await events.get()
                     done = ev.kind != "delta"
-                    yield {**dataclasses.asdict(ev), "replica": self.replica,
+                    out = {**dataclasses.asdict(ev), "replica": self.replica,
                            "loaded": loaded and done}  # fmt: skip
+                    if done:  # this replica's own figures ride on the last event
+                        out["metrics"] = self.server.engine.metrics.snapshot(skip=_AT_INGRESS)
+                    yield out
             finally:
                 if not done:
                     req.cancel()
