@@ -30,7 +30,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     calibration = {
-        name: list(cal.batches(tok, cal.read_samples(DATA / f"{name}.txt"), max_tokens=128))
+        name: cal.batches(tok, cal.read_samples(DATA / f"{name}.txt"), max_tokens=128)
         for name in ("introvert", "extrovert")
     }
     config = BuildConfig(method="contrastive-wanda", sparsity=0.2, phi="softplus")

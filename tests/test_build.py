@@ -390,3 +390,29 @@ def test_build_needs_a_persona_and_batches_need_a_size(tmp_path):
     for kw in ({"batch_size": 0}, {"max_tokens": 0}):
         with pytest.raises(MaskstoreError, match="must be at least 1"):
             list(cal.batches(byte_tokenizer(), [cal.Sample("x")], **kw))
+
+
+def test_the_readme_api_build_gives_the_command_lines_digests(tmp_path, tiny_dir, calib_files, cli):
+    """The README's Python example (batches from calibration.batches, no calibration_source)
+    gives the persona digests `maskstore build` gives for the same samples: the batches record
+    how they were made, as the command line does (they were recorded as 'token batches')."""
+    from maskstore import open_bundle
+    from maskstore.build import build as api_build
+    from maskstore.build import calibration as cal
+    from maskstore.models import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    batches = {
+        n: cal.batches(tok, cal.read_samples(calib_files[n])) for n in ("introvert", "extrovert")
+    }
+    api_build(model, batches, tmp_path / "api.zarr")
+    code, _, err = cli("build", "--model", tiny_dir, "--persona", f"introvert={calib_files['introvert']}",
+                       "--persona", f"extrovert={calib_files['extrovert']}",
+                       "--out", tmp_path / "cli.zarr")  # fmt: skip
+    assert code == 0, err
+    a, c = open_bundle(tmp_path / "api.zarr"), open_bundle(tmp_path / "cli.zarr")
+    assert {p: a.persona(p)["digest"] for p in a.personas} == {
+        p: c.persona(p)["digest"] for p in c.personas
+    }
+    chosen = cal.choose(cal.read_samples(calib_files["introvert"]), 3, seed=5)
+    assert cal.batches(tok, chosen).source == cal.describe(512, 5, False)

@@ -537,6 +537,12 @@ def stats_from_bundle(
     return out
 
 
+def _source(batches: object, given: str | None) -> str:
+    """What a persona's calibration record says made its batches: ``given``, else what
+    :func:`~maskstore.build.calibration.batches` recorded on them, else the API's default."""
+    return given or getattr(batches, "source", None) or API_SOURCE
+
+
 def build(
     model: nn.Module,
     calibration: Mapping[str, Iterable[Batch]],
@@ -563,9 +569,10 @@ def build(
             one ``"calibrating, block by block"`` in blocks), then ``"scoring"`` in modules (off
             by default).
         calibration_source: how the batches were made, recorded with their digest
-            (:class:`maskstore.build.calibration.Recorder`); the command line records
-            :func:`maskstore.build.calibration.describe`, so batches made as it makes them, with that
-            description, give the persona digests it gives.
+            (:class:`maskstore.build.calibration.Recorder`); default: what
+            :func:`maskstore.build.calibration.batches` recorded on them (the command line's
+            :func:`maskstore.build.calibration.describe`), so batches made as it makes them give
+            the persona digests it gives.
     Returns:
         The bundle path.
     """
@@ -581,7 +588,7 @@ def build(
     personas = []
     layers = gram_blocks(model, modules, config)
     if layers is not None:  # SparseGPT: one block's Gram matrices at a time
-        recs = {n: Recorder(bs, calibration_source or API_SOURCE, vocab)
+        recs = {n: Recorder(bs, _source(bs, calibration_source), vocab)
                 for n, bs in calibration.items()}  # fmt: skip
         batches = {n: list(enumerate(rec)) for n, rec in recs.items()}
         colls = {n: collector(modules, config) for n in calibration}
@@ -592,7 +599,7 @@ def build(
             personas.append(PersonaStats(name, finish_stats(colls[name], config), rec.record()))
     for name, batches in calibration.items() if layers is None else ():
         step = progress(f"calibrating {name}", None) if progress else None
-        rec = Recorder(batches, calibration_source or API_SOURCE, vocab)
+        rec = Recorder(batches, _source(batches, calibration_source), vocab)
         st = collect_stats(model, modules, rec, config, step)
         personas.append(PersonaStats(name, st, rec.record()))
     write_bundle(

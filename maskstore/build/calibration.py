@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,12 +106,16 @@ def read_pair_csv(path: str | Path) -> tuple[list[Sample], list[Sample]]:
 
 def choose(samples: list[Sample], n: int | None, seed: int = 0) -> list[Sample]:
     """``n`` samples drawn without replacement with ``seed`` (all of them, in order, if n is None)."""
+    out = Chosen()
+    out.seed = seed
     if n is None or n >= len(samples):
-        return list(samples)
+        out.extend(samples)
+        return out
     if n <= 0:
         raise MaskstoreError(f"`samples` must be positive, got {n}")
     idx = sorted(random.Random(seed).sample(range(len(samples)), n))
-    return [samples[i] for i in idx]
+    out.extend(samples[i] for i in idx)
+    return out
 
 
 def samples_digest(samples: list[Sample]) -> str:
@@ -216,20 +220,38 @@ def render(tokenizer, sample: Sample, chat_template: bool) -> str:
     return f"{sample.prompt} {sample.text}".strip()
 
 
+class Batches(list):
+    """Token batches that know how they were made: ``source`` is what :func:`build` records
+    (the command line's :func:`describe`), so batches made by :func:`batches` with its
+    defaults give the persona digests ``maskstore build`` gives for the same samples."""
+
+    source: str = API_SOURCE
+
+
+class Chosen(list):
+    """Samples :func:`choose` drew, with the ``seed`` it drew them with."""
+
+    seed: int = 0
+
+
 def batches(
     tokenizer,
     samples: list[Sample],
     max_tokens: int = 512,
     batch_size: int = 8,
     chat_template: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Right-padded token batches ``{"input_ids", "attention_mask"}`` of ``batch_size`` samples."""
+) -> Batches:
+    """Right-padded token batches ``{"input_ids", "attention_mask"}`` of ``batch_size``
+    samples, with their ``source`` (see :class:`Batches`; the seed is ``choose``'s, else 0
+    as the command line records it when it keeps every sample)."""
     if batch_size < 1 or max_tokens < 1:
         raise MaskstoreError(
             f"`batch_size` and `max_tokens` must be at least 1, got {batch_size} and {max_tokens}"
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    out = Batches()
+    out.source = describe(max_tokens, getattr(samples, "seed", 0), chat_template)
     for i in range(0, len(samples), batch_size):
         texts = [render(tokenizer, s, chat_template) for s in samples[i : i + batch_size]]
         enc = tokenizer(
@@ -240,4 +262,5 @@ def batches(
             max_length=max_tokens,
             padding_side="right",
         )
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
