@@ -383,7 +383,9 @@ class MaskHandle:
             self._restore_all()
             raise
         if persona is not None:
-            pin = self._backend != "numba" and torch.cuda.is_available()
+            pin = self._backend != "numba" and any(  # pinned: copied to the GPU without waiting
+                m.weight.device.type == "cuda" for m in self.modules.values()
+            )
             with self._cache_lock:
                 for name, t in masks.items():
                     if (persona, name) not in self._cache:

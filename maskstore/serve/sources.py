@@ -74,7 +74,7 @@ class SourcePolicy:
             raise MaskstoreError(REFUSED)  # http, ftp, file, zip, tar, reference, ...
         else:
             real = os.path.realpath(base)  # a link out of the roots resolves out of them
-            if not any(real.startswith(r + os.sep) for r in self.local):
+            if not any(real.startswith(r.rstrip(os.sep) + os.sep) for r in self.local):
                 raise MaskstoreError(REFUSED)
             out = real
         return out if ref is None else f"{out}@{ref}"
