@@ -1305,3 +1305,32 @@ def test_metrics_absorb_replica_figures_under_a_replica_label():
     assert 'maskstore_requests_total{persona="p0"} 1' in text and "not_a_metric" not in text
     ingress.absorb("r1", [])
     assert 'replica="r1"' not in ingress.render()
+
+
+def test_source_policy_admits_only_what_lies_under_its_roots(tmp_path):
+    """Paths are resolved (links followed, '..' folded) before they are compared with the
+    roots; a root of / admits everything local; s3 roots admit only their prefix."""
+    from maskstore.errors import MaskstoreError
+    from maskstore.serve.sources import REFUSED, SourcePolicy
+
+    root = tmp_path / "root"
+    (root / "in.zarr").mkdir(parents=True)
+    (tmp_path / "out.zarr").mkdir()
+    (root / "link.zarr").symlink_to(tmp_path / "out.zarr", target_is_directory=True)
+    p = SourcePolicy([str(root) + "/"])
+    assert p.resolve(str(root / "in.zarr")) == str((root / "in.zarr").resolve())
+    assert p.resolve(f"{root}/in.zarr@v1") == f"{(root / 'in.zarr').resolve()}@v1"
+    for bad in (str(tmp_path / "out.zarr"), str(root / "link.zarr"), f"{root}/../out.zarr",
+                str(root), "zip://a::" + str(root / "in.zarr"), "s3://bucket/x", ""):  # fmt: skip
+        with pytest.raises(MaskstoreError) as e:
+            p.resolve(bad)
+        assert str(e.value) == REFUSED, bad
+    assert SourcePolicy(["/"]).resolve(str(tmp_path / "out.zarr")) == str(
+        (tmp_path / "out.zarr").resolve()
+    )
+    s3 = SourcePolicy(["s3://team-bucket/bundles"])
+    assert s3.resolve("s3://team-bucket/bundles/a.zarr") == "s3://team-bucket/bundles/a.zarr"
+    for bad in ("s3://team-bucket/other/a.zarr", "s3://team-bucket/bundles/../x",
+                "s3://team-bucket/bundlesX/a", "/etc"):  # fmt: skip
+        with pytest.raises(MaskstoreError):
+            s3.resolve(bad)
