@@ -11,7 +11,8 @@ Ratios in one run:
   resident memory growth per persona loaded (each by one short request, before the bursts).
 
 Personas are random masks at sparsity 0.2 (the serving cost does not depend on how masks were
-scored). Run: python benchmarks/bench_serve.py  (about 5 minutes on 2 cores)
+scored). Run: python benchmarks/bench_serve.py  (about 6 minutes on 2 cores; ``--batching
+auto`` too; BENCH_SERVE_MODES=mixed,auto limits the modes, persona always runs)
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def main() -> None:
         names = [f"p{i}" for i in range(N_PERSONAS)]
         results = {}
         modes = {"persona": ("--batching", "persona"), "mixed": ("--batching", "mixed"),
+                 "auto": ("--batching", "auto"),
                  "naive": ("--batching", "persona", "--max-batch", "1")}  # fmt: skip
+        only = [m for m in os.environ.get("BENCH_SERVE_MODES", "").split(",") if m]
+        modes = {m: f for m, f in modes.items() if not only or m in only or m == "persona"}
         for mode, flags in modes.items():
             proc, url = start(bundle, *flags)
             procs.append(proc)
@@ -131,16 +135,20 @@ def main() -> None:
         print(f"embedded SmolLM2-135M, {CLIENTS} clients x {TOKENS} tokens, greedy, "
               f"{os.cpu_count()} CPU cores")  # fmt: skip
         one_p = results["persona"][0][1]
-        print("| clients over | --batching persona | --batching mixed | one request at a time |")
-        print("| --- | --- | --- | --- |")
+        heads = {"naive": "one request at a time"}
+        print(
+            "| clients over | " + " | ".join(heads.get(m, f"--batching {m}") for m in modes) + " |"
+        )
+        print("|" + " --- |" * (len(modes) + 1))
         for k in (1, 4, 16):
             cells = [f"{results[m][0][k]:.1f} tok/s ({results[m][0][k] / one_p:.2f}x)"
                      for m in modes]  # fmt: skip
             print(f"| {k} persona{'s' if k > 1 else ''} | {' | '.join(cells)} |")
-        mixed = results["mixed"][0]
-        print(f"(ratios against 1 persona with --batching persona; within --batching mixed, "
-              f"4 personas {mixed[4] / mixed[1]:.2f}x and 16 personas {mixed[16] / mixed[1]:.2f}x "
-              f"its 1 persona)")  # fmt: skip
+        if "mixed" in results:
+            mixed = results["mixed"][0]
+            print(f"(ratios against 1 persona with --batching persona; within --batching mixed, "
+                  f"4 personas {mixed[4] / mixed[1]:.2f}x and 16 personas "
+                  f"{mixed[16] / mixed[1]:.2f}x its 1 persona)")  # fmt: skip
         for m, (_rates, first, cold, warm, rss, per) in results.items():
             print(f"--batching {m}: first request to an uncached persona {cold * 1000:.0f} ms "
                   f"against {warm * 1000:.0f} ms cached ({cold / warm:.1f}x), the server's first "

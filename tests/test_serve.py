@@ -501,7 +501,7 @@ def test_a_client_leaving_a_non_streamed_request_stops_its_decoding(tmp_path, ti
 
     b = tmp_path / "b.zarr"
     _build(tiny_dir, {"a": calib_files["introvert"]}, b)
-    proc, url = start(b)
+    proc, url = start(b, "--batching", "mixed")  # the slower kernel: 240 tokens take a while
     host, port = urlsplit(url).hostname, urlsplit(url).port
     try:
         body = json.dumps({"model": "a", "prompt": "go", "max_tokens": 240, "temperature": 0,
@@ -801,7 +801,8 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng, monkeypatch, 
 
     jobs = [("a", "hello", 5), ("b", "hi there you", 7), (None, "x", 3), ("c", "hello", 6),
             ("a", "more text here", 4), ("b", "q", 8)]  # fmt: skip
-    engines = {m: Engine(handle, tok, batching=m, window_s=0.2) for m in ("mixed", "persona")}
+    engines = {m: Engine(handle, tok, batching=m, window_s=0.2) for m in ("mixed", "persona",
+                                                                          "auto")}  # fmt: skip
     try:
         alone = [run(engines["mixed"], [j])[0] for j in jobs]
         seen = []
@@ -813,9 +814,9 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng, monkeypatch, 
         assert seen and all(len(s) == 1 for s in seen) and len(seen) < len(jobs)
         with pytest.raises(Exception, match="batching"):
             Engine(handle, tok, batching="nope")
-        auto = Engine(handle, tok)  # the default: mixed where the fused kernel runs
+        auto = Engine(handle, tok)  # the default: auto where a fused kernel runs
         auto.close()
-        assert handle.fused_mixing and auto.batching == "mixed"
+        assert handle.fused_mixing and auto.batching == "auto"
     finally:
         for e in engines.values():
             e.close()
@@ -1334,3 +1335,58 @@ def test_source_policy_admits_only_what_lies_under_its_roots(tmp_path):
                 "s3://team-bucket/bundlesX/a", "/etc"):  # fmt: skip
         with pytest.raises(MaskstoreError):
             s3.resolve(bad)
+
+
+def test_auto_runs_one_persona_in_place_and_mixes_when_another_joins(tmp_path, rng):
+    """batching="auto": a batch of one persona decodes in place (the BLAS, no mixed block);
+    when a request of another persona joins it mid-decode, the batch becomes a mixed block at
+    that step boundary; every request still gets the tokens it gets alone."""
+    import threading
+
+    from maskstore.serve import Engine, Request
+
+    handle, tok = _three_personas(tmp_path, rng, seed=11)
+    engine = Engine(handle, tok, batching="auto", window_s=0.01)
+    seen: list[tuple[bool, object]] = []
+    forward = engine._forward
+
+    def spy(*a, **kw):
+        seen.append((handle._mixing, handle.active))
+        return forward(*a, **kw)
+
+    engine._forward = spy
+
+    def run(jobs, gap=None):
+        out, done = [""] * len(jobs), [threading.Event() for _ in jobs]
+        started = threading.Event()
+
+        def sink(i):
+            def f(ev):
+                if ev.kind == "delta":
+                    out[i] += ev.text
+                    started.set()
+                else:
+                    assert ev.kind == "done", ev
+                    done[i].set()
+
+            return f
+
+        for i, (p, prompt, n) in enumerate(jobs):
+            if i and gap:
+                assert started.wait(30)  # the first is decoding before the next arrives
+            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
+        assert all(d.wait(60) for d in done)
+        return out
+
+    try:
+        alone = [run([j])[0] for j in (("a", "hello there", 30), ("b", "hi", 5))]
+        seen.clear()
+        assert run([("a", "hello there", 30), ("a", "x", 4)])[0] == alone[0]
+        assert seen and all(not mixing and active == "a" for mixing, active in seen)
+        seen.clear()
+        got = run([("a", "hello there", 30), ("b", "hi", 5)], gap=True)
+        assert got == alone
+        assert seen[0] == (False, "a") and any(mixing for mixing, _ in seen)  # in place, then mixed
+        assert handle.active is None or handle.active == "a"
+    finally:
+        engine.close()

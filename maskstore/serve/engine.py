@@ -110,9 +110,12 @@ class Engine:
         self.window_s = window_s
         if batching not in ("auto", "mixed", "persona"):
             raise MaskstoreError(f"batching is 'auto', 'mixed' or 'persona', not {batching!r}")
-        if batching == "auto":  # mixed batches where they need no weight copies
-            batching = "mixed" if handle.fused_mixing else "persona"
-        self.batching = batching  # persona: a batch holds one persona's requests only
+        if batching == "auto" and not handle.fused_mixing:  # mixing would copy weights
+            batching = "persona"
+        # persona: a batch holds one persona's requests only; mixed: any; auto: any, but a
+        # batch of one persona runs in place (the BLAS) until another persona joins it, and
+        # only then becomes a mixed block (the fused kernel)
+        self.batching = batching
         self._held: list[Request] = []  # taken from the queue for a later batch
         self.joins: bool | None = None  # whether requests can join running batches (the cache)
         self.metrics = metrics or Metrics()
@@ -302,7 +305,7 @@ class Engine:
         return batch
 
     def _loop(self) -> None:
-        if self.batching == "mixed":
+        if self.batching in ("mixed", "auto"):
             with contextlib.suppress(Exception):  # only a head start: a batch compiles it too
                 from ..runtime import _mixed
 
@@ -332,26 +335,36 @@ class Engine:
         personas = [r.persona for r in batch]
         self.metrics.observe("maskstore_batch_rows", len(batch))
         t0 = time.perf_counter()
-        mixed = self.batching == "mixed"
-        with self.handle.lock:
+        mixed = self.batching == "mixed" or (self.batching == "auto" and len(set(personas)) > 1)
+        with self.handle.lock, contextlib.ExitStack() as stack:
             if mixed:  # every masked Linear groups the rows by persona (rows join and leave)
                 masks = {r.persona: r.masks for r in batch if r.persona is not None}
-                ctx = self.handle.mixed(personas, masks=masks)
+                stack.enter_context(self.handle.mixed(personas, masks=masks))
             else:  # one persona: switch in place (delta writes)
                 p = personas[0]
                 self.handle.use(p, masks=batch[0].masks if p is not None else None)
-                ctx = contextlib.nullcontext()
-            with ctx:
-                self.metrics.observe("maskstore_switch_seconds", time.perf_counter() - t0)
-                self._decode(batch, mixed)
+            self.metrics.observe("maskstore_switch_seconds", time.perf_counter() - t0)
+            self._decode(batch, mixed, stack)
 
     @torch.inference_mode()
-    def _decode(self, batch: list[Request], mixed: bool) -> None:
+    def _decode(self, batch: list[Request], mixed: bool, stack: contextlib.ExitStack) -> None:
         """Decode ``batch`` step by step; at each step boundary finished rows leave and
-        waiting requests join while there is room (see the module docstring, step 4)."""
+        waiting requests join while there is room (see the module docstring, step 4). With
+        ``batching="auto"`` a batch running in place becomes a mixed block (entered on
+        ``stack``) at the step where a request of another persona joins it."""
         run = _Rows(self, [])
         joining = batch
         while True:
+            here = {r.persona for r in run.reqs}  # decoding in place: one persona
+            if joining and not mixed and run.reqs and {r.persona for r in joining} != here:
+                # another persona joins: the rows decoding in place keep their KV caches, only
+                # the weights go back to base for a mixed block
+                t0 = time.perf_counter()
+                rows = [r.persona for r in run.reqs]
+                masks = {r.persona: r.masks for r in run.reqs if r.persona is not None}
+                stack.enter_context(self.handle.mixed(rows, masks=masks))
+                self.metrics.observe("maskstore_switch_seconds", time.perf_counter() - t0)
+                mixed = True
             if joining:
                 if mixed:
                     self.handle.regroup([r.persona for r in joining],
@@ -367,7 +380,7 @@ class Engine:
                 return
             if not run.reqs:
                 return
-            joining = self._joiners(run.reqs, mixed)
+            joining = self._joiners(run.reqs, mixed or self.batching == "auto")
             batch.extend(joining)  # so that a failure reaches them too
             if joining:
                 self.metrics.inc("maskstore_joined_rows_total", len(joining))

@@ -148,7 +148,7 @@ async def generate(st: ServerState, body: SamplingBody, ids: list[int], kind: st
     try:
         while len(done) < len(reqs):
             try:
-                i, ev = await asyncio.wait_for(events.get(), 0.25)
+                i, ev = await asyncio.wait_for(events.get(), 0.05)
             except TimeoutError:
                 if gone is not None and gone.is_set():  # the client left: stop decoding
                     return JSONResponse({}, status_code=499)
