@@ -469,20 +469,22 @@ def test_sigterm_answers_every_request_in_flight(tmp_path, tiny_dir, calib_files
     non-streamed request whose client leaves stops decoding."""
     b = tmp_path / "b.zarr"
     _build(tiny_dir, {"a": calib_files["introvert"]}, b)
-    proc, url = start(b, "--max-batch", "2")
+    # two rows at a time in the slower mixed kernel, 16 requests of 200 tokens: seconds of
+    # work, so most requests are still queued when SIGTERM comes
+    proc, url = start(b, "--max-batch", "2", "--batching", "mixed")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
     def ask():
         try:
-            r = client.completions.create(model="a", prompt="go", max_tokens=40, temperature=0)
+            r = client.completions.create(model="a", prompt="go", max_tokens=200, temperature=0)
             return r.choices[0].finish_reason
         except openai.APIStatusError as e:
             return e.status_code
         except openai.APIConnectionError:
             return "cut"
 
-    with concurrent.futures.ThreadPoolExecutor(12) as ex:
-        futs = [ex.submit(ask) for _ in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        futs = [ex.submit(ask) for _ in range(16)]
         time.sleep(0.5)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
