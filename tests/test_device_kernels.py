@@ -9,6 +9,8 @@ outputs (an out-of-bounds write shows as a changed sentinel)."""
 import numpy as np
 import pytest
 import torch
+from test_switch_kernel import _base, _same
+from test_switch_kernel import _gate as _gated
 
 from maskstore.runtime import kernels
 from maskstore.store.bits import pack
@@ -33,27 +35,6 @@ def _guards_hold(buf: torch.Tensor, fill: float | int) -> bool:
     if isinstance(fill, float) and fill != fill:
         return bool(ends.isnan().all())
     return bool((ends == fill).all())
-
-
-def _base(rng: np.random.Generator, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32))
-    specials = torch.tensor([-0.0, float("nan"), float("inf"), -float("inf"), 1e-40, 3.0e38])
-    flat = w.view(-1)
-    flat[rng.choice(flat.numel(), specials.numel() * 2, replace=False)] = specials.repeat(2)
-    return w.to(dtype)
-
-
-def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
-    ints = {2: torch.int16, 4: torch.int32}[got.element_size()]
-    equal = got.view(ints) == want.view(ints)
-    return bool((equal | (got.isnan() & want.isnan())).all())
-
-
-def _gated(base: torch.Tensor, keep: np.ndarray | None, gamma: float) -> torch.Tensor:
-    if keep is None:
-        return base.clone()
-    g = torch.where(torch.from_numpy(keep), 1.0, gamma).to(base.dtype)
-    return torch.mul(base, g)
 
 
 def _rounded(gamma: float, dtype: torch.dtype) -> float:

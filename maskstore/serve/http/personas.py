@@ -8,18 +8,25 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from ...errors import MaskstoreError
-from .generate import persona_of, state
+from .generate import ServerState, persona_of, state
 from .protocol import ApiError, LoadBody
 
 router = APIRouter()
 
 
-@router.post("/v1/personas/load")
-async def load(body: LoadBody, request: Request) -> dict:
+def _loading(request: Request) -> ServerState:
+    """The server's state, when it allows run-time loading (404 otherwise, as if the routes
+    were not there)."""
     st = state(request)
     if not st.allow_runtime_loading:
         raise ApiError(404, "run-time loading is off: start the server with "
                             "--allow-runtime-loading")  # fmt: skip
+    return st
+
+
+@router.post("/v1/personas/load")
+async def load(body: LoadBody, request: Request) -> dict:
+    st = _loading(request)
     added: list[str] = []
     if body.source is not None:
         if st.open_source is None:
@@ -49,10 +56,7 @@ async def load(body: LoadBody, request: Request) -> dict:
 
 @router.post("/v1/personas/unload")
 async def unload(body: LoadBody, request: Request) -> dict:
-    st = state(request)
-    if not st.allow_runtime_loading:
-        raise ApiError(404, "run-time loading is off: start the server with "
-                            "--allow-runtime-loading")  # fmt: skip
+    st = _loading(request)
     if body.persona is None:
         raise ApiError(400, "give the persona to unload", "persona")
     if persona_of(st, body.persona) is None:
