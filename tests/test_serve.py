@@ -538,6 +538,11 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and "--device-cache-bytes" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("serve", tmp_path, "--ray-replicas", "2", "--allow-runtime-loading")
     assert code == 2 and "--allow-runtime-loading" in err and len(err.strip().splitlines()) == 1
+    for flag, value in (("--max-body-bytes", "0"), ("--header-timeout", "-1"),
+                        ("--header-timeout", "1e9"), ("--max-connections", "0"),
+                        ("--max-connections-per-client", "-5")):  # fmt: skip
+        code, _, err = cli("serve", tmp_path, flag, value)
+        assert code == 2 and flag.split("-per")[0] in err and len(err.strip().splitlines()) == 1
     for bad in ("http://x", "s3://Bad_Bucket/x", str(tmp_path / "no-such-folder")):
         code, _, err = cli("serve", tmp_path, "--allow-runtime-loading", "--bundle-root", bad)
         assert code == 2 and "--bundle-root" in err and len(err.strip().splitlines()) == 1
