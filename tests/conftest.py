@@ -56,9 +56,12 @@ def cli(capsys, monkeypatch):
     --json, the document printed is checked against its schema under ``schemas/cli/``."""
     from maskstore.cli.main import COMMANDS, main
 
-    def run(*args: str) -> tuple[int, str, str]:
+    def run(*args: str, columns: int = 200) -> tuple[int, str, str]:
+        from maskstore.cli._common import console
+
         monkeypatch.setattr(sys, "argv", ["maskstore", *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "200")
+        monkeypatch.setenv("COLUMNS", str(columns))
+        monkeypatch.setattr(console, "width", columns)  # fixed when the console was made
         code = 0
         try:
             main()

@@ -868,18 +868,11 @@ def test_eval_prompt_rows_use_the_persona_name_not_a_gathered_label(tmp_path, ti
     assert prompts[f"prompt:{b}#introvert"] == describe("introvert")
     assert prompts["prompt:introvert"] == describe("introvert")
     # the table at 80 columns (as users read it): no line past 80, every figure whole
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "COLUMNS": "80"}
-    r = subprocess.run([sys.executable, "-m", "maskstore.cli", "eval", str(a), "--persona",
-                        "introvert", "--persona", f"{b}#introvert", "--key", "introvert=matching",
-                        "--key", f"{b}#introvert=matching", "--mc", str(calib_files["mc"]),
-                        "--template", "none", "--model", str(tiny_dir)],
-                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    code, table, err = cli("eval", a, "--persona", "introvert", "--persona", f"{b}#introvert",
+                           "--key", "introvert=matching", "--key", f"{b}#introvert=matching",
+                           "--mc", calib_files["mc"], "--template", "none", columns=80)  # fmt: skip
+    assert code == 0, err
+    lines = table.splitlines()
     assert max(map(len, lines)) <= 80, [ln for ln in lines if len(ln) > 80]
     cells = " ".join(lines).split()
     for row in json.loads(out)["rows"]:
@@ -889,7 +882,7 @@ def test_eval_prompt_rows_use_the_persona_name_not_a_gathered_label(tmp_path, ti
             f"{lo:.2f}-{hi:.2f}",
             f"{row['accuracy_norm']:.3f}",
         ):
-            assert figure in cells, (figure, r.stdout)
+            assert figure in cells, (figure, table)
         if row["setting"] != "base":
             assert f"{row['delta_vs_base']:+.3f}" in cells and f"{row['p_vs_base']:.3f}" in cells
         if row["items_needed"] is not None:  # a difference that is not significant says so
