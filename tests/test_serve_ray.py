@@ -121,3 +121,127 @@ def test_ray_serve_routes_personas_to_replicas_holding_them(tmp_path, tiny_dir, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _reference(tiny_dir, bundle, personas: list[str], prompt: str, n: int) -> dict[str, str]:
+    """Each persona's greedy text from one process running the engine directly."""
+    from maskstore.models import load_model
+    from maskstore.runtime import MaskHandle
+    from maskstore.serve import Catalog, Engine, Request
+    from maskstore.store.opener import open_bundle
+
+    model, tok = load_model(str(tiny_dir))
+    engine = Engine(MaskHandle(model, Catalog([("b", open_bundle(bundle))])), tok)
+    out: dict[str, str] = {}
+    try:
+        for p in personas:
+            parts, done = [], threading.Event()
+
+            def sink(ev, parts=parts, done=done):
+                parts.append(ev.text) if ev.kind == "delta" else done.set()
+
+            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink, temperature=0.0))
+            assert done.wait(60)
+            out[p] = "".join(parts)
+    finally:
+        engine.close()
+    return out
+
+
+def test_ray_serve_across_two_nodes_loses_one_without_a_wrong_answer(tmp_path, tiny_dir,
+                                                                     calib_files):  # fmt: skip
+    """Two Ray nodes on one machine (``ray.cluster_utils.Cluster``), a model replica on each,
+    personas multiplexed over both. The worker node is removed mid-traffic: requests caught on
+    it end in an error (OpenAI's shape, never a 200 with other text), every 200 answer is the
+    persona's own, and every persona is answered again by the surviving node."""
+    from ray.cluster_utils import Cluster
+    from test_serve import _build
+
+    b = tmp_path / "b.zarr"
+    personas = ["p0", "p1", "p2", "p3"]
+    _build(tiny_dir, {p: calib_files["introvert" if i % 2 else "extrovert"]
+                      for i, p in enumerate(personas)}, b)  # fmt: skip
+    want = _reference(tiny_dir, b, personas, "Hello there", 8)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    proc = None
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        port = _free_port()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maskstore.cli", "serve", str(b), "--ray-replicas", "2",
+             "--ray-address", cluster.address, "--port", str(port), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        doc = ""
+        while not doc.rstrip().endswith("}"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            doc += line
+        url = json.loads(doc)["url"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+        def ask(p: str) -> tuple[str, str | None]:
+            """("ok", text, replica), or ("error", status, body) (status None: no connection)."""
+            try:
+                raw = client.completions.with_raw_response.create(
+                    model=p, prompt="Hello there", max_tokens=8, temperature=0
+                )
+            except openai.APIStatusError as e:
+                return ("error", e.status_code, e.body)
+            except openai.APIConnectionError:
+                return ("error", None, None)
+            return ("ok", raw.parse().choices[0].text, raw.headers["x-maskstore-replica"])
+
+        # personas spread over both replicas (a replica per node)
+        replicas: set[str] = set()
+        deadline = time.monotonic() + 120
+        while len(replicas) < 2:
+            assert time.monotonic() < deadline, replicas
+            for p in personas:
+                kind, text, replica = ask(p)
+                assert kind == "ok" and text == want[p], (p, kind, text)
+                replicas.add(replica)
+        # traffic from 4 clients while the worker node goes away
+        answers: list[tuple] = []
+        stop = threading.Event()
+
+        def client_loop(p: str) -> None:
+            while not stop.is_set():
+                answers.append((p, *ask(p)))
+
+        threads = [threading.Thread(target=client_loop, args=(p,)) for p in personas]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        cluster.remove_node(worker, allow_graceful=False)
+        time.sleep(8)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)  # nothing hangs
+        oks = [(p, text) for p, kind, text, _ in answers if kind == "ok"]
+        assert oks and all(text == want[p] for p, text in oks)  # no wrong answer, ever
+        errors = [(status, body) for _, kind, status, body in answers if kind == "error"]
+        assert all(isinstance(body, dict) and "message" in body for _, body in errors), errors
+        # afterwards every persona is answered again, by the node that is left
+        deadline, left = time.monotonic() + 180, set(personas)
+        after: set[str] = set()
+        while left:
+            assert time.monotonic() < deadline, (left, answers[-8:])
+            for p in sorted(left):
+                kind, text, replica = ask(p)
+                if kind == "ok":
+                    assert text == want[p], (p, text)
+                    after.add(replica)
+                    left.discard(p)
+            time.sleep(0.5)
+        assert len(after) == 1 and after <= replicas, (after, replicas)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.shutdown()

@@ -7,12 +7,15 @@ Two deployments:
   ``get_persona`` (``@serve.multiplexed``) reads its masks into the replica's cache, and Ray
   routes each request to a replica that already holds its persona, loading it elsewhere only
   when none does (evicting least recently used personas past ``max_personas_per_replica``).
-- ``Ingress`` (one): the FastAPI app of :mod:`maskstore.serve.http` over a
-  :class:`RemoteEngine` that forwards each generation to
+- ``Ingress`` (one, on the head node beside the one HTTP proxy): the FastAPI app of
+  :mod:`maskstore.serve.http` over a :class:`RemoteEngine` that forwards each generation to
   ``replicas.options(multiplexed_model_id=PERSONA, stream=True)``. It loads the tokenizer only.
+  A node lost takes only its model replicas: requests running there end in a 503, the rest
+  go on (``tests/test_serve_ray.py`` removes a node mid-traffic).
 
 ``maskstore serve SOURCE... --ray-replicas N [--ray-address auto]`` deploys both; on a Ray
-cluster, sources must be paths every node can read (or ``REPO@REF`` on shared storage).
+cluster, sources must be paths every node can read (or ``REPO@REF`` on shared storage), and
+the address printed is the head node's.
 """
 
 from __future__ import annotations
@@ -188,7 +191,9 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
     api: FastAPI = create_app(remote, catalog, base_id, api_key=cfg.api_key,
                               open_source=open_bundle)  # fmt: skip
 
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # on the head node, beside the one HTTP proxy: losing another node never cuts the routes
+    @serve.deployment(num_replicas=1, ray_actor_options={
+        "num_cpus": 0, "resources": {"node:__internal_head__": 0.001}})  # fmt: skip
     @serve.ingress(api)
     class Ingress:
         def __init__(self, replicas: Any) -> None:
@@ -220,7 +225,9 @@ def run(cfg: ServeConfig, num_replicas: int, address: str | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        # one HTTP proxy, on the head node: the address printed (nodes on one machine would
+        # each bind the port otherwise)
+        serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
         app = application(cfg, num_replicas=num_replicas,
                           replica_cpus=min(1.0, (os.cpu_count() or 2) / (num_replicas + 1)))  # fmt: skip
         log(f"deploying {num_replicas} replicas on Ray")
