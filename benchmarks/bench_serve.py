@@ -86,6 +86,14 @@ def cache_bytes(url: str) -> float:
     return float(re.search(r"^maskstore_persona_cache_bytes (\S+)$", text, re.M).group(1))
 
 
+def mixing(url: str) -> dict[int, float]:
+    """What ``--batching auto`` measured at start: personas in a step -> a mixed step's speed
+    over one in-place step a persona."""
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    found = re.findall(r'^maskstore_mixing_speedup\{personas="(\d+)"\} (\S+)$', text, re.M)
+    return {int(k): float(v) for k, v in found}
+
+
 def main() -> None:
     import openai
 
@@ -130,6 +138,8 @@ def main() -> None:
             rss = rss_mib(proc.pid) - rss0  # before the bursts' batches grow the heap
             rates = {k: burst(names[:k]) for k in (1, 4, 16)}
             results[mode] = (rates, first, cold, warm, rss, cache_bytes(url) / N_PERSONAS)
+            if mode == "auto":
+                measured = mixing(url)
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         print(f"embedded SmolLM2-135M, {CLIENTS} clients x {TOKENS} tokens, greedy, "
@@ -149,6 +159,13 @@ def main() -> None:
             print(f"(ratios against 1 persona with --batching persona; within --batching mixed, "
                   f"4 personas {mixed[4] / mixed[1]:.2f}x and 16 personas "
                   f"{mixed[16] / mixed[1]:.2f}x its 1 persona)")  # fmt: skip
+        if "auto" in results:
+            wins = [k for k in measured if all(measured[j] > 1 for j in measured if j >= k)]
+            print(
+                "--batching auto measured a mixed step against one in-place step a persona: "
+                + ", ".join(f"{v:.2f}x at {k} personas" for k, v in sorted(measured.items()))
+                + (f"; it mixes from {min(wins)} personas" if wins else "; it never mixes")
+            )
         for m, (_rates, first, cold, warm, rss, per) in results.items():
             print(f"--batching {m}: first request to an uncached persona {cold * 1000:.0f} ms "
                   f"against {warm * 1000:.0f} ms cached ({cold / warm:.1f}x), the server's first "

@@ -665,7 +665,7 @@ def test_a_failing_step_fails_every_row_joined_or_not_and_the_engine_goes_on(tmp
     from maskstore.serve import Engine, Request
 
     handle, tok = _three_personas(tmp_path, rng, seed=7)
-    engine = Engine(handle, tok, window_s=0.1)
+    engine = Engine(handle, tok, window_s=0.1, mix_from=2)
     calls, real = [0], engine._forward
 
     def flaky(*a, **k):
@@ -1353,7 +1353,7 @@ def test_auto_runs_one_persona_in_place_and_mixes_when_another_joins(tmp_path, r
     from maskstore.serve import Engine, Request
 
     handle, tok = _three_personas(tmp_path, rng, seed=11)
-    engine = Engine(handle, tok, batching="auto", window_s=0.01)
+    engine = Engine(handle, tok, batching="auto", window_s=0.01, mix_from=2)
     seen: list[tuple[bool, object]] = []
     forward = engine._forward
 
@@ -1397,3 +1397,57 @@ def test_auto_runs_one_persona_in_place_and_mixes_when_another_joins(tmp_path, r
         assert handle.active is None or handle.active == "a"
     finally:
         engine.close()
+
+
+def test_auto_mixes_only_from_the_measured_persona_count(tmp_path, rng):
+    """batching="auto" mixes a batch only when at least ``mix_from`` personas share it: the
+    engine measures it at start (a mixed step against one in-place step a persona, on this
+    machine, reported as a gauge); below it, requests of other personas wait for their own
+    in-place batch, and every request still gets the tokens it gets alone."""
+    import threading
+
+    from _helpers import run_with_joiners
+
+    from maskstore.serve import Engine, Request
+
+    handle, tok = _three_personas(tmp_path, rng, seed=12)
+    measured = Engine(handle, tok)  # mix_from="measure": on the engine thread at start
+    try:
+        done = threading.Event()
+        measured.submit(Request("a", tok("hi")["input_ids"], 2,
+                                lambda ev: ev.kind != "delta" and done.set(), temperature=0.0))  # fmt: skip
+        assert done.wait(60)
+        speedups = measured.mixing_speedups
+        assert sorted(speedups) == [2, 4, 8] and all(0 < v < 1e4 for v in speedups.values())
+        wins = [k for k in speedups if all(speedups[j] > 1 for j in speedups if j >= k)]
+        assert measured.mix_from == (min(wins) if wins else None)
+        text = measured.metrics.render()
+        for k, v in speedups.items():
+            line = f'maskstore_mixing_speedup{{personas="{k}"}} '
+            assert float(text.split(line)[1].split()[0]) == pytest.approx(v, rel=1e-5)
+    finally:
+        measured.close()
+    for bad in (1, 0, -3, "fast", 2.5):
+        with pytest.raises(Exception, match="mix_from"):
+            Engine(handle, tok, mix_from=bad)
+
+    jobs = [("a", "hello", 6), ("b", "hi there", 5), ("a", "x", 4), ("c", "more", 5)]
+    for mix_from, mixes in ((None, False), (3, True), (4, False)):
+        engine = Engine(handle, tok, window_s=0.3, mix_from=mix_from)
+        seen: list[set] = []
+        real = engine._run
+        engine._run = lambda batch, real=real, seen=seen: (
+            seen.append({r.persona for r in batch}), real(batch))  # fmt: skip
+        try:
+            for p in ("a", "b", "c"):
+                engine.load(p)
+            alone = [run_with_joiners(engine, tok, [job], [], 3)[0] for job in jobs]
+            seen.clear()
+            assert run_with_joiners(engine, tok, jobs, [], 0) == alone, mix_from
+            assert seen, mix_from
+            if mixes:  # 3 personas in the window: one mixed batch
+                assert seen[0] == {"a", "b", "c"}, seen
+            else:  # never more than one persona a batch
+                assert all(len(s) == 1 for s in seen), (mix_from, seen)
+        finally:
+            engine.close()

@@ -11,8 +11,10 @@ Reading order:
 3. The engine thread takes the ready requests (up to ``max_batch``, after a short window for
    others to join). With ``batching="persona"`` a batch has one persona, switched in place;
    with ``"mixed"`` it runs in a ``handle.mixed(...)`` block, whatever its personas (on CPU a
-   fused kernel: a request's tokens do not depend on its batch-mates). It decodes step by
-   step with a KV cache (:class:`_Rows`).
+   fused kernel: a request's tokens do not depend on its batch-mates). ``"auto"`` mixes a
+   batch only when enough personas share it for the mixed step to beat one in-place step a
+   persona on this machine (``mix_from``, measured when the engine starts), else it batches
+   like ``"persona"``. It decodes step by step with a KV cache (:class:`_Rows`).
 4. At each step boundary rows leave (finished, stopped or cancelled: the cache and the row
    groups are cut down to the rows still running) and waiting requests join (continuous
    batching): their prompts run as a batch of their own, and their caches are left-padded to
@@ -101,6 +103,7 @@ class Engine:
         loaders: int = 2,
         metrics: Metrics | None = None,
         batching: str = "auto",
+        mix_from: int | None | str = "measure",
     ) -> None:
         self.handle = handle
         self.tok = tokenizer
@@ -112,10 +115,15 @@ class Engine:
             raise MaskstoreError(f"batching is 'auto', 'mixed' or 'persona', not {batching!r}")
         if batching == "auto" and not handle.fused_mixing:  # mixing would copy weights
             batching = "persona"
-        # persona: a batch holds one persona's requests only; mixed: any; auto: any, but a
-        # batch of one persona runs in place (the BLAS) until another persona joins it, and
-        # only then becomes a mixed block (the fused kernel)
+        # persona: a batch holds one persona's requests only; mixed: any; auto: a batch of one
+        # persona runs in place (the BLAS), and becomes a mixed block (the fused kernel) when
+        # at least `mix_from` personas share it (None: never), else it batches like persona
         self.batching = batching
+        if mix_from != "measure" and not (mix_from is None or (isinstance(mix_from, int)
+                                                               and mix_from >= 2)):  # fmt: skip
+            raise MaskstoreError(f"mix_from is 'measure', None or a count >= 2, not {mix_from!r}")
+        self.mix_from = mix_from  # "measure": on the engine thread before the first batch
+        self.mixing_speedups: dict[int, float] = {}  # personas in a step -> measured speedup
         self._held: list[Request] = []  # taken from the queue for a later batch
         self.joins: bool | None = None  # whether requests can join running batches (the cache)
         self.metrics = metrics or Metrics()
@@ -301,8 +309,33 @@ class Engine:
                 self._held.append(req)
             else:
                 batch.append(req)
-        self._held = held + self._held  # the older ones first
+        back: list[Request] = []  # auto with too few personas to mix: a batch by persona
+        if len({r.persona for r in batch}) > 1 and not self._mixes(len({r.persona for r in batch})):
+            back = [r for r in batch if r.persona != first.persona]
+            batch = [r for r in batch if r.persona == first.persona]
+        self._held = back + held + self._held  # the older ones first
         return batch
+
+    def measure_mixing(self, counts: tuple[int, ...] = (2, 4, 8), repeats: int = 3) -> int | None:
+        """Time a mixed step against one in-place step a persona for each persona count of
+        ``counts`` (:meth:`MaskHandle.mixing_speedup`, ``max_batch`` rows) and return the
+        fewest personas from which mixing won at every measured count (None: never)."""
+        rows = max(self.max_batch, max(counts))
+        with self.handle.lock:
+            for k in counts:
+                speedup = self.handle.mixing_speedup(rows=rows, personas=k, repeats=repeats)
+                self.mixing_speedups[k] = speedup
+                self.metrics.set("maskstore_mixing_speedup", speedup, personas=str(k))
+        wins = [k for k in counts if all(self.mixing_speedups[j] > 1.0 for j in counts if j >= k)]
+        return min(wins) if wins else None
+
+    def _mixes(self, personas: int) -> bool:
+        """Whether a batch of ``personas`` distinct personas runs as a mixed block."""
+        if self.batching == "mixed":
+            return True
+        if self.batching == "persona" or personas < 2:
+            return False
+        return isinstance(self.mix_from, int) and personas >= self.mix_from
 
     def _loop(self) -> None:
         if self.batching in ("mixed", "auto"):
@@ -310,6 +343,11 @@ class Engine:
                 from ..runtime import _mixed
 
                 _mixed.warm()  # the fused kernel, before the first batch needs it
+        if self.batching == "auto" and self.mix_from == "measure":
+            try:
+                self.mix_from = self.measure_mixing()
+            except Exception:  # noqa: BLE001 - a failed measurement: batch by persona
+                self.mix_from = None
         while not self._stopping.is_set():
             batch = self._served([r for r in self._take() if not r.cancelled.is_set()])
             if not batch:
@@ -335,7 +373,7 @@ class Engine:
         personas = [r.persona for r in batch]
         self.metrics.observe("maskstore_batch_rows", len(batch))
         t0 = time.perf_counter()
-        mixed = self.batching == "mixed" or (self.batching == "auto" and len(set(personas)) > 1)
+        mixed = self._mixes(len(set(personas)))
         with self.handle.lock, contextlib.ExitStack() as stack:
             if mixed:  # every masked Linear groups the rows by persona (rows join and leave)
                 masks = {r.persona: r.masks for r in batch if r.persona is not None}
@@ -380,7 +418,7 @@ class Engine:
                 return
             if not run.reqs:
                 return
-            joining = self._joiners(run.reqs, mixed or self.batching == "auto")
+            joining = self._joiners(run.reqs, mixed)
             batch.extend(joining)  # so that a failure reaches them too
             if joining:
                 self.metrics.inc("maskstore_joined_rows_total", len(joining))
@@ -454,8 +492,10 @@ class Engine:
         if room <= 0 or not self._held or not self.joins or self._draining.is_set():
             return []
         persona = running[0].persona if running else None
-        if not all(mixed or r.persona == persona for r in self._held):
-            return []  # someone else waits: let this batch drain
+        if not mixed and not all(r.persona == persona for r in self._held):
+            kinds = {persona, *(r.persona for r in self._held[:room])}
+            if not self._mixes(len(kinds)):
+                return []  # someone else waits: let this batch drain
         joining, self._held = self._held[:room], self._held[room:]
         return self._served(joining)
 
