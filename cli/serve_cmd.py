@@ -54,11 +54,15 @@ _ServeMaxConnectionsOpt = Annotated[
 _ServeMaxPerClientOpt = Annotated[
     int, typer.Option(help="open connections from one address at most")
 ]
+_ServeRateLimitOpt = Annotated[
+    float,
+    typer.Option(help="requests a second per API key (else per address) at most; 0: no limit"),
+]
 _ServeBatchingOpt = Annotated[
     choice("auto", "persona", "mixed"),
     typer.Option(
-        help="persona: one persona a batch; mixed: any personas in one batch; auto: "
-        "mixed where a fused kernel runs (CPU or GPU), else persona"
+        help="persona: one persona a batch; mixed: any personas in one batch; auto: mixed "
+        "from as many personas as a mixed step wins here (measured at start), else persona"
     ),
 ]
 _ServeRayReplicasOpt = Annotated[
@@ -93,6 +97,7 @@ def serve(
     header_timeout: _ServeHeaderTimeoutOpt = 10.0,
     max_connections: _ServeMaxConnectionsOpt = 1024,
     max_connections_per_client: _ServeMaxPerClientOpt = 64,
+    rate_limit: _ServeRateLimitOpt = 0.0,
     max_batch: Annotated[int, typer.Option(help="requests decoded together at most")] = 16,
     batching: _ServeBatchingOpt = "auto",
     ray_replicas: _ServeRayReplicasOpt = 0,
@@ -101,9 +106,8 @@ def serve(
     json_out: JsonOpt = False,
 ) -> None:
     """Serve personas over an OpenAI-compatible API: the request's model field names one."""
-    from maskstore.serve import ServeConfig, api_key_from_env, serve
+    from maskstore.serve import Limits, ServeConfig, api_key_from_env, serve
     from maskstore.serve.http import check_api_key
-    from maskstore.serve.limits import Limits
     from maskstore.serve.sources import SourcePolicy
 
     if not 0 <= port <= 65535:
@@ -111,7 +115,8 @@ def serve(
     if max_batch < 1 or min(cache_bytes, device_cache_bytes) < 0:
         raise MaskstoreError("--max-batch must be >= 1, --cache-bytes/--device-cache-bytes >= 0")
     limits = Limits(max_body=max_body_bytes, header_timeout=header_timeout,  # checked now,
-                    max_connections=max_connections, max_per_client=max_connections_per_client)  # fmt: skip
+                    max_connections=max_connections, max_per_client=max_connections_per_client,
+                    rate=rate_limit)  # fmt: skip
     check_api_key(api_key_from_env(api_key))  # as these are: before the model loads
     SourcePolicy(bundle_root or ())
     given = dict(locals())  # the options by their ServeConfig names

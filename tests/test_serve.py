@@ -540,7 +540,9 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_dir, cli):
     assert code == 2 and "--allow-runtime-loading" in err and len(err.strip().splitlines()) == 1
     for flag, value in (("--max-body-bytes", "0"), ("--header-timeout", "-1"),
                         ("--header-timeout", "1e9"), ("--max-connections", "0"),
-                        ("--max-connections-per-client", "-5")):  # fmt: skip
+                        ("--max-connections-per-client", "-5"), ("--rate-limit", "-1"),
+                        ("--rate-limit", "nan"), ("--rate-limit", "inf"),
+                        ("--rate-limit", "1e9")):  # fmt: skip
         code, _, err = cli("serve", tmp_path, flag, value)
         assert code == 2 and flag.split("-per")[0] in err and len(err.strip().splitlines()) == 1
     for bad in ("http://x", "s3://Bad_Bucket/x", str(tmp_path / "no-such-folder")):
@@ -1451,3 +1453,76 @@ def test_auto_mixes_only_from_the_measured_persona_count(tmp_path, rng):
                 assert all(len(s) == 1 for s in seen), (mix_from, seen)
         finally:
             engine.close()
+
+
+def test_the_rate_limiter_refills_bounds_its_clients_and_says_when():
+    """A token bucket per client: bursts of max(1, rate), refilled at rate; the wait it gives
+    is exact; past ``clients`` buckets the least recently seen is dropped (so it cannot grow
+    without bound)."""
+    from maskstore.serve.limits import RateLimiter
+
+    lim = RateLimiter(2.0, clients=3)
+    assert [lim.take("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.25 * 2]
+    assert lim.take("a", now=0.25) == pytest.approx(0.25)  # half a token came back
+    assert lim.take("a", now=0.5) == 0.0  # one whole token
+    assert lim.take("b", now=0.5) == 0.0  # another client has its own bucket
+    slow = RateLimiter(0.1)
+    assert slow.take("x", now=0.0) == 0.0 and slow.take("x", now=1.0) == pytest.approx(9.0)
+    assert RateLimiter.retry_after(9.0) == "9" and RateLimiter.retry_after(0.01) == "1"
+    for c in ("c", "d", "e"):
+        lim.take(c, now=0.6)
+    assert len(lim._buckets) == 3 and "a" not in lim._buckets
+
+
+def test_requests_past_the_rate_limit_are_429_per_key_or_address(tmp_path, rng):
+    """--rate-limit: per API key when the server requires one (wrong keys are 401 and cost
+    nothing), else per client address; past the burst a 429 in OpenAI's shape with
+    Retry-After; /health is never limited; refused requests never reach the engine."""
+    from fastapi.testclient import TestClient
+
+    from maskstore.serve.http import create_app
+    from maskstore.serve.limits import Limits
+
+    handle, tok = _three_personas(tmp_path, rng, seed=13)
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    for key in (None, "sekrit"):
+        fake = _FakeEngine(tok)
+        app = create_app(fake, handle.bundle, "tiny", api_key=key, limits=Limits(rate=0.01))
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        with TestClient(app, client=("10.0.0.1", 1)) as one, \
+                TestClient(app, client=("10.0.0.2", 1)) as two:  # fmt: skip
+            if key:
+                for _ in range(3):  # wrong keys: 401, the bucket untouched
+                    assert one.post("/v1/completions", json=body).status_code == 401
+            assert one.post("/v1/completions", json=body, headers=auth).status_code == 200
+            r = one.post("/v1/completions", json=body, headers=auth)
+            assert r.status_code == 429 and r.json()["error"]["code"] == 429, r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            assert 1 <= int(r.headers["retry-after"]) <= 100
+            assert one.get("/health").status_code == 200  # never limited
+            other = two.post("/v1/completions", json=body, headers=auth).status_code
+            assert other == (429 if key else 200)  # one key shares a bucket; addresses do not
+            assert len(fake.seen) == (1 if key else 2)
+
+
+def test_the_http_stack_stays_bounded_h11_where_httptools_is_installed():
+    """uvicorn picks httptools when it is installed (it bounds neither header size nor
+    count); serve's uvicorn config pins its bounded h11 protocol whatever is installed (the
+    live header attacks in test_bodies_headers_and_slow_clients_are_bounded run against it)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from maskstore.serve.limits import Limits
+
+    pytest.importorskip("httptools")
+
+    async def app(scope, receive, send):  # pragma: no cover - never called
+        pass
+
+    default = uvicorn.Config(app)
+    default.load()
+    assert default.http_protocol_class.__module__.endswith("httptools_impl")
+    pinned = uvicorn.Config(app, **Limits(header_bytes=1000).uvicorn_config())
+    pinned.load()
+    assert issubclass(pinned.http_protocol_class, H11Protocol)
+    assert pinned.h11_max_incomplete_event_size == 1000

@@ -10,12 +10,18 @@
   closed: a client trickling a byte at a time holds a slot for that long at most).
 - **Connections**: at most ``max_connections`` requests in flight (503 past it) and
   ``max_per_client`` open connections from one address (closed at once past it).
+- **Request rate** (optional): at most ``rate`` requests a second per client, in bursts of up
+  to ``max(1, rate)`` (a token bucket): a client is the API key it presents when the server
+  requires one (every holder of a key shares its rate), else its address. Past it: 429 with
+  ``Retry-After``. ``/health`` is never limited.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import math
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +34,7 @@ class Limits:
     header_timeout: float = 10.0
     max_connections: int = 1024
     max_per_client: int = 64
+    rate: float = 0.0  # requests a second per client; 0: no limit
 
     def __post_init__(self) -> None:
         from ..errors import MaskstoreError
@@ -37,6 +44,8 @@ class Limits:
                                  "--max-connections-per-client must be >= 1")  # fmt: skip
         if not (0 < self.header_timeout <= 3600 and 0 < self.body_timeout <= 3600):
             raise MaskstoreError("--header-timeout must be in (0, 3600] seconds")
+        if not (self.rate == 0 or 1e-3 <= self.rate <= 1e6):  # NaN fails both
+            raise MaskstoreError("--rate-limit must be 0 (no limit) or 0.001-1000000 requests/s")
 
     def uvicorn_config(self) -> dict[str, Any]:
         """The ``uvicorn.Config`` arguments that enforce the header and connection bounds."""
@@ -58,6 +67,32 @@ def _error(status: int, message: str) -> list[dict]:
                      (b"content-length", str(len(body)).encode())]},
         {"type": "http.response.body", "body": body},
     ]  # fmt: skip
+
+
+class RateLimiter:
+    """A token bucket per client: ``rate`` tokens a second up to ``max(1, rate)``, a request
+    takes one. At most ``clients`` buckets are kept (least recently seen dropped first), so
+    many addresses cannot grow it without bound."""
+
+    def __init__(self, rate: float, clients: int = 1 << 16) -> None:
+        self.rate, self.capacity, self.clients = rate, max(1.0, rate), clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def take(self, client: str, now: float | None = None) -> float:
+        """0.0 when ``client`` may go on (a token taken), else the seconds until it may."""
+        now = time.monotonic() if now is None else now
+        tokens, then = self._buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self._buckets[client] = (tokens - 1 if wait == 0 else tokens, now)
+        while len(self._buckets) > self.clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+    @staticmethod
+    def retry_after(wait: float) -> str:
+        """``wait`` as a ``Retry-After`` header's whole seconds (at least 1)."""
+        return str(max(1, math.ceil(wait)))
 
 
 DISCONNECTED = "maskstore_disconnected"  # scope["state"] key: an asyncio.Event set on disconnect

@@ -189,7 +189,7 @@ def application(cfg: ServeConfig, num_replicas: int = 2, max_personas_per_replic
     base_id = cfg.served_model_name or Path(name or "SmolLM2-135M-Instruct").name
     remote = RemoteEngine(tok, context, base_id)
     api: FastAPI = create_app(remote, catalog, base_id, api_key=cfg.api_key,
-                              open_source=open_bundle)  # fmt: skip
+                              open_source=open_bundle, limits=cfg.limits)  # fmt: skip
 
     # on the head node, beside the one HTTP proxy: losing another node never cuts the routes
     @serve.deployment(num_replicas=1, ray_actor_options={

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..catalog import Catalog
 from ..client import EngineClient
-from ..limits import BoundedBody, Limits
+from ..limits import BoundedBody, Limits, RateLimiter
 from . import chat, completions, models, personas
 from .generate import ServerState
 from .protocol import ERROR_TYPES, ApiError, check_api_key, error_response, union_tag
@@ -47,8 +47,9 @@ def create_app(
         allow_runtime_loading: enable ``/v1/personas/load`` and ``/v1/personas/unload``.
         open_source: opens a source named in ``/v1/personas/load`` (a
             :class:`~maskstore.serve.sources.SourcePolicy`'s ``open``; None: no sources).
-        limits: the body's bounds (:class:`~maskstore.serve.limits.Limits`; the header and
-            connection bounds are the HTTP server's, set by :func:`maskstore.serve.serve`).
+        limits: the body's bounds and the request rate (:class:`~maskstore.serve.limits.Limits`;
+            the header and connection bounds are the HTTP server's, set by
+            :func:`maskstore.serve.serve`).
     """
     check_api_key(api_key)
     app = FastAPI(title="maskstore", docs_url=None, redoc_url=None, openapi_url=None)
@@ -85,15 +86,28 @@ def create_app(
         msg = first.get("msg", "malformed request body")
         return error_response(400, f"{where + ': ' if where else ''}{msg}", where)
 
+    limits = limits or Limits()
+    limiter = RateLimiter(limits.rate) if limits.rate else None
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
+        if request.url.path == "/health":
+            return await call_next(request)
+        if api_key is not None:
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
                 return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)")
+        if limiter is not None:  # a client: the key when one is required, else the address
+            who = "key" if api_key is not None else (request.client or ("?",))[0]
+            wait = limiter.take(who)
+            if wait:
+                r = error_response(429, f"over the server's rate limit of {limits.rate:g} "
+                                        "requests a second: retry after the Retry-After seconds")  # fmt: skip
+                r.headers["retry-after"] = RateLimiter.retry_after(wait)
+                return r
         return await call_next(request)
 
-    app.add_middleware(BoundedBody, limits=limits or Limits())  # outermost: before any route
+    app.add_middleware(BoundedBody, limits=limits)  # outermost: before any route
     return app
 
 

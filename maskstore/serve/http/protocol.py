@@ -124,7 +124,8 @@ class ApiError(Exception):
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 408: "invalid_request_error",
-          413: "invalid_request_error", 503: "service_unavailable", 500: "internal_error"}  # fmt: skip
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+          500: "internal_error"}  # fmt: skip
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
