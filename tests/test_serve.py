@@ -1526,3 +1526,81 @@ def test_the_http_stack_stays_bounded_h11_where_httptools_is_installed():
     pinned.load()
     assert issubclass(pinned.http_protocol_class, H11Protocol)
     assert pinned.h11_max_incomplete_event_size == 1000
+
+
+@pytest.mark.parametrize("when", ["before the check", "after the check"])
+def test_unloading_a_persona_mid_batch_never_fails_the_batch(tmp_path, rng, when):
+    """A mixed batch of ``a`` and ``b`` decoding when ``b`` is unloaded (the unload route's
+    two steps: out of the catalog, then the engine's next generation), as requests for ``c``
+    and ``b`` arrive to join it. The running rows of both finish with the tokens they get
+    alone (they hold their masks) and ``c`` joins. The late ``b`` request: unloaded before
+    the engine checks the joiners, it gets a 404; unloaded after the check (reproduced by
+    unloading inside it), it joins with the masks it was admitted with and gets the tokens
+    it gets alone. The batch never fails."""
+    import threading
+
+    from maskstore.serve import Engine, Request
+
+    handle, tok = _three_personas(tmp_path, rng, seed=14)
+    catalog = handle.bundle
+    engine = Engine(handle, tok, batching="mixed", window_s=0.2)
+    try:
+        for p in ("a", "b", "c"):
+            engine.load(p)
+        jobs = [("a", "hello there", 24), ("b", "hi", 24), ("c", "more", 4), ("b", "x", 4)]
+        alone = []
+        for p, prompt, n in jobs:
+            out, done = [], threading.Event()
+            engine.submit(Request(p, tok(prompt)["input_ids"], n,
+                                  lambda ev, out=out, done=done: out.append(ev.text)
+                                  if ev.kind == "delta" else done.set(), temperature=0.0))  # fmt: skip
+            assert done.wait(60)
+            alone.append("".join(out))
+
+        events: dict[int, list] = {i: [] for i in range(len(jobs))}
+        over = {i: threading.Event() for i in range(len(jobs))}
+        real_served = engine._served
+
+        def unload_b() -> None:
+            catalog.remove("b")
+            engine.unload("b")
+
+        def served_then_unload(reqs):
+            out = real_served(reqs)
+            if any(r.persona == "b" for r in out) and "b" in catalog.personas:
+                unload_b()  # lands after the check, before the join
+            return out
+
+        def sink(i):
+            def f(ev):
+                events[i].append(ev)
+                if ev.kind != "delta":
+                    over[i].set()
+                elif i == 0 and sum(e.kind == "delta" for e in events[0]) == 3:
+                    for k in (2, 3):  # on the engine thread, mid-batch
+                        p, prompt, n = jobs[k]
+                        engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(k),
+                                              temperature=0.0))  # fmt: skip
+                    if when == "before the check":
+                        unload_b()
+                    else:
+                        engine._served = served_then_unload
+
+            return f
+
+        for i in (0, 1):
+            p, prompt, n = jobs[i]
+            engine.submit(Request(p, tok(prompt)["input_ids"], n, sink(i), temperature=0.0))
+        assert all(over[i].wait(60) for i in range(len(jobs)))
+        text = {i: "".join(e.text for e in ev if e.kind == "delta") for i, ev in events.items()}
+        served = (0, 1, 2) if when == "before the check" else (0, 1, 2, 3)
+        for i in served:
+            assert events[i][-1].kind == "done", (i, events[i][-1])
+            assert text[i] == alone[i], i
+        assert engine.metrics.get("maskstore_joined_rows_total") >= 1  # c joined the batch
+        if when == "before the check":
+            last = events[3][-1]
+            assert last.kind == "error" and last.status == 404 and "unloaded" in last.text
+        assert "b" not in catalog.personas and "b" not in engine.cache
+    finally:
+        engine.close()
