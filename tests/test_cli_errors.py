@@ -231,6 +231,13 @@ def test_exit_codes_damage_usage_and_internal_errors(tmp_path, rng, cli, monkeyp
     assert code == 1 and json.loads(out)["exit_code"] == 1 and "chunk 0" in err
     code, out, _ = cli("overlap", b, "nobody", "--json")
     assert code == 2 and json.loads(out)["exit_code"] == 2
+    # damaged metadata inside a bundle that opened is damage too (it was exit 2, bad input)
+    for doc in ("personas/b/masks/l.0.mlp.up_proj/zarr.json", "personas/b/zarr.json"):
+        d = write_bundle(tmp_path / doc.replace("/", "_"), fp, random_masks(rng, fp, ["a", "b"]))
+        (d / doc).write_text((d / doc).read_text()[:-5])  # truncated
+        for args in (("overlap", d), ("diff", d, "a", "b"), ("verify", d)):
+            code, _, err = cli(*args)
+            assert code == 1 and ("damaged" in err or "truncated" in err), (doc, args, code, err)
 
     from maskstore.store import format as fmt
 

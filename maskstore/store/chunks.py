@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MaskstoreError
+from ..errors import IntegrityError, MaskstoreError
 from . import codecs
 from .stores import Store
 
@@ -90,7 +90,7 @@ class ArrayMeta:
         except MaskstoreError:
             raise
         except Exception as e:  # noqa: BLE001 - any malformed document is the same problem
-            raise MaskstoreError(
+            raise IntegrityError(  # a stored array's own metadata: damage (exit 1), not bad input
                 f"{where}: unreadable zarr.json ({type(e).__name__}); the data is damaged"
             ) from None
         codec, ok = None, True

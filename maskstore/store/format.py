@@ -96,12 +96,15 @@ def persona_digest(meta: dict) -> str:
     return metadata_digest({k: v for k, v in meta.items() if k not in _VOLATILE})
 
 
-def group_attrs(data: bytes | None, what: str) -> dict:
+def group_attrs(
+    data: bytes | None, what: str, error: type[MaskstoreError] = MaskstoreError
+) -> dict:
     """The ``maskstore`` attributes of a zarr v3 group's ``zarr.json``.
 
     Args:
         data: the document's bytes (None: missing).
         what: names the group in the error, e.g. ``"path is not a readable maskstore bundle"``.
+        error: what it raises: :class:`IntegrityError` for a group inside a bundle (damage).
     """
     try:
         if data is None:
@@ -116,7 +119,7 @@ def group_attrs(data: bytes | None, what: str) -> dict:
             raise ValueError("no maskstore metadata")
     except Exception as e:  # noqa: BLE001 - any malformed document is the same problem
         reason = str(e) if isinstance(e, FileNotFoundError | ValueError) else type(e).__name__
-        raise MaskstoreError(f"{what} ({reason}): it may be truncated or half-written") from None
+        raise error(f"{what} ({reason}): it may be truncated or half-written") from None
     return meta
 
 
@@ -231,6 +234,7 @@ class StoreSource(BundleSource):
         return group_attrs(
             self.store.get(f"personas/{name}/zarr.json", limit=MAX_META_BYTES * 16),
             f"persona {name!r} in {self.label} has unreadable metadata",
+            IntegrityError,  # the bundle opened: its persona's document is damaged
         )
 
     def array(self, persona: str, kind: str, module: str) -> ChunkSource:
