@@ -122,8 +122,9 @@ class Engine:
         if mix_from != "measure" and not (mix_from is None or (isinstance(mix_from, int)
                                                                and mix_from >= 2)):  # fmt: skip
             raise MaskstoreError(f"mix_from is 'measure', None or a count >= 2, not {mix_from!r}")
-        self.mix_from = mix_from  # "measure": on the engine thread before the first batch
+        self.mix_from = mix_from
         self.mixing_speedups: dict[int, float] = {}  # personas in a step -> measured speedup
+        self.mixing_measured = threading.Event()  # set once mix_from is known
         self._held: list[Request] = []  # taken from the queue for a later batch
         self.joins: bool | None = None  # whether requests can join running batches (the cache)
         self.metrics = metrics or Metrics()
@@ -149,6 +150,15 @@ class Engine:
         self._busy = threading.Event()  # a batch is decoding
         self._thread = threading.Thread(target=self._loop, name="maskstore-engine", daemon=True)
         self._thread.start()
+        if self.batching == "auto" and self.mix_from == "measure":
+            # on a thread of its own, so the first requests do not wait for it; until it is
+            # known, auto batches by persona
+            self.mix_from = None
+            threading.Thread(target=self._measure, name="maskstore-measure-mixing",
+                             daemon=True).start()  # fmt: skip
+        else:
+            self.mix_from = None if self.mix_from == "measure" else self.mix_from
+            self.mixing_measured.set()
 
     # ---- requests
     def submit(self, req: Request) -> None:
@@ -316,18 +326,28 @@ class Engine:
         self._held = back + held + self._held  # the older ones first
         return batch
 
-    def measure_mixing(self, counts: tuple[int, ...] = (2, 4, 8), repeats: int = 3) -> int | None:
+    def measure_mixing(self, counts: tuple[int, ...] = (2, 4, 8), repeats: int = 2) -> int | None:
         """Time a mixed step against one in-place step a persona for each persona count of
-        ``counts`` (:meth:`MaskHandle.mixing_speedup`, ``max_batch`` rows) and return the
-        fewest personas from which mixing won at every measured count (None: never)."""
+        ``counts`` (:meth:`MaskHandle.mixing_speedup`, ``max_batch`` rows; it reads weights
+        only, so batches may run meanwhile) and return the fewest personas from which mixing
+        won at every measured count (None: never)."""
         rows = max(self.max_batch, max(counts))
-        with self.handle.lock:
-            for k in counts:
-                speedup = self.handle.mixing_speedup(rows=rows, personas=k, repeats=repeats)
-                self.mixing_speedups[k] = speedup
-                self.metrics.set("maskstore_mixing_speedup", speedup, personas=str(k))
+        for k in counts:
+            if self._stopping.is_set():  # closed meanwhile: stop spending the CPU on it
+                raise MaskstoreError("the engine closed while it measured mixing")
+            speedup = self.handle.mixing_speedup(rows=rows, personas=k, repeats=repeats)
+            self.mixing_speedups[k] = speedup
+            self.metrics.set("maskstore_mixing_speedup", speedup, personas=str(k))
         wins = [k for k in counts if all(self.mixing_speedups[j] > 1.0 for j in counts if j >= k)]
         return min(wins) if wins else None
+
+    def _measure(self) -> None:
+        try:
+            self.mix_from = self.measure_mixing()
+        except Exception:  # noqa: BLE001 - a failed measurement: batch by persona
+            self.mix_from = None
+        finally:
+            self.mixing_measured.set()
 
     def _mixes(self, personas: int) -> bool:
         """Whether a batch of ``personas`` distinct personas runs as a mixed block."""
@@ -343,11 +363,6 @@ class Engine:
                 from ..runtime import _mixed
 
                 _mixed.warm()  # the fused kernel, before the first batch needs it
-        if self.batching == "auto" and self.mix_from == "measure":
-            try:
-                self.mix_from = self.measure_mixing()
-            except Exception:  # noqa: BLE001 - a failed measurement: batch by persona
-                self.mix_from = None
         while not self._stopping.is_set():
             batch = self._served([r for r in self._take() if not r.cancelled.is_set()])
             if not batch:
