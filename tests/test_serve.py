@@ -810,10 +810,14 @@ def test_engine_batching_modes_give_the_same_tokens(tmp_path, rng, monkeypatch, 
 
     jobs = [("a", "hello", 5), ("b", "hi there you", 7), (None, "x", 3), ("c", "hello", 6),
             ("a", "more text here", 4), ("b", "q", 8)]  # fmt: skip
+    single = Engine(handle, tok, batching="mixed", window_s=0.0)  # alone: no window to wait
+    try:
+        alone = [run(single, [j])[0] for j in jobs]
+    finally:
+        single.close()
     engines = {m: Engine(handle, tok, batching=m, window_s=0.2) for m in ("mixed", "persona",
                                                                           "auto")}  # fmt: skip
     try:
-        alone = [run(engines["mixed"], [j])[0] for j in jobs]
         seen = []
         orig = engines["persona"]._run
         engines["persona"]._run = lambda batch: (seen.append({r.persona for r in batch}),
@@ -1430,8 +1434,15 @@ def test_auto_mixes_only_from_the_measured_persona_count(tmp_path, rng):
             Engine(handle, tok, mix_from=bad)
 
     jobs = [("a", "hello", 6), ("b", "hi there", 5), ("a", "x", 4), ("c", "more", 5)]
+    single = Engine(handle, tok, batching="persona", window_s=0.0)
+    try:
+        for p in ("a", "b", "c"):
+            single.load(p)
+        alone = [run_with_joiners(single, tok, [job], [], 3)[0] for job in jobs]
+    finally:
+        single.close()
     for mix_from, mixes in ((None, False), (3, True), (4, False)):
-        engine = Engine(handle, tok, window_s=0.3, mix_from=mix_from)
+        engine = Engine(handle, tok, window_s=0.2, mix_from=mix_from)
         seen: list[set] = []
         real = engine._run
         engine._run = lambda batch, real=real, seen=seen: (
@@ -1439,8 +1450,6 @@ def test_auto_mixes_only_from_the_measured_persona_count(tmp_path, rng):
         try:
             for p in ("a", "b", "c"):
                 engine.load(p)
-            alone = [run_with_joiners(engine, tok, [job], [], 3)[0] for job in jobs]
-            seen.clear()
             assert run_with_joiners(engine, tok, jobs, [], 0) == alone, mix_from
             assert seen, mix_from
             if mixes:  # 3 personas in the window: one mixed batch
@@ -1539,19 +1548,23 @@ def test_unloading_a_persona_mid_batch_never_fails_the_batch(tmp_path, rng, when
 
     handle, tok = _three_personas(tmp_path, rng, seed=14)
     catalog = handle.bundle
-    engine = Engine(handle, tok, batching="mixed", window_s=0.2)
+    jobs = [("a", "hello there", 24), ("b", "hi", 24), ("c", "more", 4), ("b", "x", 4)]
+    single = Engine(handle, tok, batching="mixed", window_s=0.0)
     try:
-        for p in ("a", "b", "c"):
-            engine.load(p)
-        jobs = [("a", "hello there", 24), ("b", "hi", 24), ("c", "more", 4), ("b", "x", 4)]
         alone = []
         for p, prompt, n in jobs:
             out, done = [], threading.Event()
-            engine.submit(Request(p, tok(prompt)["input_ids"], n,
+            single.submit(Request(p, tok(prompt)["input_ids"], n,
                                   lambda ev, out=out, done=done: out.append(ev.text)
                                   if ev.kind == "delta" else done.set(), temperature=0.0))  # fmt: skip
             assert done.wait(60)
             alone.append("".join(out))
+    finally:
+        single.close()
+    engine = Engine(handle, tok, batching="mixed", window_s=0.2)
+    try:
+        for p in ("a", "b", "c"):
+            engine.load(p)
 
         events: dict[int, list] = {i: [] for i in range(len(jobs))}
         over = {i: threading.Event() for i in range(len(jobs))}
