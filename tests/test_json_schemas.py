@@ -112,13 +112,15 @@ def test_every_command_prints_a_valid_document(tmp_path, tiny_dir, calib_files, 
     assert code == 2 and json.loads(out)["exit_code"] == 2  # the fixture validated error.json
 
 
-def test_progress_on_a_terminal_and_none_under_json(tmp_path, rng):
-    """With a terminal (rich's TTY_COMPATIBLE=1), long steps draw a progress bar on stderr;
-    with --json, stderr stays empty and stdout holds only the document."""
+def test_progress_on_a_terminal_and_none_under_json(tmp_path, rng, cli, monkeypatch):
+    """With a terminal, long steps draw a progress bar on stderr; with --json, stderr stays
+    empty and stdout holds only the document. A fresh process takes rich's TTY_COMPATIBLE=1 as
+    a terminal; the other steps run in-process with the console forced to one."""
     import os
     import sys
 
     from _helpers import random_masks, write_bundle
+    from maskstore.cli._common import err_console
 
     fp = {
         "architecture": "T",
@@ -127,16 +129,26 @@ def test_progress_on_a_terminal_and_none_under_json(tmp_path, rng):
     b, repo, remote = tmp_path / "b", tmp_path / "repo", tmp_path / "remote"
     write_bundle(b, fp, random_masks(rng, fp, ["a", "b"]))
     env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "120"}
-
-    def run(*args):
-        r = subprocess.run([sys.executable, "-m", "maskstore.cli", *map(str, args)],
+    for json_out in ((), ("--json",)):
+        r = subprocess.run([sys.executable, "-m", "maskstore.cli", "verify", str(b), *json_out],
                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stderr
-        return r
+        if json_out:
+            assert r.stderr == "" and json.loads(r.stdout)["schema_version"] == 1
+        else:
+            assert "verifying" in r.stderr, r.stderr
+
+    monkeypatch.setattr(err_console, "_force_terminal", True)  # as rich sets them for a TTY
+    monkeypatch.setattr(err_console, "is_interactive", True)
+    assert err_console.is_terminal
+
+    def run(*args):
+        code, out, err = cli(*args)
+        assert code == 0, err
+        return out, err
 
     run("commit", b, "-m", "one", "--repo", repo)
     steps = [
-        (("verify", b), "verifying"),
         (("verify", repo), "verifying objects"),
         (("checkout", "main", "--out", tmp_path / "co", "--repo", repo), "checking out"),
         (("push", remote, "--repo", repo), "pushing"),
@@ -144,8 +156,8 @@ def test_progress_on_a_terminal_and_none_under_json(tmp_path, rng):
         (("overlap", b), "comparing"),
     ]
     for args, bar in steps:
-        assert bar in run(*args).stderr, args
+        assert bar in run(*args)[1], args
         if args[0] == "checkout":
             args = (*args, "--force")
-        r = run(*args, "--json")
-        assert r.stderr == "" and json.loads(r.stdout)["schema_version"] == 1, args
+        out, err = run(*args, "--json")
+        assert err == "" and json.loads(out)["schema_version"] == 1, args

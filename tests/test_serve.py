@@ -643,6 +643,12 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
         "waiting": ([("a", "hello", 24)], [("b", "hi", 5), ("a", "more", 5)], 0),
         "no joins": ([("a", "hello", 24)], [("a", "more", 5), ("a", "x y z", 7)], 0),
     }  # fmt: skip
+    single = Engine(handle, tok, batching="persona", window_s=0.0)  # alone: no window to wait
+    try:
+        jobs = list(dict.fromkeys(j for first, later, _ in cases.values() for j in first + later))
+        by_job = {j: run_with_joiners(single, tok, [j], [], 3)[0] for j in jobs}
+    finally:
+        single.close()
     for case, (first, later, joins) in cases.items():
         mode = case if case in ("mixed", "persona") else "persona"
         engine = Engine(handle, tok, batching=mode, window_s=0.1)
@@ -651,7 +657,7 @@ def test_requests_join_running_batches_with_the_tokens_they_get_alone(tmp_path, 
         try:
             for p in ("a", "b", "c"):
                 engine.load(p)
-            alone = [run_with_joiners(engine, tok, [job], [], 3)[0] for job in first + later]
+            alone = [by_job[j] for j in first + later]
             before = engine.metrics.get("maskstore_joined_rows_total")
             assert run_with_joiners(engine, tok, first, later, 3) == alone, case
             assert engine.metrics.get("maskstore_joined_rows_total") - before == joins, case
