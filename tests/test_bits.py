@@ -34,3 +34,17 @@ def test_unpack_torch_generic_path_matches_numpy():
         packed = torch.from_numpy(pack(m))
         assert np.array_equal(bits._unpack_shifts(packed, shape[1]).numpy(), m)
         assert np.array_equal(unpack_torch(packed, shape[1]).numpy(), m)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 20), st.integers(1, 70), st.floats(0, 1), st.integers(0, 2**31))
+def test_pack_device_path_matches_numpy(rows, cols, p, seed):
+    """pack's device path (a mask on a GPU is packed there, so 1/8 of it crosses to the host),
+    called on CPU tensors: the same bytes as numpy's packbits, padding bits zero, and
+    unpack_torch's device path takes them back."""
+    from maskstore.store import bits
+
+    m = np.random.default_rng(seed).random((rows, cols)) < p
+    got = bits._pack_shifts(torch.from_numpy(m))
+    assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), pack(m))
+    assert np.array_equal(bits._unpack_shifts(got, cols).numpy(), m)

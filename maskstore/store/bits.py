@@ -21,6 +21,8 @@ def pack(mask: Any) -> np.ndarray:
     """Pack a 2-D bool mask ``(out, in)`` (numpy, or a torch tensor) into ``uint8`` rows
     ``(out, ceil(in/8))``."""
     if hasattr(mask, "detach"):  # a torch tensor; torch is never imported here
+        if mask.device.type != "cpu" and mask.dim() == 2:  # packed where it is: 1/8 crosses
+            return _pack_shifts(mask.detach().bool()).cpu().numpy()
         mask = mask.detach().cpu().bool().numpy()
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -42,13 +44,25 @@ def unpack_torch(packed: Any, in_features: int) -> Any:
     return _unpack_shifts(packed, in_features)
 
 
+def _pack_shifts(mask: Any) -> Any:
+    """The device path of :func:`pack`: a bool ``(out, in)`` torch tensor to ``uint8`` rows
+    ``(out, ceil(in/8))`` on its own device, bit ``j`` of byte ``b`` is column ``8b + j``."""
+    import torch
+
+    out, cols = mask.shape
+    padded = torch.zeros((out, packed_width(cols) * 8), dtype=torch.uint8, device=mask.device)
+    padded[:, :cols] = mask
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (padded.view(out, packed_width(cols), 8) * weights).sum(-1, dtype=torch.uint8)
+
+
 def _unpack_shifts(packed: Any, in_features: int) -> Any:
     """The device path of :func:`unpack_torch`: shifts and masks, any torch device."""
     import torch
 
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1  # (out, nbytes, 8)
-    return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :in_features].bool()
 
 
 def pad_mask(in_features: int) -> np.ndarray:

@@ -65,6 +65,16 @@ def test_scoring_on_cuda_gives_the_cpu_bits(rng):
         )
 
 
+def test_masks_are_packed_on_the_device(rng):
+    """A build's mask on the GPU is packed there (1/8 of its bytes cross to the host): the
+    same bytes as packing it on the CPU, odd widths included."""
+    from maskstore.store.bits import pack
+
+    for cols in (1, 45, 768, 4099):
+        m = torch.from_numpy(rng.random((33, cols)) < 0.4)
+        assert (pack(m.cuda()) == pack(m)).all(), cols
+
+
 def test_cuda_statistics_match_cpu(tmp_path):
     """float64 statistics from CUDA activations: equal to the CPU's to 1e-5 of their scale (the
     float32 forward passes round differently there: cuBLAS and the attention kernels; 2e-7
