@@ -28,6 +28,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve_on_ray(bundle, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``maskstore serve BUNDLE --ray-replicas 2 ...``; the process and its URL (killed if it
+    never prints its document)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maskstore.cli", "serve", str(bundle), "--ray-replicas", "2",
+         "--port", str(_free_port()), "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    doc = ""
+    try:
+        while not doc.rstrip().endswith("}"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            doc += line
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, json.loads(doc)["url"]
+
+
 def test_ray_serve_routes_personas_to_replicas_holding_them(tmp_path, tiny_dir, calib_files):
     from test_serve import _build
 
@@ -40,20 +62,8 @@ def test_ray_serve_routes_personas_to_replicas_holding_them(tmp_path, tiny_dir, 
     personas = ["p0", "p1", "p2", "p3"]
     _build(tiny_dir, {p: calib_files["introvert" if i % 2 else "extrovert"]
                       for i, p in enumerate(personas)}, b)  # fmt: skip
-    port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "maskstore.cli", "serve", str(b), "--ray-replicas", "2",
-         "--port", str(port), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+    proc, url = _serve_on_ray(b)
     try:
-        doc = ""
-        while not doc.rstrip().endswith("}"):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            doc += line
-        url = json.loads(doc)["url"]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [tiny_dir.name, *personas]
 
@@ -167,19 +177,7 @@ def test_ray_serve_across_two_nodes_loses_one_without_a_wrong_answer(tmp_path, t
     proc = None
     try:
         worker = cluster.add_node(num_cpus=1)
-        port = _free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "maskstore.cli", "serve", str(b), "--ray-replicas", "2",
-             "--ray-address", cluster.address, "--port", str(port), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
-        doc = ""
-        while not doc.rstrip().endswith("}"):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            doc += line
-        url = json.loads(doc)["url"]
+        proc, url = _serve_on_ray(b, "--ray-address", cluster.address)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
         def ask(p: str) -> tuple[str, str | None]:
