@@ -1438,6 +1438,8 @@ def test_auto_mixes_only_from_the_measured_persona_count(tmp_path, rng):
     for bad in (1, 0, -3, "fast", 2.5):
         with pytest.raises(Exception, match="mix_from"):
             Engine(handle, tok, mix_from=bad)
+    with pytest.raises(Exception, match="rows >= personas >= 2"):
+        handle.mixing_speedup(rows=1, personas=2)
 
     jobs = [("a", "hello", 6), ("b", "hi there", 5), ("a", "x", 4), ("c", "more", 5)]
     single = Engine(handle, tok, batching="persona", window_s=0.0)

@@ -217,11 +217,12 @@ class MaskHandle:
     def mixing_speedup(self, rows: int = 16, personas: int = 2, repeats: int = 3) -> float:
         """How much faster a decode step of ``rows`` rows over ``personas`` personas runs as one
         mixed step than in place, one step per persona of ``rows / personas`` rows each (what
-        one-persona batches do), measured here over every masked Linear with random masks:
-        above 1, mixing wins on this machine. Both sides stream every weight per step, as a
-        model too large for the caches does; switches between the in-place steps are not
-        counted (they would only favour mixing). Fastest of ``repeats`` each, after a warm-up
-        (which compiles the kernel). Touches no weight."""
+        one-persona batches do), measured on this machine: whole forward passes of the model
+        (one token a row), the mixed one with random masks. Above 1, mixing wins here.
+        Switches between the in-place steps are not counted (they would only favour mixing).
+        Fastest of ``repeats`` each, after a warm-up (which compiles the kernel). Touches no
+        weight; the handle's lock is held for one timed step at a time (a mixed step swaps the
+        Linears' forwards), so other threads may switch and decode between them."""
         if rows < personas or personas < 2:
             raise MaskstoreError("mixing_speedup needs rows >= personas >= 2")
         import time
@@ -238,36 +239,39 @@ class MaskHandle:
                 masks[name] = shapes[out, cols, p]
             mix.add(str(p), masks)
         mix.group([str(r % personas) for r in range(rows)])
-        xs = {}
-        for mod in self.modules.values():
-            w = mod.weight
-            if (w.shape[1], w.device, w.dtype) not in xs:
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn(rows, w.shape[1], generator=g).to(device=w.device, dtype=w.dtype)
-                xs[w.shape[1], w.device, w.dtype] = x
         fwd = {name: mix.forward(name, mod) for name, mod in self.modules.items()}
+        device = next(self.model.parameters()).device
+        vocab = int(getattr(self.model.config, "vocab_size", 2))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (rows, 1), generator=g).to(device)
+        parts = [ids[p::personas].contiguous() for p in range(personas)]
 
-        def x_of(mod: nn.Linear) -> torch.Tensor:
-            return xs[mod.weight.shape[1], mod.weight.device, mod.weight.dtype]
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
         def in_place() -> None:
-            for p in range(personas):
-                for mod in self.modules.values():
-                    nn.functional.linear(x_of(mod)[p::personas], mod.weight, mod.bias)
+            for part in parts:
+                self.model(input_ids=part, use_cache=False)
 
         def mixed() -> None:
             for name, mod in self.modules.items():
-                fwd[name](x_of(mod))
+                mod.forward = fwd[name]
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            finally:
+                for mod in self.modules.values():
+                    mod.__dict__.pop("forward", None)
 
         def fastest(step) -> float:
             best = float("inf")
             for _ in range(repeats + 1):  # the first is the warm-up
-                t0 = time.perf_counter()
-                step()
-                for d in {m.weight.device for m in self.modules.values()}:
-                    if d.type == "cuda":
-                        torch.cuda.synchronize(d)
-                best = min(best, time.perf_counter() - t0)
+                with self._lock:  # no switch or mixed block of another thread meanwhile
+                    self._live("mixing_speedup")
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    best = min(best, time.perf_counter() - t0)
             return best
 
         return fastest(in_place) / fastest(mixed)
