@@ -552,6 +552,11 @@ def test_mixed_persona_batch_equals_each_persona_alone(setup):
         with torch.no_grad(), h.mixed(rows):
             model(ids[:2])
     assert all(m.forward.__func__ is type(m).forward for m in mods.values())
+    h.use("half")
+    with torch.no_grad(), h.mixed(rows, restore=False):  # left at base: no switch back
+        pass
+    assert h.active is None
+    assert all(torch.equal(m.weight, base[n]) for n, m in mods.items())
 
 
 def test_personas_of_other_bundles_in_run_similarity_and_export(

@@ -839,6 +839,7 @@ class MaskHandle:
         personas: list[str | None],
         gamma: float = 0.0,
         masks: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        restore: bool = True,
     ) -> Iterator[MaskHandle]:
         """One forward pass in which row ``i`` of every batch uses ``personas[i]`` (None: the
         base model), PEFT's ``adapter_names=``: inside the block, ``model(...)`` and
@@ -850,7 +851,8 @@ class MaskHandle:
         The block holds the handle's lock; blocks do not nest, and ``use`` inside one raises.
         :meth:`regroup` changes which row uses which persona (rows leaving or joining a
         batch, personas new to the block included). ``masks``: preloaded masks by persona
-        (:meth:`read_masks`).
+        (:meth:`read_masks`). ``restore=False`` leaves the model at its base weights after
+        the block (a caller that switches next anyway saves the switch back).
         """
         if not personas or not all(p is None or isinstance(p, str) for p in personas):
             raise MaskstoreError(
@@ -874,7 +876,7 @@ class MaskHandle:
                     mod.__dict__.pop("forward", None)
                 self._mixing = False
                 self._mix = None
-                if not self._detached:
+                if not self._detached and restore:
                     self.use(prev, prev_gamma)
 
     def regroup(

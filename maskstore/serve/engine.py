@@ -389,10 +389,15 @@ class Engine:
         self.metrics.observe("maskstore_batch_rows", len(batch))
         t0 = time.perf_counter()
         mixed = self._mixes(len(set(personas)))
+        if not mixed and self.batching == "auto" and self._held:
+            # requests of other personas already wait to join: if they bring the batch to
+            # mix_from, start mixed now rather than switch in place and back to base at once
+            waiting = {r.persona for r in self._held[: self.max_batch - len(batch)]}
+            mixed = self._mixes(len(set(personas) | waiting))
         with self.handle.lock, contextlib.ExitStack() as stack:
             if mixed:  # every masked Linear groups the rows by persona (rows join and leave)
                 masks = {r.persona: r.masks for r in batch if r.persona is not None}
-                stack.enter_context(self.handle.mixed(personas, masks=masks))
+                stack.enter_context(self.handle.mixed(personas, masks=masks, restore=False))
             else:  # one persona: switch in place (delta writes)
                 p = personas[0]
                 self.handle.use(p, masks=batch[0].masks if p is not None else None)
@@ -415,7 +420,7 @@ class Engine:
                 t0 = time.perf_counter()
                 rows = [r.persona for r in run.reqs]
                 masks = {r.persona: r.masks for r in run.reqs if r.persona is not None}
-                stack.enter_context(self.handle.mixed(rows, masks=masks))
+                stack.enter_context(self.handle.mixed(rows, masks=masks, restore=False))
                 self.metrics.observe("maskstore_switch_seconds", time.perf_counter() - t0)
                 mixed = True
             if joining:
