@@ -1440,6 +1440,8 @@ def test_auto_mixes_only_from_the_measured_persona_count(tmp_path, rng):
             Engine(handle, tok, mix_from=bad)
     with pytest.raises(Exception, match="rows >= personas >= 2"):
         handle.mixing_speedup(rows=1, personas=2)
+    with handle.mixed(["a", "b"]), pytest.raises(Exception, match="inside a mixed"):
+        handle.mixing_speedup()  # it would swap the block's own forwards
 
     jobs = [("a", "hello", 6), ("b", "hi there", 5), ("a", "x", 4), ("c", "more", 5)]
     single = Engine(handle, tok, batching="persona", window_s=0.0)
@@ -1516,6 +1518,18 @@ def test_requests_past_the_rate_limit_are_429_per_key_or_address(tmp_path, rng):
             other = two.post("/v1/completions", json=body, headers=auth).status_code
             assert other == (429 if key else 200)  # one key shares a bucket; addresses do not
             assert len(fake.seen) == (1 if key else 2)
+    # many clients of one key at once: the burst (1) passes, every other request is a 429
+    app = create_app(_FakeEngine(tok), handle.bundle, "tiny", api_key="k", limits=Limits(rate=0.01))
+    with TestClient(app) as c:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def post(_):
+            return c.post("/v1/completions", json=body,
+                          headers={"Authorization": "Bearer k"}).status_code  # fmt: skip
+
+        with ThreadPoolExecutor(8) as ex:
+            codes = sorted(ex.map(post, range(24)))
+    assert codes == [200] + [429] * 23, codes
 
 
 def test_the_http_stack_stays_bounded_h11_where_httptools_is_installed():

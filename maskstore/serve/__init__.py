@@ -45,7 +45,7 @@ class ServeConfig:
         "auto"  # "persona", "mixed" (any personas in one batch) or "auto" (docs/serve.md)
     )
     check_weights: bool = True
-    limits: Limits = field(default_factory=Limits)  # body, headers, connections
+    limits: Limits = field(default_factory=Limits)  # body, headers, connections, rate
     bundle_roots: Sequence[str] = ()  # where run-time loading may open sources (none: nowhere)
 
 

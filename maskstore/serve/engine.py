@@ -320,7 +320,8 @@ class Engine:
             else:
                 batch.append(req)
         back: list[Request] = []  # auto with too few personas to mix: a batch by persona
-        if len({r.persona for r in batch}) > 1 and not self._mixes(len({r.persona for r in batch})):
+        kinds = len({r.persona for r in batch})
+        if kinds > 1 and not self._mixes(kinds):
             back = [r for r in batch if r.persona != first.persona]
             batch = [r for r in batch if r.persona == first.persona]
         self._held = back + held + self._held  # the older ones first
@@ -328,9 +329,9 @@ class Engine:
 
     def measure_mixing(self, counts: tuple[int, ...] = (2, 4, 8), repeats: int = 2) -> int | None:
         """Time a mixed step against one in-place step a persona for each persona count of
-        ``counts`` (:meth:`MaskHandle.mixing_speedup`, ``max_batch`` rows; it reads weights
-        only, so batches may run meanwhile) and return the fewest personas from which mixing
-        won at every measured count (None: never)."""
+        ``counts`` (:meth:`MaskHandle.mixing_speedup`, ``max_batch`` rows; it holds the
+        handle's lock one timed step at a time, so batches run between them) and return the
+        fewest personas from which mixing won at every measured count (None: never)."""
         rows = max(self.max_batch, max(counts))
         for k in counts:
             if self._stopping.is_set():  # closed meanwhile: stop spending the CPU on it
@@ -389,7 +390,7 @@ class Engine:
         self.metrics.observe("maskstore_batch_rows", len(batch))
         t0 = time.perf_counter()
         mixed = self._mixes(len(set(personas)))
-        if not mixed and self.batching == "auto" and self._held:
+        if not mixed and self.batching == "auto" and self._held and self.joins is not False:
             # requests of other personas already wait to join: if they bring the batch to
             # mix_from, start mixed now rather than switch in place and back to base at once
             waiting = {r.persona for r in self._held[: self.max_batch - len(batch)]}
