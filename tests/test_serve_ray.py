@@ -159,7 +159,7 @@ def _reference(tiny_dir, bundle, personas: list[str], prompt: str, n: int) -> di
 
 
 def test_ray_serve_across_two_nodes_loses_one_without_a_wrong_answer(tmp_path, tiny_dir,
-                                                                     calib_files):  # fmt: skip
+                                                                     calib_files, monkeypatch):  # fmt: skip
     """Two Ray nodes on one machine (``ray.cluster_utils.Cluster``), a model replica on each,
     personas multiplexed over both. The worker node is removed mid-traffic: requests caught on
     it end in an error (OpenAI's shape, never a 200 with other text), every 200 answer is the
@@ -172,7 +172,7 @@ def test_ray_serve_across_two_nodes_loses_one_without_a_wrong_answer(tmp_path, t
     _build(tiny_dir, {p: calib_files["introvert" if i % 2 else "extrovert"]
                       for i, p in enumerate(personas)}, b)  # fmt: skip
     want = _reference(tiny_dir, b, personas, "Hello there", 8)
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # the nodes' processes inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     proc = None
     try:
