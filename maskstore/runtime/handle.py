@@ -239,7 +239,6 @@ class MaskHandle:
                 masks[name] = shapes[out, cols, p]
             mix.add(str(p), masks)
         mix.group([str(r % personas) for r in range(rows)])
-        fwd = {name: mix.forward(name, mod) for name, mod in self.modules.items()}
         device = next(self.model.parameters()).device
         vocab = int(getattr(self.model.config, "vocab_size", 2))
         g = torch.Generator().manual_seed(0)
@@ -255,13 +254,8 @@ class MaskHandle:
                 self.model(input_ids=part, use_cache=False)
 
         def mixed() -> None:
-            for name, mod in self.modules.items():
-                mod.forward = fwd[name]
-            try:
+            with self._forwards_through(mix):
                 self.model(input_ids=ids, use_cache=False)
-            finally:
-                for mod in self.modules.values():
-                    mod.__dict__.pop("forward", None)
 
         def fastest(step) -> float:
             best = float("inf")
@@ -275,6 +269,17 @@ class MaskHandle:
             return best
 
         return fastest(in_place) / fastest(mixed)
+
+    @contextlib.contextmanager
+    def _forwards_through(self, mix: _Mix) -> Iterator[None]:
+        """Inside the block every masked Linear forwards through ``mix``; its own after."""
+        for name, mod in self.modules.items():
+            mod.forward = mix.forward(name, mod)
+        try:
+            yield
+        finally:
+            for mod in self.modules.values():
+                mod.__dict__.pop("forward", None)
 
     def _live(self, what: str) -> None:
         if self._detached:
@@ -868,12 +873,9 @@ class MaskHandle:
             self._mixing = True
             try:
                 self.regroup(personas, masks)
-                for name, mod in self.modules.items():
-                    mod.forward = self._mix.forward(name, mod)
-                yield self
+                with self._forwards_through(self._mix):
+                    yield self
             finally:
-                for mod in self.modules.values():
-                    mod.__dict__.pop("forward", None)
                 self._mixing = False
                 self._mix = None
                 if not self._detached and restore:
